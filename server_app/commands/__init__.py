@@ -1,0 +1,1 @@
+"""Subcommands of `koala` (see server_app.cli for the module convention)."""
