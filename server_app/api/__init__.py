@@ -1,0 +1,1 @@
+"""HTTP side of the server: FastAPI app factory, thin routes, auth and live updates."""

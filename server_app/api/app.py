@@ -1,0 +1,65 @@
+"""FastAPI app factory.
+
+The app owns no global state: `create_app(services)` receives a `ServerServices` container
+(database, MQTT client, orchestrator) whose start/stop run in the lifespan, so tests can build
+an app around real services on private ports and the CLI can build one from Settings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Protocol
+
+from fastapi import APIRouter, FastAPI
+
+from server_app import __version__
+from server_app.api.routes import health
+
+
+class Services(Protocol):
+    """What the app needs from the server's runtime (see server_app.services.ServerServices)."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+    def readiness(self) -> dict[str, bool]: ...
+
+
+def _api_routers() -> list[APIRouter]:
+    """Routers mounted under /api/v1; a module that is not built yet is simply absent."""
+    import importlib
+
+    routers: list[APIRouter] = []
+    for name in ("devices", "rounds", "models", "metrics_history", "events", "live"):
+        try:
+            module: Any = importlib.import_module(f"server_app.api.routes.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"server_app.api.routes.{name}":
+                continue
+            raise
+        routers.append(module.router)
+    return routers
+
+
+def create_app(services: Services | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if services is not None:
+            services.start()
+        try:
+            yield
+        finally:
+            if services is not None:
+                services.stop()
+
+    app = FastAPI(
+        title="KOALA Edge server",
+        version=__version__,
+        description="Registry, rounds and models of a KOALA federated-distillation fleet.",
+        lifespan=lifespan,
+    )
+    app.state.services = services
+    app.include_router(health.router)
+    for router in _api_routers():
+        app.include_router(router, prefix="/api/v1")
+    return app
