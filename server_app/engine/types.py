@@ -1,0 +1,50 @@
+"""Engine data types: plain dataclasses of numpy arrays / ints / dicts, so any transport can
+serialize them. `Assignment` and `DeviceResult` are the wire types, defined once in
+`device_firmware_py.task` (devices must not import server_app) and re-exported here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from device_firmware_py.task import Assignment, DeviceResult
+
+__all__ = ["Assignment", "DeviceInfo", "DeviceResult", "RoundReport", "payload_nbytes", "LOGITS_WIRE_BYTES"]
+
+# Logits travel as float16 on the wire (design §3); weights as float32.
+LOGITS_WIRE_BYTES = 2
+WEIGHTS_WIRE_BYTES = 4
+
+
+@dataclass
+class DeviceInfo:
+    """What the server knows about a device."""
+
+    device_id: str
+    arch: str
+    num_samples: int
+    label_histogram: list[int] | None = None
+
+
+@dataclass
+class RoundReport:
+    """What a strategy returns after aggregating one round."""
+
+    round_id: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+    num_results: int = 0
+    device_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def payload_nbytes(msg: Assignment | DeviceResult) -> int:
+    """Tensor bytes of one message as encoded on the wire (headers/JSON excluded)."""
+    total = 0
+    logits = msg.teacher_logits if isinstance(msg, Assignment) else msg.proxy_logits
+    if logits is not None:
+        total += int(np.asarray(logits).size) * LOGITS_WIRE_BYTES
+    if msg.weights is not None:
+        total += sum(int(np.asarray(w).size) for w in msg.weights) * WEIGHTS_WIRE_BYTES
+    return total
