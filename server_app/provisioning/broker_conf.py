@@ -1,0 +1,95 @@
+"""Render the production Mosquitto config and size its limits from what we actually send.
+
+The largest message on our wire is a FedAvg-small round assignment: the teacher's logits on the
+proxy set (float16) plus the global small-model weights (float32), plus a small header. FedAvg of
+the *large* model (~734k params, ~3 MB) is simulation-only and never crosses the broker, so it
+does not set the limit: an oversize message is a bug or an attack and the broker drops it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Where the committed template lives (this file is server_app/provisioning/broker_conf.py).
+TEMPLATE = Path(__file__).resolve().parents[2] / "broker_config" / "mosquitto.prod.conf"
+
+MiB = 1024 * 1024
+
+
+def required_packet_size(
+    proxy_samples: int = 5000,
+    num_classes: int = 10,
+    logit_bytes: int = 2,
+    max_small_params: int = 60_000,
+    weight_bytes: int = 4,
+    header_bytes: int = 16 * 1024,
+    safety: float = 2.5,
+) -> int:
+    """Bytes for the biggest assignment/result times `safety`, rounded up to a whole MiB.
+
+    Defaults: 5000x10 float16 logits (100 kB) + 60k float32 params (240 kB) + 16 kB header
+    = ~356 kB; x2.5 (room for float32 logits, base64 framing, a larger proxy set) -> 1 MiB.
+    """
+    raw = proxy_samples * num_classes * logit_bytes + max_small_params * weight_bytes + header_bytes
+    need = int(raw * safety)
+    return -(-need // MiB) * MiB
+
+
+@dataclass
+class BrokerConf:
+    """Values for the ${placeholders} of broker_config/mosquitto.prod.conf."""
+
+    conf_dir: Path  # where password/ACL/certs live as the broker sees them
+    data_dir: Path
+    tls_port: int = 8883
+    tls_bind: str = "0.0.0.0"
+    server_port: int | None = 1883  # plain listener for the co-located server, loopback only
+    server_bind: str = "127.0.0.1"
+    max_packet_size: int = field(default_factory=required_packet_size)
+    max_connections: int = 1024
+    max_keepalive: int = 300
+    require_certificate: bool = False
+    run_as_user: str = "mosquitto"
+    log_dest: str = "stdout"
+
+    def values(self) -> dict[str, str]:
+        c = self.conf_dir
+        if self.server_port is None:
+            server_listener = "# (no plain listener: the server connects over TLS too)"
+        else:
+            server_listener = (
+                "# --- plain listener for the server on the same host (never reachable from devices)\n"
+                f"listener {self.server_port} {self.server_bind}\nprotocol mqtt\n"
+                f"max_connections {self.max_connections}"
+            )
+        return {
+            "password_file": str(c / "passwd"),
+            "acl_file": str(c / "acl"),
+            "run_as_user": self.run_as_user,
+            "data_dir": str(self.data_dir).rstrip("/"),
+            "max_packet_size": str(self.max_packet_size),
+            "max_queued_bytes": str(4 * self.max_packet_size),
+            "max_keepalive": str(self.max_keepalive),
+            "log_dest": self.log_dest,
+            "tls_port": str(self.tls_port),
+            "tls_bind": self.tls_bind,
+            "max_connections": str(self.max_connections),
+            "cafile": str(c / "certs" / "ca.crt"),
+            "certfile": str(c / "certs" / "server.crt"),
+            "keyfile": str(c / "certs" / "server.key"),
+            "require_certificate": "true" if self.require_certificate else "false",
+            "server_listener": server_listener,
+        }
+
+
+def render(conf: BrokerConf, template: Path = TEMPLATE) -> str:
+    """The config text; a missing placeholder value raises instead of leaving `${x}` behind."""
+    return string.Template(template.read_text()).substitute(conf.values())
+
+
+def local_user() -> str:
+    """For brokers started by hand/tests: run as whoever starts it (no privilege switch)."""
+    return getpass.getuser()

@@ -1,0 +1,113 @@
+"""Write everything a hardened Mosquitto needs into one directory, and reload a running one.
+
+Layout of DIR (what `mosquitto.conf` in it points to):
+    mosquitto.conf            rendered from broker_config/mosquitto.prod.conf (if asked)
+    passwd                    `user:$7$...` for active devices + service accounts
+    acl                       per-user topic grants from the topic contract
+    certs/ca.crt, ca.key      the private CA (ca.key stays here; bundles get ca.crt only)
+    certs/server.crt, .key    the broker's certificate (SANs: localhost, 127.0.0.1, --tls-host)
+    secrets/*.password        service-account secrets (0600)
+Files are replaced atomically (write + rename) so a broker reloading mid-write never reads half
+a file; the password file holds only hashes of 256-bit random secrets, the ACL no secrets at all,
+so both are 0644 (Mosquitto may read them after dropping root).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from server_app.provisioning import acl, tls
+from server_app.provisioning.accounts import ensure_service_accounts
+from server_app.provisioning.broker_conf import BrokerConf, render
+from server_app.provisioning.identity import check_device_id
+from server_app.provisioning.passwords import render_password_file
+
+
+@dataclass(frozen=True)
+class DeviceCredential:
+    """What the broker needs to know about one active (not revoked) device."""
+
+    device_id: str
+    pw_hash: str
+
+
+@dataclass(frozen=True)
+class BrokerFiles:
+    dir: Path
+    passwd: Path
+    acl: Path
+    ca_cert: Path
+    conf: Path | None
+    changed: bool
+
+
+def atomic_write(path: Path, text: str, mode: int = 0o644) -> bool:
+    """Replace `path` with `text` in one rename; returns False (and writes nothing) if unchanged."""
+    if path.exists() and path.read_text() == text:
+        return False
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+    return True
+
+
+def ensure_pki(broker_dir: Path, tls_hosts: list[str] | None = None) -> Path:
+    """Create the CA and the broker's server certificate once; return the CA certificate path.
+
+    An existing CA is kept (re-creating it would orphan every flashed device). The server
+    certificate is re-issued only when asked for host names it does not yet cover.
+    """
+    certs = broker_dir / "certs"
+    ca_crt, ca_key = certs / "ca.crt", certs / "ca.key"
+    if not ca_crt.exists():
+        tls.write_pair(tls.make_ca(), ca_crt, ca_key)
+    srv_crt, srv_key = certs / "server.crt", certs / "server.key"
+    hosts_file = certs / "server.hosts"
+    wanted = sorted(set(tls_hosts or []))
+    have = hosts_file.read_text().split() if hosts_file.exists() else None
+    if not srv_crt.exists() or (have is not None and not set(wanted) <= set(have)):
+        merged = sorted(set(wanted) | set(have or []))
+        tls.write_pair(tls.make_server_cert(tls.load_pair(ca_crt, ca_key), merged), srv_crt, srv_key)
+        hosts_file.write_text(" ".join(merged) + "\n")
+    return ca_crt
+
+
+def write_broker_files(
+    broker_dir: Path,
+    devices: Iterable[DeviceCredential],
+    conf: BrokerConf | None = None,
+    tls_hosts: list[str] | None = None,
+) -> BrokerFiles:
+    """(Re)generate password, ACL, PKI and optionally the broker config for the given devices."""
+    broker_dir.mkdir(parents=True, exist_ok=True)
+    devices = sorted(devices, key=lambda d: d.device_id)
+    for d in devices:
+        check_device_id(d.device_id)
+    ca = ensure_pki(broker_dir, tls_hosts)
+    services = ensure_service_accounts(broker_dir)
+    entries = [(s.username, s.pw_hash) for s in services] + [(d.device_id, d.pw_hash) for d in devices]
+    changed = atomic_write(broker_dir / "passwd", render_password_file(entries))
+    changed |= atomic_write(broker_dir / "acl", acl.render_acl([d.device_id for d in devices]))
+    conf_path = None
+    if conf is not None:
+        conf_path = broker_dir / "mosquitto.conf"
+        changed |= atomic_write(conf_path, render(conf))
+    return BrokerFiles(broker_dir, broker_dir / "passwd", broker_dir / "acl", ca, conf_path, changed)
+
+
+def reload_broker(pid_file: Path) -> int:
+    """SIGHUP the Mosquitto whose pid is in `pid_file`: it re-reads password and ACL files.
+
+    Mosquitto 2.0 re-checks connected clients against the new files on reload, so a revoked
+    device is also disconnected, not just refused on its next connect.
+    """
+    pid = int(pid_file.read_text().split()[0])
+    os.kill(pid, signal.SIGHUP)
+    return pid

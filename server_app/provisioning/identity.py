@@ -1,0 +1,35 @@
+"""Names that end up in broker files must be safe to paste there.
+
+A device id becomes an MQTT username, a line in the ACL file and a topic level. A space would split
+an ACL line, `+`/`#`/`/` would widen a topic grant to other devices, and a device named like a
+service account would inherit its rights. So ids are validated once, here, before any file is
+written.
+"""
+
+from __future__ import annotations
+
+import re
+
+SERVER_ACCOUNT = "koala-server"
+MONITOR_ACCOUNT = "koala-monitor"
+SERVICE_ACCOUNTS = (SERVER_ACCOUNT, MONITOR_ACCOUNT)
+
+_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class InvalidDeviceId(ValueError):
+    """The id could be used to widen someone's broker rights; refuse it."""
+
+
+def check_device_id(device_id: str) -> str:
+    """Return `device_id` if it is a safe MQTT username and topic level, else raise."""
+    if not _DEVICE_ID.fullmatch(device_id or ""):
+        raise InvalidDeviceId(
+            f"device id {device_id!r} must match {_DEVICE_ID.pattern} "
+            "(letters, digits, '_', '.', '-'; no MQTT wildcards, '/', spaces)"
+        )
+    if device_id.lower().startswith("koala-"):
+        raise InvalidDeviceId(
+            f"device id {device_id!r}: the 'koala-' prefix is reserved for service accounts"
+        )
+    return device_id
