@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
-from server_app.provisioning import contract_grants as g
+from device_firmware_py.contract import topics
 from server_app.provisioning.identity import MONITOR_ACCOUNT, SERVER_ACCOUNT, check_device_id
 
 Access = Literal["read", "write", "readwrite"]
@@ -31,19 +31,21 @@ class Grant:
 def device_grants(device_id: str) -> list[Grant]:
     """A device publishes only its own status/results/progress and reads its own downlink."""
     check_device_id(device_id)
-    return [Grant("write", t) for t in g.device_publishes(device_id)] + [
-        Grant("read", t) for t in g.device_reads(device_id)
+    return [Grant("write", t) for t in topics.acl_device_publish(device_id)] + [
+        Grant("read", t) for t in topics.acl_device_read(device_id)
     ]
 
 
 def server_grants() -> list[Grant]:
     """The server reads every device's uplink (also as `$share/<group>/...`) and publishes downlink."""
-    return [Grant("read", t) for t in g.server_reads()] + [Grant("write", t) for t in g.server_publishes()]
+    return [Grant("read", t) for t in topics.acl_server_read()] + [
+        Grant("write", t) for t in topics.acl_server_publish()
+    ]
 
 
 def monitor_grants() -> list[Grant]:
     """Operators' dashboards: see everything under the prefix, publish nothing."""
-    return [Grant("read", g.everything())]
+    return [Grant("read", topics.filter_everything())]
 
 
 def _block(user: str, grants: list[Grant]) -> list[str]:

@@ -8,13 +8,12 @@ written.
 
 from __future__ import annotations
 
-import re
+from device_firmware_py.contract.errors import ContractError
+from device_firmware_py.contract.topics import validate_device_id
 
 SERVER_ACCOUNT = "koala-server"
 MONITOR_ACCOUNT = "koala-monitor"
 SERVICE_ACCOUNTS = (SERVER_ACCOUNT, MONITOR_ACCOUNT)
-
-_DEVICE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class InvalidDeviceId(ValueError):
@@ -22,12 +21,11 @@ class InvalidDeviceId(ValueError):
 
 
 def check_device_id(device_id: str) -> str:
-    """Return `device_id` if it is a safe MQTT username and topic level, else raise."""
-    if not _DEVICE_ID.fullmatch(device_id or ""):
-        raise InvalidDeviceId(
-            f"device id {device_id!r} must match {_DEVICE_ID.pattern} "
-            "(letters, digits, '_', '.', '-'; no MQTT wildcards, '/', spaces)"
-        )
+    """Return `device_id` if it is a safe MQTT username and topic level (the contract's rule), else raise."""
+    try:
+        validate_device_id(device_id)
+    except ContractError as exc:
+        raise InvalidDeviceId(str(exc)) from None
     if device_id.lower().startswith("koala-"):
         raise InvalidDeviceId(
             f"device id {device_id!r}: the 'koala-' prefix is reserved for service accounts"
