@@ -1,0 +1,130 @@
+"""Re-quantize a trained small model to a full-int8 inference model ON THE DEVICE, without TensorFlow.
+
+How: each artifact ships a float *inference* model (`{name}.infer.tflite`, logits only, weights as
+constant buffers). The manifest records, per weight, the byte offset of its constant buffer and
+the axis permutation the converter applied (found by the builder with probe values). The device
+writes its trained weights into a copy of that flatbuffer (a numpy byte patch: same sizes, so no
+flatbuffer rebuild), then runs ai-edge-quantizer's static int8 recipe (`static_wi8_ai8`: int8
+weights AND int8 activations, min/max calibrated on a few hundred local samples). ai-edge-quantizer
+imports neither TensorFlow nor torch, so this is all device-side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_firmware_py.runtime.interpreter import make_interpreter
+
+log = logging.getLogger(__name__)
+
+
+def patch_inference_model(manifest: dict[str, Any], base: bytes, weights: list[np.ndarray]) -> bytes:
+    """The float inference flatbuffer `base` with `weights` written into its constant buffers."""
+    inf = manifest["inference"]
+    if hashlib.sha256(base).hexdigest() != inf["sha256"]:
+        raise ValueError(f"{manifest['name']}: inference model does not match its manifest sha256")
+    if len(weights) != len(inf["patches"]):
+        raise ValueError(f"expected {len(inf['patches'])} weights, got {len(weights)}")
+    buf = bytearray(base)
+    for patch, w, info in zip(inf["patches"], weights, manifest["weights"], strict=True):
+        w = np.asarray(w, np.float32)
+        if list(w.shape) != info["shape"]:
+            raise ValueError(f"{info['name']}: shape {w.shape} != {info['shape']}")
+        raw = np.ascontiguousarray(w.transpose(patch["perm"])).astype("<f4").tobytes()
+        off = patch["offset"]
+        if len(raw) != patch["nbytes"]:
+            raise ValueError(f"{info['name']}: {len(raw)} bytes, manifest says {patch['nbytes']}")
+        buf[off : off + len(raw)] = raw
+    return bytes(buf)
+
+
+def quantize_int8_bytes(
+    manifest: dict[str, Any], base: bytes, weights: list[np.ndarray], calibration_x: np.ndarray
+) -> bytes:
+    """Full-int8 (weights + activations) LiteRT model of `weights`, calibrated on `calibration_x`."""
+    from ai_edge_quantizer import quantizer, recipe
+
+    float_model = patch_inference_model(manifest, base, weights)
+    qt = quantizer.Quantizer(bytearray(float_model))
+    qt.load_quantization_recipe(recipe.static_wi8_ai8())
+    x = np.asarray(calibration_x, np.float32)
+    # One calibration sample per entry keeps the model's dynamic batch at 1 during calibration.
+    data = {"logits": [{"x": x[i : i + 1]} for i in range(len(x))]}
+    calib = qt.calibrate(data, num_threads=1)
+    result = qt.quantize(calib, enable_progress_report=False)
+    return bytes(result.quantized_model)
+
+
+class TFLiteLogits:
+    """Batched logits of any single-input LiteRT model (float or int8 inference model)."""
+
+    def __init__(self, model: bytes | Path, num_threads: int = 2, batch: int = 256):
+        content = model if isinstance(model, bytes) else Path(model).read_bytes()
+        self.model_bytes = content
+        self._interp = make_interpreter(model_content=content, num_threads=num_threads)
+        self._batch = batch
+        inp = self._interp.get_input_details()[0]
+        out = self._interp.get_output_details()[0]
+        self._in_index, self._out_index = inp["index"], out["index"]
+        # A full-int8 model takes and returns int8: (de)quantize at the boundary with its params.
+        self._in_dtype = inp["dtype"]
+        self._in_q = inp["quantization"]
+        self._out_q = out["quantization"] if out["dtype"] != np.float32 else None
+        self._interp.resize_tensor_input(self._in_index, [batch, *inp["shape"][1:]])
+        self._interp.allocate_tensors()
+        self.input_shape = tuple(int(d) for d in inp["shape"][1:])
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float32).reshape(-1, *self.input_shape)
+        out = []
+        for i in range(0, len(x), self._batch):
+            chunk = x[i : i + self._batch]
+            n = len(chunk)
+            if n < self._batch:
+                chunk = np.concatenate([chunk, np.zeros((self._batch - n, *self.input_shape), np.float32)])
+            if self._in_dtype != np.float32:
+                scale, zp = self._in_q
+                info = np.iinfo(self._in_dtype)
+                chunk = np.clip(np.round(chunk / scale + zp), info.min, info.max).astype(self._in_dtype)
+            self._interp.set_tensor(self._in_index, chunk)
+            self._interp.invoke()
+            y = np.array(self._interp.get_tensor(self._out_index)[:n])
+            if self._out_q is not None:
+                scale, zp = self._out_q
+                y = (y.astype(np.float32) - zp) * scale
+            out.append(y.astype(np.float32))
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+@dataclass
+class QuantReport:
+    float_accuracy: float | None
+    int8_accuracy: float | None
+    mean_abs_logit_diff: float
+    argmax_agreement: float
+    float_param_bytes: int
+    float_model_bytes: int
+    int8_model_bytes: int
+    calibration_samples: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare(
+    float_logits: np.ndarray, int8_logits: np.ndarray, y: np.ndarray | None
+) -> tuple[float, float, float | None, float | None]:
+    """(mean |diff|, argmax agreement, float acc, int8 acc)."""
+    diff = float(np.mean(np.abs(float_logits - int8_logits)))
+    fa, ia = float_logits.argmax(1), int8_logits.argmax(1)
+    agree = float(np.mean(fa == ia))
+    if y is None:
+        return diff, agree, None, None
+    y = np.asarray(y)
+    return diff, agree, float(np.mean(fa == y)), float(np.mean(ia == y))

@@ -1,0 +1,206 @@
+"""SmallModel: on-device training, distillation and inference of one LiteRT small-model artifact.
+
+Runs with numpy + ai-edge-litert only. The artifact's signatures (built by `koala zoo build`):
+train(x[B..], y[B], lr) -> loss, distill(x[B..], teacher[B,K], temperature, lr) -> loss,
+logits(x[N..]) -> logits, get_weights() -> w000.., set_weights(w000..) -> ok (resets Adam).
+All signature runners of one Interpreter share the variables, so training through `train` is
+visible to `logits`. The training batch is fixed (manifest `train_batch`): we shuffle and wrap the
+last partial batch around rather than drop or pad with junk.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_firmware_py.runtime.interpreter import make_interpreter
+from device_firmware_py.runtime.manifest import ArtifactManifest, load_manifest
+
+
+def _resolve(artifact: str | Path) -> Path:
+    p = Path(artifact)
+    if p.suffix == ".tflite" and p.exists():
+        return p
+    return load_manifest(artifact).tflite_path
+
+
+class SmallModel:
+    """One small model on one device. `artifact`: a .tflite path, its .json, or a name like 'cnn_small_28x28x1'."""
+
+    def __init__(self, artifact: str | Path, num_threads: int = 2):
+        self.path = _resolve(artifact)
+        self.manifest: ArtifactManifest = load_manifest(self.path)
+        self.num_threads = num_threads
+        self._interp = make_interpreter(model_path=str(self.path), num_threads=num_threads)
+        self._runners = {k: self._interp.get_signature_runner(k) for k in self.manifest.raw["signatures"]}
+        self._logits_batch = 0
+        # Initial values are baked into the file; re-set them so variables and Adam state are
+        # in a defined state whichever signature runs first.
+        self.set_weights(self.get_weights())
+
+    # ----------------------------------------------------------------- weights
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.manifest.input_shape
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.num_classes
+
+    def get_weights(self) -> list[np.ndarray]:
+        out = self._runners["get_weights"]()
+        return [np.array(out[n], np.float32) for n in self.manifest.weight_names]
+
+    def set_weights(self, weights: list[np.ndarray]) -> None:
+        """Load weights (manifest order) and reset the Adam moments and step."""
+        names, shapes = self.manifest.weight_names, self.manifest.weight_shapes
+        if len(weights) != len(names):
+            raise ValueError(f"{self.manifest.name}: expected {len(names)} weight arrays, got {len(weights)}")
+        feed = {}
+        for n, s, w in zip(names, shapes, weights, strict=True):
+            a = np.ascontiguousarray(w, np.float32)
+            if a.shape != s:
+                raise ValueError(f"{self.manifest.name}: {n} has shape {a.shape}, expected {s}")
+            if not np.all(np.isfinite(a)):
+                raise ValueError(f"{self.manifest.name}: {n} has NaN/Inf")
+            feed[n] = a
+        self._runners["set_weights"](**feed)
+
+    # ---------------------------------------------------------------- training
+    def _x(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        if x.ndim == 3 and self.input_shape[2] == 1:
+            x = x[..., None]
+        if x.shape[1:] != self.input_shape:
+            raise ValueError(f"{self.manifest.name}: inputs must be [N,{self.input_shape}], got {x.shape}")
+        return x
+
+    def _batches(self, n: int, epochs: int, seed: int, steps: int | None) -> list[np.ndarray]:
+        """Index batches of the fixed train size: shuffled per epoch, last one wrapped around."""
+        if n == 0:
+            return []
+        b = self.manifest.train_batch
+        rng = np.random.default_rng(seed)
+        out: list[np.ndarray] = []
+        epoch = 0
+        while (steps is None and epoch < epochs) or (steps is not None and len(out) < steps):
+            perm = rng.permutation(n)
+            full = np.resize(perm, -(-n // b) * b)  # wraps to the start of this epoch's order
+            out.extend(full.reshape(-1, b))
+            epoch += 1
+        return out[:steps] if steps is not None else out
+
+    def _run_steps(self, sig: str, batches: list[np.ndarray], feeds: dict[str, Any]) -> float:
+        runner = self._runners[sig]
+        losses = []
+        for idx in batches:
+            args = {k: (v[idx] if isinstance(v, np.ndarray) and v.ndim > 0 else v) for k, v in feeds.items()}
+            losses.append(float(runner(**args)["loss"]))
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def train(
+        self, x: np.ndarray, y: np.ndarray, epochs: int = 1, lr: float = 1e-3, seed: int = 0, steps: int | None = None
+    ) -> float:
+        """Cross-entropy Adam steps on (x, y); `steps` overrides `epochs`. Returns the mean loss."""
+        x = self._x(x)
+        y = np.asarray(y, np.int32).reshape(-1)
+        if len(y) != len(x):
+            raise ValueError("x and y lengths differ")
+        feeds = {"x": x, "y": y, "lr": np.array(lr, np.float32)}
+        return self._run_steps("train", self._batches(len(x), epochs, seed, steps), feeds)
+
+    def distill(
+        self,
+        x: np.ndarray,
+        teacher_logits: np.ndarray,
+        temperature: float = 1.0,
+        epochs: int = 1,
+        lr: float = 1e-3,
+        seed: int = 0,
+        steps: int | None = None,
+    ) -> float:
+        """Adam steps on KL(softmax(teacher/T) || softmax(student/T)) * T^2. Returns the mean loss."""
+        x = self._x(x)
+        t = np.asarray(teacher_logits, np.float32)
+        if t.shape != (len(x), self.num_classes):
+            raise ValueError(f"teacher logits must be [{len(x)},{self.num_classes}], got {t.shape}")
+        feeds = {
+            "x": x,
+            "teacher": t,
+            "temperature": np.array(temperature, np.float32),
+            "lr": np.array(lr, np.float32),
+        }
+        return self._run_steps("distill", self._batches(len(x), epochs, seed, steps), feeds)
+
+    # --------------------------------------------------------------- inference
+    def logits(self, x: np.ndarray, batch: int = 512) -> np.ndarray:
+        """Float logits [N, K]. Chunks are padded to one fixed size so the runner never re-allocates."""
+        x = self._x(x)
+        n = len(x)
+        if n == 0:
+            return np.zeros((0, self.num_classes), np.float32)
+        bs = min(batch, n) if self._logits_batch == 0 else self._logits_batch
+        self._logits_batch = bs
+        runner = self._runners["logits"]
+        out = []
+        for i in range(0, n, bs):
+            chunk = x[i : i + bs]
+            m = len(chunk)
+            if m < bs:
+                chunk = np.concatenate([chunk, np.zeros((bs - m, *self.input_shape), np.float32)])
+            out.append(np.array(runner(x=chunk)["logits"][:m], np.float32))
+        return np.concatenate(out)
+
+    def evaluate(self, x: np.ndarray, y: np.ndarray) -> float:
+        """Top-1 accuracy of the float model."""
+        pred = self.logits(x).argmax(axis=1)
+        return float(np.mean(pred == np.asarray(y).reshape(-1)))
+
+    # ------------------------------------------------------------ int8 export
+    def quantize_int8(self, calibration_x: np.ndarray, max_samples: int = 256) -> bytes:
+        """Full-int8 inference model of the current weights (device-side, ai-edge-quantizer)."""
+        from device_firmware_py.runtime.quantize import quantize_int8_bytes
+
+        x = self._x(calibration_x)[:max_samples]
+        base = self.manifest.inference_path.read_bytes()
+        return quantize_int8_bytes(self.manifest.raw, base, self.get_weights(), x)
+
+    def float_inference_model(self) -> bytes:
+        """Float inference-only .tflite with the current weights baked in as constants."""
+        from device_firmware_py.runtime.quantize import patch_inference_model
+
+        base = self.manifest.inference_path.read_bytes()
+        return patch_inference_model(self.manifest.raw, base, self.get_weights())
+
+    # ------------------------------------------------------------------ state
+    def save_state(self, path: str | Path) -> None:
+        """Weights + artifact sha256 as .npz, written atomically (tmp file + os.replace)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {n: w for n, w in zip(self.manifest.weight_names, self.get_weights(), strict=True)}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, __sha256__=np.array(self.manifest.sha256), __arch__=np.array(self.manifest.name), **arrays)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def load_state(self, path: str | Path, strict: bool = True) -> None:
+        """Restore weights saved by `save_state`. strict: the artifact sha256 must match too."""
+        with np.load(Path(path), allow_pickle=False) as z:
+            sha = str(z["__sha256__"])
+            if strict and sha != self.manifest.sha256:
+                raise ValueError(f"state {path} was saved for artifact sha {sha[:12]}, this is {self.manifest.sha256[:12]}")
+            weights = [z[n] for n in self.manifest.weight_names]
+        self.set_weights(weights)
+
+    def __repr__(self) -> str:
+        return f"SmallModel({self.manifest.name}, params={self.manifest.param_count})"
