@@ -1,0 +1,355 @@
+"""Bytes <-> messages: JSON for control messages, binary tensor frames for assignments and results.
+
+Why binary frames: teacher/proxy logits are the bulk of KOALA's traffic (5000 x 10 logits per device
+per round); JSON numbers would cost ~4-5x the bytes and a slow parse on the device. Float16 keeps the
+logits well within distillation precision at 2 bytes per value.
+
+Frame layout (all integers big-endian, tensor data little-endian, MQTT 3.1.1 safe: nothing relies
+on v5 properties):
+
+    0   4  magic  b"KOAL"
+    4   1  frame version (1)
+    5   1  kind (1 = assignment, 2 = result)
+    6   2  reserved, 0
+    8   4  header length H (<= MAX_HEADER_BYTES)
+    12  H  header: UTF-8 JSON object {round_id, device_id, model_version, meta, weights,
+           tensors: [{name, dtype, shape, scale?}], body_len, body_sha256}
+    12+H   body: the tensors' bytes, concatenated in header order
+
+Decoding validates everything (sizes first, before any allocation) and raises ContractError with a
+stable reason; any other exception escaping a decoder is a bug (hypothesis fuzzes for it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from typing import Any
+
+import numpy as np
+
+from .errors import ContractError
+from .messages import CONTROL_MESSAGES, FRAME_MESSAGES, Assignment, Message, Result
+from .topics import parse_topic
+
+MAGIC = b"KOAL"
+FRAME_VERSION = 1
+ENVELOPE_VERSION = 1
+_PREFIX = struct.Struct(">4sBBHI")
+KINDS = {1: "assignment", 2: "result"}
+_KIND_IDS = {v: k for k, v in KINDS.items()}
+
+MAX_HEADER_BYTES = 256 * 1024
+MAX_CONTROL_BYTES = 1024 * 1024
+DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
+WIRE_DTYPES = ("float32", "float16", "int8")  # allow-list; int8 carries a per-tensor scale
+_TENSOR_MAIN = {"assignment": "teacher_logits", "result": "proxy_logits"}
+
+
+# ---- JSON control messages ----------------------------------------------------------------------
+def _reject_constant(c: str) -> None:
+    raise ContractError("nan_or_inf", f"JSON constant {c} is not allowed")
+
+
+def encode_control(msg: Message) -> bytes:
+    """Control message -> compact UTF-8 JSON `{"v": 1, "type": ..., <fields>}`."""
+    if msg.TYPE not in CONTROL_MESSAGES:
+        raise ContractError("bad_kind", f"{msg.TYPE} is sent as a binary frame, use encode_frame")
+    msg.validate()
+    data = json.dumps(
+        {"v": ENVELOPE_VERSION, "type": msg.TYPE, **msg.scalar_fields()}, separators=(",", ":"), allow_nan=False
+    ).encode()
+    if len(data) > MAX_CONTROL_BYTES:
+        raise ContractError("oversize", f"control message of {len(data)} bytes > {MAX_CONTROL_BYTES}")
+    return data
+
+
+def _loads_object(data: bytes, what: str, reason: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(data.decode("utf-8"), parse_constant=_reject_constant)
+    except ContractError:
+        raise
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ContractError(reason, f"{what} is not valid UTF-8 JSON: {exc.__class__.__name__}") from None
+    if not isinstance(obj, dict):
+        raise ContractError(reason, f"{what} must be a JSON object")
+    return obj
+
+
+def _build(cls: type[Message], fields_: dict[str, Any]) -> Message:
+    try:
+        return cls(**fields_)
+    except TypeError as exc:  # missing / unexpected keyword: a schema violation, not a crash
+        raise ContractError("bad_field", f"{cls.TYPE}: {exc}") from None
+
+
+def decode_control(payload: bytes, expected: type[Message] | None = None) -> Message:
+    """JSON bytes -> validated control message (of class `expected` when given)."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise ContractError("bad_json", "payload must be bytes")
+    if len(payload) > MAX_CONTROL_BYTES:
+        raise ContractError("oversize", f"control message of {len(payload)} bytes > {MAX_CONTROL_BYTES}")
+    obj = _loads_object(bytes(payload), "control message", "bad_json")
+    if obj.pop("v", None) != ENVELOPE_VERSION:
+        raise ContractError("bad_version", f"envelope version must be {ENVELOPE_VERSION}")
+    kind = obj.pop("type", None)
+    cls = CONTROL_MESSAGES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ContractError("bad_kind", f"unknown control message type {kind!r}")
+    if expected is not None and cls is not expected:
+        raise ContractError("bad_kind", f"expected {expected.TYPE}, got {kind}")
+    return _build(cls, obj)
+
+
+# ---- binary tensor frames -----------------------------------------------------------------------
+def _to_wire(name: str, arr: np.ndarray, dtype: str) -> tuple[dict[str, Any], bytes]:
+    desc: dict[str, Any] = {"name": name, "dtype": dtype, "shape": list(arr.shape)}
+    a = np.asarray(arr, dtype=np.float32)
+    if dtype == "float32":
+        out = a.astype("<f4")
+    elif dtype == "float16":
+        with np.errstate(over="ignore"):  # overflow is detected just below and refused
+            out = a.astype("<f2")
+        if not np.isfinite(out).all():
+            raise ContractError("nan_or_inf", f"{name} overflows float16 (|x| > 65504); send float32")
+    elif dtype == "int8":
+        peak = float(np.max(np.abs(a))) if a.size else 0.0
+        scale = peak / 127.0 if peak > 0 else 1.0
+        desc["scale"] = scale
+        out = np.clip(np.rint(a / scale), -127, 127).astype(np.int8)
+    else:
+        raise ContractError("bad_dtype", f"{name}: wire dtype {dtype!r} not in {WIRE_DTYPES}")
+    return desc, out.tobytes()
+
+
+def encode_frame(
+    msg: Assignment | Result,
+    *,
+    logits_dtype: str = "float16",
+    weights_dtype: str = "float32",
+    max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+) -> bytes:
+    """Assignment/Result -> binary frame. Logits default to float16, weights to float32."""
+    if msg.TYPE not in FRAME_MESSAGES:
+        raise ContractError("bad_kind", f"{msg.TYPE} is a control message, use encode_control")
+    msg.validate()
+    main_name = _TENSOR_MAIN[msg.TYPE]
+    tensors: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    main = getattr(msg, main_name)
+    if main is not None:
+        d, b = _to_wire(main_name, main, logits_dtype)
+        tensors.append(d)
+        chunks.append(b)
+    for i, w in enumerate(msg.weights or []):
+        d, b = _to_wire(f"weights/{i}", w, weights_dtype)
+        tensors.append(d)
+        chunks.append(b)
+    body = b"".join(chunks)
+    meta = msg.scalar_fields()
+    header = {
+        "round_id": meta.pop("round_id"),
+        "device_id": meta.pop("device_id"),
+        "model_version": meta.pop("model_version"),
+        "meta": meta,
+        "weights": None if msg.weights is None else len(msg.weights),
+        "tensors": tensors,
+        "body_len": len(body),
+        "body_sha256": hashlib.sha256(body).hexdigest(),
+    }
+    hbytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    if len(hbytes) > MAX_HEADER_BYTES:
+        raise ContractError("oversize", f"frame header of {len(hbytes)} bytes > {MAX_HEADER_BYTES}")
+    total = _PREFIX.size + len(hbytes) + len(body)
+    if total > max_bytes:
+        raise ContractError("oversize", f"frame of {total} bytes > {max_bytes}")
+    return _PREFIX.pack(MAGIC, FRAME_VERSION, _KIND_IDS[msg.TYPE], 0, len(hbytes)) + hbytes + body
+
+
+def _shape(name: str, v: object) -> tuple[int, ...]:
+    if not isinstance(v, list) or len(v) > 8:
+        raise ContractError("bad_shape", f"{name}: shape must be a list of at most 8 ints")
+    for d in v:
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= 2**31:
+            raise ContractError("bad_shape", f"{name}: bad dimension {d!r}")
+    return tuple(v)
+
+
+def _from_wire(desc: object, body: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
+    if not isinstance(desc, dict):
+        raise ContractError("bad_header", "tensor descriptor must be an object")
+    name, dtype = desc.get("name"), desc.get("dtype")
+    if not isinstance(name, str):
+        raise ContractError("bad_header", "tensor name missing")
+    if dtype not in WIRE_DTYPES:
+        raise ContractError("bad_dtype", f"{name}: dtype {dtype!r} not in {WIRE_DTYPES}")
+    shape = _shape(name, desc.get("shape"))
+    itemsize = {"float32": 4, "float16": 2, "int8": 1}[dtype]
+    nbytes = math.prod(shape) * itemsize
+    if offset + nbytes > len(body):
+        raise ContractError("bad_shape", f"{name}: shape {shape} x {dtype} runs past the body")
+    np_dtype = {"float32": "<f4", "float16": "<f2", "int8": "i1"}[dtype]
+    raw = np.frombuffer(body, dtype=np_dtype, count=math.prod(shape), offset=offset).reshape(shape)
+    if dtype == "int8":
+        scale = desc.get("scale")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < 1e30):
+            raise ContractError("bad_header", f"{name}: int8 tensor needs a finite positive scale")
+        arr = raw.astype(np.float32) * np.float32(scale)
+    else:
+        arr = raw.astype(np.float32)
+    if not np.isfinite(arr).all():
+        raise ContractError("nan_or_inf", f"{name} holds NaN or Inf")
+    return name, arr, offset + nbytes
+
+
+def read_frame_header(payload: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> tuple[str, dict[str, Any], memoryview]:
+    """Check prefix, sizes and digest; return (kind, header, body). Cheap enough to run first."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise ContractError("bad_magic", "payload must be bytes")
+    if len(payload) > max_bytes:
+        raise ContractError("oversize", f"frame of {len(payload)} bytes > {max_bytes}")
+    if len(payload) < _PREFIX.size:
+        raise ContractError("bad_magic", "payload shorter than the frame prefix")
+    magic, version, kind_id, _reserved, hlen = _PREFIX.unpack_from(payload, 0)
+    if magic != MAGIC:
+        raise ContractError("bad_magic", f"magic {magic!r} != {MAGIC!r}")
+    if version != FRAME_VERSION:
+        raise ContractError("bad_version", f"frame version {version} != {FRAME_VERSION}")
+    kind = KINDS.get(kind_id)
+    if kind is None:
+        raise ContractError("bad_kind", f"unknown frame kind {kind_id}")
+    if hlen > MAX_HEADER_BYTES:
+        raise ContractError("oversize", f"header of {hlen} bytes > {MAX_HEADER_BYTES}")
+    if _PREFIX.size + hlen > len(payload):
+        raise ContractError("bad_header", "header runs past the payload")
+    view = memoryview(payload)
+    header = _loads_object(bytes(view[_PREFIX.size : _PREFIX.size + hlen]), "frame header", "bad_header")
+    body = view[_PREFIX.size + hlen :]
+    if header.get("body_len") != len(body):
+        raise ContractError("bad_shape", f"body is {len(body)} bytes, header says {header.get('body_len')!r}")
+    if header.get("body_sha256") != hashlib.sha256(body).hexdigest():
+        raise ContractError("bad_digest", "sha256 of the body does not match the header")
+    return kind, header, body
+
+
+def decode_frame(
+    payload: bytes, expected: type[Message] | None = None, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES
+) -> Assignment | Result:
+    """Binary frame -> validated Assignment/Result with float32 tensors."""
+    kind, header, body = read_frame_header(payload, max_bytes)
+    cls = FRAME_MESSAGES[kind]
+    if expected is not None and cls is not expected:
+        raise ContractError("bad_kind", f"expected {expected.TYPE}, got {kind}")
+    descs = header.get("tensors")
+    nweights = header.get("weights")
+    meta = header.get("meta")
+    if not isinstance(descs, list) or len(descs) > 4097 or not isinstance(meta, dict):
+        raise ContractError("bad_header", "header needs a tensors list and a meta object")
+    if nweights is not None and (isinstance(nweights, bool) or not isinstance(nweights, int) or nweights < 0):
+        raise ContractError("bad_header", "weights must be null or a non-negative int")
+    tensors: dict[str, np.ndarray] = {}
+    offset = 0
+    for desc in descs:
+        name, arr, offset = _from_wire(desc, body, offset)
+        if name in tensors:
+            raise ContractError("bad_header", f"tensor {name} appears twice")
+        tensors[name] = arr
+    if offset != len(body):
+        raise ContractError("bad_shape", f"tensors cover {offset} of {len(body)} body bytes")
+    main_name = _TENSOR_MAIN[kind]
+    main = tensors.pop(main_name, None)
+    weights = None
+    if nweights is not None:
+        try:
+            weights = [tensors.pop(f"weights/{i}") for i in range(nweights)]
+        except KeyError as exc:
+            raise ContractError("bad_header", f"missing tensor {exc.args[0]}") from None
+    if tensors:
+        raise ContractError("bad_header", f"unexpected tensors {sorted(tensors)[:5]}")
+    fields_ = {
+        **meta,
+        "round_id": header.get("round_id"),
+        "device_id": header.get("device_id"),
+        "model_version": header.get("model_version"),
+        main_name: main,
+        "weights": weights,
+    }
+    if len(fields_) != len(meta) + 5:
+        raise ContractError("bad_header", "meta repeats a header field")
+    return _build(cls, fields_)  # type: ignore[return-value]
+
+
+# ---- dispatch -----------------------------------------------------------------------------------
+def encode(msg: Message, **frame_options: Any) -> bytes:
+    """Any message -> bytes (frame for Assignment/Result, JSON otherwise)."""
+    if msg.TYPE in FRAME_MESSAGES:
+        return encode_frame(msg, **frame_options)  # type: ignore[arg-type]
+    return encode_control(msg)
+
+
+def decode(payload: bytes, expected: type[Message] | None = None, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> Message:
+    """Any bytes -> a validated message, or ContractError. Never raises anything else."""
+    try:
+        if isinstance(payload, (bytes, bytearray, memoryview)) and bytes(payload[:4]) == MAGIC:
+            return decode_frame(payload, expected, max_bytes=max_bytes)
+        return decode_control(payload, expected)
+    except ContractError:
+        raise
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError, MemoryError) as exc:
+        # Safety net: a validation gap must still end as a recorded rejection, not a dead handler.
+        raise ContractError("bad_field", f"undecodable message ({exc.__class__.__name__}: {exc})") from None
+
+
+def decode_for_topic(
+    topic: str, payload: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES
+) -> tuple[Any, Message]:
+    """Decode a delivered message and check it belongs on its topic.
+
+    The device id in the topic is what the broker's ACL authenticated; a payload claiming another
+    id is `spoofed_device`. A round status on rounds/{n}/status must be about round n.
+    """
+    from .topics import SPECS  # local: avoid a cycle in type checkers
+
+    parsed = parse_topic(topic)
+    expected = {c.__name__: c for c in (*CONTROL_MESSAGES.values(), *FRAME_MESSAGES.values())}[
+        SPECS[parsed.kind].message
+    ]
+    msg = decode(payload, expected, max_bytes=max_bytes)
+    if parsed.device_id is not None and getattr(msg, "device_id", None) != parsed.device_id:
+        raise ContractError("spoofed_device", f"payload device {getattr(msg, 'device_id', None)!r} on topic of {parsed.device_id!r}")
+    if parsed.round_id is not None and getattr(msg, "round_id", None) != parsed.round_id:
+        raise ContractError("wrong_round", f"status of round {getattr(msg, 'round_id', None)} on topic of round {parsed.round_id}")
+    return parsed, msg
+
+
+def check_result(
+    result: Result,
+    *,
+    round_id: int,
+    participants: set[str] | frozenset[str] | None = None,
+    logits_shape: tuple[int, int] | None = None,
+    proxy_digest: str | None = None,
+    weight_shapes: list[tuple[int, ...]] | None = None,
+) -> None:
+    """Server-side semantic checks a schema cannot know: right round, participant, shapes."""
+    if result.round_id != round_id:
+        raise ContractError("wrong_round", f"result for round {result.round_id}, collecting round {round_id}")
+    if participants is not None and result.device_id not in participants:
+        raise ContractError("unknown_device", f"{result.device_id} is not a participant of round {round_id}")
+    if logits_shape is not None:
+        got = None if result.proxy_logits is None else tuple(result.proxy_logits.shape)
+        if got != tuple(logits_shape):
+            raise ContractError("bad_shape", f"proxy_logits shape {got} != expected {tuple(logits_shape)}")
+    if proxy_digest is not None and result.proxy_digest is not None and result.proxy_digest != proxy_digest:
+        raise ContractError("bad_digest", "result computed on a different proxy set")
+    if weight_shapes is not None:
+        got_w = [tuple(w.shape) for w in result.weights or []]
+        if got_w != [tuple(s) for s in weight_shapes]:
+            raise ContractError("bad_shape", "weight shapes differ from the model's")
+
+
+def payload_digest(payload: bytes) -> str:
+    """sha256 of a whole payload: the idempotency key of a submission (QoS 1 duplicates are identical)."""
+    return hashlib.sha256(payload).hexdigest()
