@@ -58,7 +58,7 @@ def render_password_file(entries: Iterable[tuple[str, str]]) -> str:
 
 def write_secret_file(path: Path, secret: str) -> None:
     """Write a plain secret readable by its owner only (created 0600, never world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(secret + "\n")

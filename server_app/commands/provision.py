@@ -1,0 +1,204 @@
+"""`koala provision ...`: register devices, write the hardened broker's files, build flash bundles.
+
+    koala provision add DEV --arch cnn_small            register (only a $7$ hash is stored)
+    koala provision broker-files --out DIR              passwd + acl + certs + mosquitto.conf
+    koala provision revoke DEV --broker-dir DIR         device can no longer connect
+    koala provision rotate DEV --secret-file F          new secret, old one stops working
+    koala provision bundle DEV --out DIR --broker-url mqtts://host:8883 --broker-dir DIR
+
+Commands that change who may connect regenerate the broker files when `--broker-dir` is given and
+SIGHUP a running Mosquitto when `--pid-file` is given, so the change is live at once. Secrets are
+written only to 0600 files or bundles, never printed or logged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+HELP = "provision devices: credentials, broker password/ACL/TLS files, flashable bundles"
+
+DEFAULT_DB = os.environ.get("KOALA_DB_URL", "sqlite:///koala.db")
+
+
+def _broker_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--broker-dir", type=Path, required=required, help="broker files directory to refresh")
+    p.add_argument("--pid-file", type=Path, help="SIGHUP the Mosquitto with this pid file after refreshing")
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", default=DEFAULT_DB, help="registry database URL (env KOALA_DB_URL)")
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    a = sub.add_parser("add", help="register a device and issue its broker credentials")
+    a.add_argument("device_id")
+    a.add_argument("--arch", required=True, help="small-model architecture, e.g. cnn_small")
+    a.add_argument(
+        "--secret-file", type=Path, help="write the clear secret here (0600); else `bundle` issues one"
+    )
+    _broker_args(a)
+
+    b = sub.add_parser("broker-files", help="write passwd, acl, certs and mosquitto.conf from the registry")
+    b.add_argument("--out", type=Path, required=True)
+    b.add_argument(
+        "--profile",
+        choices=("local", "docker"),
+        default="local",
+        help="local: paths as on this host; docker: paths inside the eclipse-mosquitto container",
+    )
+    b.add_argument(
+        "--tls-host", action="append", default=[], help="extra DNS name / IP for the server certificate"
+    )
+    b.add_argument("--tls-port", type=int, default=8883)
+    b.add_argument("--tls-bind", default="0.0.0.0")
+    b.add_argument(
+        "--plain-port", type=int, default=1883, help="loopback plain listener for the server; 0 = none"
+    )
+    b.add_argument("--max-connections", type=int, default=1024)
+    b.add_argument("--pid-file", type=Path)
+
+    r = sub.add_parser("revoke", help="revoke a device: it can no longer connect")
+    r.add_argument("device_id")
+    _broker_args(r)
+
+    o = sub.add_parser("rotate", help="issue a new secret; the old one stops working")
+    o.add_argument("device_id")
+    o.add_argument("--secret-file", type=Path, required=True)
+    _broker_args(o)
+
+    n = sub.add_parser("bundle", help="build a flashable bundle (issues a new secret)")
+    n.add_argument("device_id")
+    n.add_argument("--out", type=Path, required=True)
+    n.add_argument("--broker-url", required=True, help="what the device dials, e.g. mqtts://broker.lan:8883")
+    n.add_argument(
+        "--broker-dir", type=Path, required=True, help="broker files dir (its CA signs the broker)"
+    )
+    n.add_argument("--pid-file", type=Path)
+    n.add_argument("--prefix", default="/", help="root the device sees its files under (default /)")
+    n.add_argument("--data", type=Path, help="ship this private-data .npz (demos)")
+    n.add_argument("--proxy", type=Path, help="ship the proxy-inputs .npz")
+    n.add_argument("--proxy-sha256", default="", help="or only its digest ...")
+    n.add_argument("--proxy-url", default="", help="... and where the device fetches it")
+    n.add_argument("--client-cert", action="store_true", help="also issue a TLS client certificate")
+    n.add_argument("--wheelhouse", type=Path, help="reuse a wheel dir built by an earlier bundle")
+    n.add_argument("--platform", help="wheels for another target, e.g. manylinux2014_aarch64")
+    n.add_argument("--python-version", help="target Python, e.g. 3.11")
+
+
+def _refresh(db: str, broker_dir: Path | None, pid_file: Path | None) -> None:
+    from server_app.provisioning.broker_files import reload_broker, write_broker_files
+    from server_app.provisioning.registry_link import active_credentials
+
+    if broker_dir is None:
+        return
+    files = write_broker_files(broker_dir, active_credentials(db))
+    print(f"[provision] broker files refreshed in {files.dir}")
+    if pid_file is not None:
+        print(f"[provision] reloaded mosquitto pid {reload_broker(pid_file)}")
+
+
+def _broker_files(args: argparse.Namespace) -> int:
+    from server_app.provisioning.broker_conf import BrokerConf, local_user
+    from server_app.provisioning.broker_files import reload_broker, write_broker_files
+    from server_app.provisioning.registry_link import active_credentials
+
+    out = args.out.resolve()
+    plain = args.plain_port or None
+    hosts = list(args.tls_host)
+    if args.profile == "docker":
+        # The server reaches the broker over the compose network by service name, through TLS.
+        conf = BrokerConf(
+            Path("/mosquitto/config"),
+            Path("/mosquitto/data"),
+            tls_port=args.tls_port,
+            tls_bind="0.0.0.0",
+            server_port=None,
+            run_as_user="mosquitto",
+            max_connections=args.max_connections,
+        )
+        hosts.append("mosquitto")
+    else:
+        (out / "data").mkdir(parents=True, exist_ok=True)
+        conf = BrokerConf(
+            out,
+            out / "data",
+            tls_port=args.tls_port,
+            tls_bind=args.tls_bind,
+            server_port=plain,
+            run_as_user=local_user(),
+            max_connections=args.max_connections,
+        )
+    files = write_broker_files(out, active_credentials(args.db), conf, hosts)
+    print(f"[provision] {files.conf} ({'changed' if files.changed else 'unchanged'})")
+    if args.pid_file is not None and files.changed:
+        print(f"[provision] reloaded mosquitto pid {reload_broker(args.pid_file)}")
+    return 0
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    from server_app.provisioning import tls
+    from server_app.provisioning.broker_files import ensure_pki
+    from server_app.provisioning.bundle import BundleSpec, build_bundle
+    from server_app.provisioning.passwords import mosquitto_hash, new_secret
+    from server_app.provisioning.registry_link import get_device, set_credentials
+    from server_app.provisioning.wheels import Target
+
+    dev = get_device(args.db, args.device_id)
+    if dev.revoked:
+        print(f"[provision] {args.device_id} is revoked; `koala provision add` it again first")
+        return 1
+    ca_crt = ensure_pki(args.broker_dir)
+    client = None
+    if args.client_cert:
+        client = tls.make_client_cert(tls.load_pair(ca_crt, ca_crt.with_name("ca.key")), args.device_id)
+    secret = new_secret()
+    spec = BundleSpec(
+        device_id=args.device_id,
+        arch=dev.arch or "cnn_small",
+        secret=secret,
+        broker_url=args.broker_url,
+        ca_cert_pem=ca_crt.read_bytes(),
+        prefix=args.prefix,
+        data=args.data,
+        proxy=args.proxy,
+        proxy_sha256=args.proxy_sha256,
+        proxy_url=args.proxy_url,
+        client_cert=client,
+        wheelhouse=args.wheelhouse,
+        target=Target(args.platform, args.python_version),
+    )
+    tarball = build_bundle(spec, args.out)
+    set_credentials(args.db, args.device_id, mosquitto_hash(secret))  # only after the bundle exists
+    _refresh(args.db, args.broker_dir, args.pid_file)
+    print(f"[provision] bundle {tarball} (dir {tarball.parent / ('koala-bundle-' + args.device_id)})")
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    from server_app.provisioning.identity import check_device_id
+    from server_app.provisioning.passwords import mosquitto_hash, new_secret, write_secret_file
+    from server_app.provisioning.registry_link import register_device, revoke_device, set_credentials
+
+    if args.action == "broker-files":
+        return _broker_files(args)
+    check_device_id(args.device_id)
+    if args.action == "bundle":
+        return _bundle(args)
+    if args.action in ("add", "rotate"):
+        secret = new_secret()
+        if args.action == "add":
+            register_device(args.db, args.device_id, args.arch, mosquitto_hash(secret))
+        else:
+            set_credentials(args.db, args.device_id, mosquitto_hash(secret))
+        if args.secret_file is not None:
+            write_secret_file(args.secret_file, secret)
+        print(
+            f"[provision] {args.action}: {args.device_id} has new credentials"
+            + (f" (secret in {args.secret_file})" if args.secret_file else "")
+        )
+    elif args.action == "revoke":
+        revoke_device(args.db, args.device_id)
+        print(f"[provision] revoked {args.device_id}")
+    _refresh(args.db, args.broker_dir, args.pid_file)
+    return 0

@@ -1,0 +1,167 @@
+"""Assemble one device's flashable bundle: a directory laid out like the device's root filesystem
+plus a tarball of it.
+
+    koala-bundle-<id>/
+      flash.sh                       installs over SSH (--host) or into a mounted root (--target-root)
+      manifest.json                  sha256 of every file (what was flashed, for audits)
+      etc/koala/device.json          DeviceConfig (no secret in it)
+      etc/koala/device.secret        the broker password, 0600
+      etc/koala/ca.crt               the private CA the broker's certificate chains to
+      etc/koala/client.{crt,key}     optional TLS client certificate
+      etc/systemd/system/koala-device.service
+      opt/koala/install-venv.sh      offline venv creation (flash.sh --install-venv, or first boot)
+      opt/koala/wheels/*.whl         the agent wheel + device extra wheels + requirements.lock
+      opt/koala/models/<arch>_*      the small-model artifact(s) the device starts from
+      opt/koala/proxy/proxy.npz      proxy inputs (or only their sha256 + URL in device.json)
+      var/lib/koala/data.npz         optional private data (demos and tests)
+
+Paths inside device.json and the unit are those the running device sees: `/` + the layout, or
+`prefix` + the layout to run a device in place from a directory (tests, containers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import tarfile
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server_app.provisioning.identity import check_device_id
+from server_app.provisioning.passwords import write_secret_file
+from server_app.provisioning.tls import CertPair, write_pair
+from server_app.provisioning.wheels import Target, build_project_wheel, download_device_wheels, write_lock
+
+TEMPLATES = Path(__file__).with_name("templates")
+ARTIFACTS = Path(__file__).resolve().parents[2] / "device_firmware_py" / "artifacts"
+
+
+@dataclass
+class BundleSpec:
+    device_id: str
+    arch: str
+    secret: str
+    broker_url: str  # mqtts://broker.example:8883
+    ca_cert_pem: bytes
+    prefix: str = "/"
+    data: Path | None = None  # ship private data (demo); else the device has its own
+    proxy: Path | None = None  # ship the proxy npz ...
+    proxy_sha256: str = ""  # ... or only its digest
+    proxy_url: str = ""  # ... and where to fetch it
+    client_cert: CertPair | None = None
+    wheelhouse: Path | None = None  # reuse already-built wheels (koala_edge + deps + lock)
+    target: Target = field(default_factory=Target)
+    artifacts_dir: Path = ARTIFACTS
+
+
+def _device_path(prefix: str, rel: str) -> str:
+    return str(Path(prefix) / rel)
+
+
+def _render(template: str, values: dict[str, str]) -> str:
+    text = (TEMPLATES / template).read_text()
+    for key, val in values.items():
+        text = text.replace(f"@{key}@", val)
+    if "@DEVICE_ID@" in text or "@OPT_DIR@" in text or "@ETC_DIR@" in text:
+        raise ValueError(f"unrendered placeholder left in {template}")
+    return text
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _model_files(spec: BundleSpec) -> list[Path]:
+    files = sorted(spec.artifacts_dir.glob(f"{spec.arch}_*.tflite"))
+    if not files:
+        raise FileNotFoundError(f"no small-model artifact {spec.arch}_*.tflite in {spec.artifacts_dir}")
+    return files + [f.with_suffix(".json") for f in files if f.with_suffix(".json").exists()]
+
+
+def _wheels(spec: BundleSpec, dest: Path) -> None:
+    if spec.wheelhouse and (spec.wheelhouse / "requirements.lock").exists():
+        shutil.copytree(spec.wheelhouse, dest, dirs_exist_ok=True)
+        return
+    deps = download_device_wheels(dest, spec.target)
+    write_lock(deps, dest / "requirements.lock")
+    build_project_wheel(dest)
+
+
+def device_config(spec: BundleSpec) -> dict:
+    """The DeviceConfig JSON (device_firmware_py.config) with paths as the device sees them."""
+    p = spec.prefix
+    cfg = {
+        "device_id": spec.device_id,
+        "arch": spec.arch,
+        "broker_url": spec.broker_url,
+        "username": spec.device_id,
+        "password_file": _device_path(p, "etc/koala/device.secret"),
+        "ca_file": _device_path(p, "etc/koala/ca.crt"),
+        "data_path": _device_path(p, "var/lib/koala/data.npz"),
+        "proxy_path": _device_path(p, "opt/koala/proxy/proxy.npz"),
+        "proxy_sha256": spec.proxy_sha256,
+        "state_dir": _device_path(p, "var/lib/koala/state"),
+        "extra": {"proxy_url": spec.proxy_url} if spec.proxy_url else {},
+    }
+    return cfg
+
+
+def build_bundle(spec: BundleSpec, out: Path) -> Path:
+    """Write the bundle directory `out/koala-bundle-<id>` and its .tar.gz; return the tarball."""
+    check_device_id(spec.device_id)
+    root = out / f"koala-bundle-{spec.device_id}"
+    if root.exists():
+        shutil.rmtree(root)
+    etc, opt = root / "etc" / "koala", root / "opt" / "koala"
+    for d in (etc, opt / "models", opt / "proxy", root / "etc" / "systemd" / "system"):
+        d.mkdir(parents=True, exist_ok=True)
+
+    if spec.proxy is not None:
+        shutil.copy2(spec.proxy, opt / "proxy" / "proxy.npz")
+        spec.proxy_sha256 = _sha256(spec.proxy)
+    if spec.data is not None:
+        (root / "var" / "lib" / "koala").mkdir(parents=True, exist_ok=True)
+        shutil.copy2(spec.data, root / "var" / "lib" / "koala" / "data.npz")
+    for f in _model_files(spec):
+        shutil.copy2(f, opt / "models" / f.name)
+    _wheels(spec, opt / "wheels")
+
+    (etc / "device.json").write_text(json.dumps(device_config(spec), indent=2) + "\n")
+    write_secret_file(etc / "device.secret", spec.secret)
+    (etc / "ca.crt").write_bytes(spec.ca_cert_pem)
+    if spec.client_cert is not None:
+        write_pair(spec.client_cert, etc / "client.crt", etc / "client.key")
+    values = {
+        "DEVICE_ID": spec.device_id,
+        "OPT_DIR": _device_path(spec.prefix, "opt/koala"),
+        "ETC_DIR": _device_path(spec.prefix, "etc/koala"),
+    }
+    unit = root / "etc" / "systemd" / "system" / "koala-device.service"
+    unit.write_text(_render("koala-device.service", values))
+    for name, dest in (("flash.sh", root / "flash.sh"), ("install-venv.sh", opt / "install-venv.sh")):
+        dest.write_text(_render(name, values))
+        dest.chmod(dest.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    (opt / "BUNDLE_ID").write_text(uuid.uuid4().hex + "\n")
+
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    manifest = {
+        "device_id": spec.device_id,
+        "arch": spec.arch,
+        "broker_url": spec.broker_url,
+        "files": {str(p.relative_to(root)): _sha256(p) for p in files if p.name != "device.secret"},
+    }
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+
+    tarball = out / f"koala-bundle-{spec.device_id}.tar.gz"
+    fd = os.open(tarball, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the secret
+    with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+        tar.add(root, arcname=root.name)
+    return tarball

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# Install this KOALA Edge bundle (device @DEVICE_ID@) onto a device.
+#
+#   ./flash.sh --host pi@10.0.0.7 [--ssh-opt "-p 2222"]     copy over SSH, install, start the service
+#   ./flash.sh --target-root /mnt/sdroot [--install-venv]   write into a mounted root filesystem
+#
+# The bundle is self-contained: the agent and every Python dependency are wheels under
+# opt/koala/wheels, so the device never needs network access to install. With --target-root the
+# venv is normally created on the device's first boot (the unit's ExecStartPre); --install-venv
+# creates it now, which only makes sense when ROOT will run on this CPU architecture (a chroot,
+# a container image, a test).
+set -euo pipefail
+HERE="$(cd "$(dirname "$0")" && pwd)"
+HOST="" ROOT="" VENV=0 START=1 SSH_OPTS=()
+
+usage() { sed -n '2,12p' "$0"; exit 2; }
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --host) HOST="$2"; shift 2 ;;
+    --target-root) ROOT="$2"; shift 2 ;;
+    --install-venv) VENV=1; shift ;;
+    --no-start) START=0; shift ;;
+    --ssh-opt) read -r -a more <<<"$2"; SSH_OPTS+=("${more[@]}"); shift 2 ;;
+    -h|--help) usage ;;
+    *) echo "flash.sh: unknown argument $1" >&2; usage ;;
+  esac
+done
+[ -n "$HOST" ] || [ -n "$ROOT" ] || usage
+[ -z "$HOST" ] || [ -z "$ROOT" ] || { echo "flash.sh: --host and --target-root are exclusive" >&2; exit 2; }
+
+if [ -n "$HOST" ]; then
+  remote="/tmp/koala-bundle-@DEVICE_ID@"
+  echo "[flash] copying bundle to $HOST:$remote"
+  ssh "${SSH_OPTS[@]}" "$HOST" "rm -rf '$remote' && mkdir -p '$remote'"
+  scp -q -r "${SSH_OPTS[@]}" "$HERE"/. "$HOST:$remote/"
+  start_flag=""; [ "$START" = 1 ] || start_flag="--no-start"
+  ssh "${SSH_OPTS[@]}" "$HOST" "sudo bash '$remote/flash.sh' --target-root / --install-venv $start_flag && rm -rf '$remote'"
+  exit 0
+fi
+
+ROOT="$(cd "$ROOT" && pwd)"; [ "$ROOT" = "/" ] && P="" || P="$ROOT"
+echo "[flash] installing device @DEVICE_ID@ into ${ROOT}"
+install -d -m 0755 "$P/opt/koala" "$P/etc/koala" "$P/etc/systemd/system"
+install -d -m 0700 "$P/var/lib/koala"
+cp -R "$HERE/opt/koala/." "$P/opt/koala/"
+install -m 0644 "$HERE/etc/koala/device.json" "$HERE/etc/koala/ca.crt" "$P/etc/koala/"
+install -m 0600 "$HERE/etc/koala/device.secret" "$P/etc/koala/"
+for f in client.crt client.key; do
+  if [ -f "$HERE/etc/koala/$f" ]; then install -m 0600 "$HERE/etc/koala/$f" "$P/etc/koala/"; fi
+done
+if [ -d "$HERE/var/lib/koala" ]; then cp -R "$HERE/var/lib/koala/." "$P/var/lib/koala/"; fi
+install -m 0644 "$HERE/etc/systemd/system/koala-device.service" "$P/etc/systemd/system/"
+if [ "$VENV" = 1 ]; then
+  echo "[flash] creating venv offline from bundled wheels"
+  sh "$P/opt/koala/install-venv.sh" "$P"
+fi
+if [ -z "$P" ] && command -v systemctl >/dev/null && [ "$START" = 1 ]; then
+  systemctl daemon-reload
+  systemctl enable --now koala-device.service
+  echo "[flash] koala-device.service enabled and started"
+fi
+echo "[flash] done"
