@@ -23,6 +23,15 @@ def configure(p: argparse.ArgumentParser) -> None:
     b.add_argument("--num-classes", type=int, default=10)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--out", default=None, help="output folder (default: the packaged device_firmware_py/artifacts)")
+    bn = sub.add_parser("bench", help="Fashion-MNIST accuracy (float vs int8) + step time after N on-device steps")
+    bn.add_argument("--arch", action="append", choices=sorted(ARCHS), help="repeatable; default: all")
+    bn.add_argument("--input", action="append", help="HxWxC, repeatable; default: 28x28x1, 32x32x3")
+    bn.add_argument("--steps", type=int, default=2000)
+    bn.add_argument("--lr", type=float, default=1e-3)
+    bn.add_argument("--seed", type=int, default=0)
+    bn.add_argument("--calibration", type=int, default=256, help="int8 calibration samples (training data)")
+    bn.add_argument("--data-dir", default="/usr/share/datasets/fashion-mnist")
+    bn.add_argument("--json-out", default=None, help="also write the rows as JSON here")
     ls = sub.add_parser("list", help="list architectures and the built artifacts with their costs")
     ls.add_argument("--dir", default=None, help="artifact folder (default: packaged)")
     ls.add_argument("--json", action="store_true", help="print manifests' summaries as JSON")
@@ -72,5 +81,24 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from server_app.zoo.archs import ARCHS, parse_input
+    from server_app.zoo.bench import bench_one, load_fmnist, markdown
+
+    data = load_fmnist(Path(args.data_dir))
+    inputs = [parse_input(s) for s in args.input] if args.input else [(28, 28, 1), (32, 32, 3)]
+    rows = []
+    for shape in inputs:
+        for arch in args.arch or list(ARCHS):
+            rows.append(bench_one(arch, shape, data, args.steps, args.lr, args.seed, args.calibration))
+            print(json.dumps(rows[-1]), flush=True)
+    print(markdown(rows))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(rows, indent=1) + "\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
-    return _build(args) if args.zoo_command == "build" else _list(args)
+    return {"build": _build, "bench": _bench, "list": _list}[args.zoo_command](args)
