@@ -1,0 +1,1 @@
+"""The MQTT device agent (`koala-device run --config FILE`). Imports nothing heavy on import."""

@@ -1,0 +1,273 @@
+"""DeviceAgent: one IoT device in a KOALA fleet, speaking the MQTT contract.
+
+What it does (design §2, steps 2-4):
+  * announces itself with a retained `status` (arch, sample count, label histogram, runtime
+    version); its Last Will is the retained `offline` status, so monitors see a dead device;
+  * on an assignment: runs `device_firmware_py.task.execute_assignment` (forward KD from the
+    teacher logits -> local training -> proxy logits [+ weights]), publishes progress (QoS 0) and
+    the result (QoS 1), then re-quantizes its int8 inference model and serves inference with it;
+  * keeps model + round state on disk (atomic writes): a restarted agent re-publishes a
+    finished result while its round is still collecting, or redoes an unfinished assignment.
+
+Threading: the paho network thread only enqueues events; all work runs on the agent's own thread,
+so a 20 s training step never starves keepalives and no state needs a lock.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import queue
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from device_firmware_py import mqtt as dmqtt
+from device_firmware_py.agent.state import PHASE_ASSIGNED, PHASE_DONE, AgentState, RoundState
+from device_firmware_py.agent.wire import assignment_from_wire, result_to_wire
+from device_firmware_py.config import DeviceConfig, file_sha256
+from device_firmware_py.contract import codec, topics
+from device_firmware_py.contract import messages as cm
+from device_firmware_py.contract.errors import ContractError
+from device_firmware_py.task import execute_assignment, label_histogram
+
+log = logging.getLogger("koala.agent")
+
+
+def _kv(**kw: Any) -> str:
+    return " ".join(f"{k}={v}" for k, v in kw.items())
+
+
+class DeviceAgent:
+    """Create, then `run()` (blocks until `stop()`), or `start()` / `stop()` around a thread."""
+
+    def __init__(self, cfg: DeviceConfig):
+        self.cfg = cfg
+        self.state = AgentState(cfg.state_dir)
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._stop = threading.Event()
+        self._client: Any = None
+        self._round: RoundState | None = None
+        self._published_result_for: int | None = None  # round whose result this process has sent
+        self.int8: Any = None  # TFLiteLogits of the served int8 model
+        self.int8_info: dict[str, Any] = {}
+        self.model: Any = None
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        """Load data, proxy set, model (+ saved weights) and the last int8 model. No network."""
+        from device_firmware_py.runtime.interpreter import RUNTIME
+        from device_firmware_py.runtime.manifest import format_input
+        from device_firmware_py.runtime.small_model import SmallModel
+
+        cfg = self.cfg
+        cfg.check_files()
+        with np.load(cfg.data_path, allow_pickle=False) as z:
+            self.x, self.y = np.asarray(z["x"], np.float32), np.asarray(z["y"], np.int64)
+        with np.load(cfg.proxy_path, allow_pickle=False) as z:
+            self.proxy_x = np.asarray(z["x"], np.float32)
+        self.proxy_digest = cfg.proxy_sha256 or file_sha256(cfg.proxy_path)
+        shape = tuple(int(s) for s in (self.x.shape[1:] if self.x.ndim == 4 else (*self.x.shape[1:], 1)))
+        self.model = SmallModel(f"{cfg.arch}_{format_input(shape)}", num_threads=cfg.num_threads)
+        if self.state.model_path.is_file():
+            try:
+                self.model.load_state(self.state.model_path)
+            except (ValueError, OSError, KeyError) as exc:
+                log.warning("model state unreadable, starting fresh %s", _kv(error=exc))
+        self.runtime_version = RUNTIME
+        self._round = self.state.load_round()
+        if self.state.int8_path.is_file():
+            self._serve_int8(self.state.int8_path.read_bytes())
+        self.state.write_modules({"phase": "setup"})
+        log.info("agent ready %s", _kv(device=cfg.device_id, model=self.model.manifest.name, samples=len(self.y),
+                                       round=self._round and self._round.round_id))
+
+    # ---------------------------------------------------------------- network
+    def _status(self, state: str = "online") -> bytes:
+        rs = self._round
+        caps: dict[str, Any] = {
+            "num_classes": self.model.num_classes,
+            "proxy_sha256": self.proxy_digest,
+            "proxy_size": int(len(self.proxy_x)),
+            "model_version": rs.model_version if rs else 0,
+            "rounds_done": rs.rounds_done if rs else 0,
+            "pid": __import__("os").getpid(),
+            "torch_loaded": "torch" in __import__("sys").modules,
+        }
+        if self.int8_info:
+            caps.update({f"int8_{k}": v for k, v in self.int8_info.items()})
+        msg = cm.DeviceStatus(
+            device_id=self.cfg.device_id, state=state, arch=self.cfg.arch,
+            input_shape=list(self.model.input_shape), runtime_version=self.runtime_version,
+            num_samples=int(len(self.y)), label_histogram=label_histogram(self.y, self.model.num_classes),
+            capabilities=caps,
+        )  # fmt: skip
+        return codec.encode_control(msg)
+
+    def connect(self) -> None:
+        cfg = self.cfg
+        offline = codec.encode_control(cm.DeviceStatus(device_id=cfg.device_id, state="offline"))
+        self._client = dmqtt.MqttClient(
+            client_id=cfg.mqtt_client_id,
+            host=cfg.host,
+            port=cfg.port,
+            username=cfg.username or None,
+            password=cfg.secret() or None,
+            ca_file=cfg.ca_file or None,
+            tls=cfg.tls,
+            keepalive=cfg.keepalive_s,
+            clean_session=False,
+            will=dmqtt.Will(topics.device_status(cfg.device_id), offline, qos=1, retain=True),
+            on_connect=lambda: self.events.put(("connected", None)),
+        )
+        self._client.subscribe(topics.device_assign(cfg.device_id), 1, lambda t, p: self.events.put(("assign", (t, p))))
+        self._client.subscribe(topics.rounds_current(), 1, lambda t, p: self.events.put(("round", (t, p))))
+        self._client.start()
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> None:
+        self.setup()
+        self.connect()
+        rs = self._round
+        if rs is not None and rs.phase == PHASE_ASSIGNED:
+            frame = self.state.load_assignment()
+            if frame is not None:
+                log.info("resuming unfinished assignment %s", _kv(round=rs.round_id))
+                self.events.put(("assign", (topics.device_assign(self.cfg.device_id), frame)))
+        try:
+            while not self._stop.is_set():
+                try:
+                    kind, data = self.events.get(timeout=0.5)
+                except queue.Empty:
+                    continue
+                try:
+                    self._handle(kind, data)
+                except ContractError as exc:
+                    log.warning("message rejected %s", _kv(kind=kind, reason=exc.reason, detail=exc.detail))
+        finally:
+            self._shutdown()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _shutdown(self) -> None:
+        if self._client is not None:
+            try:  # a clean exit says offline itself; the Last Will covers crashes
+                self._client.publish(topics.device_status(self.cfg.device_id), self._status("offline"), qos=1, retain=True,
+                                     wait_s=2.0)
+            finally:
+                self._client.stop()
+                self._client = None
+
+    def _handle(self, kind: str, data: Any) -> None:
+        if kind == "connected":
+            self._client.publish(topics.device_status(self.cfg.device_id), self._status(), qos=1, retain=True)
+            self._published_result_for = None  # an unacknowledged result is re-sent once per connection
+        elif kind == "assign":
+            self._on_assign(*data)
+        elif kind == "round":
+            self._on_round(*data)
+
+    # -------------------------------------------------------------- handlers
+    def _on_round(self, topic: str, payload: bytes) -> None:
+        if not payload:
+            return
+        _, msg = codec.decode_for_topic(topic, payload)
+        rs = self._round
+        if rs is not None and rs.phase == PHASE_DONE and msg.round_id == rs.round_id and msg.state == "collecting":
+            self._republish_result("round still collecting")
+
+    def _republish_result(self, why: str) -> None:
+        rs = self._round
+        if rs is None or self._published_result_for == rs.round_id:
+            return
+        frame = self.state.load_result()
+        if frame is None:
+            return
+        log.info("re-publishing result %s", _kv(round=rs.round_id, why=why.replace(" ", "_")))
+        self._client.publish(topics.device_result(self.cfg.device_id), frame, qos=1)
+        self._published_result_for = rs.round_id
+
+    def _on_assign(self, topic: str, frame: bytes) -> None:
+        _, msg = codec.decode_for_topic(topic, frame)
+        rs = self._round
+        if rs is not None and msg.round_id == rs.round_id and rs.phase == PHASE_DONE:
+            self._published_result_for = None
+            self._republish_result("assignment repeated")  # server restarted or lost our result
+            return
+        if rs is not None and msg.round_id < rs.round_id:
+            log.info("stale assignment ignored %s", _kv(round=msg.round_id, current=rs.round_id))
+            return
+        if msg.proxy_digest and msg.proxy_digest != self.proxy_digest:
+            log.error("assignment refused %s", _kv(round=msg.round_id, reason="proxy_digest_mismatch"))
+            return
+        self.state.save_assignment(frame)
+        done = rs.rounds_done if rs else 0
+        self._round = RoundState(msg.round_id, PHASE_ASSIGNED, msg.model_version, done)
+        self.state.save_round(self._round)
+        self._execute(msg)
+
+    def _progress(self, round_id: int, phase: str, step: int = 0, total: int | None = None, loss: float | None = None) -> None:
+        if loss is not None and not math.isfinite(loss):
+            loss = None
+        msg = cm.Progress(device_id=self.cfg.device_id, round_id=round_id, phase=phase, step=step, total=total, loss=loss)
+        self._client.publish(topics.device_progress(self.cfg.device_id), codec.encode_control(msg), qos=0)
+
+    def _execute(self, msg: cm.Assignment) -> None:
+        a = assignment_from_wire(msg)
+        log.info("assignment %s", _kv(round=a.round_id, task=a.task, teacher=a.teacher_logits is not None,
+                                      weights=a.weights is not None))
+        self._progress(a.round_id, "start", 0, 3)
+        t0 = time.perf_counter()
+        result = execute_assignment(self.model, self.x, self.y, self.proxy_x, a)
+        result.metrics["t_device_s"] = time.perf_counter() - t0
+        result.metrics = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in result.metrics.items()}
+        frame = codec.encode_frame(result_to_wire(result, msg.model_version, self.proxy_digest))
+        # Persist before publishing: a crash after this point re-publishes instead of retraining.
+        self.model.save_state(self.state.model_path)
+        self.state.save_result(frame)
+        self._round = RoundState(a.round_id, PHASE_DONE, msg.model_version, (self._round.rounds_done if self._round else 0) + 1)
+        self.state.save_round(self._round)
+        self._client.publish(topics.device_result(self.cfg.device_id), frame, qos=1)
+        self._published_result_for = a.round_id
+        self._progress(a.round_id, "uploaded", 2, 3, result.metrics.get("train_loss"))
+        log.info("result published %s", _kv(round=a.round_id, bytes=len(frame), t_device_s=round(result.metrics["t_device_s"], 3),
+                                            local_acc=result.metrics.get("local_acc")))
+        if self.cfg.quantize:
+            self._requantize()
+        self._progress(a.round_id, "done", 3, 3)
+        self._client.publish(topics.device_status(self.cfg.device_id), self._status(), qos=1, retain=True)
+        self.state.write_modules({"phase": "round", "round_id": a.round_id})
+
+    # ------------------------------------------------------------ inference
+    def _requantize(self) -> None:
+        """Re-quantize the int8 inference model from the trained weights, then serve with it."""
+        t0 = time.perf_counter()
+        try:
+            blob = self.model.quantize_int8(self.x, max_samples=self.cfg.calibration_samples)
+        except Exception as exc:  # quantizer failure must not kill the device: keep the old model
+            log.error("int8 re-quantization failed %s", _kv(error=repr(exc)))
+            return
+        self.state.save_int8(blob)
+        self._serve_int8(blob)
+        self.int8_info["t_quantize_s"] = round(time.perf_counter() - t0, 3)
+
+    def _serve_int8(self, blob: bytes) -> None:
+        from device_firmware_py.runtime.quantize import TFLiteLogits
+
+        self.int8 = TFLiteLogits(blob, num_threads=self.cfg.num_threads)
+        n = min(len(self.y), 512)
+        acc = float(np.mean(self.int8(self.x[:n]).argmax(1) == self.y[:n])) if n else 0.0
+        self.int8_info = {"bytes": len(blob), "local_acc": round(acc, 4)}
+
+    def infer(self, x: np.ndarray) -> np.ndarray:
+        """Class predictions from the int8 model the device serves (float model until one exists)."""
+        logits = self.int8(x) if self.int8 is not None else self.model.logits(x)
+        return logits.argmax(1)
+
+
+def dump_json(obj: Any) -> str:
+    return json.dumps(obj, default=str)

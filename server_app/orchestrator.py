@@ -1,0 +1,425 @@
+"""RoundOrchestrator: runs KOALA rounds against real devices, resumable from the registry.
+
+It drives the engine's `Strategy` through `MqttFleet` with the engine's own `run_rounds` — the
+same loop the simulation uses — one round per call, so that a round below quorum fails cleanly
+(`QuorumNotMet`) and the next one starts. It contains no KD math and no MQTT code: it sequences,
+persists and announces.
+
+Every transition is written to the registry (`RegistryStore`) and announced as the retained
+`rounds/{n}/status` + `rounds/current`:
+    created -> collecting -> aggregating -> completed         (or -> failed: quorum / error)
+After a completed round the strategy's state (large model, global small weights, version) is
+saved atomically (tmp + os.replace) and registered as a model version; a restarted server loads
+the newest one and resumes an unfinished round (accepted results are kept on disk, so devices
+that already delivered are not asked again).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import logging
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_firmware_py.contract import codec, engine_map, topics
+from device_firmware_py.contract import messages as cm
+from device_firmware_py.contract.errors import ContractError
+from server_app.engine.rounds import run_rounds
+from server_app.engine.strategy import Strategy
+from server_app.engine.types import DeviceResult, RoundReport
+from server_app.registry import crud
+from server_app.registry.errors import InvalidTransition
+from server_app.transport.mqtt_fleet import MqttFleet, QuorumNotMet, RoundAborted
+
+log = logging.getLogger("koala.orchestrator")
+LARGE_ARCH = "large"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _utc(ts: float) -> dt.datetime:
+    return dt.datetime.fromtimestamp(ts, dt.timezone.utc)
+
+
+def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Flat JSON scalars (finite) for the DB round row and the RoundStatus message."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, (bool, str)) or v is None:
+            out[k] = v
+        elif isinstance(v, (int, float, np.integer, np.floating)):
+            f = float(v)
+            out[k] = (int(v) if isinstance(v, (int, np.integer)) else f) if np.isfinite(f) else None
+        elif isinstance(v, dict):  # e.g. global_small_test_acc {arch: acc}
+            out.update({f"{k}.{a}": float(b) for a, b in v.items() if isinstance(b, (int, float))})
+    return out
+
+
+# ------------------------------------------------------------------------------------- registry
+class RegistryStore:
+    """Round/assignment/submission persistence for MqttFleet and Ingestor, on registry crud.
+
+    Accepted result payloads are also kept as files (`submissions/r{n}/{device}.bin`, written
+    before the DB row says `accepted`), so a resumed round can rebuild its results.
+    """
+
+    def __init__(self, registry: Any, data_dir: str | Path):
+        self.reg = registry
+        self.data_dir = Path(data_dir)
+
+    def _blob(self, round_id: int, device_id: str) -> Path:
+        return self.data_dir / "submissions" / f"r{round_id}" / f"{device_id}.bin"
+
+    # -- rounds
+    def ensure_round(self, round_id: int, strategy: str, config: dict[str, Any], model_version: int) -> str:
+        """Create round n (state created) unless it exists; returns its state."""
+
+        def fn(s: Any) -> str:
+            r = s.get(crud.Round, round_id)
+            if r is None:
+                r = crud.create_round(s, strategy=strategy, config=config, round_id=round_id, model_version=model_version)
+            return r.state
+
+        return self.reg.run(fn)
+
+    def transition(self, round_id: int, state: str, **kw: Any) -> None:
+        try:
+            self.reg.run(crud.transition_round, round_id, state, **kw)
+        except InvalidTransition as exc:  # e.g. resumed round already past this state: keep going
+            log.warning("round transition refused round=%d state=%s error=%s", round_id, state, exc)
+
+    def round_state(self, round_id: int) -> str | None:
+        return self.reg.run(lambda s: getattr(s.get(crud.Round, round_id), "state", None))
+
+    def last_round(self) -> tuple[int, str] | None:
+        r = self.reg.run(crud.current_round)
+        return None if r is None else (int(r.id), str(r.state))
+
+    def counts(self, round_id: int) -> dict[str, int]:
+        return self.reg.run(crud.round_counts, round_id)
+
+    # -- RoundStore (fleet)
+    def assignments_sent(self, round_id: int, sent: dict[str, int], deadline: float) -> None:
+        def fn(s: Any) -> None:
+            for dev, nbytes in sent.items():
+                if s.get(crud.Device, dev) is None:
+                    crud.register_device(s, dev)
+                crud.create_assignment(s, round_id, dev, bytes_down=nbytes)
+            r = crud.get_round(s, round_id)
+            crud.transition_round(s, round_id, r.state, participants=sorted(set(r.participants or []) | set(sent)),
+                                  deadline=_utc(deadline))  # fmt: skip
+
+        self.reg.run(fn)
+
+    def accepted_results(self, round_id: int) -> dict[str, DeviceResult]:
+        rows = self.reg.run(crud.list_assignments, round_id=round_id, status="accepted", limit=crud.MAX_PAGE)
+        out: dict[str, DeviceResult] = {}
+        for a in rows:
+            p = self._blob(round_id, a.device_id)
+            try:
+                msg = codec.decode_frame(p.read_bytes(), cm.Result)
+            except (OSError, ContractError) as exc:
+                log.error("accepted result unreadable round=%d device=%s error=%s", round_id, a.device_id, exc)
+                continue
+            out[a.device_id] = engine_map.result_to_engine(msg)
+        return out
+
+    def close_collection(self, round_id: int, missing: list[str]) -> None:
+        n = self.reg.run(crud.mark_dropped, round_id, reason="deadline")
+        if n:
+            log.info("dropped round=%d devices=%d", round_id, n)
+
+    def collection_closed(self, round_id: int) -> bool:
+        return self.round_state(round_id) in ("aggregating", "distilling")
+
+    # -- IngestStore (ingest)
+    def submission(self, round_id: int, device_id: str) -> tuple[str, str | None] | None:
+        def fn(s: Any) -> tuple[str, str | None] | None:
+            a = crud._assignment(s, round_id, device_id)
+            return None if a is None else (a.status, a.digest)
+
+        return self.reg.run(fn)
+
+    def accept(self, round_id: int, device_id: str, payload: bytes, digest: str, metrics: dict[str, Any]) -> bool:
+        atomic_write(self._blob(round_id, device_id), payload)
+
+        def fn(s: Any) -> bool:
+            sub = crud.record_submission(s, round_id, device_id, digest=digest, bytes_up=len(payload), metrics=metrics)
+            if not sub.is_new:
+                return False
+            crud.decide_submission(s, round_id, device_id, "accepted")
+            return True
+
+        return self.reg.run(fn)
+
+    def mark(self, round_id: int, device_id: str, status: str, reason: str | None, nbytes: int, digest: str | None) -> None:
+        def fn(s: Any) -> None:
+            if status == "late" and digest is not None:
+                sub = crud.record_submission(s, round_id, device_id, digest=digest, bytes_up=nbytes, late=True)
+                if sub.is_new or sub.assignment.status == "dropped":
+                    crud.decide_submission(s, round_id, device_id, "late", reason=reason)
+            elif crud._assignment(s, round_id, device_id) is not None:
+                crud.decide_submission(s, round_id, device_id, status, reason=reason)
+
+        self.reg.run(fn)
+
+    def reject_event(self, device_id: str | None, round_id: int | None, reason: str, detail: str) -> None:
+        self.reg.run(lambda s: crud.record_event(s, "rejected", level="warning", device_id=device_id, round_id=round_id,
+                                                 detail={"reason": reason, "detail": detail[:2000]}))  # fmt: skip
+
+    def device_status(self, status: cm.DeviceStatus) -> None:
+        self.reg.run(crud.upsert_device_status_msg, status)
+
+    # -- models
+    def add_model(self, kind: str, arch: str, path: Path, version: int, round_id: int, metrics: dict[str, Any]) -> None:
+        data = path.read_bytes()
+        self.reg.run(crud.add_model_version, kind=kind, arch=arch, path=str(path), sha256=hashlib.sha256(data).hexdigest(),
+                     nbytes=len(data), round_id=round_id, metrics=metrics, version=version)  # fmt: skip
+
+    def latest_model(self, kind: str, arch: str) -> tuple[int, Path] | None:
+        mv = self.reg.run(crud.latest_model_version, kind, arch)
+        return None if mv is None else (int(mv.version), Path(mv.path))
+
+    def event(self, kind: str, **kw: Any) -> None:
+        self.reg.run(crud.record_event, kind, **kw)
+
+    def record_metrics(self, round_id: int, metrics: dict[str, Any]) -> None:
+        self.reg.run(crud.record_metrics, metrics, round_id=round_id)
+
+
+# ------------------------------------------------------------------------------ strategy state
+class StrategyCheckpoint:
+    """Saves/restores what a Strategy needs to continue: large model, global small weights, version."""
+
+    def __init__(self, models_dir: str | Path):
+        self.dir = Path(models_dir)
+
+    def save(self, strategy: Strategy, version: int) -> Path:
+        import torch
+
+        buf = io.BytesIO()
+        state = {
+            "version": version,
+            "large": None if strategy.large_model is None else strategy.large_model.state_dict(),
+            "small": {a: [np.asarray(w) for w in ws] for a, ws in strategy.global_small_weights().items()},
+        }
+        torch.save(state, buf)
+        path = self.dir / f"strategy_v{version:05d}.pt"
+        atomic_write(path, buf.getvalue())
+        return path
+
+    def load(self, strategy: Strategy, path: Path) -> int:
+        import torch
+
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if strategy.large_model is not None and state.get("large") is not None:
+            strategy.large_model.load_state_dict(state["large"])
+        small = state.get("small") or {}
+        if small:
+            if hasattr(strategy, "set_global_small_weights"):
+                strategy.set_global_small_weights(small)
+            elif hasattr(strategy, "_global"):  # KoalaStrategy keeps them here (no public setter yet)
+                strategy._global = {a: list(ws) for a, ws in small.items()}
+        if hasattr(strategy, "version"):
+            strategy.version = int(state["version"])
+        return int(state["version"])
+
+
+# -------------------------------------------------------------------------------- orchestrator
+class RoundOrchestrator:
+    """Runs `rounds` KOALA rounds in a background thread; `stop()` aborts the current round."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        fleet: MqttFleet,
+        store: RegistryStore,
+        publish: Callable[[str, bytes, int, bool], Any],
+        *,
+        rounds: int,
+        round_timeout_s: float,
+        models_dir: str | Path,
+        evaluate: Callable[[int], dict[str, Any]] | None = None,
+        min_devices: int = 1,
+        wait_devices_s: float = 60.0,
+        strategy_name: str | None = None,
+        config: dict[str, Any] | None = None,
+        on_report: Callable[[RoundReport], None] | None = None,
+    ):
+        self.strategy = strategy
+        self.fleet = fleet
+        self.store = store
+        self._publish = publish
+        self.rounds = rounds
+        self.round_timeout_s = round_timeout_s
+        self.checkpoint = StrategyCheckpoint(models_dir)
+        self._evaluate = evaluate
+        self.min_devices = min_devices
+        self.wait_devices_s = wait_devices_s
+        self.strategy_name = strategy_name or getattr(strategy, "name", "strategy")
+        self.config = dict(config or {})
+        self.on_report = on_report
+        self.model_version = 0
+        self.reports: list[RoundReport] = []
+        self.current_round: int | None = None
+        self.state = "idle"  # idle | waiting_devices | running | finished | stopped | crashed
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._round_t0 = 0.0
+        fleet._on_state = self._fleet_state  # the fleet reports collecting/aggregating through us
+
+    # ----------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._main, name="koala-orchestrator", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        self.fleet.abort()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until all rounds ran (or stop); True when the thread ended."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        return not self.alive
+
+    # ---------------------------------------------------------------- main
+    def resume_point(self) -> int:
+        """Load the newest saved strategy state; return the round to run next (unfinished first)."""
+        latest = self.store.latest_model("large", LARGE_ARCH)
+        if latest is not None:
+            self.model_version = self.checkpoint.load(self.strategy, latest[1])
+            log.info("strategy restored version=%d path=%s", self.model_version, latest[1])
+        last = self.store.last_round()
+        if last is None:
+            return 0
+        rid, state = last
+        if state in cm.TERMINAL_ROUND_STATES:
+            return rid + 1
+        log.info("resuming round=%d state=%s", rid, state)
+        return rid
+
+    def _main(self) -> None:
+        try:
+            n = self.resume_point()
+            while n < self.rounds and not self._stop.is_set():
+                if not self._wait_for_devices():
+                    break
+                self._one_round(n)
+                n += 1
+            self.state = "stopped" if self._stop.is_set() else "finished"
+            log.info("orchestrator done state=%s rounds=%d", self.state, len(self.reports))
+        except Exception:
+            self.state = "crashed"
+            log.exception("orchestrator crashed")
+
+    def _wait_for_devices(self) -> bool:
+        self.state = "waiting_devices"
+        t_end = time.monotonic() + self.wait_devices_s
+        while not self._stop.is_set():
+            n = len(self.fleet.devices())
+            if n >= self.min_devices or (n > 0 and time.monotonic() > t_end):
+                self.state = "running"
+                return True
+            self._stop.wait(0.2)
+        return False
+
+    def _one_round(self, n: int) -> None:
+        self.current_round = n
+        self._round_t0 = time.perf_counter()
+        state = self.store.ensure_round(n, self.strategy_name, self.config, self.model_version)
+        if state == "created":
+            self._announce(n, "created")
+        try:
+            reports = run_rounds(self.strategy, self.fleet, 1, evaluate=self._evaluate, progress=self._completed,
+                                 timeout_s=self.round_timeout_s, start_round=n)  # fmt: skip
+            self.reports.extend(reports)
+        except QuorumNotMet as exc:
+            self._fail(n, f"quorum not met: {exc.accepted} accepted < {exc.quorum}")
+        except RoundAborted:
+            log.info("round aborted by shutdown round=%d (resumed on restart)", n)
+        except Exception as exc:  # a failing round must not end the service
+            log.exception("round failed round=%d", n)
+            self._fail(n, f"{type(exc).__name__}: {exc}"[:1000])
+
+    # ------------------------------------------------------------ transitions
+    def _fleet_state(self, round_id: int, state: str, **info: Any) -> None:
+        kw: dict[str, Any] = {}
+        if "participants" in info:
+            kw["participants"] = info["participants"]
+        if "deadline" in info:
+            kw["deadline"] = _utc(info["deadline"])
+        self.store.transition(round_id, state, **kw)
+        self._announce(round_id, state, deadline=info.get("deadline"))
+
+    def _completed(self, report: RoundReport) -> None:
+        """run_rounds' progress hook: the round aggregated and evaluated -> persist, then announce."""
+        n = report.round_id
+        self.store.transition(n, "aggregating")
+        m = report.metrics
+        m.update(self.fleet.last_stats)
+        m["t_server_kd_s"] = m.get("t_aggregate_s", 0.0)
+        m["t_round_wall_s"] = time.perf_counter() - self._round_t0
+        version = int(getattr(self.strategy, "version", self.model_version + 1))
+        path = self.checkpoint.save(self.strategy, version)
+        flat = _scalars(m)
+        self.store.add_model("large", LARGE_ARCH, path, version, n, {k: flat[k] for k in flat if "acc" in k})
+        self.model_version = version
+        self.store.record_metrics(n, flat)
+        self.store.transition(n, "completed", metrics=flat)
+        self._announce(n, "completed", metrics=flat)
+        log.info("round completed round=%d version=%d large_acc=%s accepted=%s t_round_s=%.2f", n, version,
+                 flat.get("large_test_acc"), flat.get("accepted"), flat["t_round_wall_s"])
+        if self.on_report is not None:
+            self.on_report(report)
+
+    def _fail(self, n: int, error: str) -> None:
+        log.warning("round failed round=%d error=%s", n, error)
+        self.store.transition(n, "failed", error=error, metrics=_scalars(self.fleet.last_stats))
+        self._announce(n, "failed", error=error)
+
+    def _announce(self, n: int, state: str, *, metrics: dict[str, Any] | None = None, error: str | None = None,
+                  deadline: float | None = None) -> None:
+        """Retained rounds/{n}/status and rounds/current (what monitors and devices read)."""
+        try:
+            c = self.store.counts(n)
+            col = self.fleet.collection
+            msg = cm.RoundStatus(
+                round_id=n, state=state, strategy=self.strategy_name,
+                participants=sorted(col.participants) if col is not None and col.round_id == n else [],
+                received=c.get("received", 0), accepted=c.get("accepted", 0), rejected=c.get("rejected", 0),
+                deadline=deadline, metrics={k: v for k, v in (metrics or {}).items() if not isinstance(v, str)},
+                error=error,
+            )  # fmt: skip
+            payload = codec.encode_control(msg)
+            self._publish(topics.round_status(n), payload, 1, True)
+            self._publish(topics.rounds_current(), payload, 1, True)
+        except Exception:  # announcing is best effort; the DB row is the truth
+            log.exception("could not announce round=%d state=%s", n, state)
