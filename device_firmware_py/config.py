@@ -30,6 +30,7 @@ class DeviceConfig:
     proxy_path: str  # .npz with x [P,H,W,C] float32: the unlabeled proxy inputs (same as the server's)
     state_dir: str  # model weights, round state, int8 model: survives restarts
     arch: str = "cnn_small"
+    test_path: str = ""  # optional labeled .npz (x, y) the device reports its held-out accuracy on
     proxy_sha256: str = ""  # sha256 of the proxy file; checked on start when set
     broker_url: str = "mqtt://127.0.0.1:1883"  # mqtt://host:port or mqtts://host:port
     username: str = ""

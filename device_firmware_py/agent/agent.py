@@ -15,19 +15,20 @@ so a 20 s training step never starves keepalives and no state needs a lock.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import os
 import queue
+import sys
 import threading
 import time
 from typing import Any
 
 import numpy as np
 
-from device_firmware_py import mqtt as dmqtt
+from device_firmware_py.agent.link import MqttLink, Will
 from device_firmware_py.agent.state import PHASE_ASSIGNED, PHASE_DONE, AgentState, RoundState
-from device_firmware_py.agent.wire import assignment_from_wire, result_to_wire
+from device_firmware_py.agent.wire import assignment_from_wire, clean_metrics, result_to_wire
 from device_firmware_py.config import DeviceConfig, file_sha256
 from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
@@ -70,6 +71,10 @@ class DeviceAgent:
         with np.load(cfg.proxy_path, allow_pickle=False) as z:
             self.proxy_x = np.asarray(z["x"], np.float32)
         self.proxy_digest = cfg.proxy_sha256 or file_sha256(cfg.proxy_path)
+        self.test: tuple[np.ndarray, np.ndarray] | None = None
+        if cfg.test_path:
+            with np.load(cfg.test_path, allow_pickle=False) as z:
+                self.test = (np.asarray(z["x"], np.float32), np.asarray(z["y"], np.int64))
         shape = tuple(int(s) for s in (self.x.shape[1:] if self.x.ndim == 4 else (*self.x.shape[1:], 1)))
         self.model = SmallModel(f"{cfg.arch}_{format_input(shape)}", num_threads=cfg.num_threads)
         if self.state.model_path.is_file():
@@ -94,8 +99,8 @@ class DeviceAgent:
             "proxy_size": int(len(self.proxy_x)),
             "model_version": rs.model_version if rs else 0,
             "rounds_done": rs.rounds_done if rs else 0,
-            "pid": __import__("os").getpid(),
-            "torch_loaded": "torch" in __import__("sys").modules,
+            "pid": os.getpid(),
+            "torch_loaded": "torch" in sys.modules,
         }
         if self.int8_info:
             caps.update({f"int8_{k}": v for k, v in self.int8_info.items()})
@@ -110,8 +115,8 @@ class DeviceAgent:
     def connect(self) -> None:
         cfg = self.cfg
         offline = codec.encode_control(cm.DeviceStatus(device_id=cfg.device_id, state="offline"))
-        self._client = dmqtt.MqttClient(
-            client_id=cfg.mqtt_client_id,
+        self._client = MqttLink(
+            cfg.mqtt_client_id,
             host=cfg.host,
             port=cfg.port,
             username=cfg.username or None,
@@ -120,7 +125,7 @@ class DeviceAgent:
             tls=cfg.tls,
             keepalive=cfg.keepalive_s,
             clean_session=False,
-            will=dmqtt.Will(topics.device_status(cfg.device_id), offline, qos=1, retain=True),
+            will=Will(topics.device_status(cfg.device_id), offline, qos=1, retain=True),
             on_connect=lambda: self.events.put(("connected", None)),
         )
         self._client.subscribe(topics.device_assign(cfg.device_id), 1, lambda t, p: self.events.put(("assign", (t, p))))
@@ -224,7 +229,9 @@ class DeviceAgent:
         t0 = time.perf_counter()
         result = execute_assignment(self.model, self.x, self.y, self.proxy_x, a)
         result.metrics["t_device_s"] = time.perf_counter() - t0
-        result.metrics = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in result.metrics.items()}
+        if self.test is not None:  # held-out accuracy of the float model, for the operator's table
+            result.metrics["test_acc"] = self.model.evaluate(*self.test)
+        result.metrics = clean_metrics(result.metrics)
         frame = codec.encode_frame(result_to_wire(result, msg.model_version, self.proxy_digest))
         # Persist before publishing: a crash after this point re-publishes instead of retraining.
         self.model.save_state(self.state.model_path)
@@ -259,15 +266,11 @@ class DeviceAgent:
         from device_firmware_py.runtime.quantize import TFLiteLogits
 
         self.int8 = TFLiteLogits(blob, num_threads=self.cfg.num_threads)
-        n = min(len(self.y), 512)
-        acc = float(np.mean(self.int8(self.x[:n]).argmax(1) == self.y[:n])) if n else 0.0
-        self.int8_info = {"bytes": len(blob), "local_acc": round(acc, 4)}
+        x, y = self.test if self.test is not None else (self.x[:512], self.y[:512])
+        acc = float(np.mean(self.int8(x).argmax(1) == y)) if len(y) else 0.0
+        self.int8_info = {"bytes": len(blob), "test_acc" if self.test is not None else "local_acc": round(acc, 4)}
 
     def infer(self, x: np.ndarray) -> np.ndarray:
         """Class predictions from the int8 model the device serves (float model until one exists)."""
         logits = self.int8(x) if self.int8 is not None else self.model.logits(x)
         return logits.argmax(1)
-
-
-def dump_json(obj: Any) -> str:
-    return json.dumps(obj, default=str)

@@ -1,0 +1,1 @@
+"""`koala demo`: one command that runs a whole KOALA deployment on this machine (see launcher.py)."""
