@@ -1,0 +1,222 @@
+"""Registry CRUD and migrations on SQLite and on the real PostgreSQL (fixture `registry` runs both)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import threading
+
+import pytest
+from sqlalchemy import inspect
+
+from server_app.registry import (
+    InvalidTransition,
+    NotFound,
+    Registry,
+    RegistryUnavailable,
+    crud,
+    current_revision,
+    head_revision,
+    upgrade_to_head,
+    with_db_retry,
+)
+from server_app.registry.models import Base
+
+
+def test_migrations_create_the_model_schema(db_url):
+    assert current_revision(db_url) is None
+    assert upgrade_to_head(db_url) == head_revision() == "0001"
+    assert upgrade_to_head(db_url) == "0001"  # idempotent on restart
+    reg = Registry(db_url)
+    try:
+        insp = inspect(reg.engine)
+        tables = set(insp.get_table_names()) - {"alembic_version"}
+        assert tables == set(Base.metadata.tables)
+        for name, table in Base.metadata.tables.items():
+            assert {c["name"] for c in insp.get_columns(name)} == {c.name for c in table.columns}, name
+        uniques = {tuple(u["column_names"]) for u in insp.get_unique_constraints("assignments")}
+        assert ("round_id", "device_id") in uniques
+    finally:
+        reg.dispose()
+
+
+def test_migration_matches_models_no_autogenerate_diff(db_url):
+    """The hand-checked migration and the models must not drift (alembic compare_metadata)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    upgrade_to_head(db_url)
+    reg = Registry(db_url)
+    try:
+        with reg.engine.connect() as conn:
+            diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        assert diff == [], diff
+    finally:
+        reg.dispose()
+
+
+def test_sqlite_pragmas(tmp_path):
+    reg = Registry(f"sqlite:///{tmp_path / 'p.db'}")
+    with reg.engine.connect() as c:
+        assert c.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+        assert c.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
+    reg.dispose()
+
+
+def test_device_status_upsert_and_list(registry):
+    d = registry.run(crud.upsert_device_status, "dev-1", status="online", arch="cnn_small", input_shape=[28, 28, 1],
+                     num_samples=600, label_histogram=[60] * 10, capabilities={"train": True})
+    assert d.status == "online" and d.last_seen.tzinfo is not None and d.created.tzinfo is not None
+    registry.run(crud.upsert_device_status, "dev-1", status="offline")  # Last Will keeps the facts
+    registry.run(crud.upsert_device_status, "dev-2", status="online", arch="mlp_tiny")
+    with registry.session() as s:
+        d1 = crud.get_device(s, "dev-1")
+        assert (d1.status, d1.arch, d1.num_samples, d1.label_histogram) == ("offline", "cnn_small", 600, [60] * 10)
+        assert [d.id for d in crud.list_devices(s, status="online")] == ["dev-2"]
+        assert [d.id for d in crud.list_devices(s, limit=1, offset=1)] == ["dev-2"]
+        assert crud.count_devices(s) == 2
+    registry.run(crud.revoke_device, "dev-2")
+    with registry.session() as s:
+        assert [d.id for d in crud.list_devices(s)] == ["dev-1"]
+        assert len(crud.list_devices(s, include_revoked=True)) == 2
+        with pytest.raises(NotFound):
+            crud.get_device(s, "nope")
+
+
+def test_upsert_from_contract_message(registry):
+    from device_firmware_py.contract import DeviceStatus
+
+    msg = DeviceStatus("dev-9", "online", "cnn_small", [8, 8, 1], "litert-2.3", 10, [1, 9], {"x": 1}, ts=1.7e9)
+    d = registry.run(crud.upsert_device_status_msg, msg)
+    assert d.last_seen == dt.datetime.fromtimestamp(1.7e9, dt.timezone.utc)
+
+
+def test_round_state_machine(registry):
+    r = registry.run(crud.create_round, strategy="koala_hetero", config={"T": 1.0}, quorum=2, participants=["a", "b"])
+    assert r.state == "created" and r.id >= 1
+    registry.run(crud.transition_round, r.id, "collecting")
+    registry.run(crud.transition_round, r.id, "collecting")  # idempotent on resume
+    registry.run(crud.transition_round, r.id, "aggregating", metrics={"received": 2})
+    r2 = registry.run(crud.transition_round, r.id, "completed", metrics={"acc": 0.8})
+    assert r2.started is not None and r2.finished is not None and r2.metrics == {"received": 2, "acc": 0.8}
+    with pytest.raises(InvalidTransition):
+        registry.run(crud.transition_round, r.id, "collecting")
+    other = registry.run(crud.create_round, strategy="fedavg_small")
+    with registry.session() as s:
+        assert [x.id for x in crud.unfinished_rounds(s)] == [other.id]
+        assert crud.current_round(s).id == other.id
+        assert [x.id for x in crud.list_rounds(s, state="completed")] == [r.id]
+        assert crud.get_round(s, r.id).config == {"T": 1.0}
+
+
+def _round_with_devices(registry, n=2):
+    for i in range(n):
+        registry.run(crud.upsert_device_status, f"d{i}", status="online")
+    r = registry.run(crud.create_round, strategy="koala_homo", participants=[f"d{i}" for i in range(n)])
+
+    def assign(s):
+        for i in range(n):
+            crud.create_assignment(s, r.id, f"d{i}", bytes_down=1000)
+
+    registry.run(assign)
+    return r
+
+
+def test_submission_is_idempotent(registry):
+    r = _round_with_devices(registry)
+    first = registry.run(crud.record_submission, r.id, "d0", digest="a" * 64, bytes_up=500)
+    again = registry.run(crud.record_submission, r.id, "d0", digest="a" * 64, bytes_up=500)  # QoS 1 redelivery
+    other = registry.run(crud.record_submission, r.id, "d0", digest="b" * 64, bytes_up=500)
+    assert (first.outcome, again.outcome, other.outcome) == ("new", "duplicate", "conflict")
+    registry.run(crud.decide_submission, r.id, "d0", "accepted")
+    assert registry.run(crud.record_submission, r.id, "d0", digest="a" * 64, bytes_up=500).outcome == "duplicate"
+    with registry.session() as s:
+        c = crud.round_counts(s, r.id)
+        assert (c["accepted"], c["assigned"], c["received"]) == (1, 1, 1)
+        assert crud.mark_dropped(s, r.id) == 1
+        assert crud.get_assignment(s, r.id, "d1").status == "dropped"
+        assert [a.device_id for a in crud.list_assignments(s, round_id=r.id, status="accepted")] == ["d0"]
+
+
+@pytest.mark.parametrize("pre_assigned", [True, False])
+def test_concurrent_duplicate_submissions_count_once(registry, pre_assigned):
+    """Four server workers receive the same QoS 1 message at once: exactly one counts."""
+    registry.run(crud.upsert_device_status, "d0", status="online")
+    r = registry.run(crud.create_round, strategy="koala_homo")
+    if pre_assigned:
+        registry.run(crud.create_assignment, r.id, "d0")
+    outcomes: list[str] = []
+    barrier = threading.Barrier(4)
+
+    def worker():
+        barrier.wait()
+        outcomes.append(registry.run(crud.record_submission, r.id, "d0", digest="c" * 64, bytes_up=10).outcome)
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == ["duplicate", "duplicate", "duplicate", "new"]
+    with registry.session() as s:
+        assert len(crud.list_assignments(s, round_id=r.id)) == 1
+
+
+def test_rejections_are_recorded(registry):
+    r = _round_with_devices(registry)
+    registry.run(crud.record_submission, r.id, "d0", digest="a" * 64, bytes_up=10)
+    registry.run(crud.record_rejection, reason="nan_or_inf", device_id="d0", round_id=r.id, detail="proxy_logits holds NaN", bytes_up=10)
+    registry.run(crud.record_rejection, reason="bad_topic", device_id=None, detail="koala/v1/x", topic="koala/v1/x")
+    registry.run(crud.record_rejection, reason="unknown_device", device_id="ghost", round_id=999)  # no FK needed
+    with registry.session() as s:
+        assert crud.get_assignment(s, r.id, "d0").status == "rejected"
+        assert crud.get_assignment(s, r.id, "d0").reason == "nan_or_inf"
+        evs = crud.list_events(s, kind="rejected")
+        assert [e.detail["reason"] for e in evs] == ["unknown_device", "bad_topic", "nan_or_inf"]
+        assert [e.detail["reason"] for e in crud.list_events(s, device_id="d0")] == ["nan_or_inf"]
+        assert len(crud.list_events(s, kind="rejected", limit=1, offset=2)) == 1
+
+
+def test_model_versions_and_metrics(registry):
+    r = registry.run(crud.create_round, strategy="koala_homo")
+    v0 = registry.run(crud.add_model_version, kind="large", arch="vgg", path="/a/0.pt", sha256="0" * 64, nbytes=10)
+    v1 = registry.run(crud.add_model_version, kind="large", arch="vgg", path="/a/1.pt", sha256="1" * 64, nbytes=10, round_id=r.id, metrics={"acc": 0.7})
+    assert (v0.version, v1.version) == (0, 1)
+    registry.run(crud.record_metrics, {"acc": 0.7, "loss": 0.4, "bad": float("nan"), "name": "x"}, round_id=r.id)
+    with registry.session() as s:
+        assert crud.latest_model_version(s, "large", "vgg").path == "/a/1.pt"
+        assert len(crud.list_model_versions(s, kind="large")) == 2
+        assert {m.name for m in crud.list_metrics(s, round_id=r.id)} == {"acc", "loss"}
+
+
+def test_outage_raises_registry_unavailable_and_retry_gives_up():
+    reg = Registry("postgresql+psycopg://postgres@127.0.0.1:1/none")  # nothing listens on port 1
+    assert reg.ping() is False
+    with pytest.raises(RegistryUnavailable):
+        reg.run(crud.list_devices, retry=False)
+    sleeps: list[float] = []
+    with pytest.raises(RegistryUnavailable):
+        with_db_retry(lambda: reg.run(crud.list_devices, retry=False), attempts=3, sleep=sleeps.append)
+    assert sleeps == [0.2, 0.4]
+    reg.dispose()
+
+
+def test_retry_recovers_when_database_comes_back(tmp_path):
+    calls = {"n": 0}
+
+    def flaky():
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise RegistryUnavailable("down")
+        return "ok"
+
+    assert with_db_retry(flaky, sleep=lambda _s: None) == "ok" and calls["n"] == 3
+
+
+def test_koala_db_command(db_url, capsys):
+    from server_app.cli import main
+
+    assert main(["db", "current", "--database-url", db_url]) == 0
+    assert "none" in capsys.readouterr().out
+    assert main(["db", "upgrade", "--database-url", db_url]) == 0
+    assert main(["db", "current", "--database-url", db_url]) == 0
+    assert "0001 (head)" in capsys.readouterr().out
