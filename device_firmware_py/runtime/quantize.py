@@ -135,3 +135,22 @@ def compare(
         return diff, agree, None, None
     y = np.asarray(y)
     return diff, agree, float(np.mean(fa == y)), float(np.mean(ia == y))
+
+
+def int8_report(
+    model: Any, calibration_x: np.ndarray, x: np.ndarray, y: np.ndarray | None = None, max_samples: int = 256
+) -> tuple[QuantReport, bytes]:
+    """Quantize a SmallModel's current weights to int8 and measure it against the float model on x."""
+    q = model.quantize_int8(calibration_x, max_samples=max_samples)
+    diff, agree, acc_f, acc_q = compare(model.logits(x), TFLiteLogits(q)(x), y)
+    report = QuantReport(
+        float_accuracy=acc_f,
+        int8_accuracy=acc_q,
+        mean_abs_logit_diff=diff,
+        argmax_agreement=agree,
+        float_param_bytes=int(model.manifest.raw["float_bytes"]),
+        float_model_bytes=int(model.manifest.raw["inference"]["bytes"]),
+        int8_model_bytes=len(q),
+        calibration_samples=min(max_samples, len(calibration_x)),
+    )
+    return report, q
