@@ -143,7 +143,8 @@ class SmallModel:
         n = len(x)
         if n == 0:
             return np.zeros((0, self.num_classes), np.float32)
-        bs = min(batch, n) if self._logits_batch == 0 else self._logits_batch
+        # Grow the chunk size up to `batch` when needed (one re-allocation; variables survive it).
+        bs = max(self._logits_batch, min(batch, n))
         self._logits_batch = bs
         runner = self._runners["logits"]
         out = []

@@ -117,3 +117,15 @@ def test_small_dataset_wraps_to_one_full_batch():
     loss = m.train(x, np.arange(5), epochs=1)
     assert np.isfinite(loss)
     assert m.logits(x).shape == (5, 10)
+
+
+def test_logits_independent_of_chunking_after_training(trained, digits):
+    """Growing the logits batch re-allocates tensors; trained variables must survive it."""
+    m, _ = trained
+    _, _, xte, _ = digits
+    fresh = SmallModel(m.path)
+    fresh.set_weights(m.get_weights())
+    small = fresh.logits(xte[:3])
+    full = fresh.logits(xte, batch=128)
+    np.testing.assert_array_equal(small, full[:3])
+    np.testing.assert_allclose(full, m.logits(xte), rtol=1e-5, atol=1e-5)
