@@ -14,7 +14,9 @@ from typing import Any, Protocol
 from fastapi import APIRouter, FastAPI
 
 from server_app import __version__
-from server_app.api.routes import health
+from server_app.api.problems import install_problem_handlers
+from server_app.api.routes import health, prometheus
+from server_app.api.static import mount_dashboard
 
 
 class Services(Protocol):
@@ -59,7 +61,10 @@ def create_app(services: Services | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = services
+    install_problem_handlers(app)
     app.include_router(health.router)
+    app.include_router(prometheus.router)
     for router in _api_routers():
         app.include_router(router, prefix="/api/v1")
+    mount_dashboard(app)
     return app

@@ -1,0 +1,27 @@
+"""`GET /metrics`: Prometheus text exposition (mounted at the root, not under /api/v1).
+
+Open without a token, like most exporters: it carries counts and gauges, no device data. Put it
+behind the network's scrape ACL (or a reverse proxy) where that matters.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+
+from server_app import metrics
+from server_app.registry import RegistryUnavailable
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}}})  # fmt: skip
+def prometheus_metrics(request: Request) -> Response:
+    reg = getattr(getattr(request.app.state, "services", None), "registry", None)
+    if reg is not None:
+        try:
+            with reg.session() as s:
+                metrics.refresh_from_registry(s)
+        except RegistryUnavailable:
+            pass  # serve the process-side metrics anyway; the DB gauges keep their last values
+    return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)
