@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import needs_mosquitto, start_fleet
+from fleet_harness import needs_mosquitto, start_fleet
 from mqtt_probe import WAIT_S, Probe, Refused
 
 
