@@ -248,7 +248,13 @@ class StrategyCheckpoint:
 
 # -------------------------------------------------------------------------------- orchestrator
 class RoundOrchestrator:
-    """Runs `rounds` KOALA rounds in a background thread; `stop()` aborts the current round."""
+    """Runs KOALA rounds in a background thread.
+
+    Policy (`schedule_policy()`): `auto` runs rounds back to back until `rounds` have run, each once
+    `min_devices` are online (or any device after `wait_devices_s`). The API's RoundControl calls
+    (`start_round`, `stop_round`, `set_schedule_policy`) adjust it at run time. `stop()` (server
+    shutdown) interrupts a round without deciding it, so a restarted server resumes it.
+    """
 
     def __init__(
         self,
@@ -271,11 +277,11 @@ class RoundOrchestrator:
         self.fleet = fleet
         self.store = store
         self._publish = publish
-        self.rounds = rounds
+        self.policy: dict[str, Any] = {"auto": True, "rounds": int(rounds), "min_devices": int(min_devices),
+                                       "interval_s": 0.0}  # fmt: skip
         self.round_timeout_s = round_timeout_s
         self.checkpoint = StrategyCheckpoint(models_dir)
         self._evaluate = evaluate
-        self.min_devices = min_devices
         self.wait_devices_s = wait_devices_s
         self.strategy_name = strategy_name or getattr(strategy, "name", "strategy")
         self.config = dict(config or {})
@@ -284,6 +290,10 @@ class RoundOrchestrator:
         self.reports: list[RoundReport] = []
         self.current_round: int | None = None
         self.state = "idle"  # idle | waiting_devices | running | finished | stopped | crashed
+        self.next_round = 0
+        self._requested = 0  # operator-requested extra rounds
+        self._operator_abort: str | None = None
+        self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._round_t0 = 0.0
@@ -296,7 +306,8 @@ class RoundOrchestrator:
 
     def stop(self, timeout_s: float = 30.0) -> None:
         self._stop.set()
-        self.fleet.abort()
+        self._wake.set()
+        self.fleet.abort(shutdown=True)
         if self._thread is not None:
             self._thread.join(timeout_s)
 
@@ -304,11 +315,14 @@ class RoundOrchestrator:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def wait(self, timeout_s: float | None = None) -> bool:
-        """Block until all rounds ran (or stop); True when the thread ended."""
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        return not self.alive
+    def wait_finished(self, timeout_s: float | None = None) -> bool:
+        """Block until the automatic rounds ran (or the thread ended); True when finished."""
+        t_end = None if timeout_s is None else time.monotonic() + timeout_s
+        while self.alive and self.state != "finished":
+            if t_end is not None and time.monotonic() > t_end:
+                return False
+            time.sleep(0.2)
+        return self.state == "finished"
 
     # ---------------------------------------------------------------- main
     def resume_point(self) -> int:
@@ -329,23 +343,40 @@ class RoundOrchestrator:
     def _main(self) -> None:
         try:
             n = self.resume_point()
-            while n < self.rounds and not self._stop.is_set():
+            self.next_round = n
+            while not self._stop.is_set():
+                if not self._due():
+                    self._wake.wait(0.5)
+                    self._wake.clear()
+                    continue
                 if not self._wait_for_devices():
-                    break
-                self._one_round(n)
-                n += 1
-            self.state = "stopped" if self._stop.is_set() else "finished"
-            log.info("orchestrator done state=%s rounds=%d", self.state, len(self.reports))
+                    continue
+                self._requested = max(0, self._requested - 1)
+                self._one_round(self.next_round)
+                self.next_round += 1
+                if self.policy["interval_s"] > 0:
+                    self._stop.wait(self.policy["interval_s"])
+            self.state = "stopped"
+            log.info("orchestrator stopped rounds_run=%d", len(self.reports))
         except Exception:
             self.state = "crashed"
             log.exception("orchestrator crashed")
+
+    def _due(self) -> bool:
+        """Run a round now? Automatic policy: until `rounds` ran; plus any operator request."""
+        if self._requested > 0:
+            return True
+        if self.policy["auto"] and self.next_round < self.policy["rounds"]:
+            return True
+        self.state = "finished" if self.next_round >= self.policy["rounds"] else "idle"
+        return False
 
     def _wait_for_devices(self) -> bool:
         self.state = "waiting_devices"
         t_end = time.monotonic() + self.wait_devices_s
         while not self._stop.is_set():
             n = len(self.fleet.devices())
-            if n >= self.min_devices or (n > 0 and time.monotonic() > t_end):
+            if n >= self.policy["min_devices"] or (n > 0 and time.monotonic() > t_end):
                 self.state = "running"
                 return True
             self._stop.wait(0.2)
@@ -353,6 +384,7 @@ class RoundOrchestrator:
 
     def _one_round(self, n: int) -> None:
         self.current_round = n
+        self._operator_abort = None
         self._round_t0 = time.perf_counter()
         state = self.store.ensure_round(n, self.strategy_name, self.config, self.model_version)
         if state == "created":
@@ -364,10 +396,52 @@ class RoundOrchestrator:
         except QuorumNotMet as exc:
             self._fail(n, f"quorum not met: {exc.accepted} accepted < {exc.quorum}")
         except RoundAborted:
-            log.info("round aborted by shutdown round=%d (resumed on restart)", n)
+            if self._operator_abort is not None:
+                self.store.transition(n, "aborted", error=self._operator_abort)
+                self._announce(n, "aborted", error=self._operator_abort)
+            else:
+                log.info("round interrupted by shutdown round=%d (resumed on restart)", n)
         except Exception as exc:  # a failing round must not end the service
             log.exception("round failed round=%d", n)
             self._fail(n, f"{type(exc).__name__}: {exc}"[:1000])
+        finally:
+            self.current_round = None
+
+    # ------------------------------------------------------- RoundControl (API)
+    def start_round(self, **overrides: Any) -> int:
+        """Run one more round now (after the automatic ones); returns its id."""
+        if self.current_round is not None:
+            raise RuntimeError(f"round {self.current_round} is running")
+        if not self.fleet.devices():
+            raise RuntimeError("no device is online")
+        if overrides:
+            log.info("start_round overrides ignored: %s", sorted(overrides))
+        self._requested += 1
+        self._wake.set()
+        return self.next_round
+
+    def stop_round(self, round_id: int | None = None, reason: str = "stopped by operator") -> int:
+        n = self.current_round
+        if n is None or (round_id is not None and round_id != n):
+            raise RuntimeError("no such round is running")
+        self._operator_abort = reason
+        self.fleet.abort()
+        return n
+
+    def schedule_policy(self) -> dict[str, Any]:
+        return dict(self.policy)
+
+    def set_schedule_policy(self, policy: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(policy) - set(self.policy)
+        if unknown:
+            raise ValueError(f"unknown policy keys {sorted(unknown)}; known: {sorted(self.policy)}")
+        self.policy.update(policy)
+        self._wake.set()
+        return dict(self.policy)
+
+    def status(self) -> dict[str, Any]:
+        return {"state": self.state, "current_round": self.current_round, "next_round": self.next_round,
+                "model_version": self.model_version, "rounds_run": len(self.reports), **self.policy}  # fmt: skip
 
     # ------------------------------------------------------------ transitions
     def _fleet_state(self, round_id: int, state: str, **info: Any) -> None:

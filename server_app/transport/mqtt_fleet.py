@@ -126,6 +126,7 @@ class MqttFleet:
         self._lock = threading.Lock()
         self._collection: Collection | None = None
         self._abort = threading.Event()
+        self._shutdown = False
         self.last_stats: dict[str, Any] = {}
 
     # ----------------------------------------------------------- Fleet API
@@ -138,8 +139,9 @@ class MqttFleet:
         with self._lock:
             return self._collection
 
-    def abort(self) -> None:
-        """Wake a waiting run_round and make it raise RoundAborted (server shutdown)."""
+    def abort(self, shutdown: bool = False) -> None:
+        """Wake a waiting run_round and make it raise RoundAborted (operator stop, or shutdown: for good)."""
+        self._shutdown = self._shutdown or shutdown
         self._abort.set()
         c = self.collection
         if c is not None:
@@ -154,6 +156,8 @@ class MqttFleet:
     def run_round(self, assignments: list[Assignment], quorum: int, timeout_s: float | None) -> list[DeviceResult]:
         if not assignments:
             raise QuorumNotMet(-1, 0, max(quorum, 1))
+        if not self._shutdown:
+            self._abort.clear()
         round_id = assignments[0].round_id
         timeout = float(timeout_s if timeout_s is not None else self.default_timeout_s)
         deadline = time.time() + timeout

@@ -1,0 +1,314 @@
+"""The demo launcher: broker + registry + server + N device processes + R real KOALA rounds.
+
+`DemoRun` is also the end-to-end test harness (tests/e2e), so what the README's main command
+runs is exactly what CI checks. Steps:
+  1. write the fleet's files (proxy set, test set, one private Dirichlet partition per device);
+  2. start the broker: a private Mosquitto (or amqtt) on a free loopback port, or use a URL;
+  3. start the server in this process: ServerServices (registry migrations, MQTT, ingestion,
+     orchestrator) inside the FastAPI app, served by uvicorn on a free loopback port;
+  4. start every device agent as its own OS process (`koala-device run --config ...`);
+  5. wait for the rounds, then build the result table and the accuracy plot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("koala.demo")
+
+
+@dataclass
+class DemoConfig:
+    run_dir: str = "demo_run"
+    dataset: str = "fashion-mnist"
+    devices: int = 5
+    rounds: int = 5
+    mode: str = "homo"  # homo: cnn_small everywhere (FedAvg-small then KD, the paper); hetero: 3 archs, logits
+    alpha: float | None = 0.5
+    proxy_size: int = 1000
+    train_size: int | None = 10000
+    test_size: int | None = 2000
+    broker: str = "embedded"  # embedded | mosquitto | amqtt | mqtt://host:port
+    db: str | None = None  # default: SQLite in run_dir
+    round_timeout_s: float = 180.0
+    quorum_fraction: float = 0.5
+    http_port: int = 0  # 0: a free port
+    seed: int = 0
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    large: dict[str, Any] = field(default_factory=dict)
+    torch_threads: int = 2
+    device_env: dict[str, str] = field(default_factory=dict)
+    quiet_devices: bool = True
+
+
+def _vm_hwm_kib(pid: int) -> int | None:
+    """Peak resident set (VmHWM) of a live process, from /proc."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class DemoRun:
+    """start() -> wait() -> results() -> stop(); or use as a context manager."""
+
+    def __init__(self, cfg: DemoConfig):
+        self.cfg = cfg
+        self.run_dir = Path(cfg.run_dir).resolve()
+        self.broker: Any = None
+        self.broker_url = ""
+        self.services: Any = None
+        self.server: Any = None
+        self.http_port = 0
+        self.agents: dict[str, subprocess.Popen] = {}
+        self.layout: Any = None
+        self.t_start = 0.0
+        self.rss_kib: dict[str, int | None] = {}
+
+    # ----------------------------------------------------------------- start
+    def start(self) -> DemoRun:
+        self.t_start = time.perf_counter()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._start_broker()
+        self._write_fleet()
+        self._start_server()
+        self._start_agents()
+        return self
+
+    def _start_broker(self) -> None:
+        b = self.cfg.broker
+        if b.startswith(("mqtt://", "tcp://")):
+            self.broker_url = b
+            return
+        from server_app.transport.broker import make_embedded_broker
+
+        prefer = "amqtt" if b == "amqtt" else "mosquitto"
+        kw = {"workdir": self.run_dir / "broker"} if prefer == "mosquitto" else {}
+        self.broker = make_embedded_broker(prefer, **kw).start()
+        self.broker_url = self.broker.url
+        log.info("broker started kind=%s url=%s", self.broker.name, self.broker_url)
+
+    def _write_fleet(self) -> None:
+        from server_app.demo.fleet_data import prepare_fleet
+
+        c = self.cfg
+        archs = ["cnn_small"] if c.mode == "homo" else ["cnn_small", "mlp_tiny", "mobilenet_tiny"]
+        if c.mode == "hetero" and c.dataset == "digits":
+            archs = ["cnn_small", "mlp_tiny"]  # mobilenet_tiny has no 8x8 artifact
+        self.layout = prepare_fleet(
+            self.run_dir, dataset=c.dataset, devices=c.devices, alpha=c.alpha, proxy_size=c.proxy_size,
+            train_size=c.train_size, test_size=c.test_size, archs=archs, seed=c.seed, broker_url=self.broker_url,
+        )  # fmt: skip
+
+    def _start_server(self) -> None:
+        import uvicorn
+
+        from server_app.api.app import create_app
+        from server_app.services import ServerOptions, ServerServices
+        from server_app.transport.broker import free_port
+
+        c = self.cfg
+        host, port = _host_port(self.broker_url)
+        strategy = "koala_homo" if c.mode == "homo" else "koala_hetero"
+        opts = ServerOptions(
+            db_url=c.db or f"sqlite:///{self.run_dir / 'koala.db'}", data_dir=str(self.run_dir / "server"),
+            proxy_path=self.layout.proxy_path, test_path=self.layout.test_path, broker_host=host, broker_port=port,
+            shared_subscriptions=None if self.broker is None else self.broker.features.shared_subscriptions,
+            strategy=strategy, strategy_options=dict(c.strategy_options), large=dict(c.large), rounds=c.rounds,
+            round_timeout_s=c.round_timeout_s, min_devices=c.devices, wait_devices_s=60.0,
+            quorum_fraction=c.quorum_fraction, seed=c.seed, torch_threads=c.torch_threads,
+        )  # fmt: skip
+        self.services = ServerServices(opts)
+        app = create_app(self.services)
+        self.http_port = c.http_port or free_port()
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.http_port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self._server_thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self._server_thread.start()
+        t_end = time.monotonic() + 60
+        while not (self.server.started and self.services.started):
+            if not self._server_thread.is_alive() or time.monotonic() > t_end:
+                raise RuntimeError("server did not start (see the log above)")
+            time.sleep(0.05)
+        log.info("server up api=http://127.0.0.1:%d shared_subscriptions=%s", self.http_port, self.services.shared)
+
+    def _start_agents(self) -> None:
+        logs = self.run_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **self.cfg.device_env}
+        for d in self.layout.devices:
+            self.start_agent(d["device_id"], env=env, log_path=logs / f"{d['device_id']}.log")
+
+    def start_agent(self, device_id: str, env: dict[str, str] | None = None, log_path: Path | None = None) -> subprocess.Popen:
+        cfg_path = next(d["config_path"] for d in self.layout.devices if d["device_id"] == device_id)
+        log_path = log_path or self.run_dir / "logs" / f"{device_id}.log"
+        out = open(log_path, "ab")  # noqa: SIM115 - handed to the child process
+        p = subprocess.Popen([sys.executable, "-m", "device_firmware_py.cli", "run", "--config", cfg_path],
+                             stdout=out, stderr=subprocess.STDOUT, env=env or {**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+        out.close()
+        self.agents[device_id] = p
+        return p
+
+    def stop_agent(self, device_id: str, sig: int = signal.SIGTERM) -> None:
+        p = self.agents.get(device_id)
+        if p is not None and p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    # ------------------------------------------------------------------ wait
+    def wait(self, timeout_s: float | None = None, progress: bool = True) -> bool:
+        """Until the orchestrator ran every round; prints one line per round state change."""
+        orch = self.services.orchestrator
+        t_end = None if timeout_s is None else time.monotonic() + timeout_s
+        seen: dict[int, str] = {}
+        while orch.alive and orch.state != "finished":
+            if t_end is not None and time.monotonic() > t_end:
+                return False
+            if progress:
+                self._progress_line(seen)
+            for dev, p in self.agents.items():
+                if p.poll() is not None and p.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
+                    log.warning("agent exited device=%s code=%s", dev, p.returncode)
+            time.sleep(0.25)
+        if progress:
+            self._progress_line(seen)
+        self.rss_kib = {"server": _vm_hwm_kib(os.getpid())}
+        self.rss_kib.update({dev: _vm_hwm_kib(p.pid) for dev, p in self.agents.items() if p.poll() is None})
+        return orch.state == "finished"
+
+    def _progress_line(self, seen: dict[int, str]) -> None:
+        from server_app.registry import crud
+
+        rows = self.services.registry.run(crud.list_rounds, limit=3)
+        for r in sorted(rows, key=lambda r: r.id):
+            counts = self.services.registry.run(crud.round_counts, r.id)
+            key = f"{r.state}:{counts['received']}:{counts['accepted']}"
+            if seen.get(r.id) == key:
+                continue
+            seen[r.id] = key
+            acc = (r.metrics or {}).get("large_test_acc")
+            print(f"round {r.id:>3}  {r.state:<11} participants={len(r.participants or []):>3} "
+                  f"received={counts['received']:>3} accepted={counts['accepted']:>3}"
+                  + (f"  large_acc={acc:.4f}" if isinstance(acc, float) else "")
+                  + (f"  error={r.error}" if r.error else ""), flush=True)  # fmt: skip
+
+    # --------------------------------------------------------------- results
+    def results(self) -> dict[str, Any]:
+        """Per-round table (from the orchestrator's reports) + totals, written to results.json."""
+        rows = []
+        for rep in self.services.orchestrator.reports:
+            m = rep.metrics
+            small = [dm.get("test_acc") for dm in rep.device_metrics.values() if isinstance(dm.get("test_acc"), float)]
+            rows.append({
+                "round": rep.round_id, "large_test_acc": m.get("large_test_acc"),
+                "small_test_acc_mean": sum(small) / len(small) if small else None,
+                "accepted": m.get("accepted"), "participants": m.get("participants"),
+                "bytes_assign_msg": m.get("bytes_assign_msg"), "bytes_result_msg": m.get("bytes_result_msg"),
+                "bytes_down_total": m.get("bytes_down_total"), "bytes_up_total": m.get("bytes_up_total"),
+                "t_device_compute_s": m.get("t_device_compute_max_s"), "t_transfer_s": m.get("t_transfer_mean_s"),
+                "t_collect_s": m.get("t_collect_s"), "t_server_kd_s": m.get("t_aggregate_s"),
+                "t_configure_s": m.get("t_configure_s"), "t_round_s": m.get("t_round_wall_s"),
+            })  # fmt: skip
+        out = {
+            "config": {k: v for k, v in self.cfg.__dict__.items()},
+            "broker": getattr(self.broker, "name", self.broker_url), "shared_subscriptions": self.services.shared,
+            "api": f"http://127.0.0.1:{self.http_port}", "rounds": rows,
+            "peak_rss_kib": self.rss_kib, "wall_s": time.perf_counter() - self.t_start,
+        }  # fmt: skip
+        (self.run_dir / "results.json").write_text(json.dumps(out, indent=1, default=str))
+        return out
+
+    def plot(self, results: dict[str, Any]) -> Path | None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            return None
+        rows = results["rounds"]
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.plot([r["round"] for r in rows], [r["large_test_acc"] for r in rows], "o-", label="large model (server)")
+        xs = [r["round"] for r in rows if r["small_test_acc_mean"] is not None]
+        ax.plot(xs, [r["small_test_acc_mean"] for r in rows if r["small_test_acc_mean"] is not None], "s--",
+                label="small models (mean, on device)")  # fmt: skip
+        ax.set_xlabel("round")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(f"KOALA over MQTT: {self.cfg.dataset}, {self.cfg.devices} devices, {self.cfg.mode}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        path = self.run_dir / "accuracy.png"
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    # ------------------------------------------------------------------ stop
+    def stop(self) -> None:
+        for dev in list(self.agents):
+            p = self.agents[dev]
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.agents.values():
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        if self.server is not None:
+            self.server.should_exit = True
+            self._server_thread.join(30)
+            self.server = None
+        if self.broker is not None:
+            self.broker.stop()
+            self.broker = None
+
+    def __enter__(self) -> DemoRun:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    return u.hostname or "127.0.0.1", u.port or 1883
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """The result table printed at the end of `koala demo`."""
+    head = (f"{'round':>5} {'large acc':>9} {'small acc':>9} {'ok':>4} {'assign B':>9} {'result B':>9} "
+            f"{'down kB':>8} {'up kB':>8} {'device s':>8} {'xfer s':>7} {'KD s':>6} {'round s':>7}")  # fmt: skip
+    lines = [head, "-" * len(head)]
+
+    def f(v: Any, fmt: str) -> str:
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
+    for r in results["rounds"]:
+        lines.append(
+            f"{r['round']:>5} {f(r['large_test_acc'], '9.4f')} {f(r['small_test_acc_mean'], '9.4f')} "
+            f"{f(r['accepted'], '4d')} {f(r['bytes_assign_msg'], '9.0f')} {f(r['bytes_result_msg'], '9.0f')} "
+            f"{f((r['bytes_down_total'] or 0) / 1e3, '8.1f')} {f((r['bytes_up_total'] or 0) / 1e3, '8.1f')} "
+            f"{f(r['t_device_compute_s'], '8.2f')} {f(r['t_transfer_s'], '7.3f')} {f(r['t_server_kd_s'], '6.2f')} "
+            f"{f(r['t_round_s'], '7.2f')}"
+        )
+    return "\n".join(lines)

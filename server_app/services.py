@@ -1,0 +1,257 @@
+"""ServerServices: the server's runtime parts in one container, started/stopped by the app lifespan.
+
+Holds: the registry (Alembic-migrated on start), the MQTT link (server Last Will on
+`server/status`), the device presence tracker, the Ingestor (validated results/status/progress),
+the MqttFleet and the RoundOrchestrator (background thread). Nothing here is global: tests and the
+demo build one around their own database and broker.
+
+Subscriptions: device status and progress are plain subscriptions (retained status must reach
+this server; brokers never deliver retained messages to shared subscriptions); results go through
+a shared subscription `$share/koala-server/...` when the broker supports it, so several server
+workers can split ingestion (a probe at start decides; amqtt has no $share).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from device_firmware_py.agent.link import MqttLink, Will
+from device_firmware_py.contract import codec, topics
+from device_firmware_py.contract import messages as cm
+
+log = logging.getLogger("koala.services")
+SHARE_GROUP = "koala-server"
+
+
+@dataclass
+class ServerOptions:
+    """What the services need, taken from `server_app.config.Settings` by `from_settings`."""
+
+    db_url: str
+    data_dir: str
+    proxy_path: str  # .npz x: the unlabeled proxy inputs (the same file the devices hold)
+    test_path: str  # .npz x, y: the server's held-out test set
+    broker_host: str = "127.0.0.1"
+    broker_port: int = 1883
+    broker_username: str | None = None
+    broker_password: str | None = None
+    broker_tls: bool = False
+    broker_ca_file: str | None = None
+    client_id: str = ""
+    shared_subscriptions: bool | None = None  # None: probe the broker
+    strategy: str = "koala_homo"  # koala_homo | koala_hetero
+    strategy_options: dict[str, Any] = field(default_factory=dict)
+    large: dict[str, Any] = field(default_factory=dict)  # LargeCNN kwargs
+    rounds: int = 10
+    round_timeout_s: float = 120.0
+    min_devices: int = 1
+    wait_devices_s: float = 60.0
+    quorum_fraction: float | None = 0.5
+    eval_samples: int | None = None
+    seed: int = 0
+    torch_threads: int = 2
+    start_orchestrator: bool = True
+
+
+def _get(obj: Any, *names: str, default: Any = None) -> Any:
+    for n in names:
+        v = getattr(obj, n, None)
+        if v is not None:
+            return v
+    return default
+
+
+class ServerServices:
+    """Start with `start()` (blocking until MQTT is connected), stop with `stop()`."""
+
+    def __init__(self, options: ServerOptions, settings: Any = None):
+        self.options = options
+        self.settings = settings
+        self.registry: Any = None
+        self.link: MqttLink | None = None
+        self.presence: Any = None
+        self.ingestor: Any = None
+        self.fleet: Any = None
+        self.orchestrator: Any = None
+        self.store: Any = None
+        self.shared: bool = False
+        self.started = False
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> ServerServices:
+        """Map `server_app.config.Settings` onto ServerOptions (the one config of the server)."""
+        from urllib.parse import urlparse
+
+        url = str(_get(settings, "broker_url", "mqtt_url", default="mqtt://127.0.0.1:1883"))
+        u = urlparse(url)
+        data_dir = str(_get(settings, "data_dir", default="koala_data"))
+        opts = ServerOptions(
+            db_url=str(_get(settings, "db_url", "database_url", default=f"sqlite:///{data_dir}/koala.db")),
+            data_dir=data_dir,
+            proxy_path=str(_get(settings, "proxy_path", default=f"{data_dir}/proxy.npz")),
+            test_path=str(_get(settings, "test_path", default=f"{data_dir}/test.npz")),
+            broker_host=u.hostname or "127.0.0.1",
+            broker_port=u.port or (8883 if u.scheme == "mqtts" else 1883),
+            broker_username=_get(settings, "mqtt_username", "broker_username"),
+            broker_password=_secret(_get(settings, "mqtt_password", "broker_password")),
+            broker_tls=u.scheme == "mqtts",
+            broker_ca_file=_get(settings, "mqtt_ca_file", "broker_ca_file"),
+            shared_subscriptions=_get(settings, "shared_subscriptions"),
+            strategy=str(_get(settings, "strategy", default="koala_homo")),
+            strategy_options=dict(_get(settings, "strategy_options", default={}) or {}),
+            rounds=int(_get(settings, "rounds", default=10)),
+            round_timeout_s=float(_get(settings, "round_timeout_s", "round_deadline_s", default=120.0)),
+            min_devices=int(_get(settings, "min_devices", default=1)),
+            quorum_fraction=_get(settings, "quorum_fraction", default=0.5),
+            seed=int(_get(settings, "seed", default=0)),
+            torch_threads=int(_get(settings, "torch_threads", default=2)),
+        )
+        return cls(opts, settings)
+
+    # ------------------------------------------------------------------ start
+    def start(self) -> None:
+        from server_app.ingest import Ingestor, Presence
+        from server_app.orchestrator import RegistryStore
+        from server_app.registry import Registry
+
+        o = self.options
+        Path(o.data_dir).mkdir(parents=True, exist_ok=True)
+        self.registry = Registry(o.db_url)
+        rev = self.registry.upgrade()
+        log.info("registry migrated url=%s revision=%s", _redact(o.db_url), rev)
+        self.store = RegistryStore(self.registry, o.data_dir)
+        self.presence = Presence()
+        self.ingestor = Ingestor(self.store, self.presence, lambda: self.fleet.collection if self.fleet else None)
+        offline = codec.encode_control(cm.ServerStatus(state="offline"))
+        self.link = MqttLink(
+            o.client_id or f"koala-server-{os.getpid()}-{secrets.token_hex(3)}", o.broker_host, o.broker_port,
+            username=o.broker_username, password=o.broker_password, tls=o.broker_tls, ca_file=o.broker_ca_file,
+            clean_session=True, will=Will(topics.server_status(), offline, 1, True),
+            on_connect=self._on_connect,
+        )  # fmt: skip
+        if not self.link.start(wait_s=15):
+            raise RuntimeError(f"MQTT broker {o.broker_host}:{o.broker_port} not reachable")
+        self.shared = o.shared_subscriptions if o.shared_subscriptions is not None else self._probe_shared()
+        results = topics.shared(SHARE_GROUP, topics.filter_results()) if self.shared else topics.filter_results()
+        self.link.subscribe(topics.filter_device_status(), 1, self.ingestor.on_status)
+        self.link.subscribe(topics.filter_progress(), 0, self.ingestor.on_progress)
+        self.link.subscribe(results, 1, self.ingestor.on_result)
+        log.info("ingestion subscribed results=%s shared=%s", results, self.shared)
+        self._build_round_machinery()
+        self.started = True
+        if o.start_orchestrator:
+            self.orchestrator.start()
+
+    def _on_connect(self) -> None:
+        if self.link is not None:
+            online = codec.encode_control(cm.ServerStatus(state="online", capabilities={"shared_subscriptions": self.shared}))
+            self.link.publish(topics.server_status(), online, 1, True)
+
+    def _probe_shared(self, timeout_s: float = 2.0) -> bool:
+        """Does the broker deliver `$share/...`? (amqtt: SUBACK ok, nothing delivered.)"""
+        assert self.link is not None
+        token = secrets.token_hex(4)
+        probe = f"{topics.PREFIX}/server/probe-{token}"
+        got = threading.Event()
+        self.link.subscribe(f"$share/koala-probe-{token}/{probe}", 1, lambda t, p: got.set())
+        time.sleep(0.2)
+        self.link.publish(probe, b"probe", 1, False)
+        ok = got.wait(timeout_s)
+        self.link.client.unsubscribe(f"$share/koala-probe-{token}/{probe}")
+        self.link._subs = [s for s in self.link._subs if token not in s[0]]
+        log.info("shared subscription probe supported=%s", ok)
+        return ok
+
+    def _build_round_machinery(self) -> None:
+        """Strategy (large model on the proxy set), evaluation on the test set, fleet, orchestrator."""
+        import torch
+
+        from device_firmware_py.runtime.manifest import format_input
+        from device_firmware_py.runtime.small_model import SmallModel
+        from server_app.engine.strategies import build_strategy
+        from server_app.models.large import accuracy, build_large
+        from server_app.orchestrator import RoundOrchestrator
+        from server_app.transport.mqtt_fleet import MqttFleet
+
+        o = self.options
+        torch.set_num_threads(o.torch_threads)
+        torch.manual_seed(o.seed)
+        with np.load(o.proxy_path, allow_pickle=False) as z:
+            proxy_x = np.asarray(z["x"], np.float32)
+        with np.load(o.test_path, allow_pickle=False) as z:
+            x_test, y_test = np.asarray(z["x"], np.float32), np.asarray(z["y"], np.int64)
+        shape = tuple(int(s) for s in proxy_x.shape[1:])
+        num_classes = int(max(int(y_test.max()) + 1, 10))
+        large = build_large(shape, num_classes, seed=o.seed, **o.large)
+        factory = lambda arch: SmallModel(f"{arch}_{format_input(shape)}", num_threads=1)  # noqa: E731
+        strategy = build_strategy(o.strategy, large=large, proxy_x=proxy_x, small_factory=factory,
+                                  seed=o.seed, **o.strategy_options)  # fmt: skip
+        from device_firmware_py.config import file_sha256
+
+        proxy_digest = file_sha256(o.proxy_path)
+        rng = np.random.default_rng(o.seed + 1)
+        sub = rng.permutation(len(y_test))[: o.eval_samples] if o.eval_samples else np.arange(len(y_test))
+
+        def evaluate(round_id: int) -> dict[str, Any]:
+            return {"large_test_acc": accuracy(strategy.large_model, x_test[sub], y_test[sub])}
+
+        self.fleet = MqttFleet(
+            self.link.publish, self.presence.online, self.store,
+            proxy_shape=(len(proxy_x), num_classes), proxy_digest=proxy_digest,
+            weight_shapes=lambda arch: [tuple(w.shape) for w in factory(arch).get_weights()],
+            default_timeout_s=o.round_timeout_s, quorum_fraction=o.quorum_fraction,
+        )  # fmt: skip
+        self.orchestrator = RoundOrchestrator(
+            strategy, self.fleet, self.store, self.link.publish, rounds=o.rounds, round_timeout_s=o.round_timeout_s,
+            models_dir=Path(o.data_dir) / "models", evaluate=evaluate, min_devices=o.min_devices,
+            wait_devices_s=o.wait_devices_s, strategy_name=o.strategy,
+            config={"strategy": o.strategy, "options": o.strategy_options, "proxy_sha256": proxy_digest,
+                    "proxy_size": len(proxy_x), "round_timeout_s": o.round_timeout_s},
+        )  # fmt: skip
+
+    # ------------------------------------------------------------------- stop
+    def stop(self) -> None:
+        with self._lock:
+            if self.orchestrator is not None:
+                self.orchestrator.stop()
+            if self.link is not None:
+                offline = codec.encode_control(cm.ServerStatus(state="offline"))
+                self.link.publish(topics.server_status(), offline, 1, True, wait_s=2.0)
+                self.link.stop()
+                self.link = None
+            if self.registry is not None:
+                self.registry.dispose()
+            self.started = False
+
+    def readiness(self) -> dict[str, bool]:
+        orch = self.orchestrator
+        return {
+            "database": bool(self.registry is not None and self.registry.ping()),
+            "mqtt": bool(self.link is not None and self.link.connected.is_set()),
+            "orchestrator": bool(orch is not None and (orch.alive or orch.state == "finished")),
+        }
+
+
+def _secret(v: Any) -> str | None:
+    if v is None:
+        return None
+    return v.get_secret_value() if hasattr(v, "get_secret_value") else str(v)
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:
+        return "<url>"
