@@ -1,0 +1,241 @@
+"""Reusable paho-mqtt 2.x client for devices and server: reconnect, persistent session, QoS 1, LWT.
+
+Why one wrapper for both sides: the reliability rules are the same everywhere and easy to get wrong
+with raw paho — a stable client id + clean_session=False so the broker queues QoS 1 messages while
+we are away; subscriptions re-sent on every (re)connect in case the broker lost the session; a Last
+Will so others learn we died; handler exceptions logged, never allowed to kill paho's network thread.
+MQTT 3.1.1 by default (amqtt speaks nothing else); MQTT 5 is optional and carries no meaning.
+Device-safe: stdlib + paho only.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+log = logging.getLogger("koala.mqtt")
+Handler = Callable[[str, bytes], None]
+SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5 only: how long the broker keeps our queued messages
+
+
+@dataclass(frozen=True)
+class Will:
+    """Last Will: published by the broker when we vanish without a clean disconnect."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """`mqtt://[user:pass@]host[:1883]` or `mqtts://host[:8883]` (TLS)."""
+    u = urlsplit(url)
+    if u.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ValueError(f"broker url {url!r}: scheme must be mqtt:// or mqtts://")
+    if not u.hostname:
+        raise ValueError(f"broker url {url!r} has no host")
+    tls = u.scheme in ("mqtts", "ssl")
+    return BrokerAddress(
+        host=u.hostname,
+        port=u.port or (8883 if tls else 1883),
+        tls=tls,
+        username=unquote(u.username) if u.username else None,
+        password=unquote(u.password) if u.password else None,
+    )
+
+
+def _strip_share(f: str) -> str:
+    """`$share/group/a/+/b` -> `a/+/b`: delivered topics never carry the share prefix."""
+    return f.split("/", 2)[2] if f.startswith("$share/") and f.count("/") >= 2 else f
+
+
+class MqttClient:
+    """Create, `subscribe(filter, qos, handler)`, `start()`, `publish(...)`, `stop()`.
+
+    Thread-safe: publish/subscribe may be called from any thread. Handlers run on paho's network
+    thread: keep them short (hand heavy work to a queue).
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        host: str = "127.0.0.1",
+        port: int = 1883,
+        *,
+        username: str | None = None,
+        password: str | None = None,
+        tls: bool = False,
+        ca_file: str | None = None,
+        cert_file: str | None = None,
+        key_file: str | None = None,
+        keepalive: int = 30,
+        clean_session: bool = False,
+        will: Will | None = None,
+        protocol: str | int = "3.1.1",
+        on_connect: Callable[[], None] | None = None,
+        reconnect_min_s: float = 0.2,
+        reconnect_max_s: float = 10.0,
+    ) -> None:
+        self.client_id = client_id
+        self.host, self.port = host, port
+        self.keepalive = keepalive
+        self.clean_session = clean_session
+        self.v5 = protocol in ("5", 5, mqtt.MQTTv5)
+        self._subs: dict[str, tuple[int, Handler]] = {}
+        self._lock = threading.Lock()
+        self._on_connect_cb = on_connect
+        self.connected = threading.Event()
+        self.connect_count = 0  # how many successful (re)connects: tests and metrics
+        self.last_error: str | None = None
+        proto = mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
+        if self.v5:  # v5 has clean_start/session expiry instead of clean_session
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto)
+        else:
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session, protocol=proto)
+        if username:
+            c.username_pw_set(username, password)
+        if tls or ca_file or cert_file:
+            c.tls_set(ca_certs=ca_file, certfile=cert_file, keyfile=key_file, cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if will is not None:
+            c.will_set(will.topic, will.payload, qos=will.qos, retain=will.retain)
+        c.reconnect_delay_set(min_delay=reconnect_min_s, max_delay=reconnect_max_s)  # type: ignore[arg-type]
+        c.max_inflight_messages_set(64)
+        c.max_queued_messages_set(0)  # unbounded: QoS 1 publishes made while offline go out after reconnect
+        c.on_connect = self._on_connect
+        c.on_disconnect = self._on_disconnect
+        c.on_message = self._on_message
+        c.enable_logger(logging.getLogger("koala.mqtt.paho"))
+        self.client = c
+
+    @classmethod
+    def from_url(cls, url: str, client_id: str, **kwargs: Any) -> MqttClient:
+        """Build from `mqtt://` / `mqtts://` URL; explicit username/password kwargs win over the URL's."""
+        a = parse_broker_url(url)
+        kwargs.setdefault("username", a.username)
+        kwargs.setdefault("password", a.password)
+        kwargs.setdefault("tls", a.tls)
+        return cls(client_id, a.host, a.port, **kwargs)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+    def start(self, wait_s: float | None = None) -> bool:
+        """Connect in the background (retrying until the broker is there); True if connected within wait_s."""
+        props = None
+        if self.v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 0 if self.clean_session else SESSION_EXPIRY_S
+            self.client.connect_async(self.host, self.port, keepalive=self.keepalive, clean_start=self.clean_session, properties=props)
+        else:
+            self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
+        self.client.loop_start()
+        return self.wait_connected(wait_s) if wait_s else self.connected.is_set()
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self.connected.wait(timeout)
+
+    def stop(self) -> None:
+        """Clean disconnect (no Last Will) and stop the network thread."""
+        try:
+            self.client.disconnect()
+        finally:
+            self.client.loop_stop()
+            self.connected.clear()
+
+    def __enter__(self) -> MqttClient:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- pub/sub --------------------------------------------------------------------------------
+    def subscribe(self, topic_filter: str, qos: int, handler: Handler) -> None:
+        """Register a handler; (re)subscribed on every connect. One handler per filter (last wins)."""
+        with self._lock:
+            self._subs[topic_filter] = (qos, handler)
+        if self.connected.is_set():
+            self.client.subscribe(topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        with self._lock:
+            self._subs.pop(topic_filter, None)
+        if self.connected.is_set():
+            self.client.unsubscribe(topic_filter)
+
+    def publish(
+        self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False, wait_s: float | None = None
+    ) -> bool:
+        """Queue a message; with wait_s, block until the broker acknowledged it (QoS 1) or time ran out.
+
+        Returns True when acknowledged (or queued, without wait_s). While disconnected, QoS 1
+        messages stay queued and are sent after the reconnect; waiting then returns False.
+        """
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            self.last_error = mqtt.error_string(info.rc)
+            log.warning("publish to %s failed: %s", topic, self.last_error)
+            return False
+        if not wait_s:
+            return True
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if info.is_published():
+                return True
+            time.sleep(0.005)
+        return info.is_published()
+
+    # ---- paho callbacks (network thread) ----------------------------------------------------------
+    def _on_connect(self, client: Any, _ud: Any, flags: Any, reason_code: Any, _props: Any = None) -> None:
+        if getattr(reason_code, "is_failure", False):
+            self.last_error = str(reason_code)
+            log.warning("mqtt connect refused %s:%d reason=%s", self.host, self.port, reason_code)
+            return
+        with self._lock:
+            subs = list(self._subs.items())
+        if subs:  # always re-send: the broker may have lost the session (restart without persistence)
+            client.subscribe([(f, q) for f, (q, _h) in subs])
+        self.connect_count += 1
+        self.connected.set()
+        log.info(
+            "mqtt connected %s:%d client=%s session_present=%s subs=%d",
+            self.host, self.port, self.client_id, getattr(flags, "session_present", None), len(subs),
+        )
+        if self._on_connect_cb is not None:
+            try:
+                self._on_connect_cb()
+            except Exception:
+                log.exception("on_connect callback failed")
+
+    def _on_disconnect(self, _c: Any, _ud: Any, _flags: Any, reason_code: Any, _props: Any = None) -> None:
+        self.connected.clear()
+        log.info("mqtt disconnected %s:%d reason=%s (paho reconnects)", self.host, self.port, reason_code)
+
+    def _on_message(self, _c: Any, _ud: Any, msg: Any) -> None:
+        with self._lock:
+            subs = list(self._subs.items())
+        payload = bytes(msg.payload)
+        for f, (_q, handler) in subs:
+            if mqtt.topic_matches_sub(_strip_share(f), msg.topic):
+                try:
+                    handler(msg.topic, payload)
+                except Exception:  # a handler bug must not kill the network thread
+                    log.exception("handler for %s failed on topic=%s", f, msg.topic)

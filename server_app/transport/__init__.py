@@ -1,0 +1,1 @@
+"""MQTT transport: embedded brokers (broker.py), the client wrapper (mqtt_client.py), MqttFleet."""
