@@ -1,0 +1,299 @@
+"""Server configuration: one pydantic-settings `Settings`, from a config file and `KOALA_*` env vars.
+
+Why one object: the CLI, the API, the orchestrator and tests get their settings injected from here,
+never from globals. Precedence (highest first): keyword arguments, environment (`KOALA_` prefix,
+nested with `__`, e.g. `KOALA_BROKER__URL`, `KOALA_POLICY__MIN_DEVICES`), the config file
+(`--config FILE` or `KOALA_CONFIG`; .toml, .yaml/.yml or .json), defaults.
+A bad value fails at load time with a `ConfigError` that names the field and where to set it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    JsonConfigSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+FUSION_RULES = ("mean", "weighted", "entropy", "class_aware", "group")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+_CONFIG_FILE: ContextVar[Path | None] = ContextVar("koala_config_file", default=None)
+
+
+class ConfigError(ValueError):
+    """Configuration is invalid; the message lists every bad field and how to set it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class BrokerSettings(_Section):
+    url: str = "mqtt://127.0.0.1:1883"
+    username: str | None = None
+    password: SecretStr | None = None
+    client_id: str = "koala-server"
+    keepalive: int = Field(30, ge=5, le=3600)
+    tls_ca: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    # `$share/{group}/...` for results/progress when several server workers split ingestion; None
+    # (default) = plain subscriptions, required on amqtt, which silently drops $share.
+    shared_group: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(v)
+        try:
+            port = u.port
+        except ValueError:
+            port = -1
+        if u.scheme not in ("mqtt", "mqtts") or not u.hostname or port == -1:
+            raise ValueError(f"must look like mqtt://host[:port] or mqtts://host[:port], got {v!r}")
+        return v
+
+    @field_validator("client_id", "shared_group")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        if v is not None and not _NAME.fullmatch(v):
+            raise ValueError(f"{v!r} must be 1-64 characters of [A-Za-z0-9_.-] (it goes into MQTT ids/topics)")
+        return v
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _proto(cls, v: Any) -> Any:
+        return {"311": "3.1.1", "3": "3.1.1", "v5": "5", "5.0": "5"}.get(str(v), str(v)) if v is not None else v
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> BrokerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key must be given together")
+        return self
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("mqtts://") or self.tls_ca is not None
+
+
+class DatabaseSettings(_Section):
+    url: str = "sqlite:///./koala.db"
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            backend = make_url(v).get_backend_name()
+        except ArgumentError:
+            raise ValueError(f"not a database URL: {v!r} (try sqlite:///./koala.db or postgresql+psycopg://user@host/db)") from None
+        if backend not in ("sqlite", "postgresql"):
+            raise ValueError(f"backend {backend!r} is not supported; use sqlite or postgresql")
+        return v
+
+
+class PathSettings(_Section):
+    data_dir: Path = Path("./koala_data")  # datasets, partitions, proxy/test sets
+    proxy_path: Path | None = None  # default: data_dir/proxy.npz
+    test_path: Path | None = None  # default: data_dir/test.npz
+    artifacts_dir: Path = Path("./koala_artifacts")  # large-model checkpoints, exported small models
+    run_dir: Path = Path("./runs")  # simulation / experiment outputs
+
+    @property
+    def proxy(self) -> Path:
+        return self.proxy_path or self.data_dir / "proxy.npz"
+
+    @property
+    def test(self) -> Path:
+        return self.test_path or self.data_dir / "test.npz"
+
+
+class RoundPolicy(_Section):
+    min_devices: int = Field(2, ge=1)
+    quorum_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    deadline_s: float = Field(120.0, gt=0.0)
+    rounds: int = Field(10, ge=1)
+    strategy: str = "koala_homo"
+    mode: Literal["homo", "hetero"] = "homo"
+    archs: list[str] = Field(default_factory=lambda: ["cnn_small"], min_length=1)
+    fusion: str = "weighted"
+    temperature: float = Field(1.0, gt=0.0, alias="T")
+    local_epochs: int = Field(1, ge=0)
+    kd_epochs: int = Field(1, ge=0)
+    lr: float = Field(1e-3, gt=0.0, le=10.0)
+    seed: int = 0
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
+
+    @field_validator("fusion")
+    @classmethod
+    def _fusion(cls, v: str) -> str:
+        if v not in FUSION_RULES:
+            raise ValueError(f"{v!r} is not one of {FUSION_RULES}")
+        return v
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", v):
+            raise ValueError(f"{v!r} is not a strategy name (e.g. koala_homo, koala_hetero, fedavg_small)")
+        return v
+
+    @model_validator(mode="after")
+    def _homo_one_arch(self) -> RoundPolicy:
+        if self.mode == "homo" and len(set(self.archs)) != 1:
+            raise ValueError(f"mode 'homo' needs exactly one arch, got {self.archs}")
+        return self
+
+
+class ApiSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    bearer_token: SecretStr | None = None
+    open_reads_localhost: bool = False  # GETs from 127.0.0.1/::1 need no token (dashboard on the box)
+
+
+class Settings(BaseSettings):
+    """The server's whole configuration (see module docstring for precedence)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="KOALA_", env_nested_delimiter="__", extra="forbid", validate_default=True, populate_by_name=True
+    )
+
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    paths: PathSettings = Field(default_factory=PathSettings)
+    policy: RoundPolicy = Field(default_factory=RoundPolicy)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    device: str = "cpu"  # torch device for the large model: cpu | cuda | cuda:N
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, _LegacyEnv(settings_cls)]
+        path = _CONFIG_FILE.get() or (Path(os.environ["KOALA_CONFIG"]) if os.environ.get("KOALA_CONFIG") else None)
+        if path is not None:
+            sources.append(_file_source(settings_cls, path))
+        return tuple(sources)
+
+    # Flat read-only aliases: the names other modules duck-type on (server_app.services, api.auth).
+    @property
+    def broker_url(self) -> str:
+        return self.broker.url
+
+    @property
+    def database_url(self) -> str:
+        return self.database.url
+
+    db_url = database_url
+
+    @property
+    def data_dir(self) -> str:
+        return str(self.paths.data_dir)
+
+    @property
+    def api_token(self) -> SecretStr | None:
+        return self.api.bearer_token
+
+    @property
+    def open_reads_localhost(self) -> bool:
+        return self.api.open_reads_localhost
+
+    def redacted(self) -> dict[str, Any]:
+        """For logs and `koala ... --print-config`: secrets shown as '**********'."""
+        return self.model_dump(mode="json", by_alias=False)
+
+
+class _LegacyEnv(PydanticBaseSettingsSource):
+    """`KOALA_DATABASE_URL` / `KOALA_BROKER_URL` (single underscore) as commonly written in deploy files."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if os.environ.get("KOALA_DATABASE_URL") and not os.environ.get("KOALA_DATABASE__URL"):
+            out["database"] = {"url": os.environ["KOALA_DATABASE_URL"]}
+        if os.environ.get("KOALA_BROKER_URL") and not os.environ.get("KOALA_BROKER__URL"):
+            out["broker"] = {"url": os.environ["KOALA_BROKER_URL"]}
+        return out
+
+
+def _file_source(settings_cls: type[BaseSettings], path: Path) -> PydanticBaseSettingsSource:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (given by --config or KOALA_CONFIG)")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        return TomlConfigSettingsSource(settings_cls, toml_file=path)
+    if suffix in (".yaml", ".yml"):
+        return YamlConfigSettingsSource(settings_cls, yaml_file=path)
+    if suffix == ".json":
+        return JsonConfigSettingsSource(settings_cls, json_file=path)
+    raise ConfigError(f"config file {path}: unknown format {suffix!r}; use .toml, .yaml/.yml or .json")
+
+
+def _env_name(loc: tuple[Any, ...]) -> str:
+    return "KOALA_" + "__".join(str(p).upper() for p in loc if not isinstance(p, int))
+
+
+def format_validation_error(err: ValidationError, path: Path | None) -> str:
+    lines = [f"invalid KOALA configuration{f' (file {path})' if path else ''}:"]
+    for e in err.errors():
+        loc = tuple(e.get("loc", ()))
+        dotted = ".".join(str(p) for p in loc) or "(root)"
+        msg = e.get("msg", "invalid")
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown setting (typo?)"
+        lines.append(f"  {dotted}: {msg}  [env {_env_name(loc)}]")
+    return "\n".join(lines)
+
+
+def load_settings(config: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build Settings from `config` (else KOALA_CONFIG), env and overrides; ConfigError on bad input."""
+    path = Path(config) if config else (Path(os.environ["KOALA_CONFIG"]) if os.environ.get("KOALA_CONFIG") else None)
+    token = _CONFIG_FILE.set(path)
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, path)) from None
+    except (OSError, ValueError) as err:  # unreadable / unparsable file
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"cannot read config file {path}: {err}") from None
+    finally:
+        _CONFIG_FILE.reset(token)
