@@ -1,0 +1,251 @@
+"""Ingestion: result submissions/s accepted, validated and persisted by the server vs the raw broker.
+
+Same Mosquitto, same publisher process, same payloads, same (shared) subscription filter:
+  raw       a paho subscriber that only counts what the broker delivers (no server);
+  sqlite    the server's path: MqttLink -> Ingestor.on_result (contract decode, digest, round /
+            participant / shape checks) -> RegistryStore.accept (blob file + fsync, submission row)
+            -> Collection, on a SQLite registry;
+  postgres  the same on a fresh PostgreSQL database at 127.0.0.1:5432.
+The raw baseline runs before and after the server paths; its mean is the denominator, and the
+spread between the two raw runs says how much the machine's load moved during the benchmark.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+
+from bench.common import pg_database, python_child, ratio, table, write_result
+from device_firmware_py.contract import topics
+
+NAME = "ingestion"
+
+
+class Publisher:
+    """`bench.swarm publish` child: pre-encodes M frames, publishes on "go", reports PUBACKs."""
+
+    def __init__(self, port: int, m: int, proxy: int, classes: int, dtype: str):
+        self.proc = python_child("bench.swarm", "publish", "--port", str(port), "--m", str(m), "--proxy", str(proxy),
+                                 "--classes", str(classes), "--dtype", dtype, stdin=-1, stdout=-1)  # fmt: skip
+        self.ready = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"publisher exited rc={self.proc.wait()}")
+        return json.loads(line)
+
+    def go(self) -> float:
+        assert self.proc.stdin is not None
+        t0 = time.perf_counter()
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return t0
+
+    def finish(self) -> dict[str, Any]:
+        rep = self._read()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("bye\n")
+        self.proc.stdin.flush()
+        self.proc.wait(30)
+        return rep
+
+
+def _wait(cond: Any, timeout_s: float) -> bool:
+    t_end = time.monotonic() + timeout_s
+    while not cond():
+        if time.monotonic() > t_end:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def run_raw(port: int, m: int, proxy: int, classes: int, dtype: str, timeout_s: float) -> dict[str, Any]:
+    """Baseline: the broker alone moving the same frames to one subscriber (same filter, QoS 1)."""
+    times: list[float] = []
+    nbytes = [0]
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-raw-sub", clean_session=True)
+    subscribed = threading.Event()
+    c.on_connect = lambda cl, *_: cl.subscribe(topics.shared("koala-server", topics.filter_results()), 1)
+    c.on_subscribe = lambda *_: subscribed.set()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        nbytes[0] += len(msg.payload)
+        times.append(time.perf_counter())
+
+    c.on_message = on_message
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    try:
+        subscribed.wait(10)
+        pub = Publisher(port, m, proxy, classes, dtype)
+        t0 = pub.go()
+        ok = _wait(lambda: len(times) >= m, timeout_s)
+        rep = pub.finish()
+    finally:
+        c.disconnect()
+        c.loop_stop()
+    return _summary("raw broker", m, t0, times, ok, rep, pub.ready["payload_bytes"])
+
+
+def run_server(db_url: str, label: str, port: int, m: int, proxy: int, classes: int, dtype: str,
+               timeout_s: float) -> dict[str, Any]:
+    """The server's ingestion path into the registry at db_url, for one collecting round of M devices."""
+    from bench.server_side import ServerSide
+    from bench.swarm import device_id
+
+    with tempfile.TemporaryDirectory(prefix="koala-bench-ingest-") as tmp:
+        server = ServerSide(db_url, tmp, "127.0.0.1", port, proxy_shape=(proxy, classes)).start()
+        devices = [device_id(i) for i in range(m)]
+        box: dict[str, Any] = {}
+
+        def collect() -> None:  # MqttFleet.run_round: opens the Collection and waits for M results
+            try:
+                box["round"] = server.run_round(1, devices, None, timeout_s=timeout_s)
+            except Exception as exc:
+                box["error"] = repr(exc)
+
+        try:
+            th = threading.Thread(target=collect, daemon=True)
+            th.start()
+            _wait(lambda: server.fleet.collection is not None and server.fleet.collection.sent_at, 60)
+            time.sleep(0.3)  # assignment frames flushed; the collection is open
+            pub = Publisher(port, m, proxy, classes, dtype)
+            t0 = pub.go()
+            ok = _wait(lambda: len(server.accept_times) >= m, timeout_s)
+            rep = pub.finish()
+            th.join(timeout_s)
+            out = _summary(label, m, t0, list(server.accept_times), ok, rep, pub.ready["payload_bytes"])
+            out["ingestor_counts"] = dict(server.ingestor.counts)
+            out["round_error"] = box.get("error")
+            out["persisted"] = server.registry.run(lambda s: _count_accepted(s))
+            return out
+        finally:
+            server.stop()
+
+
+def stage_breakdown(db_url: str, port: int, m: int, proxy: int, classes: int, dtype: str) -> dict[str, Any]:
+    """Where the server's time per message goes, without MQTT: Ingestor.on_result called directly,
+    next to its two big parts timed alone on the same frames (contract decode + checks, and the
+    blob write with fsync that RegistryStore.accept does). DB time = the rest."""
+    from bench.server_side import ServerSide
+    from bench.swarm import canned_logits, device_id, result_frame
+    from device_firmware_py.contract import codec
+    from server_app.orchestrator import atomic_write
+
+    lg = canned_logits(proxy, classes, 0)
+    devices = [device_id(i) for i in range(m)]
+    frames = [(topics.device_result(d), result_frame(d, 1, lg, dtype=dtype)) for d in devices]
+    t0 = time.perf_counter()
+    for t, p in frames:
+        _, msg = codec.decode_for_topic(t, p)
+        codec.payload_digest(p)
+        codec.check_result(msg, round_id=1, participants=frozenset(devices), logits_shape=(proxy, classes))
+    decode_s = (time.perf_counter() - t0) / m
+    with tempfile.TemporaryDirectory(prefix="koala-bench-stage-") as tmp:
+        t0 = time.perf_counter()
+        for i, (_, p) in enumerate(frames):
+            atomic_write(Path(tmp) / "blobs" / f"{i}.bin", p)
+        write_s = (time.perf_counter() - t0) / m
+        server = ServerSide(db_url, tmp, "127.0.0.1", port, proxy_shape=(proxy, classes), client_id="bench-stage").start()
+        th = threading.Thread(target=lambda: server.run_round(1, devices, None, timeout_s=120), daemon=True)
+        th.start()
+        try:
+            _wait(lambda: server.fleet.collection is not None and server.fleet.collection.sent_at, 60)
+            t0 = time.perf_counter()
+            for t, p in frames:
+                server.ingestor.on_result(t, p)
+            total_s = (time.perf_counter() - t0) / m
+            th.join(30)
+        finally:
+            server.stop()
+    return {"messages": m, "direct_msgs_per_s": 1 / total_s, "ms_per_msg_total": total_s * 1e3,
+            "ms_decode_validate": decode_s * 1e3, "ms_blob_write_fsync": write_s * 1e3,
+            "ms_registry_rest": max(0.0, total_s - decode_s - write_s) * 1e3}  # fmt: skip
+
+
+def _count_accepted(s: Any) -> int:
+    from sqlalchemy import func, select
+
+    from server_app.registry.models import Assignment
+
+    return int(s.scalar(select(func.count()).select_from(Assignment).where(Assignment.status == "accepted")) or 0)
+
+
+def _summary(label: str, m: int, t0: float, times: list[float], ok: bool, rep: dict[str, Any],
+             payload: int) -> dict[str, Any]:
+    n = len(times)
+    dt = (max(times) - t0) if times else None
+    return {
+        "path": label, "messages": m, "received": n, "complete": ok, "payload_bytes": payload,
+        "wall_s": dt, "msgs_per_s": (n / dt) if dt else None, "mb_per_s": (n * payload / dt / 1e6) if dt else None,
+        "publisher_t_s": rep.get("t_publish_s"),
+    }  # fmt: skip
+
+
+def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
+    from bench.common import DEFAULT_OUT
+    from server_app.transport.broker import MosquittoBroker
+
+    started, load0 = time.time(), __import__("os").getloadavg()
+    out = out or DEFAULT_OUT
+    cases = [{"proxy": 5000, "classes": 10, "dtype": "float16", "m": 60 if quick else 1000}]
+    if not quick:
+        cases.append({"proxy": 100, "classes": 10, "dtype": "float16", "m": 2000})
+    timeout_s = 120.0 if quick else 300.0
+    raw_rows: list[dict[str, Any]] = []
+    rows: list[list[Any]] = []
+    ratios: dict[str, Any] = {}
+    notes: list[str] = []
+    stages: list[dict[str, Any]] = []
+    broker = MosquittoBroker(persistence=False).start()
+    try:
+        for case in cases:
+            key = f"{case['proxy']}x{case['classes']}_{case['dtype']}"
+            args = (broker.port, case["m"], case["proxy"], case["classes"], case["dtype"], timeout_s)
+            res = [run_raw(*args)]
+            res.append(run_server(f"sqlite:///{tempfile.mkdtemp(prefix='koala-bench-db-')}/koala.db", "server sqlite", *args))
+            with pg_database() as pg:
+                if pg is None:
+                    notes.append("PostgreSQL not reachable: postgres path skipped")
+                else:
+                    res.append(run_server(pg, "server postgres", *args))
+            res.append(run_raw(*args))
+            stage = stage_breakdown(f"sqlite:///{tempfile.mkdtemp(prefix='koala-bench-db-')}/koala.db", broker.port,
+                                    min(case["m"], 200), case["proxy"], case["classes"], case["dtype"])
+            stage["case"] = key
+            stages.append(stage)
+            raws = [r for r in res if r["path"] == "raw broker"]
+            base = sum(r["msgs_per_s"] or 0 for r in raws) / len(raws)
+            for r in res:
+                r["case"] = key
+                r["ratio_vs_raw"] = ratio(r["msgs_per_s"], base)
+                rows.append([key, r["path"], r["payload_bytes"], r["messages"], r["received"], r["msgs_per_s"],
+                             r["mb_per_s"], r["ratio_vs_raw"]])  # fmt: skip
+                if r["path"] != "raw broker":
+                    ratios[f"{key}/{r['path'].replace(' ', '_')}"] = r["ratio_vs_raw"]
+            ratios[f"{key}/raw_spread"] = ratio(min(r["msgs_per_s"] or 0 for r in raws), max(r["msgs_per_s"] or 1 for r in raws))
+            raw_rows += res
+    finally:
+        broker.cleanup()
+    print(table(["case", "path", "payload B", "sent", "accepted", "msg/s", "MB/s", "ratio vs raw"], rows))
+    print()
+    print(table(["case", "direct msg/s (no MQTT, sqlite)", "ms/msg", "decode+validate ms", "blob write+fsync ms",
+                 "registry ms"], [[x["case"], x["direct_msgs_per_s"], x["ms_per_msg_total"], x["ms_decode_validate"],
+                                   x["ms_blob_write_fsync"], x["ms_registry_rest"]] for x in stages]))  # fmt: skip
+    return write_result(NAME, out, quick=quick, params={"cases": cases, "qos": 1, "broker": "mosquitto 2.0.11 private",
+                        "subscription": "$share/koala-server/koala/v1/devices/+/up/result", "publisher_inflight": 20},
+                        raw={"runs": raw_rows, "stages": stages}, ratios=ratios, notes=notes, started=started, load_start=load0)  # fmt: skip
+
+
+if __name__ == "__main__":
+    import sys
+
+    run(quick="--quick" in sys.argv)
