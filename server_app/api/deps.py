@@ -24,11 +24,12 @@ from server_app.registry import Registry
 class RoundControl(Protocol):
     """The orchestrator operations the API calls (server_app.orchestrator.RoundOrchestrator).
 
-    start_round: begin a round now with optional overrides; returns its id. Raises
-        ``RuntimeError`` (-> 409) when a round is already running or too few devices are online.
+    start_round: run one more round now; returns its id. Raises ``RuntimeError`` (-> 409) when a
+        round is already running or no device is online.
     stop_round: abort a running round (it ends in state ``aborted``); ``round_id`` None = current.
         Raises ``RuntimeError`` (-> 409) when nothing is running.
-    schedule_policy / set_schedule_policy: the automatic-round policy as a plain dict.
+    schedule_policy / set_schedule_policy: the automatic-round policy as a plain dict
+        {auto, rounds, min_devices, interval_s}; ``ValueError`` (-> 422) for unknown keys.
     """
 
     def start_round(self, **overrides: Any) -> int: ...

@@ -55,3 +55,24 @@ def last_event_id(s: Session) -> int:
 def find_model_version(s: Session, kind: str, arch: str, version: int) -> ModelVersion | None:
     q = select(ModelVersion).where(ModelVersion.kind == kind, ModelVersion.arch == arch, ModelVersion.version == version)
     return s.scalars(q).first()
+
+
+def small_acc_many(s: Session, round_ids: Iterable[int]) -> dict[int, float]:
+    """{round_id: mean small-model test accuracy} over accepted submissions that report `test_acc`.
+
+    Why: devices report their own small model's accuracy in the result metrics; the round row only
+    has what the server computed, so the dashboard's "small model" line comes from here.
+    """
+    ids = list(round_ids)
+    acc: dict[int, list[float]] = {}
+    if ids:
+        rows = s.execute(
+            select(Assignment.round_id, Assignment.metrics).where(
+                Assignment.round_id.in_(ids), Assignment.status == "accepted"
+            )
+        ).all()
+        for rid, m in rows:
+            v = (m or {}).get("test_acc")
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                acc.setdefault(int(rid), []).append(float(v))
+    return {rid: sum(v) / len(v) for rid, v in acc.items()}

@@ -7,7 +7,7 @@ credential hashes) must not leak through it, and renaming a column must not brea
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -106,13 +106,9 @@ class RoundDetail(RoundOut):
 
 
 class RoundStartRequest(BaseModel):
-    """Overrides for the next round; every field is optional (the server's configuration applies)."""
+    """Optional note for the event log; the round runs with the server's configured strategy."""
 
-    model_config = ConfigDict(
-        extra="forbid", json_schema_extra={"examples": [{"min_devices": 2, "round_timeout_s": 120}]}
-    )
-    min_devices: int | None = Field(None, ge=1, le=100_000, description="wait for at least this many online devices")
-    round_timeout_s: float | None = Field(None, gt=0, le=86_400, description="collection deadline in seconds")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"reason": "new devices joined"}]})
     reason: str | None = Field(None, max_length=200, description="free text recorded in the event log")
 
 
@@ -134,18 +130,25 @@ class RoundStopResponse(BaseModel):
 
 
 class SchedulePolicy(BaseModel):
-    """When rounds run. ``manual``: only on POST /rounds/start; ``continuous``: back to back while
-    enough devices are online; ``interval``: one round every ``interval_s`` seconds."""
+    """When the orchestrator runs rounds on its own. With ``auto`` it runs rounds back to back (waiting
+    ``interval_s`` between them) until ``rounds`` rounds exist, each once ``min_devices`` are online;
+    POST /rounds/start always runs one more."""
 
-    model_config = ConfigDict(
-        extra="forbid",
-        json_schema_extra={"examples": [{"mode": "interval", "interval_s": 600, "min_devices": 3, "max_rounds": 50}]},
-    )
-    mode: Literal["manual", "continuous", "interval"] = "manual"
-    interval_s: float | None = Field(None, gt=0, le=7 * 86_400)
-    min_devices: int = Field(1, ge=1, le=100_000)
-    max_rounds: int | None = Field(None, ge=0, le=1_000_000, description="stop scheduling after this many rounds")
-    round_timeout_s: float | None = Field(None, gt=0, le=86_400)
+    model_config = ConfigDict(json_schema_extra={"examples": [{"auto": True, "rounds": 20, "min_devices": 3, "interval_s": 60}]})
+    auto: bool = Field(description="run rounds automatically")
+    rounds: int = Field(ge=0, description="automatic rounds stop once this many round ids were used")
+    min_devices: int = Field(ge=1, description="online devices needed before a round starts")
+    interval_s: float = Field(ge=0, description="pause between automatic rounds")
+
+
+class SchedulePolicyUpdate(BaseModel):
+    """Fields to change; omitted fields keep their value."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"auto": False}, {"rounds": 50, "interval_s": 600}]})
+    auto: bool | None = None
+    rounds: int | None = Field(None, ge=0, le=1_000_000)
+    min_devices: int | None = Field(None, ge=1, le=100_000)
+    interval_s: float | None = Field(None, ge=0, le=7 * 86_400)
 
 
 # ---- models -----------------------------------------------------------------------------------------

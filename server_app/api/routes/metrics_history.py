@@ -11,7 +11,7 @@ from server_app import metrics as prom
 from server_app.api import problems
 from server_app.api.auth import require_read
 from server_app.api.deps import db
-from server_app.api.queries import round_bytes_many, round_counts_many
+from server_app.api.queries import round_bytes_many, round_counts_many, small_acc_many
 from server_app.api.schemas import RoundMetricsOut
 from server_app.registry import crud
 
@@ -35,6 +35,7 @@ def rounds_history(
     ids = [r.id for r in rounds]
     counts = round_counts_many(s, ids)
     nbytes = round_bytes_many(s, ids)
+    small = small_acc_many(s, ids)
     out = []
     for r in rounds:
         m = dict(r.metrics or {})
@@ -48,7 +49,7 @@ def rounds_history(
                 state=r.state,
                 finished=r.finished,
                 large_acc=prom.pick(numeric, prom.LARGE_ACC_KEYS),
-                small_acc=prom.pick(numeric, prom.SMALL_ACC_KEYS),
+                small_acc=_first(prom.pick(numeric, prom.SMALL_ACC_KEYS), small.get(r.id)),
                 kd_loss=prom.pick(numeric, prom.KD_LOSS_KEYS),
                 bytes_up=int(up_m) if up_m is not None else up,
                 bytes_down=int(down_m) if down_m is not None else down,
@@ -58,3 +59,7 @@ def rounds_history(
             )
         )
     return out
+
+
+def _first(*values: float | None) -> float | None:
+    return next((v for v in values if v is not None), None)

@@ -22,6 +22,7 @@ from server_app.api.schemas import (
     RoundStopRequest,
     RoundStopResponse,
     SchedulePolicy,
+    SchedulePolicyUpdate,
     SubmissionOut,
 )
 from server_app.registry import crud
@@ -75,7 +76,7 @@ def current_round(s: Annotated[Session, Depends(db)]) -> RoundOut:
 @router.get(
     "/schedule",
     summary="Get the schedule policy",
-    description="When rounds run automatically (manual, continuous, interval).",
+    description="When the orchestrator runs rounds on its own (auto, rounds, min_devices, interval_s).",
     response_model=SchedulePolicy,
     dependencies=[Depends(require_read)],
     responses={**problems.READ_ERRORS, **problems.UNAVAILABLE},
@@ -86,22 +87,24 @@ def get_schedule(orch: Annotated[RoundControl, Depends(orchestrator)]) -> Schedu
 
 @router.put(
     "/schedule",
-    summary="Replace the schedule policy",
+    summary="Change the schedule policy",
+    description="Only the fields given change; e.g. `{\"auto\": false}` pauses automatic rounds "
+    "(POST /rounds/start still runs one).",
     response_model=SchedulePolicy,
     dependencies=[Depends(require_write)],
     responses={**problems.WRITE_ERRORS, **problems.UNAVAILABLE},
 )
-def put_schedule(policy: SchedulePolicy, orch: Annotated[RoundControl, Depends(orchestrator)]) -> SchedulePolicy:
-    if policy.mode == "interval" and policy.interval_s is None:
-        raise HTTPException(422, detail="body.interval_s: required when mode is 'interval'")
-    return SchedulePolicy.model_validate(_call(orch, "set_schedule_policy", policy.model_dump()))
+def put_schedule(
+    policy: SchedulePolicyUpdate, orch: Annotated[RoundControl, Depends(orchestrator)]
+) -> SchedulePolicy:
+    return SchedulePolicy.model_validate(_call(orch, "set_schedule_policy", policy.model_dump(exclude_none=True)))
 
 
 @router.post(
     "/start",
     summary="Start a round now",
-    description="Asks the orchestrator to run one round as soon as enough devices are online. "
-    "Returns 202: follow progress on `/rounds/current` or the live stream.",
+    description="Asks the orchestrator to run one more round now. Returns 202 with the round id; follow it on "
+    "`/rounds/{id}`, `/rounds/current` or the live stream. 409 when a round is running or no device is online.",
     status_code=202,
     response_model=RoundStartResponse,
     dependencies=[Depends(require_write)],
@@ -111,11 +114,12 @@ def start_round(
     request: Request,
     response: Response,
     orch: Annotated[RoundControl, Depends(orchestrator)],
+    s: Annotated[Session, Depends(db)],
     body: Annotated[RoundStartRequest | None, Body()] = None,
 ) -> RoundStartResponse:
-    overrides = {k: v for k, v in (body.model_dump() if body else {}).items() if v is not None and k != "reason"}
-    rid = _call(orch, "start_round", **overrides)
+    rid = _call(orch, "start_round")
     rid = rid if isinstance(rid, int) and not isinstance(rid, bool) else None
+    crud.record_event(s, "round_start_requested", round_id=rid, detail={"reason": body.reason} if body and body.reason else {})
     if rid is not None:
         response.headers["Location"] = str(request.url_for("get_round", round_id=rid))
     return RoundStartResponse(round_id=rid, detail=f"round {rid} starting" if rid is not None else "round starting")
@@ -131,11 +135,14 @@ def start_round(
     responses={**problems.WRITE_ERRORS, **problems.CONFLICT, **problems.UNAVAILABLE},
 )
 def stop_round(
-    orch: Annotated[RoundControl, Depends(orchestrator)], body: Annotated[RoundStopRequest | None, Body()] = None
+    orch: Annotated[RoundControl, Depends(orchestrator)],
+    s: Annotated[Session, Depends(db)],
+    body: Annotated[RoundStopRequest | None, Body()] = None,
 ) -> RoundStopResponse:
     reason = body.reason if body else "stopped by operator"
     rid = _call(orch, "stop_round", None, reason)
     rid = rid if isinstance(rid, int) and not isinstance(rid, bool) else None
+    crud.record_event(s, "round_stop_requested", level="warning", round_id=rid, detail={"reason": reason})
     return RoundStopResponse(round_id=rid, stopped=True, detail=f"round {rid} stopping" if rid is not None else "stopping")
 
 
