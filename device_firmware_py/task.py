@@ -28,6 +28,7 @@ DEFAULT_HYPER: dict[str, Any] = {
     "upload": ["logits"],  # any of "logits", "weights"
     "seed": 0,
     "post_kd_epochs": 0,  # extra forward-KD passes AFTER local training (keeps devices near the teacher)
+    "proxy_indices": None,  # this round's subset of the proxy set (None: all of it)
 }
 
 
@@ -96,6 +97,8 @@ def execute_assignment(
     a = assignment if isinstance(assignment, Assignment) else Assignment.from_dict(assignment)
     seed = int(a.param("seed"))
     metrics: dict[str, Any] = {}
+    if proxy_x is not None and a.param("proxy_indices") is not None:
+        proxy_x = proxy_x[np.asarray(a.param("proxy_indices"), np.int64)]
     if a.weights is not None:
         model.set_weights(a.weights)
     if a.teacher_logits is not None:

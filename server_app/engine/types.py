@@ -47,4 +47,6 @@ def payload_nbytes(msg: Assignment | DeviceResult) -> int:
         total += int(np.asarray(logits).size) * LOGITS_WIRE_BYTES
     if msg.weights is not None:
         total += sum(int(np.asarray(w).size) for w in msg.weights) * WEIGHTS_WIRE_BYTES
+    if isinstance(msg, Assignment) and msg.hyper.get("proxy_indices") is not None:
+        total += len(msg.hyper["proxy_indices"]) * 4  # int32 indices of this round's proxy subset
     return total

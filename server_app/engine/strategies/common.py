@@ -1,0 +1,24 @@
+"""Helpers shared by strategies: FedAvg, per-device seeds, default hyperparameters."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def fedavg(weight_sets: Sequence[list[np.ndarray]], num_samples: Sequence[int]) -> list[np.ndarray]:
+    """Sample-count weighted average of weight lists (McMahan et al.)."""
+    if not weight_sets:
+        raise ValueError("nothing to average")
+    n = np.asarray(num_samples, np.float64)
+    n = n / n.sum()
+    return [
+        np.sum([wi * np.asarray(ws[k], np.float64) for wi, ws in zip(n, weight_sets, strict=True)], axis=0).astype(np.float32)
+        for k in range(len(weight_sets[0]))
+    ]
+
+
+def device_seed(base: int, round_id: int, index: int) -> int:
+    """Distinct, reproducible seed per (run, round, device)."""
+    return int(base) * 1_000_003 + round_id * 1009 + index

@@ -1,0 +1,76 @@
+"""FedAvg of the large model: the paper's "conventional approach" baseline.
+
+Real devices cannot run torch, so the device step is simulated in-process (`device_simulators`
+gives the fleet a `fedavg_large` task). Kept honest: same partitions, same local epochs, lr and
+batch as the small models' on-device training (Adam, batch 32, fresh optimizer per round like
+the LiteRT `set_weights` reset)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from server_app.engine.strategies.common import device_seed, fedavg
+from server_app.engine.strategy import DeviceSimulator, Strategy
+from server_app.engine.types import Assignment, DeviceInfo, DeviceResult, RoundReport
+from server_app.models.large import get_weights, set_weights
+
+
+def train_large_locally(
+    model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, batch: int, seed: int
+) -> float:
+    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+    yt = torch.from_numpy(np.asarray(y, np.int64))
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    losses = []
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt), generator=gen)
+        for i in range(0, len(xt), batch):
+            idx = perm[i : i + batch]
+            loss = F.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    model.eval()
+    return float(np.mean(losses)) if losses else float("nan")
+
+
+class FedAvgLarge(Strategy):
+    name = "fedavg_large"
+    mode = "baseline"
+
+    def __init__(self, large: nn.Module, local_epochs: int = 1, lr: float = 1e-3, batch: int = 32, seed: int = 0, **_: Any):
+        self.large_model = large
+        self.local_epochs, self.lr, self.batch, self.seed = local_epochs, lr, batch, seed
+        self._worker = copy.deepcopy(large)
+
+    def configure_round(self, round_id: int, devices: list[DeviceInfo]) -> list[Assignment]:
+        w = get_weights(self.large_model)
+        return [
+            Assignment(round_id, d.device_id, "large", round_id, "fedavg_large",
+                       {"local_epochs": self.local_epochs, "lr": self.lr, "batch": self.batch,
+                        "upload": ["weights"], "seed": device_seed(self.seed, round_id, i)}, None, w)  # fmt: skip
+            for i, d in enumerate(devices)
+        ]
+
+    def _simulate(self, a: Assignment, x: np.ndarray, y: np.ndarray) -> DeviceResult:
+        set_weights(self._worker, a.weights)
+        loss = train_large_locally(self._worker, x, y, int(a.hyper["local_epochs"]), float(a.hyper["lr"]),
+                                   int(a.hyper["batch"]), int(a.hyper["seed"]))  # fmt: skip
+        return DeviceResult(a.round_id, a.device_id, a.arch, int(len(y)), None, get_weights(self._worker),
+                            np.bincount(y, minlength=10).tolist(), {"train_loss": loss})  # fmt: skip
+
+    def device_simulators(self) -> dict[str, DeviceSimulator]:
+        return {"fedavg_large": self._simulate}
+
+    def aggregate(self, round_id: int, results: list[DeviceResult]) -> RoundReport:
+        set_weights(self.large_model, fedavg([r.weights for r in results], [r.num_samples for r in results]))
+        return RoundReport(round_id, {}, len(results), {r.device_id: dict(r.metrics) for r in results})

@@ -1,0 +1,32 @@
+"""PNG of test accuracy per round per method (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def plot_curves(curves: dict[str, list[dict[str, Any]]], path: str | Path, title: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for name, rows in curves.items():
+        xs = [r["round"] + 1 for r in rows]
+        large = [r.get("large_test_acc") for r in rows]
+        if any(v is not None for v in large):
+            ax.plot(xs, [v if v is not None else float("nan") for v in large], marker="o", label=f"{name} (large)")
+        else:
+            small = [r.get("small_test_acc_mean") for r in rows]
+            ax.plot(xs, small, linestyle="--", marker="x", label=f"{name} (small, device mean)")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
