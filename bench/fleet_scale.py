@@ -1,0 +1,220 @@
+"""Fleet scale: round overhead and server peak RSS with N connected simulated devices.
+
+Per N (fresh private Mosquitto each time): one `bench.swarm devices` process holds N real MQTT
+sessions (one selector loop, canned valid logits, no device compute). Then, against the same swarm:
+  raw     baseline: a bare paho "server" publishes the same N assignment frames (teacher logits
+          from the contract codec) and waits for N result frames — no validation, no registry;
+  server  the server's machinery (bench.server_side: registry, Ingestor, MqttFleet.run_round) runs
+          the same rounds: assignment encode + registry rows + fan-out + collection + validation +
+          persistence. No KD, no device compute: that is the round overhead.
+Each side runs in its own process so its peak RSS (VmHWM) is its own.
+
+Roles: `python -m bench.fleet_scale raw|server --port P --n N ...` print one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+NAME = "fleet_scale"
+
+
+def _teacher(p: int, c: int) -> np.ndarray:
+    return (np.random.default_rng(1).standard_normal((p, c)) * 2.0).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ roles
+def role_raw(a: argparse.Namespace) -> dict[str, Any]:
+    import paho.mqtt.client as mqtt
+
+    from bench.common import peak_rss_mib
+    from bench.swarm import device_id
+    from device_firmware_py.agent.wire import assignment_to_wire
+    from device_firmware_py.contract import codec, topics
+    from device_firmware_py.task import Assignment
+
+    rss0 = peak_rss_mib()
+    got: dict[int, int] = {}
+    cond = threading.Condition()
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-raw-server", clean_session=True)
+    c.max_inflight_messages_set(64)
+    ready = threading.Event()
+    c.on_connect = lambda cl, *_: cl.subscribe(topics.filter_results(), 1)
+    c.on_subscribe = lambda *_: ready.set()
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        # the round id sits in the frame header; reading it is the least a server must do
+        _, header, _ = codec.read_frame_header(bytes(msg.payload))
+        with cond:
+            got[header["round_id"]] = got.get(header["round_id"], 0) + 1
+            cond.notify_all()
+
+    c.on_message = on_message
+    c.connect("127.0.0.1", a.port)
+    c.loop_start()
+    ready.wait(10)
+    teacher = _teacher(a.proxy, a.classes)
+    devices = [device_id(i) for i in range(a.n)]
+    rounds = []
+    for r in range(1, a.rounds + 1):
+        t0 = time.perf_counter()
+        for d in devices:
+            asg = Assignment(round_id=r, device_id=d, arch="cnn_small", hyper={"upload": ["logits"]}, teacher_logits=teacher)
+            c.publish(topics.device_assign(d), codec.encode_frame(assignment_to_wire(asg, proxy_digest=None,
+                      deadline=time.time() + 300)), qos=1)  # fmt: skip
+        with cond:
+            ok = cond.wait_for(lambda r=r: got.get(r, 0) >= a.n, timeout=a.timeout)
+        rounds.append({"round_id": r, "wall_s": time.perf_counter() - t0, "received": got.get(r, 0), "complete": ok})
+    c.disconnect()
+    c.loop_stop()
+    return {"side": "raw", "n": a.n, "rounds": rounds, "rss_start_mib": rss0, "peak_rss_mib": peak_rss_mib()}
+
+
+def role_server(a: argparse.Namespace) -> dict[str, Any]:
+    from bench.common import peak_rss_mib
+    from bench.server_side import ServerSide
+    from bench.swarm import device_id
+
+    rss0 = peak_rss_mib()
+    with tempfile.TemporaryDirectory(prefix="koala-bench-fleet-") as tmp:
+        db = a.db or f"sqlite:///{tmp}/koala.db"
+        t0 = time.perf_counter()
+        server = ServerSide(db, tmp, "127.0.0.1", a.port, proxy_shape=(a.proxy, a.classes)).start()
+        online = server.wait_online(a.n, a.timeout)
+        t_presence = time.perf_counter() - t0
+        rss_ready = peak_rss_mib()
+        teacher = _teacher(a.proxy, a.classes)
+        devices = sorted(d.device_id for d in server.presence.online())[: a.n] or [device_id(i) for i in range(a.n)]
+        rounds = []
+        try:
+            for r in range(1, a.rounds + 1):
+                try:
+                    rounds.append(server.run_round(r, devices, teacher, timeout_s=a.timeout))
+                except Exception as exc:  # QuorumNotMet at the deadline: report, do not hide
+                    rounds.append({"round_id": r, "error": repr(exc), **(server.fleet.last_stats if server.fleet else {})})
+        finally:
+            server.stop()
+    return {"side": "server", "n": a.n, "online": online, "t_presence_s": t_presence, "rounds": rounds,
+            "rss_start_mib": rss0, "rss_ready_mib": rss_ready, "peak_rss_mib": peak_rss_mib()}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- orchestration
+def _child(role: str, port: int, n: int, rounds: int, proxy: int, classes: int, timeout: float) -> dict[str, Any]:
+    from bench.common import python_child
+
+    proc = python_child("bench.fleet_scale", role, "--port", str(port), "--n", str(n), "--rounds", str(rounds),
+                        "--proxy", str(proxy), "--classes", str(classes), "--timeout", str(timeout), stdout=-1)  # fmt: skip
+    out, _ = proc.communicate(timeout=timeout * (rounds + 2) + 60)
+    lines = [ln for ln in (out or "").splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        return {"side": role, "n": n, "error": f"rc={proc.returncode}", "rounds": []}
+    return json.loads(lines[-1])
+
+
+def measure(n: int, rounds: int, proxy: int, classes: int, timeout: float) -> dict[str, Any]:
+    from bench.common import python_child
+    from server_app.transport.broker import MosquittoBroker
+
+    broker = MosquittoBroker(persistence=False).start()
+    swarm = python_child("bench.swarm", "devices", "--port", str(broker.port), "--n", str(n), "--proxy", str(proxy),
+                         "--classes", str(classes), stdin=-1, stdout=-1)  # fmt: skip
+    try:
+        assert swarm.stdout is not None and swarm.stdin is not None
+        ready: dict[str, Any] = {}
+        for line in swarm.stdout:
+            ev = json.loads(line)
+            if "ready" in ev:
+                ready = ev
+                break
+        raw = _child("raw", broker.port, n, rounds, proxy, classes, timeout)
+        server = _child("server", broker.port, n, rounds, proxy, classes, timeout)
+        swarm.stdin.write("stats\n")
+        swarm.stdin.flush()
+        stats = json.loads(swarm.stdout.readline())
+        broker_fds = len(os.listdir(f"/proc/{broker.pid}/fd")) if broker.pid else None
+        from bench.common import peak_rss_mib
+
+        broker_rss = peak_rss_mib(broker.pid) if broker.pid else None
+        swarm.stdin.write("stop\n")
+        swarm.stdin.flush()
+        swarm.wait(60)
+    finally:
+        if swarm.poll() is None:
+            swarm.kill()
+        broker.cleanup()
+    return {"n": n, "swarm_ready": ready, "swarm_stats": stats, "raw": raw, "server": server,
+            "broker_fds": broker_fds, "broker_peak_rss_mib": broker_rss}  # fmt: skip
+
+
+def _best(side: dict[str, Any]) -> float | None:
+    walls = [r["wall_s"] for r in side.get("rounds", []) if "wall_s" in r and not r.get("error")]
+    return min(walls) if walls else None
+
+
+def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
+    from bench.common import DEFAULT_OUT, ratio, table, write_result
+
+    started, load0 = time.time(), os.getloadavg()
+    out = out or DEFAULT_OUT
+    ns = [5, 15] if quick else [100, 300, 1000]
+    proxy, classes = (500, 10) if quick else (5000, 10)
+    rounds = 1 if quick else 2
+    timeout = 60.0 if quick else 240.0
+    results = [measure(n, rounds, proxy, classes, timeout) for n in ns]
+    rows, ratios = [], {}
+    base_n, base_srv = ns[0], _best(results[0]["server"])
+    for res in results:
+        n, srv, raw = res["n"], _best(res["server"]), _best(res["raw"])
+        res["overhead_s"] = srv
+        res["raw_round_s"] = raw
+        res["server_vs_raw"] = ratio(srv, raw)
+        # growth: (overhead(N)/overhead(N0)) / (N/N0); <= 1 means no worse than linear
+        res["growth_vs_linear"] = ratio(ratio(srv, base_srv), n / base_n)
+        ratios[f"n{n}/server_over_raw"] = res["server_vs_raw"]
+        ratios[f"n{n}/growth_vs_linear"] = res["growth_vs_linear"]
+        last = (res["server"].get("rounds") or [{}])[-1]
+        rows.append([n, res["swarm_ready"].get("ready"), raw, srv, res["server_vs_raw"], res["growth_vs_linear"],
+                     last.get("t_encode_s"), res["server"].get("peak_rss_mib"), res["server"].get("rss_ready_mib"),
+                     res["server"].get("t_presence_s"), res["broker_fds"]])  # fmt: skip
+    print(table(["N", "connected", "raw round s", "server round s", "server/raw", "growth vs linear",
+                 "encode s", "server peak RSS MiB", "RSS after presence MiB", "presence s", "broker fds"], rows))  # fmt: skip
+    notes = [f"payload per device per direction ~{proxy * classes * 2 / 1e3:.0f} kB (float16 logits)",
+             "round = assignment encode + registry rows + fan-out + collection + validation + persistence; no KD",
+             "swarm: one Python process serialises all devices' decode+encode (a simulation cost in both paths)"]
+    return write_result(NAME, out, quick=quick, params={"ns": ns, "proxy": proxy, "classes": classes, "rounds": rounds,
+                        "db": "sqlite", "broker": "mosquitto private, default max_connections"},
+                        raw=results, ratios=ratios, notes=notes, started=started, load_start=load0)  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.fleet_scale")
+    p.add_argument("role", choices=["raw", "server", "bench"])
+    p.add_argument("--port", type=int, default=0)
+    p.add_argument("--n", type=int, default=10)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--proxy", type=int, default=5000)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--timeout", type=float, default=120.0)
+    p.add_argument("--db", default=None)
+    p.add_argument("--quick", action="store_true")
+    a = p.parse_args(argv)
+    if a.role == "bench":
+        run(quick=a.quick)
+        return 0
+    res = role_raw(a) if a.role == "raw" else role_server(a)
+    sys.stdout.write(json.dumps(res, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
