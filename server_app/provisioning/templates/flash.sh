@@ -38,6 +38,7 @@ if [ -n "$HOST" ]; then
   exit 0
 fi
 
+[ -d "$ROOT" ] || { echo "flash.sh: target root $ROOT does not exist (mount it first)" >&2; exit 2; }
 ROOT="$(cd "$ROOT" && pwd)"; [ "$ROOT" = "/" ] && P="" || P="$ROOT"
 echo "[flash] installing device @DEVICE_ID@ into ${ROOT}"
 install -d -m 0755 "$P/opt/koala" "$P/etc/koala" "$P/etc/systemd/system"

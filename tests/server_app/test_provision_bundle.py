@@ -1,0 +1,181 @@
+"""A flashed bundle, installed offline from its own wheels, joins a round on the hardened broker.
+
+The whole field path, with real parts only: `koala provision add` + `bundle` (registry, $7$ hash,
+CA, agent wheel + device-extra wheels) -> `flash.sh --target-root ROOT --install-venv` (a fresh
+venv from `--no-index --find-links` the bundle, with pip's own config disabled so no other
+wheel source can help) -> `ROOT/opt/koala/venv/bin/koala-device run --config ROOT/etc/koala/
+device.json` over TLS with its bundle credentials -> the test, as the `koala-server` account,
+sends a contract-encoded assignment and receives the device's result.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from device_firmware_py.contract import codec, topics
+from device_firmware_py.contract import messages as cm
+from server_app.cli import main as koala
+from server_app.provisioning.accounts import read_secret
+from server_app.provisioning.local_broker import find_mosquitto, free_port, wait_listening
+
+pytestmark = [
+    pytest.mark.mosquitto,
+    pytest.mark.skipif(find_mosquitto() is None, reason="mosquitto not installed"),
+]
+DEV = "pi-flash"
+WAIT_S = 240
+
+
+def _server_client(port: int, secret: str, inbox: queue.Queue) -> mqtt.Client:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="koala-server-test")
+    c.username_pw_set("koala-server", secret)
+    c.on_message = lambda _c, _u, m: inbox.put((m.topic, m.payload))
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    for f in (topics.device_status(DEV), topics.device_result(DEV)):
+        c.subscribe(f, qos=1)
+    return c
+
+
+def test_flashed_bundle_installs_offline_and_submits_a_round(tmp_path) -> None:
+    db = f"sqlite:///{tmp_path / 'registry.db'}"
+    broker, root, out = tmp_path / "broker", tmp_path / "root", tmp_path / "out"
+    tls_port, plain_port = free_port(), free_port()
+    rng = np.random.default_rng(0)
+    data, proxy = tmp_path / "data.npz", tmp_path / "proxy.npz"
+    np.savez(data, x=rng.uniform(size=(96, 8, 8, 1)).astype(np.float32), y=rng.integers(0, 10, 96))
+    np.savez(proxy, x=rng.uniform(size=(40, 8, 8, 1)).astype(np.float32))
+
+    assert koala(["provision", "--db", db, "add", DEV, "--arch", "cnn_small"]) == 0
+    assert (
+        koala(
+            [
+                "provision",
+                "--db",
+                db,
+                "broker-files",
+                "--out",
+                str(broker),
+                "--tls-port",
+                str(tls_port),
+                "--tls-bind",
+                "127.0.0.1",
+                "--plain-port",
+                str(plain_port),
+            ]
+        )
+        == 0
+    )
+    mosq = subprocess.Popen(
+        [find_mosquitto(), "-c", str(broker / "mosquitto.conf")], stderr=subprocess.DEVNULL
+    )
+    pid_file = tmp_path / "mosquitto.pid"
+    pid_file.write_text(str(mosq.pid))
+    agent = None
+    try:
+        wait_listening(tls_port, proc=mosq)
+        assert (
+            koala(
+                [
+                    "provision",
+                    "--db",
+                    db,
+                    "bundle",
+                    DEV,
+                    "--out",
+                    str(out),
+                    "--broker-dir",
+                    str(broker),
+                    "--pid-file",
+                    str(pid_file),
+                    "--broker-url",
+                    f"mqtts://127.0.0.1:{tls_port}",
+                    "--prefix",
+                    str(root),
+                    "--data",
+                    str(data),
+                    "--proxy",
+                    str(proxy),
+                ]
+            )
+            == 0
+        )
+        bundle = out / f"koala-bundle-{DEV}"
+        assert (out / f"koala-bundle-{DEV}.tar.gz").is_file()
+        assert (bundle / "etc/koala/device.secret").stat().st_mode & 0o077 == 0
+        assert list((bundle / "opt/koala/wheels").glob("koala_edge-*.whl"))
+
+        root.mkdir()
+        env = dict(os.environ, PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PYTHON=sys.executable)
+        env.pop("PIP_FIND_LINKS", None)
+        flash = subprocess.run(
+            ["bash", str(bundle / "flash.sh"), "--target-root", str(root), "--install-venv"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
+        assert flash.returncode == 0, flash.stdout[-2000:] + flash.stderr[-4000:]
+        for p in (
+            "opt/koala/venv/bin/koala-device",
+            "etc/koala/device.json",
+            "etc/koala/ca.crt",
+            "etc/systemd/system/koala-device.service",
+            "var/lib/koala/data.npz",
+        ):
+            assert (root / p).exists(), p
+
+        inbox: queue.Queue = queue.Queue()
+        srv = _server_client(plain_port, read_secret(broker, "koala-server"), inbox)
+        agent = subprocess.Popen(
+            [
+                str(root / "opt/koala/venv/bin/koala-device"),
+                "run",
+                "--config",
+                str(root / "etc/koala/device.json"),
+            ],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        while True:
+            topic, payload = inbox.get(timeout=WAIT_S)
+            if topic == topics.device_status(DEV) and codec.decode_control(payload).state == "online":
+                break
+        teacher = rng.normal(size=(40, 10)).astype(np.float32)
+        assignment = cm.Assignment(
+            round_id=1,
+            device_id=DEV,
+            arch="cnn_small",
+            task="koala",
+            hyper={"local_epochs": 1, "kd_epochs": 1, "batch": 32},
+            teacher_logits=teacher,
+        )
+        srv.publish(topics.device_assign(DEV), codec.encode(assignment), qos=1).wait_for_publish(10)
+        while True:
+            topic, payload = inbox.get(timeout=WAIT_S)
+            if topic == topics.device_result(DEV):
+                result = codec.decode(payload, cm.Result)
+                break
+        assert result.round_id == 1 and result.device_id == DEV and result.num_samples == 96
+        assert result.proxy_logits is not None and result.proxy_logits.shape == (40, 10)
+        assert np.isfinite(result.proxy_logits).all()
+        srv.loop_stop()
+    finally:
+        if agent is not None:
+            agent.terminate()
+            try:
+                agent.wait(20)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+        mosq.terminate()
+        mosq.wait(10)
