@@ -97,7 +97,7 @@ def require_read(request: Request) -> None:
     if cfg.token is None:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
-            detail="reads need a bearer token, but the server has none configured (set KOALA_API_TOKEN "
+            detail="reads need a bearer token, but the server has none configured (set KOALA_API__BEARER_TOKEN "
             "or enable open_reads_localhost)",
         )
     _check_token(cfg, request)
@@ -109,6 +109,6 @@ def require_write(request: Request) -> None:
     if cfg.token is None:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
-            detail="mutations are disabled: the server has no API token configured (set KOALA_API_TOKEN)",
+            detail="mutations are disabled: the server has no API token configured (set KOALA_API__BEARER_TOKEN or api.bearer_token)",
         )
     _check_token(cfg, request)
