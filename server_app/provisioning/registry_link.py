@@ -1,21 +1,21 @@
-"""The only place provisioning touches the SQL registry.
+"""The only place provisioning touches the SQL registry (through `server_app.registry.crud`).
 
 What provisioning needs from it is small: register a device with its credentials hash, replace
 the hash (rotate), mark it revoked, and list the active devices' hashes to write broker files.
 The plain secret never reaches the database: only the Mosquitto `$7$` hash is stored.
-
-NOTE: written against `server_app.registry.models.Device` directly because the registry's crud
-module had not landed when this was written; switch these bodies to its crud functions when it
-does (the signatures below are what the CLI depends on).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from server_app.provisioning.broker_files import DeviceCredential
+
+T = TypeVar("T")
+_MIGRATED: set[str] = set()  # URLs already brought to head by this process (Alembic is slow to load)
 
 
 class UnknownDevice(LookupError):
@@ -31,66 +31,81 @@ class DeviceRecord:
 
 
 @contextmanager
-def _session(db_url: str) -> Iterator[object]:
-    from sqlalchemy import create_engine
-    from sqlalchemy.orm import Session
+def _registry(db_url: str) -> Iterator[Any]:
+    from server_app.registry.session import Registry
 
-    from server_app.registry.models import Base
-
-    engine = create_engine(db_url)
-    Base.metadata.create_all(engine)  # no-op on a migrated database
+    reg = Registry(db_url)
     try:
-        with Session(engine) as session, session.begin():
-            yield session
+        if reg.url not in _MIGRATED:
+            reg.upgrade()  # Alembic: creates or migrates the schema; a no-op when at head
+            _MIGRATED.add(reg.url)
+        yield reg
     finally:
-        engine.dispose()
+        reg.dispose()
 
 
-def _get(session, device_id: str):  # noqa: ANN001, ANN202 - Session/Device imported lazily
-    from server_app.registry.models import Device
+def _run(db_url: str, fn: Callable[..., T], *args: Any) -> T:
+    from server_app.registry.errors import NotFound
 
-    row = session.get(Device, device_id)
-    if row is None:
-        raise UnknownDevice(f"device {device_id!r} is not registered")
-    return row
+    with _registry(db_url) as reg:
+        try:
+            return reg.run(fn, *args)
+        except NotFound as exc:
+            raise UnknownDevice(f"device {args[0]!r} is not registered") from exc
 
 
 def register_device(db_url: str, device_id: str, arch: str, pw_hash: str) -> None:
     """Create the device (or re-activate a revoked one) with a fresh credentials hash."""
-    from server_app.registry.models import Device
+    from server_app.registry import crud
 
-    with _session(db_url) as s:
-        row = s.get(Device, device_id)
-        if row is None:
-            s.add(Device(id=device_id, arch=arch, credentials_hash=pw_hash, revoked=False))
-        else:
-            row.arch, row.credentials_hash, row.revoked = arch, pw_hash, False
+    def op(s: Any, device_id: str) -> None:
+        crud.register_device(s, device_id, arch=arch, credentials_hash=pw_hash)
+        crud.revoke_device(s, device_id, revoked=False)
+
+    _run(db_url, op, device_id)
 
 
 def set_credentials(db_url: str, device_id: str, pw_hash: str) -> None:
-    with _session(db_url) as s:
-        _get(s, device_id).credentials_hash = pw_hash
+    from server_app.registry import crud
+
+    def op(s: Any, device_id: str) -> None:
+        crud.get_device(s, device_id).credentials_hash = pw_hash
+
+    _run(db_url, op, device_id)
 
 
 def revoke_device(db_url: str, device_id: str) -> None:
     """Mark revoked and forget the hash: even restoring an old password file cannot revive it."""
-    with _session(db_url) as s:
-        row = _get(s, device_id)
-        row.revoked, row.credentials_hash = True, None
+    from server_app.registry import crud
+
+    def op(s: Any, device_id: str) -> None:
+        crud.revoke_device(s, device_id).credentials_hash = None
+
+    _run(db_url, op, device_id)
 
 
 def get_device(db_url: str, device_id: str) -> DeviceRecord:
-    with _session(db_url) as s:
-        row = _get(s, device_id)
-        return DeviceRecord(row.id, row.arch, bool(row.revoked), bool(row.credentials_hash))
+    from server_app.registry import crud
+
+    def op(s: Any, device_id: str) -> DeviceRecord:
+        d = crud.get_device(s, device_id)
+        return DeviceRecord(d.id, d.arch, bool(d.revoked), bool(d.credentials_hash))
+
+    return _run(db_url, op, device_id)
 
 
 def active_credentials(db_url: str) -> list[DeviceCredential]:
     """Every non-revoked device that has credentials: exactly who may connect to the broker."""
-    from sqlalchemy import select
+    from server_app.registry import crud
 
-    from server_app.registry.models import Device
+    def page_op(s: Any) -> list[DeviceCredential]:
+        out, offset = [], 0
+        while True:
+            page = crud.list_devices(s, limit=crud.MAX_PAGE, offset=offset)
+            out += [DeviceCredential(d.id, d.credentials_hash) for d in page if d.credentials_hash]
+            if len(page) < crud.MAX_PAGE:
+                return out
+            offset += len(page)
 
-    with _session(db_url) as s:
-        rows = s.scalars(select(Device).where(Device.revoked.is_(False), Device.credentials_hash.is_not(None)))
-        return [DeviceCredential(r.id, r.credentials_hash) for r in rows]
+    with _registry(db_url) as reg:
+        return reg.run(page_op)
