@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -18,7 +19,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_local_stack_starts_an_authenticated_broker(tmp_path) -> None:
     from mqtt_probe import Probe, Refused
 
-    env = dict(os.environ, KOALA_STACK_DB="koala_stack_pytest")
+    db = "koala_stack_pytest"
+    env = dict(os.environ, KOALA_STACK_DB=db)
+    if shutil.which("psql"):  # start from an empty database of our own; the script creates it
+        subprocess.run(
+            ["psql", "-h", "127.0.0.1", "-d", "postgres", "-qc", f"drop database if exists {db}"],
+            capture_output=True,
+        )
     proc = subprocess.Popen(
         ["bash", str(ROOT / "scripts" / "local_stack.sh"), "--no-server", "--dir", str(tmp_path / "stack")],
         stdout=subprocess.PIPE,
@@ -44,5 +51,6 @@ def test_local_stack_starts_an_authenticated_broker(tmp_path) -> None:
         with pytest.raises(Refused):
             Probe(plain).connect()
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(20)
