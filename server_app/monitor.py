@@ -96,7 +96,12 @@ def describe(topic: str, payload: bytes, *, retained: bool = False, ts: float | 
         return rec
     try:
         if payload[:4] == codec.MAGIC:
-            rec.update({k: v for k, v in _frame_summary(payload).items() if v is not None})
+            summary = {k: v for k, v in _frame_summary(payload).items() if v is not None}
+            claimed = summary.pop("device_id", None)
+            rec.update(summary)
+            if parsed.device_id is not None and claimed != parsed.device_id:
+                # the topic is what the broker's ACL authenticated; the header is only a claim
+                rec.update(invalid="spoofed_device", detail=f"payload claims device {claimed!r}")
         else:
             _, msg = codec.decode_for_topic(topic, payload)
             rec.update({k: v for k, v in msg.scalar_fields().items() if v is not None and k != "ts"})
@@ -241,6 +246,8 @@ class Monitor:
             self._client.loop_stop()
         if self.error:
             raise ConnectionError(self.error)
+        if not self.connected.is_set():
+            raise ConnectionError(f"could not connect to the broker at {self.address}")
         return self.seen
 
     def stop(self) -> None:
