@@ -29,10 +29,10 @@ mkdir -p "$DIR"; DIR="$(cd "$DIR" && pwd)"
 if psql "$PG/postgres" -tAc "select 1" >/dev/null 2>&1; then
   psql "$PG/postgres" -tAc "select 1 from pg_database where datname='$DBNAME'" | grep -q 1 \
     || psql "$PG/postgres" -qc "create database \"$DBNAME\""
-  export KOALA_DB_URL="postgresql+psycopg://${PG#postgresql://}/$DBNAME"
+  export KOALA_DATABASE__URL="postgresql+psycopg://${PG#postgresql://}/$DBNAME"
 else
   echo "[stack] PostgreSQL not reachable at $PG: using SQLite" >&2
-  export KOALA_DB_URL="sqlite:///$DIR/registry.db"
+  export KOALA_DATABASE__URL="sqlite:///$DIR/registry.db"
 fi
 
 "$KOALA" provision broker-files --out "$DIR/broker" --tls-port "$TLS_PORT" --tls-bind 127.0.0.1 \
@@ -46,14 +46,16 @@ MOSQ="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
 pids+=($!); echo "$!" >"$DIR/broker/mosquitto.pid"
 "$PY" -c "from server_app.provisioning.local_broker import wait_listening as w; w($TLS_PORT); w($PLAIN_PORT)"
 
-export KOALA_MQTT_URL="mqtt://127.0.0.1:$PLAIN_PORT" KOALA_MQTT_USERNAME=koala-server
-export KOALA_MQTT_PASSWORD_FILE="$DIR/broker/secrets/koala-server.password" KOALA_MQTT_CA_FILE="$DIR/broker/certs/ca.crt"
+# Settings env (server_app/config.py); the secret goes to the server's environment only, not stack.env.
+export KOALA_BROKER__URL="mqtt://127.0.0.1:$PLAIN_PORT" KOALA_BROKER__USERNAME=koala-server KOALA_BROKER__SHARED_GROUP=koala
+PW_FILE="$DIR/broker/secrets/koala-server.password"
 cat >"$DIR/stack.env" <<ENV
-KOALA_DB_URL=$KOALA_DB_URL
-KOALA_MQTT_URL=$KOALA_MQTT_URL
-KOALA_MQTT_USERNAME=koala-server
-KOALA_MQTT_PASSWORD_FILE=$KOALA_MQTT_PASSWORD_FILE
-KOALA_MQTT_CA_FILE=$KOALA_MQTT_CA_FILE
+KOALA_DATABASE__URL=$KOALA_DATABASE__URL
+KOALA_BROKER__URL=$KOALA_BROKER__URL
+KOALA_BROKER__USERNAME=koala-server
+KOALA_BROKER__SHARED_GROUP=koala
+KOALA_BROKER_PASSWORD_FILE=$PW_FILE
+KOALA_BROKER_CA_FILE=$DIR/broker/certs/ca.crt
 KOALA_DEVICE_BROKER_URL=mqtts://127.0.0.1:$TLS_PORT
 KOALA_BROKER_DIR=$DIR/broker
 KOALA_BROKER_PID_FILE=$DIR/broker/mosquitto.pid
@@ -62,14 +64,14 @@ ENV
 
 if [ "$SERVER" = 1 ]; then
   if "$KOALA" serve --help >/dev/null 2>&1; then
-    "$KOALA" serve --host 127.0.0.1 --port "$HTTP_PORT" >"$DIR/server.out" 2>&1 &
+    KOALA_BROKER__PASSWORD="$(cat "$PW_FILE")" "$KOALA" serve --host 127.0.0.1 --port "$HTTP_PORT" >"$DIR/server.out" 2>&1 &
     pids+=($!)
   else
     echo "[stack] \`koala serve\` is not available yet: broker and database only" >&2
   fi
 fi
 echo "[stack] broker: mqtts://127.0.0.1:$TLS_PORT (devices), mqtt://127.0.0.1:$PLAIN_PORT (server, loopback)"
-echo "[stack] registry: $KOALA_DB_URL   http: http://127.0.0.1:$HTTP_PORT"
+echo "[stack] registry: $KOALA_DATABASE__URL   http: http://127.0.0.1:$HTTP_PORT"
 echo "[stack] env for clients: $DIR/stack.env   add devices: koala provision add ID --arch A --broker-dir $DIR/broker --pid-file $DIR/broker/mosquitto.pid"
 echo "[stack] ready (Ctrl-C to stop)"
 wait -n "${pids[@]}"

@@ -19,7 +19,10 @@ from pathlib import Path
 
 HELP = "provision devices: credentials, broker password/ACL/TLS files, flashable bundles"
 
-DEFAULT_DB = os.environ.get("KOALA_DB_URL", "sqlite:///koala.db")
+# Same database as the server's Settings (database.url) unless --db says otherwise.
+DEFAULT_DB = (
+    os.environ.get("KOALA_DATABASE__URL") or os.environ.get("KOALA_DATABASE_URL") or "sqlite:///./koala.db"
+)
 
 
 def _broker_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -28,7 +31,9 @@ def _broker_args(p: argparse.ArgumentParser, required: bool = False) -> None:
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--db", default=DEFAULT_DB, help="registry database URL (env KOALA_DB_URL)")
+    p.add_argument(
+        "--db", default=DEFAULT_DB, help="registry database URL (env KOALA_DATABASE__URL, as the server)"
+    )
     sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     a = sub.add_parser("add", help="register a device and issue its broker credentials")

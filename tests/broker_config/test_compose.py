@@ -41,7 +41,9 @@ def test_compose_wires_the_stack() -> None:
     assert svc["mosquitto"]["ports"] == ["8883:8883"]  # TLS only; no plain 1883 exposed
     assert svc["server"]["build"]["dockerfile"] == "deploy/Dockerfile"
     assert (ROOT / "deploy" / "Dockerfile").is_file()
-    assert "koala" in svc["server"]["command"] and "serve" in svc["server"]["command"]
+    assert "exec koala serve" in svc["server"]["command"][-1]
+    assert svc["server"]["environment"]["KOALA_BROKER__URL"] == "mqtts://mosquitto:8883"
+    assert "PASSWORD" not in " ".join(svc["server"]["environment"])  # secret comes from the mounted file
     grafana_mounts = " ".join(svc["grafana"]["volumes"])
     assert "./dashboards/grafana:" in grafana_mounts and "./deploy/grafana/provisioning:" in grafana_mounts
     prom = yaml.safe_load((ROOT / "deploy" / "prometheus.yml").read_text())

@@ -45,8 +45,8 @@ def test_local_stack_starts_an_authenticated_broker(tmp_path) -> None:
             for line in (tmp_path / "stack" / "stack.env").read_text().splitlines()
             if "=" in line
         )
-        plain = int(values["KOALA_MQTT_URL"].rsplit(":", 1)[1])
-        secret = Path(values["KOALA_MQTT_PASSWORD_FILE"]).read_text().strip()
+        plain = int(values["KOALA_BROKER__URL"].rsplit(":", 1)[1])
+        secret = Path(values["KOALA_BROKER_PASSWORD_FILE"]).read_text().strip()
         Probe(plain, "koala-server", secret).connect().close()
         with pytest.raises(Refused):
             Probe(plain).connect()
