@@ -156,6 +156,47 @@ def measure(n: int, rounds: int, proxy: int, classes: int, timeout: float) -> di
             "broker_fds": broker_fds, "broker_peak_rss_mib": broker_rss}  # fmt: skip
 
 
+def connect_probe(n: int, nofile: int | None = None, timeout: float = 20.0) -> dict[str, Any]:
+    """How many devices get a session (CONNACK + SUBACK) on a private Mosquitto with default
+    max_connections, optionally under a lower open-files limit (a typical default is 1024)."""
+    from bench.common import peak_rss_mib, python_child
+    from server_app.transport.broker import MosquittoBroker, find_mosquitto_binary
+
+    wrapper_dir = tempfile.mkdtemp(prefix="koala-bench-ulimit-")
+    binary = None
+    if nofile is not None:  # mosquitto under `prlimit --nofile`: what a stock `ulimit -n 1024` host does
+        binary = str(Path(wrapper_dir) / "mosquitto")
+        Path(binary).write_text(f"#!/bin/sh\nexec prlimit --nofile={nofile}:{nofile} {find_mosquitto_binary()} \"$@\"\n")
+        os.chmod(binary, 0o755)
+    broker = MosquittoBroker(persistence=False, binary=binary).start()
+    swarm = python_child("bench.swarm", "devices", "--port", str(broker.port), "--n", str(n), "--proxy", "10",
+                         "--ready-timeout", str(timeout), stdin=-1, stdout=-1)  # fmt: skip
+    try:
+        assert swarm.stdout is not None and swarm.stdin is not None
+        ready: dict[str, Any] = {}
+        for line in swarm.stdout:
+            ev = json.loads(line)
+            if "ready" in ev:
+                ready = ev
+                break
+        fds = len(os.listdir(f"/proc/{broker.pid}/fd")) if broker.running and broker.pid else None
+        rss = peak_rss_mib(broker.pid) if broker.running and broker.pid else None
+        alive = broker.running
+        swarm.stdin.write("stop\n")
+        swarm.stdin.flush()
+        swarm.wait(60)
+        log_tail = broker.log_path.read_text()[-4000:] if broker.log_path.exists() else ""
+    finally:
+        if swarm.poll() is None:
+            swarm.kill()
+        broker.cleanup()
+    limit_errors = sorted({ln.split(": ", 1)[-1][:120] for ln in log_tail.splitlines()
+                           if "rror" in ln or "limit" in ln.lower() or "too many" in ln.lower()})[:3]  # fmt: skip
+    return {"n": n, "nofile": nofile, "sessions": ready.get("ready"), "complete": ready.get("complete"),
+            "connect_s": ready.get("connect_s"), "broker_alive": alive, "broker_fds": fds,
+            "broker_peak_rss_mib": rss, "swarm_rss_mib": ready.get("rss_mib"), "broker_log_errors": limit_errors}  # fmt: skip
+
+
 def _best(side: dict[str, Any]) -> float | None:
     walls = [r["wall_s"] for r in side.get("rounds", []) if "wall_s" in r and not r.get("error")]
     return min(walls) if walls else None
@@ -186,6 +227,13 @@ def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
         rows.append([n, res["swarm_ready"].get("ready"), raw, srv, res["server_vs_raw"], res["growth_vs_linear"],
                      last.get("t_encode_s"), res["server"].get("peak_rss_mib"), res["server"].get("rss_ready_mib"),
                      res["server"].get("t_presence_s"), res["broker_fds"]])  # fmt: skip
+    probes = [] if quick else [connect_probe(3000), connect_probe(1100, nofile=1024)]
+    if probes:
+        print(table(["probe devices", "mosquitto nofile", "sessions", "connect s", "broker fds", "broker RSS MiB",
+                     "broker log"], [[p["n"], p["nofile"] or "20000 (inherited)", p["sessions"], p["connect_s"],
+                                      p["broker_fds"], p["broker_peak_rss_mib"], "; ".join(p["broker_log_errors"]) or "-"]
+                                     for p in probes]))  # fmt: skip
+        print()
     print(table(["N", "connected", "raw round s", "server round s", "server/raw", "growth vs linear",
                  "encode s", "server peak RSS MiB", "RSS after presence MiB", "presence s", "broker fds"], rows))  # fmt: skip
     notes = [f"payload per device per direction ~{proxy * classes * 2 / 1e3:.0f} kB (float16 logits)",
@@ -193,7 +241,7 @@ def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
              "swarm: one Python process serialises all devices' decode+encode (a simulation cost in both paths)"]
     return write_result(NAME, out, quick=quick, params={"ns": ns, "proxy": proxy, "classes": classes, "rounds": rounds,
                         "db": "sqlite", "broker": "mosquitto private, default max_connections"},
-                        raw=results, ratios=ratios, notes=notes, started=started, load_start=load0)  # fmt: skip
+                        raw={"rounds": results, "connect_probes": probes}, ratios=ratios, notes=notes, started=started, load_start=load0)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,48 @@
+"""`koala bench NAME|all [--quick] [--out DIR]`: run the benchmarks in bench/ and write JSON results.
+
+The benchmarks live in the repository's `bench/` folder (a development tool, not shipped in the
+wheel), so this command needs a source checkout; it puts the checkout on sys.path itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+HELP = "run benchmarks (ingestion, fleet_scale, device_footprint, communication, reverse_kd) -> bench/results"
+NAMES = ("ingestion", "fleet_scale", "device_footprint", "communication", "reverse_kd")
+_REPO = Path(__file__).resolve().parents[2]
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=[*NAMES, "all"], help="benchmark to run, or all")
+    p.add_argument("--quick", action="store_true", help="small sizes (smoke run, ~1 minute for all); writes NAME.quick.json")
+    p.add_argument("--out", default=None, help="results directory (default: bench/results of the checkout)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if not (_REPO / "bench" / "__init__.py").exists():
+        print("koala bench needs a source checkout (bench/ is not installed with the package)", file=sys.stderr)
+        return 2
+    if str(_REPO) not in sys.path:
+        sys.path.insert(0, str(_REPO))
+    import importlib
+
+    out = Path(args.out) if args.out else _REPO / "bench" / "results"
+    names = NAMES if args.name == "all" else (args.name,)
+    failed = []
+    for name in names:
+        print(f"\n## {name}{' (quick)' if args.quick else ''}\n", flush=True)
+        t0 = time.perf_counter()
+        try:
+            doc = importlib.import_module(f"bench.{name}").run(quick=args.quick, out=out)
+        except Exception as exc:  # one broken benchmark must not hide the others' results
+            failed.append(name)
+            print(f"{name} FAILED: {exc!r}", file=sys.stderr)
+            continue
+        print(f"\n{name}: {time.perf_counter() - t0:.1f} s, load {doc['machine']['loadavg'][0]:.2f} -> {doc['path']}", flush=True)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
