@@ -36,7 +36,15 @@ def live_server(tmp_path_factory: pytest.TempPathFactory):
 
     cfg = DemoConfig(run_dir=str(tmp_path_factory.mktemp("browser-demo")), dataset="digits", devices=2, rounds=1,
                      proxy_size=200, train_size=600, test_size=300, round_timeout_s=90)  # fmt: skip
-    demo = DemoRun(cfg).start()
+    for attempt in (1, 2):  # DemoRun picks a free port, then binds it: another process can win that race once
+        demo = DemoRun(cfg)
+        try:
+            demo.start()
+            break
+        except RuntimeError:
+            demo.stop()
+            if attempt == 2:
+                raise
     try:
         demo.server.config.app.state.auth = AuthConfig(token=TOKEN, open_reads_localhost=True)
         assert demo.wait(240, progress=False), "the first round did not finish"
