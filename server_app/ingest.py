@@ -106,12 +106,14 @@ class Ingestor:
 
     # ------------------------------------------------------------- results
     def on_result(self, topic: str, payload: bytes) -> Outcome:
+        t0 = time.perf_counter()
         try:
             out = self._result(topic, bytes(payload))
         except Exception as exc:  # a bug here must not kill the MQTT thread: record and go on
             log.exception("ingest bug topic=%s", topic)
             out = self._reject(_topic_device(topic), None, "bad_field", f"internal: {exc!r}")
         self.counts[out.status if out.status != "rejected" else f"rejected:{out.reason}"] += 1
+        _metrics(out, len(payload), time.perf_counter() - t0)
         return out
 
     def _result(self, topic: str, payload: bytes) -> Outcome:
@@ -183,6 +185,12 @@ class Ingestor:
         assert isinstance(msg, cm.DeviceStatus)
         self.presence.update(msg)
         try:
+            from server_app import metrics
+
+            metrics.device_online(len(self.presence.online()))
+        except ImportError:
+            pass
+        try:
             self.store.device_status(msg)
         except Exception:
             log.exception("could not record device status device=%s", msg.device_id)
@@ -199,6 +207,21 @@ class Ingestor:
         self.presence.progress[msg.device_id] = {"round_id": msg.round_id, "phase": msg.phase, "step": msg.step,
                                                  "total": msg.total, "loss": msg.loss}
         return Outcome("accepted", None, msg.round_id, msg.device_id)
+
+
+def _metrics(out: Outcome, nbytes: int, seconds: float) -> None:
+    """Prometheus counters (server-only module; absent metrics never break ingestion)."""
+    try:
+        from server_app import metrics
+    except ImportError:
+        return
+    if out.status == "accepted":
+        metrics.submission_accepted(nbytes)
+    elif out.status == "rejected":
+        metrics.submission_rejected(out.reason or "other", nbytes)
+    else:
+        metrics.bytes_up(nbytes)
+    metrics.observe_ingest(seconds)
 
 
 def _topic_device(topic: str) -> str | None:

@@ -76,6 +76,16 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _prom(name: str, *args: Any, **kw: Any) -> None:
+    """Call server_app.metrics.<name> (Prometheus); metrics never break a round."""
+    try:
+        from server_app import metrics
+
+        getattr(metrics, name)(*args, **kw)
+    except Exception:
+        log.debug("metrics call failed name=%s", name, exc_info=True)
+
+
 # ------------------------------------------------------------------------------------- registry
 class RegistryStore:
     """Round/assignment/submission persistence for MqttFleet and Ingestor, on registry crud.
@@ -399,6 +409,7 @@ class RoundOrchestrator:
             if self._operator_abort is not None:
                 self.store.transition(n, "aborted", error=self._operator_abort)
                 self._announce(n, "aborted", error=self._operator_abort)
+                _prom("round_finished", "aborted")
             else:
                 log.info("round interrupted by shutdown round=%d (resumed on restart)", n)
         except Exception as exc:  # a failing round must not end the service
@@ -460,6 +471,9 @@ class RoundOrchestrator:
         m = report.metrics
         m.update(self.fleet.last_stats)
         m["t_server_kd_s"] = m.get("t_aggregate_s", 0.0)
+        small = [d.get("test_acc") for d in report.device_metrics.values() if isinstance(d.get("test_acc"), float)]
+        if small:  # held-out accuracy of the devices' small models, measured on the devices
+            m["small_test_acc_mean"] = float(np.mean(small))
         m["t_round_wall_s"] = time.perf_counter() - self._round_t0
         version = int(getattr(self.strategy, "version", self.model_version + 1))
         path = self.checkpoint.save(self.strategy, version)
@@ -469,6 +483,12 @@ class RoundOrchestrator:
         self.store.record_metrics(n, flat)
         self.store.transition(n, "completed", metrics=flat)
         self._announce(n, "completed", metrics=flat)
+        _prom("round_finished", "completed")
+        _prom("round_metrics", large_acc=flat.get("large_test_acc"), small_acc=flat.get("small_test_acc_mean"),
+              kd_loss=flat.get("rkd_loss"), round_id=n)
+        for phase, key in (("collect", "t_collect_s"), ("aggregate", "t_aggregate_s"), ("configure", "t_configure_s")):
+            if isinstance(flat.get(key), float):
+                _prom("observe_phase", phase, flat[key])
         log.info("round completed round=%d version=%d large_acc=%s accepted=%s t_round_s=%.2f", n, version,
                  flat.get("large_test_acc"), flat.get("accepted"), flat["t_round_wall_s"])
         if self.on_report is not None:
@@ -478,6 +498,7 @@ class RoundOrchestrator:
         log.warning("round failed round=%d error=%s", n, error)
         self.store.transition(n, "failed", error=error, metrics=_scalars(self.fleet.last_stats))
         self._announce(n, "failed", error=error)
+        _prom("round_finished", "failed")
 
     def _announce(self, n: int, state: str, *, metrics: dict[str, Any] | None = None, error: str | None = None,
                   deadline: float | None = None) -> None:

@@ -48,6 +48,7 @@ class ServerOptions:
     broker_ca_file: str | None = None
     client_id: str = ""
     shared_subscriptions: bool | None = None  # None: probe the broker
+    share_group: str = SHARE_GROUP
     strategy: str = "koala_homo"  # koala_homo | koala_hetero
     strategy_options: dict[str, Any] = field(default_factory=dict)
     large: dict[str, Any] = field(default_factory=dict)  # LargeCNN kwargs
@@ -60,14 +61,6 @@ class ServerOptions:
     seed: int = 0
     torch_threads: int = 2
     start_orchestrator: bool = True
-
-
-def _get(obj: Any, *names: str, default: Any = None) -> Any:
-    for n in names:
-        v = getattr(obj, n, None)
-        if v is not None:
-            return v
-    return default
 
 
 class ServerServices:
@@ -89,33 +82,28 @@ class ServerServices:
 
     @classmethod
     def from_settings(cls, settings: Any) -> ServerServices:
-        """Map `server_app.config.Settings` onto ServerOptions (the one config of the server)."""
+        """Map `server_app.config.Settings` onto ServerOptions (Settings is the server's one config)."""
         from urllib.parse import urlparse
 
-        url = str(_get(settings, "broker_url", "mqtt_url", default="mqtt://127.0.0.1:1883"))
-        u = urlparse(url)
-        data_dir = str(_get(settings, "data_dir", default="koala_data"))
+        b, p, pol = settings.broker, settings.paths, settings.policy
+        u = urlparse(b.url)
+        options: dict[str, Any] = {
+            "temperature": pol.temperature, "local_epochs": pol.local_epochs, "lr": pol.lr,
+            "fkd_epochs": pol.kd_epochs, "rkd_epochs": pol.kd_epochs,
+        }  # fmt: skip
+        if pol.mode == "hetero" or pol.strategy.endswith("logits"):
+            options["fusion"] = pol.fusion
         opts = ServerOptions(
-            db_url=str(_get(settings, "db_url", "database_url", default=f"sqlite:///{data_dir}/koala.db")),
-            data_dir=data_dir,
-            proxy_path=str(_get(settings, "proxy_path", default=f"{data_dir}/proxy.npz")),
-            test_path=str(_get(settings, "test_path", default=f"{data_dir}/test.npz")),
-            broker_host=u.hostname or "127.0.0.1",
-            broker_port=u.port or (8883 if u.scheme == "mqtts" else 1883),
-            broker_username=_get(settings, "mqtt_username", "broker_username"),
-            broker_password=_secret(_get(settings, "mqtt_password", "broker_password")),
-            broker_tls=u.scheme == "mqtts",
-            broker_ca_file=_get(settings, "mqtt_ca_file", "broker_ca_file"),
-            shared_subscriptions=_get(settings, "shared_subscriptions"),
-            strategy=str(_get(settings, "strategy", default="koala_homo")),
-            strategy_options=dict(_get(settings, "strategy_options", default={}) or {}),
-            rounds=int(_get(settings, "rounds", default=10)),
-            round_timeout_s=float(_get(settings, "round_timeout_s", "round_deadline_s", default=120.0)),
-            min_devices=int(_get(settings, "min_devices", default=1)),
-            quorum_fraction=_get(settings, "quorum_fraction", default=0.5),
-            seed=int(_get(settings, "seed", default=0)),
-            torch_threads=int(_get(settings, "torch_threads", default=2)),
-        )
+            db_url=settings.database.url, data_dir=str(p.artifacts_dir), proxy_path=str(p.proxy),
+            test_path=str(p.test), broker_host=u.hostname or "127.0.0.1",
+            broker_port=u.port or (8883 if u.scheme == "mqtts" else 1883), broker_username=b.username,
+            broker_password=_secret(b.password), broker_tls=b.tls, broker_ca_file=b.tls_ca,
+            client_id=b.client_id, shared_subscriptions=True if b.shared_group else None,
+            share_group=b.shared_group or SHARE_GROUP,
+            strategy=pol.strategy if pol.mode == "homo" or pol.strategy != "koala_homo" else "koala_hetero",
+            strategy_options=options, rounds=pol.rounds, round_timeout_s=pol.deadline_s,
+            min_devices=pol.min_devices, quorum_fraction=pol.quorum_fraction, seed=pol.seed,
+        )  # fmt: skip
         return cls(opts, settings)
 
     # ------------------------------------------------------------------ start
@@ -142,7 +130,7 @@ class ServerServices:
         if not self.link.start(wait_s=15):
             raise RuntimeError(f"MQTT broker {o.broker_host}:{o.broker_port} not reachable")
         self.shared = o.shared_subscriptions if o.shared_subscriptions is not None else self._probe_shared()
-        results = topics.shared(SHARE_GROUP, topics.filter_results()) if self.shared else topics.filter_results()
+        results = topics.shared(o.share_group, topics.filter_results()) if self.shared else topics.filter_results()
         self.link.subscribe(topics.filter_device_status(), 1, self.ingestor.on_status)
         self.link.subscribe(topics.filter_progress(), 0, self.ingestor.on_progress)
         self.link.subscribe(results, 1, self.ingestor.on_result)

@@ -211,6 +211,7 @@ class MqttFleet:
         for dev, frame in frames.items():
             col.sent_at[dev] = time.time()
             self._publish(topics.device_assign(dev), frame, 1, False)
+        _bytes_down(sum(len(f) for f in frames.values()))
         self._on_state(col.round_id, "collecting", participants=sorted(col.participants), deadline=deadline)
         log.info("round dispatched round=%d devices=%d bytes_per_assign=%s deadline_in_s=%.1f", col.round_id,
                  len(frames), _mean(list(map(len, frames.values()))), deadline - time.time())
@@ -254,6 +255,15 @@ class MqttFleet:
             "t_device_compute_max_s": max(compute) if compute else 0.0,
             "t_transfer_mean_s": _mean(transfer),
         }
+
+
+def _bytes_down(n: int) -> None:
+    try:
+        from server_app import metrics
+
+        metrics.bytes_down(n)
+    except ImportError:
+        pass
 
 
 def _upload(a: Assignment) -> set[str]:

@@ -1,0 +1,46 @@
+"""`koala serve`: the server (FastAPI + registry + MQTT ingestion + round orchestrator) under uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "run the KOALA server: REST API, SQL registry, MQTT ingestion and the round orchestrator"
+
+
+def configure(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="settings file (.toml/.yaml/.json); KOALA_* env overrides it")
+    p.add_argument("--host", help="API bind address (default: settings api.host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="API port (default: settings api.port)")
+    p.add_argument("--no-rounds", action="store_true", help="serve the API and ingest, but start no rounds")
+    p.add_argument("--print-config", action="store_true", help="print the effective settings (secrets hidden) and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import logging
+
+    import uvicorn
+
+    from server_app.api.app import create_app
+    from server_app.config import ConfigError, load_settings
+    from server_app.services import ServerServices
+
+    try:
+        settings = load_settings(args.config)
+    except ConfigError as exc:
+        print(exc)
+        return 2
+    if args.print_config:
+        print(json.dumps(settings.redacted(), indent=1, default=str))
+        return 0
+    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    services = ServerServices.from_settings(settings)
+    if args.no_rounds:
+        services.options.start_orchestrator = False
+    app = create_app(services)
+    host = args.host or settings.api.host
+    port = args.port or settings.api.port
+    logging.getLogger("koala.serve").info("serving api=http://%s:%d broker=%s db=%s", host, port, settings.broker.url,
+                                          services.options.db_url.split("@")[-1])
+    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower())
+    return 0
