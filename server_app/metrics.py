@@ -137,6 +137,8 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "koala_bytes_down_total",
     }
 )
+# Exported only by servers that ingest (ServerServices with an Ingestor), see render().
+INGEST_METRIC_NAMES: frozenset[str] = frozenset({"koala_ingest_outcomes_total"})
 
 # Pre-create the label sets so dashboards show 0 instead of "no data" before the first event.
 for _reason in sorted(REASONS):
@@ -282,6 +284,45 @@ def refresh_from_registry(session: Any) -> None:
             )
 
 
-def render() -> bytes:
-    """The text exposition of every metric (what /metrics returns)."""
-    return generate_latest(REGISTRY)
+INGEST_OUTCOMES = "koala_ingest_outcomes"
+_OUTCOMES = ("accepted", "duplicate", "late", "rejected", "ignored")
+
+
+class _IngestOutcomes:
+    """Exports an Ingestor's own outcome counter (``Ingestor.counts``: "accepted", "duplicate", "late",
+    "rejected:<reason>") as ``koala_ingest_outcomes_total{outcome, reason}``.
+
+    Why a bridge and not calls inside ingestion: it needs no change to the ingestion code and reads
+    the very numbers ingestion decides on. Built per scrape from the scraped app's own services, so
+    two apps in one process (tests) never mix their counts.
+    """
+
+    def __init__(self, counts: Mapping[str, int]) -> None:
+        self.counts = dict(counts)
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from prometheus_client.core import CounterMetricFamily
+
+        fam = CounterMetricFamily(
+            INGEST_OUTCOMES, "Device results by ingestion outcome (this server process).", labels=["outcome", "reason"]
+        )
+        totals: dict[tuple[str, str], float] = {(o, ""): 0.0 for o in ("accepted", "duplicate", "late")}
+        for key, n in self.counts.items():
+            outcome, _, reason = str(key).partition(":")
+            outcome = _label(outcome, _OUTCOMES, "ignored")
+            reason = _label(reason, REASONS, "other") if reason else ""
+            totals[(outcome, reason)] = totals.get((outcome, reason), 0.0) + _nonneg(n)
+        for (outcome, reason), v in sorted(totals.items()):
+            fam.add_metric([outcome, reason], v)
+        yield fam
+
+
+def render(ingest_counts: Mapping[str, int] | None = None) -> bytes:
+    """The text exposition of every metric (what /metrics returns), plus the scraped server's
+    ingestion outcomes when it has an Ingestor."""
+    text = generate_latest(REGISTRY)
+    if ingest_counts is not None:
+        extra = CollectorRegistry(auto_describe=False)
+        extra.register(_IngestOutcomes(ingest_counts))  # type: ignore[arg-type]
+        text += generate_latest(extra)
+    return text

@@ -82,6 +82,8 @@ def test_round_control_and_metrics_over_live_rounds(live):
     assert after[("koala_devices_online", ())] == 2
     assert after[("koala_large_model_accuracy", ())] == pytest.approx(r0["metrics"]["large_test_acc"])
     assert after[("koala_model_metrics_round", ())] == 0
+    accepted = ("koala_ingest_outcomes_total", (("outcome", "accepted"), ("reason", "")))
+    assert after[accepted] == before.get(accepted, 0) + 2  # both devices' results, as ingested
     hist = c.get("/api/v1/metrics/rounds", headers=AUTH).json()
     assert hist[0]["round_id"] == 0 and hist[0]["large_acc"] == pytest.approx(r0["metrics"]["large_test_acc"])
     assert hist[0]["bytes_up"] > 0 and hist[0]["bytes_down"] > 0 and hist[0]["small_acc"] is not None

@@ -117,11 +117,25 @@ def _grafana_exprs() -> list[str]:
     return exprs
 
 
-def test_grafana_dashboard_queries_only_exported_metrics(client):
+def _ingesting_app(reg: Registry, tmp_path: Path) -> tuple[RegistryServices, object]:
+    """The API around a registry plus a real Ingestor: what ServerServices exposes to /metrics."""
+    from server_app.ingest import Ingestor, Presence
+    from server_app.orchestrator import RegistryStore
+
+    services = RegistryServices(reg)
+    services.ingestor = Ingestor(RegistryStore(reg, tmp_path), Presence(), lambda: None)  # type: ignore[attr-defined]
+    return services, create_app(services)
+
+
+def test_grafana_dashboard_queries_only_exported_metrics(tmp_path):
     dash = json.loads(GRAFANA.read_text())
     assert dash["uid"] and dash["title"] and dash["panels"]
     assert len({p["id"] for p in dash["panels"]}) == len(dash["panels"])
-    exported = {k[0] for k in scrape(client)}
+    reg = Registry(f"sqlite:///{tmp_path / 'g.db'}")
+    reg.upgrade()
+    with TestClient(_ingesting_app(reg, tmp_path)[1]) as c:
+        exported = {k[0] for k in scrape(c)}
+    reg.dispose()
     used = set()
     for e in _grafana_exprs():
         used |= set(re.findall(r"\bkoala_[a-z0-9_]+", e))
@@ -129,6 +143,31 @@ def test_grafana_dashboard_queries_only_exported_metrics(client):
     missing = used - exported
     assert not missing, f"dashboard queries metrics /metrics does not export: {sorted(missing)}"
     # every metric family of the module is on the dashboard somewhere
-    families = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in metrics.METRIC_NAMES}
+    families = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in metrics.METRIC_NAMES | metrics.INGEST_METRIC_NAMES}
     on_dash = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in used}
     assert families <= on_dash, sorted(families - on_dash)
+
+
+def test_ingestion_outcomes_are_exported_from_the_real_ingestor(tmp_path):
+    """A real Ingestor (registry-backed store) refuses results while no round collects; /metrics
+    shows its outcome counts per reason, and only for the app whose services own that Ingestor."""
+    import numpy as np
+
+    from device_firmware_py.contract import codec, topics
+    from device_firmware_py.contract import messages as cm
+    reg = Registry(f"sqlite:///{tmp_path / 'i.db'}")
+    reg.upgrade()
+    services, app = _ingesting_app(reg, tmp_path)
+    res = cm.Result(round_id=0, device_id="d1", arch="cnn_small", num_samples=10,
+                    proxy_logits=np.zeros((4, 10), np.float32))  # fmt: skip
+    with TestClient(app, client=("127.0.0.1", 1)) as c, TestClient(create_app(RegistryServices(reg))) as other:
+        s0 = scrape(c)
+        assert val(s0, "koala_ingest_outcomes_total", outcome="accepted", reason="") == 0
+        out1 = services.ingestor.on_result(topics.device_result("d1"), codec.encode(res))
+        out2 = services.ingestor.on_result(topics.device_result("d2"), codec.encode(res))  # spoofed
+        s1 = scrape(c)
+        assert out2.reason == "spoofed_device"
+        assert val(s1, "koala_ingest_outcomes_total", outcome="rejected", reason="spoofed_device") == 1
+        assert val(s1, "koala_ingest_outcomes_total", outcome=out1.status, reason=out1.reason or "") == 1
+        assert not any(k[0] == "koala_ingest_outcomes_total" for k in scrape(other))
+    reg.dispose()

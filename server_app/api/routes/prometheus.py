@@ -17,11 +17,13 @@ router = APIRouter(tags=["health"])
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response,
             responses={200: {"content": {"text/plain": {}}}})  # fmt: skip
 def prometheus_metrics(request: Request) -> Response:
-    reg = getattr(getattr(request.app.state, "services", None), "registry", None)
+    services = getattr(request.app.state, "services", None)
+    reg = getattr(services, "registry", None)
     if reg is not None:
         try:
             with reg.session() as s:
                 metrics.refresh_from_registry(s)
         except RegistryUnavailable:
             pass  # serve the process-side metrics anyway; the DB gauges keep their last values
-    return Response(metrics.render(), media_type=metrics.CONTENT_TYPE_LATEST)
+    counts = getattr(getattr(services, "ingestor", None), "counts", None)
+    return Response(metrics.render(counts), media_type=metrics.CONTENT_TYPE_LATEST)
