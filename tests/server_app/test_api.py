@@ -273,3 +273,15 @@ def test_dashboard_is_served(local):
     js = local.get("/dashboard/app.js")
     assert js.status_code == 200 and "/live/stream" in js.text
     assert_problem(local.get("/api/v1/nothing-here"), 404)
+
+
+def test_auth_reads_the_server_settings(seeded):
+    """With no explicit AuthConfig the app takes token and localhost switch from ServerServices.settings."""
+    from server_app.config import load_settings
+
+    settings = load_settings(api={"bearer_token": TOKEN, "open_reads_localhost": False})
+    app = create_app(RegistryServices(seeded[0], settings=settings))
+    with TestClient(app, client=LOCAL) as c:
+        assert_problem(c.get("/api/v1/events"), 401)
+        assert c.get("/api/v1/events", headers=AUTH).status_code == 200
+        assert_problem(c.post("/api/v1/devices/dev-a/revoke", headers={"Authorization": "Bearer " + TOKEN[:-1]}), 401)
