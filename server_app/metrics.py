@@ -21,7 +21,7 @@ API for callers (all cheap, thread-safe, never raise on odd input):
     submission_accepted(nbytes)            a device result was folded into its round
     submission_rejected(reason, nbytes=0)  refused message; reason = ContractError.reason
     observe_ingest(seconds)                receive -> decision latency of one result
-    observe_phase(phase, seconds)          duration of a round phase (dispatch/collect/fuse/distill/...)
+    observe_phase(phase, seconds)          duration of a round phase (configure/collect/aggregate/...)
     bytes_down(nbytes) / bytes_up(nbytes)  payload bytes server->devices / devices->server
     round_finished(state)                  a round reached a terminal state
     round_metrics(large_acc=, small_acc=, kd_loss=, round_id=)   latest model quality
@@ -77,7 +77,7 @@ platform_collector.PlatformCollector(registry=REGISTRY)
 gc_collector.GCCollector(registry=REGISTRY)
 
 # Round phases the orchestrator reports. Unknown phases are folded into "other" (bounded labels).
-PHASES = ("dispatch", "collect", "fuse", "distill", "evaluate", "persist", "total", "other")
+PHASES = ("configure", "dispatch", "collect", "aggregate", "fuse", "distill", "evaluate", "persist", "total", "other")
 _LABEL_RE = re.compile(r"[^a-z0-9_]")
 
 DEVICES_ONLINE = Gauge("koala_devices_online", "Devices whose last status is online.", registry=REGISTRY)

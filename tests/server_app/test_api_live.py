@@ -83,7 +83,13 @@ def test_round_control_and_metrics_over_live_rounds(live):
     assert after[("koala_large_model_accuracy", ())] == pytest.approx(r0["metrics"]["large_test_acc"])
     assert after[("koala_model_metrics_round", ())] == 0
     accepted = ("koala_ingest_outcomes_total", (("outcome", "accepted"), ("reason", "")))
-    assert after[accepted] == before.get(accepted, 0) + 2  # both devices' results, as ingested
+    assert after[accepted] == 2  # this server's Ingestor: both devices' results
+    sub = ("koala_submissions_accepted_total", ())  # process-wide counter fed by ingestion's hook
+    assert after[sub] - before.get(sub, 0) == 2 - before.get(accepted, 0)
+    assert after[("koala_bytes_up_total", ())] > before.get(("koala_bytes_up_total", ()), 0)
+    assert after[("koala_bytes_down_total", ())] > before.get(("koala_bytes_down_total", ()), 0)
+    collect = ("koala_round_phase_seconds_count", (("phase", "collect"),))
+    assert after[collect] == before.get(collect, 0) + 1
     hist = c.get("/api/v1/metrics/rounds", headers=AUTH).json()
     assert hist[0]["round_id"] == 0 and hist[0]["large_acc"] == pytest.approx(r0["metrics"]["large_test_acc"])
     assert hist[0]["bytes_up"] > 0 and hist[0]["bytes_down"] > 0 and hist[0]["small_acc"] is not None
