@@ -239,11 +239,11 @@ function onEvents(list) {
 async function liveLoop() {
   let backoff = 1000;
   for (;;) {
-    try { await streamOnce(); backoff = 1000; setLive(false, "reconnecting…"); }
+    try { await streamOnce(); backoff = 250; }  // the server ends streams every ~25 s: resume at once
     catch (e) {
       setLive(false, e instanceof ApiError && (e.status === 401 || e.status === 403) ? "token needed" : "offline");
       try { onSnapshot(await api("/live/snapshot")); } catch (_) { /* server down: keep last view */ }
-      backoff = Math.min(backoff * 2, 15000);
+      backoff = Math.min(Math.max(backoff, 500) * 2, 15000);
     }
     await new Promise((res) => setTimeout(res, backoff));
   }

@@ -5,8 +5,10 @@ every writer (orchestrator thread, ingestion, another server worker, a restarted
 already updates, so polling it once a second can never miss a change the way a bus fed from one
 process could. Each stream sends a `snapshot` only when something changed, new rows of the
 event log as `events`, and a comment every 15 s so proxies keep the connection open. A stream
-ends after `max_s` seconds; EventSource (and the dashboard's fetch reader) reconnect on their own,
-which also keeps a forgotten tab from pinning a server worker forever.
+ends after `max_s` seconds (default 25); EventSource (and the dashboard's fetch reader) reconnect on
+their own. Why short-lived: uvicorn's graceful shutdown waits for in-flight responses and does not
+tell a streaming response it is shutting down, so a long stream would hold a server restart (run
+uvicorn with `timeout_graceful_shutdown` as well); it also keeps a forgotten tab from pinning a worker.
 """
 
 from __future__ import annotations
@@ -84,7 +86,7 @@ def _sse(event: str, data: str, event_id: int | None = None) -> str:
 async def stream(
     request: Request,
     poll_s: Annotated[float, Query(ge=0.2, le=30.0, description="database poll period")] = 1.0,
-    max_s: Annotated[float, Query(ge=1.0, le=3600.0, description="close the stream after this long")] = 300.0,
+    max_s: Annotated[float, Query(ge=1.0, le=3600.0, description="close the stream after this long")] = 25.0,
 ) -> StreamingResponse:
     reg = get_registry(request)
     try:
