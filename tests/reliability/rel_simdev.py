@@ -69,6 +69,7 @@ class SimFleet:
         self.sent: Counter[tuple[str, int]] = Counter()  # results published (PUBACK or not)
         self.acked: Counter[str] = Counter()
         self.frames: dict[tuple[str, int], bytes] = {}  # last result frame per (device, round)
+        self.assigned: dict[tuple[str, int], cm.Assignment] = {}  # decoded assignments
         self.errors: list[str] = []
         self._later: list[tuple[float, int, Callable[[], None]]] = []
         self._seq = 0
@@ -85,6 +86,18 @@ class SimFleet:
 
     def publish(self, dev: str, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
         self.call(lambda: self.clients[dev].publish(topic, payload, qos=qos, retain=retain))
+
+    def answer(self, dev: str, round_id: int) -> bytes:
+        """Publish the valid result a silent device held back (the test decides when)."""
+        frame = result_frame(dev, self.assigned[(dev, round_id)], arch=self.arch, logits_shape=self.logits_shape)
+        self.frames[(dev, round_id)] = frame
+
+        def send() -> None:
+            self.clients[dev].publish(topics.device_result(dev), frame, qos=1)
+            self.sent[(dev, round_id)] += 1
+
+        self.call(send)
+        return frame
 
     def start(self, timeout_s: float = 60.0) -> SimFleet:
         for dev in self.ids:
@@ -162,6 +175,7 @@ class SimFleet:
             self.errors.append(f"bad assignment for {dev}: {exc!r}")
             return
         self.assignments[(dev, asg.round_id)] += 1
+        self.assigned[(dev, asg.round_id)] = asg
         what = self.behaviour(dev, asg.round_id)
         if what == "silent":
             return

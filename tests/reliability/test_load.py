@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 
-from conftest import server_options, wait_for
+from rel_helpers import server_options, wait_for
 from rel_simdev import SimFleet
 
 N_DEVICES = 200

@@ -1,0 +1,159 @@
+"""Helpers of the reliability tests (imported by name: `conftest` is shadowed by tests/conftest.py).
+
+Everything here drives *real* components on loopback: the real `ServerServices` as its own OS
+process (`rel_server.py`, so it can be SIGKILLed), registry reads with a fresh engine (what was
+committed, never the server's session), and a bare paho publisher for crafted payloads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SMALL_LARGE = {"width": 8, "fc": 32}  # LargeCNN kwargs: a few thousand parameters on 8x8 inputs
+
+
+def wait_for(cond: Callable[[], Any], timeout_s: float, what: str = "condition", step: float = 0.1) -> Any:
+    """Poll until cond() is truthy; fail the test with `what` on timeout (behaviour, not timing)."""
+    t_end = time.monotonic() + timeout_s
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > t_end:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(step)
+
+
+def server_options(db_url: str, data_dir: Path, files: dict[str, str], port: int, **kw: Any) -> Any:
+    """ServerOptions for a logits-only KOALA server on digits (simulated devices can answer it)."""
+    from server_app.services import ServerOptions
+
+    base: dict[str, Any] = dict(
+        db_url=db_url, data_dir=str(data_dir), broker_port=port, shared_subscriptions=True,
+        strategy="koala_homo", strategy_options={"variant": "logits"}, large=dict(SMALL_LARGE), rounds=3,
+        round_timeout_s=30.0, min_devices=1, wait_devices_s=30.0, quorum_fraction=0.5, eval_samples=100,
+        torch_threads=1, **files,
+    )  # fmt: skip
+    base.update(kw)
+    return ServerOptions(**base)
+
+
+class ServerProcess:
+    """`rel_server.py` as a child process: start() waits for READY; kill() is SIGKILL."""
+
+    def __init__(self, options: Any, workdir: Path):
+        self.options = options
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / f"server{self.starts}.log"
+
+    def start(self, timeout_s: float = 120.0) -> ServerProcess:
+        self.starts += 1
+        opts = self.workdir / "server_options.json"
+        opts.write_text(json.dumps(asdict(self.options)))
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "rel_server.py"), str(opts)], stdout=subprocess.PIPE,
+                                     stderr=log, env=env, cwd=REPO)  # fmt: skip
+        log.close()
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()  # blocks until READY or the child dies
+        if b"READY" not in line:
+            self.proc.wait(10)
+            raise AssertionError(f"server did not start:\n{self.log_path.read_text()[-3000:]}")
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def logs(self) -> str:
+        return "".join((self.workdir / f"server{i}.log").read_text() for i in range(1, self.starts + 1))
+
+
+class Db:
+    """Read-only views over a registry URL (a new Registry each time: never the server's session)."""
+
+    def __init__(self, url: str):
+        from server_app.registry import Registry
+
+        self.reg = Registry(url)
+
+    def rounds(self) -> dict[int, Any]:
+        from server_app.registry import crud
+
+        return {r.id: r for r in self.reg.run(crud.list_rounds, limit=crud.MAX_PAGE)}
+
+    def assignments(self, round_id: int | None = None) -> list[Any]:
+        from server_app.registry import crud
+
+        return list(self.reg.run(crud.list_assignments, round_id=round_id, limit=crud.MAX_PAGE))
+
+    def rejections(self) -> list[dict[str, Any]]:
+        from sqlalchemy import select
+
+        from server_app.registry.models import Event
+
+        def fn(s: Any) -> list[dict[str, Any]]:
+            rows = s.scalars(select(Event).where(Event.kind == "rejected").order_by(Event.id))
+            return [{"device_id": e.device_id, "round_id": e.round_id, **(e.detail or {})} for e in rows]
+
+        return self.reg.run(fn)
+
+    def models(self) -> list[Any]:
+        from sqlalchemy import select
+
+        from server_app.registry.models import ModelVersion
+
+        return list(self.reg.run(lambda s: list(s.scalars(select(ModelVersion).order_by(ModelVersion.version)))))
+
+    def close(self) -> None:
+        self.reg.dispose()
+
+
+class RawPublisher:
+    """A bare paho client: publishes exactly the bytes a test crafts (no contract codec in between)."""
+
+    def __init__(self, host: str, port: int, client_id: str = "rel-raw", **auth: Any):
+        import paho.mqtt.client as mqtt
+
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+        if auth:
+            self.client.username_pw_set(auth["username"], auth.get("password"))
+        self.client.connect(host, port, keepalive=30)
+        self.client.loop_start()
+        self.sent = 0
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1) -> None:
+        info = self.client.publish(topic, payload, qos=qos)
+        info.wait_for_publish(15)
+        self.sent += 1
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
