@@ -317,7 +317,9 @@ def record_submission(
         .where(
             Assignment.round_id == round_id,
             Assignment.device_id == device_id,
-            Assignment.status == "assigned",
+            # "rejected" with no digest = only malformed messages were refused so far: a device's
+            # later valid result in the same round must still be taken (was silently swallowed).
+            Assignment.status.in_(("assigned", "rejected")),
             Assignment.digest.is_(None),
         )
         .values(**values)
