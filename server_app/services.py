@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from device_firmware_py.agent.link import MqttLink, Will
 from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
+from device_firmware_py.mqtt import MqttClient, Will
 
 log = logging.getLogger("koala.services")
 SHARE_GROUP = "koala-server"
@@ -70,7 +70,7 @@ class ServerServices:
         self.options = options
         self.settings = settings
         self.registry: Any = None
-        self.link: MqttLink | None = None
+        self.link: MqttClient | None = None
         self.presence: Any = None
         self.ingestor: Any = None
         self.fleet: Any = None
@@ -121,7 +121,7 @@ class ServerServices:
         self.presence = Presence()
         self.ingestor = Ingestor(self.store, self.presence, lambda: self.fleet.collection if self.fleet else None)
         offline = codec.encode_control(cm.ServerStatus(state="offline"))
-        self.link = MqttLink(
+        self.link = MqttClient(
             o.client_id or f"koala-server-{os.getpid()}-{secrets.token_hex(3)}", o.broker_host, o.broker_port,
             username=o.broker_username, password=o.broker_password, tls=o.broker_tls, ca_file=o.broker_ca_file,
             clean_session=True, will=Will(topics.server_status(), offline, 1, True),
@@ -155,8 +155,7 @@ class ServerServices:
         time.sleep(0.2)
         self.link.publish(probe, b"probe", 1, False)
         ok = got.wait(timeout_s)
-        self.link.client.unsubscribe(f"$share/koala-probe-{token}/{probe}")
-        self.link._subs = [s for s in self.link._subs if token not in s[0]]
+        self.link.unsubscribe(f"$share/koala-probe-{token}/{probe}")
         log.info("shared subscription probe supported=%s", ok)
         return ok
 

@@ -26,13 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from device_firmware_py.agent.link import MqttLink, Will
 from device_firmware_py.agent.state import PHASE_ASSIGNED, PHASE_DONE, AgentState, RoundState
 from device_firmware_py.agent.wire import assignment_from_wire, clean_metrics, result_to_wire
 from device_firmware_py.config import DeviceConfig, file_sha256
 from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
 from device_firmware_py.contract.errors import ContractError
+from device_firmware_py.mqtt import MqttClient, Will
 from device_firmware_py.task import execute_assignment, label_histogram
 
 log = logging.getLogger("koala.agent")
@@ -115,7 +115,7 @@ class DeviceAgent:
     def connect(self) -> None:
         cfg = self.cfg
         offline = codec.encode_control(cm.DeviceStatus(device_id=cfg.device_id, state="offline"))
-        self._client = MqttLink(
+        self._client = MqttClient(
             cfg.mqtt_client_id,
             host=cfg.host,
             port=cfg.port,

@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_firmware_py.agent.link import MqttLink
 from device_firmware_py.agent.wire import assignment_to_wire
 from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
+from device_firmware_py.mqtt import MqttClient
 from device_firmware_py.task import Assignment
 
 pytestmark = pytest.mark.mosquitto
@@ -50,7 +50,7 @@ def fleet(tmp_path, mosquitto_broker):
     c["quantize"] = False  # int8 re-quantization is covered by the e2e tests; keep this one quick
     cfg.write_text(json.dumps(c))
     got: dict[str, list[bytes]] = {}
-    mon = MqttLink(f"mon-{secrets.token_hex(3)}", mosquitto_broker.host, mosquitto_broker.port, clean_session=True)
+    mon = MqttClient(f"mon-{secrets.token_hex(3)}", mosquitto_broker.host, mosquitto_broker.port, clean_session=True)
     mon.subscribe(f"{topics.PREFIX}/devices/{DEV}/#", 1, lambda t, p: got.setdefault(t, []).append(p))
     assert mon.start(wait_s=10)
     procs: list[subprocess.Popen] = []

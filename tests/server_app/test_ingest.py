@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_firmware_py.agent.link import MqttLink
 from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
+from device_firmware_py.mqtt import MqttClient
 from server_app.engine.types import Assignment
 
 pytestmark = pytest.mark.mosquitto
@@ -47,14 +47,14 @@ def server(registry, mosquitto_broker, tmp_path):
 
     store = RegistryStore(registry, tmp_path)
     presence = Presence()
-    link = MqttLink(f"srv-{secrets.token_hex(3)}", mosquitto_broker.host, mosquitto_broker.port, clean_session=True)
+    link = MqttClient(f"srv-{secrets.token_hex(3)}", mosquitto_broker.host, mosquitto_broker.port, clean_session=True)
     fleet = MqttFleet(link.publish, presence.online, store, proxy_shape=(P, C), proxy_digest=None, default_timeout_s=30)
     ingestor = Ingestor(store, presence, lambda: fleet.collection)
     link.subscribe(topics.shared("koala-server", topics.filter_results()), 1, ingestor.on_result)
     assert link.start(wait_s=10)
     devices = {}
     for d in ("d1", "d2"):
-        devices[d] = MqttLink(f"dev-{d}-{secrets.token_hex(3)}", mosquitto_broker.host, mosquitto_broker.port, clean_session=True)
+        devices[d] = MqttClient(f"dev-{d}-{secrets.token_hex(3)}", mosquitto_broker.host, mosquitto_broker.port, clean_session=True)
         assert devices[d].start(wait_s=10)
     yield store, fleet, ingestor, devices, registry
     for c in (link, *devices.values()):

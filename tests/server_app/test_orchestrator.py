@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_firmware_py.agent.link import MqttLink
 from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
+from device_firmware_py.mqtt import MqttClient
 
 pytestmark = pytest.mark.mosquitto
 
@@ -39,7 +39,7 @@ class ScriptedDevice:
         self.answer = threading.Event()
         self.assignments: list[int] = []
         offline = codec.encode_control(cm.DeviceStatus(device_id=device_id, state="offline"))
-        self.link = MqttLink(f"scripted-{secrets.token_hex(3)}", broker.host, broker.port, clean_session=True,
+        self.link = MqttClient(f"scripted-{secrets.token_hex(3)}", broker.host, broker.port, clean_session=True,
                              will=None)  # fmt: skip
         self._offline = offline
         self.link.subscribe(topics.device_assign(device_id), 1, self._on_assign)
