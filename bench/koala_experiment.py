@@ -21,16 +21,19 @@ PARTS_DIR = RESULTS / "koala_fmnist_parts"
 BASE = {
     "dataset": "fashion-mnist", "devices": 20, "alpha": 0.5, "proxy_size": 5000, "train_size": 6000,
     "rounds": 5, "homo_arch": "cnn_small", "hetero_archs": ["mlp_tiny", "cnn_small", "mobilenet_tiny"],
-    "seed": 0, "temperature": 1.0, "local_epochs": 1, "lr": 1e-3, "rkd_epochs": 2, "proxy_per_round": 2000, "fkd_epochs": 1,
+    "seed": 0, "temperature": 1.0, "local_epochs": 1, "lr": 1e-3, "rkd_epochs": 2, "proxy_per_round": 1000, "fkd_epochs": 1,
     "large": {"width": 16}, "eval_samples": 2000, "small_eval_samples": 500, "torch_threads": 1,
 }  # fmt: skip
 
 PARTS = {
-    "main": ["fedavg_large", "koala_homo", "koala_homo_logits", "fedavg_small", "local_only"],
-    "hetero": ["koala_hetero", "koala_hetero_mean", "koala_hetero_group"],
-    # gap-closing ideas, one change at a time from koala_homo_logits (naive ensemble distillation)
-    "ablate": [
+    "large": ["fedavg_large"],  # does not use the proxy set
+    "a": ["koala_homo", "koala_homo_logits", "koala_hetero", "fedavg_small", "local_only"],
+    # b: the other fusion / reverse-KD variants, then gap-closing ideas, one change at a time from
+    # koala_homo_logits (naive ensemble distillation)
+    "b": [
+        "koala_hetero_mean",
         {"name": "homo_logits+class_aware", "preset": "koala_homo_logits", "options": {"fusion": "class_aware"}},
+        "koala_hetero_group",
         {"name": "homo_logits+T3", "preset": "koala_homo_logits", "options": {"temperature": 3.0}},
         {"name": "homo_logits+rkd4", "preset": "koala_homo_logits", "options": {"rkd_epochs": 4}},
         {"name": "homo_logits+post_kd", "preset": "koala_homo_logits", "options": {"post_kd_epochs": 1}},

@@ -101,8 +101,8 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> SimConfig:
             data = yaml.safe_load(text) or {}
         else:
             raise ValueError(f"config must be .json, .toml or .yaml, got {p.name}")
+    data.update({k: v for k, v in overrides.items() if v is not None})
     unknown = set(data) - set(SimConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    data.update({k: v for k, v in overrides.items() if v is not None})
     return SimConfig(**data)

@@ -24,7 +24,7 @@ def _write_idx(path, arr, gz):
 def test_digits():
     ds = load_dataset("digits")
     assert ds.x_train.shape[1:] == (8, 8, 1) and ds.x_train.dtype == np.float32
-    assert ds.y_train.dtype == np.int64 and 0 <= ds.x_train.min() and ds.x_train.max() <= 1
+    assert ds.y_train.dtype == np.int64 and ds.x_train.min() >= 0 and ds.x_train.max() <= 1
     assert len(ds.y_train) + len(ds.y_test) == 1797
 
 
@@ -68,7 +68,7 @@ def test_dirichlet_partition_disjoint_min_and_seeded():
     assert len(allidx) == len(np.unique(allidx)) == len(y)
     assert min(len(p) for p in parts) >= 20
     again = dirichlet_partition(y, 8, 0.3, seed=3, min_samples=20)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
     # label skew: small alpha gives devices very uneven class mixes
     hist = np.array([np.bincount(y[p], minlength=10) for p in parts])
     assert (hist == 0).sum() > 0 or hist.max() > 3 * hist.mean()

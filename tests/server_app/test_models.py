@@ -32,5 +32,5 @@ def test_flop_counter_matches_hand_count_for_a_linear():
 
 def test_same_seed_same_init():
     a, b = build_large((8, 8, 1), seed=5), build_large((8, 8, 1), seed=5)
-    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     assert param_count(a) > 1_000_000
