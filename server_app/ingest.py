@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -28,13 +28,15 @@ from device_firmware_py.contract import codec, engine_map, topics
 from device_firmware_py.contract import messages as cm
 from device_firmware_py.contract.errors import ContractError
 from server_app.engine.types import DeviceInfo, DeviceResult
+from server_app.registry.errors import RegistryUnavailable
 
 log = logging.getLogger("koala.ingest")
+MAX_DEFERRED = 10_000  # results held in memory while the registry is unreachable
 
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # "accepted" | "duplicate" | "rejected" | "late" | "ignored"
+    status: str  # "accepted" | "duplicate" | "rejected" | "late" | "ignored" | "deferred" (registry down: retried)
     reason: str | None = None
     round_id: int | None = None
     device_id: str | None = None
@@ -103,18 +105,60 @@ class Ingestor:
         self.max_bytes = max_bytes
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()  # one submission decision at a time (idempotency check + write)
+        self._pending: deque[tuple[str, bytes]] = deque()  # results parked while the registry is down
+        self._pending_lock = threading.Lock()
+        self._retry_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------- results
     def on_result(self, topic: str, payload: bytes) -> Outcome:
         t0 = time.perf_counter()
         try:
             out = self._result(topic, bytes(payload))
+        except RegistryUnavailable as exc:
+            # The broker already has our PUBACK: dropping the message here would lose the result
+            # for good. Park it and retry off the network thread until the database is back.
+            self._defer(topic, bytes(payload), exc)
+            out = Outcome("deferred")
         except Exception as exc:  # a bug here must not kill the MQTT thread: record and go on
             log.exception("ingest bug topic=%s", topic)
             out = self._reject(_topic_device(topic), None, "bad_field", f"internal: {exc!r}")
         self.counts[out.status if out.status != "rejected" else f"rejected:{out.reason}"] += 1
         _metrics(out, len(payload), time.perf_counter() - t0)
         return out
+
+    def _defer(self, topic: str, payload: bytes, exc: Exception) -> None:
+        """Queue a result the registry could not take; one daemon thread re-ingests the queue."""
+        with self._pending_lock:
+            if len(self._pending) >= MAX_DEFERRED:
+                dropped = self._pending.popleft()
+                log.error("deferred queue full, dropping oldest result topic=%s", dropped[0])
+            self._pending.append((topic, payload))
+            if self._retry_thread is None or not self._retry_thread.is_alive():
+                self._retry_thread = threading.Thread(target=self._retry_deferred, name="ingest-retry", daemon=True)
+                self._retry_thread.start()
+        log.warning("registry unavailable, result deferred topic=%s pending=%d error=%s", topic, len(self._pending), exc)
+
+    def _retry_deferred(self) -> None:
+        delay = 0.5
+        while True:
+            with self._pending_lock:
+                if not self._pending:
+                    return
+                topic, payload = self._pending[0]
+            try:
+                out = self._result(topic, payload)
+            except RegistryUnavailable:
+                time.sleep(delay)
+                delay = min(5.0, delay * 2)
+                continue
+            except Exception as exc:
+                log.exception("ingest bug (deferred) topic=%s", topic)
+                out = self._reject(_topic_device(topic), None, "bad_field", f"internal: {exc!r}")
+            delay = 0.5
+            with self._pending_lock:
+                self._pending.popleft()
+            self.counts[out.status if out.status != "rejected" else f"rejected:{out.reason}"] += 1
+            log.info("deferred result ingested topic=%s status=%s", topic, out.status)
 
     def _result(self, topic: str, payload: bytes) -> Outcome:
         nbytes = len(payload)
