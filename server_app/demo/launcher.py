@@ -249,6 +249,7 @@ class DemoRun:
         xs = [r["round"] for r in rows if r["small_test_acc_mean"] is not None]
         ax.plot(xs, [r["small_test_acc_mean"] for r in rows if r["small_test_acc_mean"] is not None], "s--",
                 label="small models (mean, on device)")  # fmt: skip
+        ax.set_xticks([r["round"] for r in rows])
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy")
         ax.set_title(f"KOALA over MQTT: {self.cfg.dataset}, {self.cfg.devices} devices, {self.cfg.mode}")
