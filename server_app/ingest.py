@@ -97,7 +97,6 @@ class Ingestor:
         collection: Callable[[], Any],
         *,
         max_bytes: int = codec.DEFAULT_MAX_FRAME_BYTES,
-        was_assigned: Callable[[int, str], bool] | None = None,
     ):
         self.store = store
         self.presence = presence

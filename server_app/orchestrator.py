@@ -207,9 +207,10 @@ class RegistryStore:
         self.reg.run(crud.add_model_version, kind=kind, arch=arch, path=str(path), sha256=hashlib.sha256(data).hexdigest(),
                      nbytes=len(data), round_id=round_id, metrics=metrics, version=version)  # fmt: skip
 
-    def latest_model(self, kind: str, arch: str) -> tuple[int, Path] | None:
+    def latest_model(self, kind: str, arch: str) -> tuple[int, Path, int | None] | None:
+        """(version, path, round that produced it) of the newest registered model."""
         mv = self.reg.run(crud.latest_model_version, kind, arch)
-        return None if mv is None else (int(mv.version), Path(mv.path))
+        return None if mv is None else (int(mv.version), Path(mv.path), mv.round_id)
 
     def event(self, kind: str, **kw: Any) -> None:
         self.reg.run(crud.record_event, kind, **kw)
@@ -347,6 +348,11 @@ class RoundOrchestrator:
         rid, state = last
         if state in cm.TERMINAL_ROUND_STATES:
             return rid + 1
+        if latest is not None and latest[2] == rid:
+            # died after saving this round's model but before marking it: do not distil it twice
+            self.store.transition(rid, "completed")
+            self._announce(rid, "completed")
+            return rid + 1
         log.info("resuming round=%d state=%s", rid, state)
         return rid
 
@@ -467,7 +473,6 @@ class RoundOrchestrator:
     def _completed(self, report: RoundReport) -> None:
         """run_rounds' progress hook: the round aggregated and evaluated -> persist, then announce."""
         n = report.round_id
-        self.store.transition(n, "aggregating")
         m = report.metrics
         m.update(self.fleet.last_stats)
         m["t_server_kd_s"] = m.get("t_aggregate_s", 0.0)
