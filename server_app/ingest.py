@@ -31,6 +31,7 @@ from server_app.engine.types import DeviceInfo, DeviceResult
 from server_app.registry.errors import RegistryUnavailable
 
 log = logging.getLogger("koala.ingest")
+MAX_RESULTS_PER_ROUND = 8  # result messages one device may send per round (QoS 1 redeliveries included)
 MAX_DEFERRED = 10_000  # results held in memory while the registry is unreachable
 
 
@@ -97,6 +98,7 @@ class Ingestor:
         collection: Callable[[], Any],
         *,
         max_bytes: int = codec.DEFAULT_MAX_FRAME_BYTES,
+        max_results_per_round: int = MAX_RESULTS_PER_ROUND,
     ):
         self.store = store
         self.presence = presence
@@ -104,6 +106,8 @@ class Ingestor:
         self.max_bytes = max_bytes
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()  # one submission decision at a time (idempotency check + write)
+        self.max_results_per_round = max_results_per_round
+        self._attempts: Counter[tuple[str | None, int | None]] = Counter()  # result messages per (device, round)
         self._pending: deque[tuple[str, bytes]] = deque()  # results parked while the registry is down
         self._pending_lock = threading.Lock()
         self._retry_thread: threading.Thread | None = None
@@ -112,7 +116,8 @@ class Ingestor:
     def on_result(self, topic: str, payload: bytes) -> Outcome:
         t0 = time.perf_counter()
         try:
-            out = self._result(topic, bytes(payload))
+            limited = self._over_limit(topic, bytes(payload))
+            out = limited or self._result(topic, bytes(payload))
         except RegistryUnavailable as exc:
             # The broker already has our PUBACK: dropping the message here would lose the result
             # for good. Park it and retry off the network thread until the database is back.
@@ -124,6 +129,23 @@ class Ingestor:
         self.counts[out.status if out.status != "rejected" else f"rejected:{out.reason}"] += 1
         _metrics(out, len(payload), time.perf_counter() - t0)
         return out
+
+    def _over_limit(self, topic: str, payload: bytes) -> Outcome | None:
+        """Per-device limit on result messages per round: a device (even an authenticated one,
+        which the ACL lets publish on its own topic) cannot flood the registry with rejections.
+        The first message over the limit is recorded; the rest are only counted."""
+        dev, rnd = _topic_device(topic), _frame_round(payload)
+        with self._lock:
+            if len(self._attempts) > 100_000:  # bounded memory under a flood of bogus round ids
+                self._attempts.clear()
+            self._attempts[(dev, rnd)] += 1
+            n = self._attempts[(dev, rnd)]
+        if n <= self.max_results_per_round:
+            return None
+        if n == self.max_results_per_round + 1:
+            return self._reject(dev, rnd, "rate_limited", f"more than {self.max_results_per_round} result messages "
+                                f"for this round", mark=False)  # fmt: skip
+        return Outcome("rejected", "rate_limited", rnd, dev)
 
     def _defer(self, topic: str, payload: bytes, exc: Exception) -> None:
         """Queue a result the registry could not take; one daemon thread re-ingests the queue."""

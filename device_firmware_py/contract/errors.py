@@ -29,6 +29,7 @@ REASONS: frozenset[str] = frozenset(
         "revoked_device",  # device credentials revoked
         "late",  # result after the round deadline
         "duplicate",  # second distinct submission for the same (round, device)
+        "rate_limited",  # more result messages for one (round, device) than the server takes
     }
 )
 
