@@ -163,6 +163,8 @@ class DeviceAgent:
             try:  # a clean exit says offline itself; the Last Will covers crashes
                 self._client.publish(topics.device_status(self.cfg.device_id), self._status("offline"), qos=1, retain=True,
                                      wait_s=2.0)
+            except (RuntimeError, ValueError) as exc:  # broker gone: the retained Last Will says it anyway
+                log.info("offline status not sent %s", _kv(error=exc))
             finally:
                 self._client.stop()
                 self._client = None

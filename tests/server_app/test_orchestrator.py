@@ -80,7 +80,8 @@ def test_restarted_server_resumes_collecting_round(db_url, mosquitto_broker, tmp
                 strategy_options={"variant": "logits", "rkd_epochs": 2}, large={"width": 8, "fc": 64}, rounds=2,
                 round_timeout_s=120.0, min_devices=2, quorum_fraction=1.0, eval_samples=100, torch_threads=1)  # fmt: skip
     agent = DeviceAgent(DeviceConfig.load(layout.devices[0]["config_path"]))
-    threading.Thread(target=agent.run, daemon=True).start()
+    agent_thread = threading.Thread(target=agent.run, daemon=True)
+    agent_thread.start()
     slow = ScriptedDevice("dev-slow", mosquitto_broker)
     p = layout.proxy_size
     slow.p = p  # type: ignore[attr-defined]
@@ -109,6 +110,7 @@ def test_restarted_server_resumes_collecting_round(db_url, mosquitto_broker, tmp
         assert sorted(v.version for v in versions) == [1, 2]
     finally:
         agent.stop()
+        agent_thread.join(30)
         slow.close()
         for s in (a, b):
             if s is not None and s.started:
