@@ -37,7 +37,7 @@ from server_app.engine.rounds import run_rounds
 from server_app.engine.strategy import Strategy
 from server_app.engine.types import DeviceResult, RoundReport
 from server_app.registry import crud
-from server_app.registry.errors import InvalidTransition
+from server_app.registry.errors import InvalidTransition, RegistryUnavailable
 from server_app.transport.mqtt_fleet import MqttFleet, QuorumNotMet, RoundAborted
 
 log = logging.getLogger("koala.orchestrator")
@@ -202,7 +202,7 @@ class RegistryStore:
         self.reg.run(crud.upsert_device_status_msg, status)
 
     # -- models
-    def add_model(self, kind: str, arch: str, path: Path, version: int, round_id: int, metrics: dict[str, Any]) -> None:
+    def add_model(self, kind: str, arch: str, path: Path, version: int, round_id: int | None, metrics: dict[str, Any]) -> None:
         data = path.read_bytes()
         self.reg.run(crud.add_model_version, kind=kind, arch=arch, path=str(path), sha256=hashlib.sha256(data).hexdigest(),
                      nbytes=len(data), round_id=round_id, metrics=metrics, version=version)  # fmt: skip
@@ -339,7 +339,10 @@ class RoundOrchestrator:
     def resume_point(self) -> int:
         """Load the newest saved strategy state; return the round to run next (unfinished first)."""
         latest = self.store.latest_model("large", LARGE_ARCH)
-        if latest is not None:
+        if latest is None:  # version 0 = the initial model: what a round-0 retry must restart from
+            version = int(getattr(self.strategy, "version", 0))
+            self.store.add_model("large", LARGE_ARCH, self.checkpoint.save(self.strategy, version), version, None, {})
+        else:
             self.model_version = self.checkpoint.load(self.strategy, latest[1])
             log.info("strategy restored version=%d path=%s", self.model_version, latest[1])
         last = self.store.last_round()
@@ -367,8 +370,13 @@ class RoundOrchestrator:
                     continue
                 if not self._wait_for_devices():
                     continue
+                try:
+                    self._one_round(self.next_round)
+                except RegistryUnavailable as exc:  # the DB is the truth: resume as after a restart
+                    log.warning("registry unavailable, round will be resumed round=%d error=%s", self.next_round, exc)
+                    self._resume_after_outage()
+                    continue
                 self._requested = max(0, self._requested - 1)
-                self._one_round(self.next_round)
                 self.next_round += 1
                 if self.policy["interval_s"] > 0:
                     self._stop.wait(self.policy["interval_s"])
@@ -377,6 +385,15 @@ class RoundOrchestrator:
         except Exception:
             self.state = "crashed"
             log.exception("orchestrator crashed")
+
+    def _resume_after_outage(self) -> None:
+        """Reload the last saved strategy state and the round to run, once the registry answers."""
+        while not self._stop.wait(2.0):
+            try:
+                self.next_round = self.resume_point()
+                return
+            except RegistryUnavailable:
+                continue
 
     def _due(self) -> bool:
         """Run a round now? Automatic policy: until `rounds` ran; plus any operator request."""
@@ -409,6 +426,8 @@ class RoundOrchestrator:
             reports = run_rounds(self.strategy, self.fleet, 1, evaluate=self._evaluate, progress=self._completed,
                                  timeout_s=self.round_timeout_s, start_round=n)  # fmt: skip
             self.reports.extend(reports)
+        except RegistryUnavailable:
+            raise
         except QuorumNotMet as exc:
             self._fail(n, f"quorum not met: {exc.accepted} accepted < {exc.quorum}")
         except RoundAborted:

@@ -186,7 +186,7 @@ class DemoRun:
             for dev, p in self.agents.items():
                 if p.poll() is not None and p.returncode not in (0, -signal.SIGTERM, -signal.SIGKILL):
                     log.warning("agent exited device=%s code=%s", dev, p.returncode)
-            time.sleep(0.25)
+            time.sleep(0.5)
         if progress:
             self._progress_line(seen)
         self.rss_kib = {"server": _vm_hwm_kib(os.getpid())}

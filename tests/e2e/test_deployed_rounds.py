@@ -73,7 +73,8 @@ def _check(demo, expect_shared: bool) -> None:
         assert a.digest and a.bytes_up > 0
         assert (demo.run_dir / "server" / "submissions" / f"r{a.round_id}" / f"{a.device_id}.bin").is_file()
     models = reg.run(crud.list_model_versions, kind="large")
-    assert len(models) == ROUNDS and all(Path(m.path).is_file() for m in models)
+    assert sorted(m.version for m in models) == list(range(ROUNDS + 1))  # v0 = the initial model
+    assert all(Path(m.path).is_file() for m in models)
 
     # an outside subscriber sees retained device, round and server status
     host_port = int(demo.broker_url.rsplit(":", 1)[1])

@@ -107,7 +107,7 @@ def test_restarted_server_resumes_collecting_round(db_url, mosquitto_broker, tmp
         assert rep0.num_results == 2
         assert b.registry.run(crud.get_round, 1).state == "completed"
         versions = b.registry.run(crud.list_model_versions, kind="large")
-        assert sorted(v.version for v in versions) == [1, 2]
+        assert sorted(v.version for v in versions) == [0, 1, 2]  # v0: the initial model
     finally:
         agent.stop()
         agent_thread.join(30)
