@@ -47,7 +47,8 @@ assert set(ROUND_TRANSITIONS) == set(ROUND_STATES)
 
 
 def _page(limit: int, offset: int) -> tuple[int, int]:
-    return max(1, min(int(limit), MAX_PAGE)), max(0, int(offset))
+    # offset clamped to int64: a huge ?offset= was an OverflowError in the driver -> HTTP 500
+    return max(1, min(int(limit), MAX_PAGE)), max(0, min(int(offset), 2**62))
 
 
 # ---- devices ------------------------------------------------------------------------------------
