@@ -361,8 +361,11 @@ class RoundOrchestrator:
 
     def _main(self) -> None:
         try:
-            n = self.resume_point()
-            self.next_round = n
+            try:
+                self.next_round = self.resume_point()
+            except RegistryUnavailable as exc:
+                log.warning("registry unavailable at start, waiting error=%s", exc)
+                self._resume_after_outage()
             while not self._stop.is_set():
                 if not self._due():
                     self._wake.wait(0.5)
