@@ -56,8 +56,9 @@ class BrokerSettings(_Section):
     tls_cert: str | None = None
     tls_key: str | None = None
     protocol: Literal["3.1.1", "5"] = "3.1.1"
-    # `$share/{group}/...` for results/progress when several server workers split ingestion; None
-    # (default) = plain subscriptions, required on amqtt, which silently drops $share.
+    # `$share/{group}/...` for results/progress so several server workers split ingestion. None
+    # (default) = probe the broker at start: shared group `koala-server` where `$share` works,
+    # plain subscriptions where it does not (amqtt SUBACKs `$share` but silently delivers nothing).
     shared_group: str | None = None
 
     @field_validator("url")

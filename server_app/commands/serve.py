@@ -42,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
     port = args.port or settings.api.port
     logging.getLogger("koala.serve").info("serving api=http://%s:%d broker=%s db=%s", host, port, settings.broker.url,
                                           services.options.db_url.split("@")[-1])
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower())
+    # Bounded graceful shutdown: open dashboard SSE streams must not hold a Ctrl-C for long.
+    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
     return 0

@@ -33,7 +33,9 @@ class DemoConfig:
     dataset: str = "fashion-mnist"
     devices: int = 5
     rounds: int = 5
-    mode: str = "homo"  # homo: cnn_small everywhere (FedAvg-small then KD, the paper); hetero: 3 archs, logits
+    mode: str = (
+        "homo"  # homo: cnn_small everywhere (FedAvg-small then KD, the paper); hetero: 3 archs, logits
+    )
     alpha: float | None = 0.5
     proxy_size: int = 1000
     train_size: int | None = 10000
@@ -134,7 +136,14 @@ class DemoRun:
         self.services = ServerServices(opts)
         app = create_app(self.services)
         self.http_port = c.http_port or free_port()
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.http_port, log_level="warning", lifespan="on")
+        config = uvicorn.Config(
+            app,
+            host="127.0.0.1",
+            port=self.http_port,
+            log_level="warning",
+            lifespan="on",
+            timeout_graceful_shutdown=5,
+        )
         self.server = uvicorn.Server(config)
         self._server_thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
         self._server_thread.start()
@@ -143,7 +152,9 @@ class DemoRun:
             if not self._server_thread.is_alive() or time.monotonic() > t_end:
                 raise RuntimeError("server did not start (see the log above)")
             time.sleep(0.05)
-        log.info("server up api=http://127.0.0.1:%d shared_subscriptions=%s", self.http_port, self.services.shared)
+        log.info(
+            "server up api=http://127.0.0.1:%d shared_subscriptions=%s", self.http_port, self.services.shared
+        )
 
     def _start_agents(self) -> None:
         logs = self.run_dir / "logs"
@@ -152,7 +163,9 @@ class DemoRun:
         for d in self.layout.devices:
             self.start_agent(d["device_id"], env=env, log_path=logs / f"{d['device_id']}.log")
 
-    def start_agent(self, device_id: str, env: dict[str, str] | None = None, log_path: Path | None = None) -> subprocess.Popen:
+    def start_agent(
+        self, device_id: str, env: dict[str, str] | None = None, log_path: Path | None = None
+    ) -> subprocess.Popen:
         cfg_path = next(d["config_path"] for d in self.layout.devices if d["device_id"] == device_id)
         log_path = log_path or self.run_dir / "logs" / f"{device_id}.log"
         out = open(log_path, "ab")  # noqa: SIM115 - handed to the child process
@@ -215,7 +228,11 @@ class DemoRun:
         rows = []
         for rep in self.services.orchestrator.reports:
             m = rep.metrics
-            small = [dm.get("test_acc") for dm in rep.device_metrics.values() if isinstance(dm.get("test_acc"), float)]
+            small = [
+                dm.get("test_acc")
+                for dm in rep.device_metrics.values()
+                if isinstance(dm.get("test_acc"), float)
+            ]
             rows.append({
                 "round": rep.round_id, "large_test_acc": m.get("large_test_acc"),
                 "small_test_acc_mean": sum(small) / len(small) if small else None,
@@ -245,7 +262,12 @@ class DemoRun:
             return None
         rows = results["rounds"]
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.plot([r["round"] for r in rows], [r["large_test_acc"] for r in rows], "o-", label="large model (server)")
+        ax.plot(
+            [r["round"] for r in rows],
+            [r["large_test_acc"] for r in rows],
+            "o-",
+            label="large model (server)",
+        )
         xs = [r["round"] for r in rows if r["small_test_acc_mean"] is not None]
         ax.plot(xs, [r["small_test_acc_mean"] for r in rows if r["small_test_acc_mean"] is not None], "s--",
                 label="small models (mean, on device)")  # fmt: skip
