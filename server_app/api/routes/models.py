@@ -138,7 +138,7 @@ def download_artifact(name: Name) -> FileResponse:
 def download_model(
     kind: Literal["large", "small"],
     arch: Name,
-    version: Annotated[int, Path(ge=0)],
+    version: Annotated[int, Path(ge=0, le=2**31 - 1)],  # Integer column: larger was a 500
     s: Annotated[Session, Depends(db)],
 ) -> FileResponse:
     mv = find_model_version(s, kind, arch, version)
