@@ -38,6 +38,17 @@ PARTS = {
         {"name": "homo_logits+rkd4", "preset": "koala_homo_logits", "options": {"rkd_epochs": 4}},
         {"name": "homo_logits+post_kd", "preset": "koala_homo_logits", "options": {"post_kd_epochs": 1}},
     ],
+    # compute-matched devices: a small model costs ~50x fewer FLOPs than the large one, so 5 local
+    # epochs still cost devices ~10x less than FedAvg-large's single epoch
+    "c": [
+        {"name": "homo_logits+class_aware+local5", "preset": "koala_homo_logits",
+         "options": {"fusion": "class_aware", "local_epochs": 5}},
+        {"name": "koala_homo+local5", "preset": "koala_homo", "options": {"local_epochs": 5}},
+    ],
+    "d": [
+        {"name": "koala_homo+local5+rkd4", "preset": "koala_homo", "options": {"local_epochs": 5, "rkd_epochs": 4}},
+        {"name": "koala_hetero+local5", "preset": "koala_hetero", "options": {"local_epochs": 5}},
+    ],
 }
 
 
@@ -62,8 +73,14 @@ def merge() -> None:
     (RESULTS / "koala_fmnist.json").write_text(json.dumps(rows, indent=1))
     (RESULTS / "koala_fmnist_curves.json").write_text(json.dumps({"config": BASE, "curves": curves}, indent=1))
     plot_curves(curves, RESULTS / "koala_fmnist.png", "Fashion-MNIST, 20 devices, Dirichlet 0.5, 5k proxy")
+    f = lambda v, d=4: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
+    print("| method | mode | large acc | gap vs FedAvg-large | small acc (dev mean) | storage red. | FLOPs red. | up B/dev/round | down B/dev/round | uplink red. | wall s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"{r['method']:28s} large={r['large_test_acc']} small={r['small_test_acc_mean']} wall={r['wall_s']:.0f}s")
+        print(f"| {r['method']} | {r['mode']} | {f(r['large_test_acc'])} | {f(r.get('large_acc_gap_vs_fedavg_large'))} | "
+              f"{f(r['small_test_acc_mean'])} | {f(r.get('storage_reduction_vs_fedavg_large'))} | "
+              f"{f(r.get('flops_reduction_vs_fedavg_large'))} | {r['bytes_up_per_device_round']:.0f} | "
+              f"{r['bytes_down_per_device_round']:.0f} | {f(r.get('uplink_reduction_vs_fedavg_large'))} | {r['wall_s']:.0f} |")
 
 
 if __name__ == "__main__":
