@@ -30,7 +30,7 @@ def list_events(
     kind: Annotated[str | None, Query(max_length=64, examples=["rejected"])] = None,
     level: Literal["debug", "info", "warning", "error"] | None = None,
     device_id: Annotated[str | None, Query(max_length=128)] = None,
-    round_id: Annotated[int | None, Query(ge=0, le=2**53)] = None,
+    round_id: Annotated[int | None, Query(ge=0, le=2**31 - 1)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
     offset: Annotated[int, Query(ge=0)] = 0,
 ) -> Page[EventOut]:

@@ -29,7 +29,7 @@ from server_app.registry import crud
 from server_app.registry.models import Round
 
 router = APIRouter(prefix="/rounds", tags=["rounds"])
-RoundId = Annotated[int, Path(ge=0, le=2**53, description="round id", examples=[3])]
+RoundId = Annotated[int, Path(ge=0, le=2**31 - 1, description="round id", examples=[3])]
 RoundState = Literal["created", "collecting", "aggregating", "distilling", "completed", "failed", "aborted"]
 
 
