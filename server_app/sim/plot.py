@@ -12,20 +12,23 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], path: str | Path, title
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 5.5))
-    for name, rows in curves.items():
+    fig, ax = plt.subplots(figsize=(10, 6))
+    cmap = plt.get_cmap("tab20")
+    for i, (name, rows) in enumerate(curves.items()):
+        style = {"color": cmap(i % 20), "linestyle": "-" if i < 10 else "-."}
         xs = [r["round"] + 1 for r in rows]
         large = [r.get("large_test_acc") for r in rows]
         if any(v is not None for v in large):
-            ax.plot(xs, [v if v is not None else float("nan") for v in large], marker="o", label=f"{name} (large)")
+            ax.plot(xs, [v if v is not None else float("nan") for v in large], marker="o", label=f"{name} (large)", **style)
         else:
             small = [r.get("small_test_acc_mean") for r in rows]
-            ax.plot(xs, small, linestyle="--", marker="x", label=f"{name} (small, device mean)")
+            style["linestyle"] = "--"
+            ax.plot(xs, small, marker="x", label=f"{name} (small, device mean)", **style)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
