@@ -49,30 +49,44 @@ PARTS = {
         {"name": "koala_homo+local5+rkd4", "preset": "koala_homo", "options": {"local_epochs": 5, "rkd_epochs": 4}},
         {"name": "koala_hetero+local5", "preset": "koala_hetero", "options": {"local_epochs": 5}},
     ],
+    # the best settings of a-d, for longer runs (`--rounds 10`)
+    "best": [
+        {"name": "koala_homo+local5+rkd4", "preset": "koala_homo", "options": {"local_epochs": 5, "rkd_epochs": 4}},
+        {"name": "koala_hetero_mean+local5+rkd4", "preset": "koala_hetero_mean",
+         "options": {"local_epochs": 5, "rkd_epochs": 4}},
+    ],
 }
 
 
-def run_part(part: str) -> None:
+def _part_dir(part: str, rounds: int | None) -> Path:
+    """Runs longer than BASE's rounds keep their own parts so both tables can be rebuilt."""
+    return PARTS_DIR / (part if rounds is None else f"{part}_r{rounds}")
+
+
+def run_part(part: str, rounds: int | None = None) -> None:
     from server_app.sim import load_config, run_experiment
 
-    cfg = load_config(None, **{**BASE, "methods": PARTS[part], "out": str(PARTS_DIR / part)})
+    base = BASE if rounds is None else {**BASE, "rounds": rounds}
+    cfg = load_config(None, **{**base, "methods": PARTS[part], "out": str(_part_dir(part, rounds))})
     run_experiment(cfg, progress=True, write=True)
 
 
-def merge() -> None:
+def merge(rounds: int | None = None) -> None:
     from server_app.sim.plot import plot_curves
     from server_app.sim.runner import add_reductions
 
+    stem = "koala_fmnist" if rounds is None else f"koala_fmnist_r{rounds}"
     rows, curves = [], {}
     for part in PARTS:
-        d = PARTS_DIR / part
+        d = _part_dir(part, rounds)
         if (d / "results.json").exists():
             rows += json.loads((d / "results.json").read_text())
             curves.update(json.loads((d / "curves.json").read_text())["curves"])
     add_reductions(rows)
-    (RESULTS / "koala_fmnist.json").write_text(json.dumps(rows, indent=1))
-    (RESULTS / "koala_fmnist_curves.json").write_text(json.dumps({"config": BASE, "curves": curves}, indent=1))
-    plot_curves(curves, RESULTS / "koala_fmnist.png", "Fashion-MNIST, 20 devices, Dirichlet 0.5, 5k proxy")
+    config = BASE if rounds is None else {**BASE, "rounds": rounds}
+    (RESULTS / f"{stem}.json").write_text(json.dumps(rows, indent=1))
+    (RESULTS / f"{stem}_curves.json").write_text(json.dumps({"config": config, "curves": curves}, indent=1))
+    plot_curves(curves, RESULTS / f"{stem}.png", "Fashion-MNIST, 20 devices, Dirichlet 0.5, 5k proxy")
     f = lambda v, d=4: "-" if v is None else f"{v:.{d}f}"  # noqa: E731
     print("| method | mode | large acc | gap vs FedAvg-large | small acc (dev mean) | storage red. | FLOPs red. | up B/dev/round | down B/dev/round | uplink red. | wall s |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -87,8 +101,9 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--part", choices=sorted(PARTS))
     ap.add_argument("--merge", action="store_true")
+    ap.add_argument("--rounds", type=int, default=None, help="override BASE rounds (own parts dir and output stem)")
     a = ap.parse_args()
     if a.part:
-        run_part(a.part)
+        run_part(a.part, a.rounds)
     if a.merge:
-        merge()
+        merge(a.rounds)
