@@ -49,6 +49,15 @@ PARTS = {
         {"name": "koala_homo+local5+rkd4", "preset": "koala_homo", "options": {"local_epochs": 5, "rkd_epochs": 4}},
         {"name": "koala_hetero+local5", "preset": "koala_hetero", "options": {"local_epochs": 5}},
     ],
+    # the paper-faithful settings (same local epochs as FedAvg-large) and the small baseline, for longer runs
+    "same": ["koala_homo", "koala_homo_logits", "fedavg_small"],
+    # the rest of "same" and "best", split off so an interrupted long run resumes without redoing
+    # the methods it finished (merge reads every part dir)
+    "same_rest": ["koala_homo_logits", "fedavg_small"],
+    "best_hetero": [
+        {"name": "koala_hetero_mean+local5+rkd4", "preset": "koala_hetero_mean",
+         "options": {"local_epochs": 5, "rkd_epochs": 4}},
+    ],
     # the best settings of a-d, for longer runs (`--rounds 10`)
     "best": [
         {"name": "koala_homo+local5+rkd4", "preset": "koala_homo", "options": {"local_epochs": 5, "rkd_epochs": 4}},
