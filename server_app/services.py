@@ -60,6 +60,7 @@ class ServerOptions:
     eval_samples: int | None = None
     seed: int = 0
     torch_threads: int = 2
+    device: str = "cpu"  # torch device of the large model (reverse KD, evaluation): cpu | cuda | cuda:N | auto
     start_orchestrator: bool = True
 
 
@@ -103,6 +104,7 @@ class ServerServices:
             strategy=pol.strategy if pol.mode == "homo" or pol.strategy != "koala_homo" else "koala_hetero",
             strategy_options=options, rounds=pol.rounds, round_timeout_s=pol.deadline_s,
             min_devices=pol.min_devices, quorum_fraction=pol.quorum_fraction, seed=pol.seed,
+            device=settings.device,
         )  # fmt: skip
         return cls(opts, settings)
 
@@ -166,7 +168,7 @@ class ServerServices:
         from device_firmware_py.runtime.manifest import format_input
         from device_firmware_py.runtime.small_model import SmallModel
         from server_app.engine.strategies import build_strategy
-        from server_app.models.large import accuracy, build_large
+        from server_app.models.large import accuracy, build_large, resolve_device
         from server_app.orchestrator import RoundOrchestrator
         from server_app.transport.mqtt_fleet import MqttFleet
 
@@ -179,7 +181,7 @@ class ServerServices:
             x_test, y_test = np.asarray(z["x"], np.float32), np.asarray(z["y"], np.int64)
         shape = tuple(int(s) for s in proxy_x.shape[1:])
         num_classes = int(max(int(y_test.max()) + 1, 10))
-        large = build_large(shape, num_classes, seed=o.seed, **o.large)
+        large = build_large(shape, num_classes, seed=o.seed, **o.large).to(resolve_device(o.device))
         factory = lambda arch: SmallModel(f"{arch}_{format_input(shape)}", num_threads=1)  # noqa: E731
         strategy = build_strategy(o.strategy, large=large, proxy_x=proxy_x, small_factory=factory,
                                   seed=o.seed, **o.strategy_options)  # fmt: skip

@@ -20,6 +20,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=[*NAMES, "all"], help="benchmark to run, or all")
     p.add_argument("--quick", action="store_true", help="small sizes (smoke run, ~1 minute for all); writes NAME.quick.json")
     p.add_argument("--out", default=None, help="results directory (default: bench/results of the checkout)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device for the large model (reverse_kd): cpu, cuda, cuda:N, auto; cuda writes reverse_kd_cuda.json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n## {name}{' (quick)' if args.quick else ''}\n", flush=True)
         t0 = time.perf_counter()
         try:
-            doc = importlib.import_module(f"bench.{name}").run(quick=args.quick, out=out)
+            kw = {"device": args.device} if name == "reverse_kd" else {}
+            doc = importlib.import_module(f"bench.{name}").run(quick=args.quick, out=out, **kw)
         except Exception as exc:  # one broken benchmark must not hide the others' results
             failed.append(name)
             print(f"{name} FAILED: {exc!r}", file=sys.stderr)

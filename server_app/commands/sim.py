@@ -27,6 +27,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rkd-epochs", type=int)
     p.add_argument("--fkd-epochs", type=int)
     p.add_argument("--width", type=int, help="large model width")
+    p.add_argument("--device", help="torch device of the large model: cpu (default), cuda, cuda:N, auto")
     p.add_argument("--out", help="output directory (results.json, curves.json, accuracy.png)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--list-methods", action="store_true")
@@ -45,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         "proxy_size": args.proxy_size, "train_size": args.train_size, "rounds": args.rounds,
         "homo_arch": args.homo_arch, "seed": args.seed, "temperature": args.temperature,
         "local_epochs": args.local_epochs, "lr": args.lr, "rkd_epochs": args.rkd_epochs,
-        "fkd_epochs": args.fkd_epochs, "out": args.out,
+        "fkd_epochs": args.fkd_epochs, "out": args.out, "device": args.device,
     }  # fmt: skip
     if args.alpha is not None:
         over["alpha"] = args.alpha if args.alpha > 0 else None

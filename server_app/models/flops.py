@@ -20,7 +20,7 @@ def _count(model: nn.Module, x: torch.Tensor, backward: bool) -> int:
 
 def flops_per_sample(model: nn.Module, input_shape: tuple[int, int, int], batch: int = 2) -> dict[str, int]:
     """{'forward_flops_per_sample', 'train_flops_per_sample'} for NHWC input_shape."""
-    x = torch.zeros((batch, *input_shape))
+    x = torch.zeros((batch, *input_shape), device=next(model.parameters()).device)
     was = model.training
     model.train()
     fwd = _count(model, x, backward=False) // batch

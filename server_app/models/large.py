@@ -71,6 +71,34 @@ def build_large(input_shape: tuple[int, int, int], num_classes: int = 10, seed: 
         torch.random.set_rng_state(gen_state)
 
 
+def resolve_device(name: str | torch.device | None) -> torch.device:
+    """`cpu`, `cuda`, `cuda:N` or `auto` (cuda when present) -> a torch.device that exists here.
+
+    Why up front: asking for a GPU the machine lacks must fail at start with a clear message, not
+    as a CUDA error in the middle of a round's reverse distillation."""
+    if name is None or str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(str(name))
+    except RuntimeError as exc:
+        raise ValueError(f"unknown torch device {name!r} (use cpu, cuda, cuda:N or auto)") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"torch device {name!r} requested but CUDA is not available "
+                             f"(torch {torch.__version__}, CPU wheel?)")  # fmt: skip
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"torch device {name!r}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        raise ValueError(f"torch device {name!r} not supported (use cpu, cuda, cuda:N or auto)")
+    return dev
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live: inputs follow the model, not the other way round."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
 def param_count(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
@@ -78,7 +106,8 @@ def param_count(model: nn.Module) -> int:
 @torch.no_grad()
 def predict_logits(model: nn.Module, x: np.ndarray, batch: int = 1024) -> np.ndarray:
     model.eval()
-    out = [model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch]))) for i in range(0, len(x), batch)]
+    dev = model_device(model)
+    out = [model(torch.from_numpy(np.ascontiguousarray(x[i : i + batch])).to(dev)).cpu() for i in range(0, len(x), batch)]
     return torch.cat(out).numpy().astype(np.float32) if out else np.zeros((0, 0), np.float32)
 
 
@@ -92,4 +121,5 @@ def get_weights(model: nn.Module) -> list[np.ndarray]:
 
 def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
     keys = list(model.state_dict().keys())
+    # load_state_dict copies into the existing parameters, so a model on the GPU stays there
     model.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights, strict=True)})

@@ -74,6 +74,7 @@ class SimConfig:
     eval_samples: int | None = None  # per-round test subset (final round: full test set)
     small_eval_samples: int = 1000
     torch_threads: int = 2
+    device: str = "cpu"  # torch device of the large model: cpu | cuda | cuda:N | auto
     out: str = "sim_out"
 
     def method_specs(self) -> list[MethodSpec]:

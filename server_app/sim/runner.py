@@ -28,7 +28,7 @@ def run_method(cfg: SimConfig, spec: MethodSpec, ds, split, progress: bool = Tru
     from server_app.engine.rounds import run_rounds
     from server_app.engine.strategies import build_strategy
     from server_app.models.flops import resource_summary
-    from server_app.models.large import accuracy, build_large
+    from server_app.models.large import accuracy, build_large, resolve_device
 
     torch.set_num_threads(cfg.torch_threads)
     torch.manual_seed(cfg.seed)
@@ -40,7 +40,7 @@ def run_method(cfg: SimConfig, spec: MethodSpec, ds, split, progress: bool = Tru
         SimDevice(f"dev{i:03d}", archs[i % len(archs)], ds.x_train[idx], ds.y_train[idx], ds.num_classes)
         for i, idx in enumerate(split.device_indices)
     ]
-    large = build_large(shape, ds.num_classes, seed=cfg.seed, **cfg.large)
+    large = build_large(shape, ds.num_classes, seed=cfg.seed, **cfg.large).to(resolve_device(cfg.device))
     common = {"local_epochs": cfg.local_epochs, "lr": cfg.lr, "seed": cfg.seed}
     if spec.strategy.startswith("koala"):
         opts = {**common, "temperature": cfg.temperature, "rkd_epochs": cfg.rkd_epochs, "fkd_epochs": cfg.fkd_epochs,

@@ -96,6 +96,7 @@ def test_nested_and_legacy_env(monkeypatch):
         ({"KOALA_POLICY__FUSION": "median"}, "policy.fusion"),
         ({"KOALA_POLICY__ARCHS": '["a", "b"]'}, "policy"),  # homo needs one arch
         ({"KOALA_API__PORT": "70000"}, "api.port"),
+        ({"KOALA_DEVICE": "gpu"}, "device"),
     ],
 )
 def test_bad_values_name_the_field(monkeypatch, env, field):

@@ -18,20 +18,21 @@ from torch import nn
 from server_app.engine.strategies.common import device_seed, fedavg
 from server_app.engine.strategy import DeviceSimulator, Strategy
 from server_app.engine.types import Assignment, DeviceInfo, DeviceResult, RoundReport
-from server_app.models.large import get_weights, set_weights
+from server_app.models.large import get_weights, model_device, set_weights
 
 
 def train_large_locally(
     model: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float, batch: int, seed: int
 ) -> float:
-    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-    yt = torch.from_numpy(np.asarray(y, np.int64))
+    dev = model_device(model)
+    xt = torch.from_numpy(np.ascontiguousarray(x, np.float32)).to(dev)
+    yt = torch.from_numpy(np.asarray(y, np.int64)).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     losses = []
     for _ in range(epochs):
-        perm = torch.randperm(len(xt), generator=gen)
+        perm = torch.randperm(len(xt), generator=gen).to(dev)
         for i in range(0, len(xt), batch):
             idx = perm[i : i + batch]
             loss = F.cross_entropy(model(xt[idx]), yt[idx])
