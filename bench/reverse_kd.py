@@ -21,26 +21,11 @@ NAME = "reverse_kd"
 
 
 def supervised(large: Any, x: np.ndarray, y: np.ndarray, batch: int, epochs: int, lr: float = 1e-3, seed: int = 0) -> None:
-    """Baseline: the same loop shape as reverse_distill, with hard labels and cross-entropy."""
-    import torch
-    import torch.nn.functional as F
+    """Baseline: the same loop shape as reverse_distill, with hard labels and cross-entropy — the
+    FedAvg-large device step of the engine, so the baseline is code the product runs."""
+    from server_app.engine.strategies.fedavg_large import train_large_locally
 
-    from server_app.models.large import model_device
-
-    dev = model_device(large)
-    xt, yt = torch.from_numpy(x).to(dev), torch.from_numpy(y).to(dev)
-    opt = torch.optim.Adam(large.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    large.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(xt), generator=gen).to(dev)
-        for i in range(0, len(xt), batch):
-            idx = perm[i : i + batch]
-            loss = F.cross_entropy(large(xt[idx]), yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    large.eval()
+    train_large_locally(large, x, y, epochs=epochs, lr=lr, batch=batch, seed=seed)
 
 
 def measure(width: int, proxy: int, epochs: int, batch: int, threads: int, device: str = "cpu") -> dict[str, Any]:

@@ -39,8 +39,9 @@ def train_large_locally(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(loss.item())
+            losses.append(loss.detach())
     model.eval()
+    losses = [float(v) for v in losses]  # one device sync at the end, not one per batch
     return float(np.mean(losses)) if losses else float("nan")
 
 
