@@ -10,13 +10,12 @@ last partial batch around rather than drop or pad with junk.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from device_firmware_py.fileio import atomic_write
 from device_firmware_py.runtime.interpreter import make_interpreter
 from device_firmware_py.runtime.manifest import ArtifactManifest, load_manifest
 
@@ -180,19 +179,9 @@ class SmallModel:
     # ------------------------------------------------------------------ state
     def save_state(self, path: str | Path) -> None:
         """Weights + artifact sha256 as .npz, written atomically (tmp file + os.replace)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {n: w for n, w in zip(self.manifest.weight_names, self.get_weights(), strict=True)}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, __sha256__=np.array(self.manifest.sha256), __arch__=np.array(self.manifest.name), **arrays)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: np.savez(f, __sha256__=np.array(self.manifest.sha256),
+                                              __arch__=np.array(self.manifest.name), **arrays))  # fmt: skip
 
     def load_state(self, path: str | Path, strict: bool = True) -> None:
         """Restore weights saved by `save_state`. strict: the artifact sha256 must match too."""
