@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 
 HELP = "watch device and round events on the broker (one line each, or --json)"
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not args.json:
         print(f"# koala monitor {mon.address} " + " ".join(f for f, _ in filters), file=sys.stderr, flush=True)
+    _interruptible()
     try:
         mon.run(args.timeout)
     except KeyboardInterrupt:
@@ -70,3 +72,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"koala monitor: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _interruptible() -> None:
+    """Ctrl-C and SIGTERM end the monitor cleanly, also when it was started with SIGINT ignored: a
+    background job of a non-interactive shell (`cmd &` in a script, CI runners) inherits SIG_IGN,
+    and Python then installs no KeyboardInterrupt handler, so Ctrl-C/kill -INT did nothing."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
