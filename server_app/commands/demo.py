@@ -34,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import time
 
+    from server_app.commands import stop_on_signals
     from server_app.demo.launcher import DemoConfig, DemoRun, format_table
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     demo = DemoRun(cfg)
     print(f"KOALA demo: {cfg.devices} device processes, {cfg.rounds} rounds of {cfg.mode} KOALA on {cfg.dataset}")
     try:
+        stop_on_signals()  # Ctrl-C / SIGTERM stop the broker, server and agents it started
         demo.start()
         print(f"broker {demo.broker_url}   API http://127.0.0.1:{demo.http_port}/docs   run dir {demo.run_dir}")
         ok = demo.wait()

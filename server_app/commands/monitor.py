@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 
 HELP = "watch device and round events on the broker (one line each, or --json)"
@@ -43,6 +42,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from server_app.commands import stop_on_signals
     from server_app.monitor import Monitor, format_line, subscriptions, to_json
 
     try:
@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if not args.json:
         print(f"# koala monitor {mon.address} " + " ".join(f for f, _ in filters), file=sys.stderr, flush=True)
-    _interruptible()
+    stop_on_signals()
     try:
         mon.run(args.timeout)
     except KeyboardInterrupt:
@@ -73,10 +73,3 @@ def run(args: argparse.Namespace) -> int:
         return 1
     return 0
 
-
-def _interruptible() -> None:
-    """Ctrl-C and SIGTERM end the monitor cleanly, also when it was started with SIGINT ignored: a
-    background job of a non-interactive shell (`cmd &` in a script, CI runners) inherits SIG_IGN,
-    and Python then installs no KeyboardInterrupt handler, so Ctrl-C/kill -INT did nothing."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -1,0 +1,86 @@
+"""`koala demo` as users run it (the README's main job): a real process tree on digits.
+
+- runs to completion and prints the result table, the plot and the dashboard address;
+- SIGTERM (or Ctrl-C) mid-run stops the broker, the server and every agent it started: no orphan
+  process is left holding a port or the run directory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not Path("/usr/sbin/mosquitto").exists(), reason="needs the mosquitto binary")
+
+
+def _demo(run_dir: Path, *extra: str) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "server_app.cli", "demo", "--dataset", "digits", "--devices", "3",
+           "--run-dir", str(run_dir), *extra]  # fmt: skip
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+
+
+def _processes_using(marker: str) -> list[str]:
+    """Command lines of live processes mentioning `marker` (the run dir) — orphans if the demo is gone."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            state = Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0]
+        except OSError:
+            continue
+        if marker in cmd and state != "Z":
+            found.append(f"{pid}: {cmd[:200]}")
+    return found
+
+
+def _wait_gone(marker: str, timeout_s: float) -> list[str]:
+    t_end = time.monotonic() + timeout_s
+    while (left := _processes_using(marker)) and time.monotonic() < t_end:
+        time.sleep(0.2)
+    return left
+
+
+def test_demo_runs_to_the_result_table(tmp_path):
+    run_dir = tmp_path / "run"
+    p = _demo(run_dir, "--rounds", "2", "--round-timeout", "120")
+    try:
+        out, _ = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, out[-3000:]
+    assert "| round" in out or "round" in out.lower()
+    assert "peak RSS" in out and "dashboard/API http://127.0.0.1:" in out, out[-2000:]
+    assert (run_dir / "results.json").is_file()
+    assert not _wait_gone(str(run_dir), 20), "demo left processes behind after finishing"
+
+
+def test_sigterm_stops_the_whole_process_tree(tmp_path):
+    run_dir = tmp_path / "run"
+    p = _demo(run_dir, "--rounds", "50")
+    try:
+        assert p.stdout is not None
+        for line in p.stdout:  # the broker/API line is printed once everything has started
+            if line.startswith("broker "):
+                break
+        else:
+            pytest.fail(f"demo ended before starting, rc={p.wait()}")
+        time.sleep(2)
+        assert len(_processes_using(str(run_dir))) >= 3, "expected the demo's agents to be running"
+        p.send_signal(signal.SIGTERM)
+        rc = p.wait(timeout=90)
+        assert rc != 0  # interrupted, not a finished run
+        left = _wait_gone(str(run_dir), 30)
+        assert not left, f"orphans after SIGTERM: {left}"
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
