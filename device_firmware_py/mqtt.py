@@ -4,6 +4,9 @@ Why one wrapper for both sides: the reliability rules are the same everywhere an
 with raw paho — a stable client id + clean_session=False so the broker queues QoS 1 messages while
 we are away; subscriptions re-sent on every (re)connect in case the broker lost the session; a Last
 Will so others learn we died; handler exceptions logged, never allowed to kill paho's network thread.
+Opt-in manual acknowledgement (`manual_ack=True` + `subscribe(..., deferred_ack=True)`): the PUBACK
+goes out only when the handler says its work is durable, so the broker's inflight window — not our
+memory — holds a backlog, and a message is never acknowledged before it is safe.
 MQTT 3.1.1 by default (amqtt speaks nothing else); MQTT 5 is optional and carries no meaning.
 Device-safe: stdlib + paho only.
 """
@@ -25,6 +28,8 @@ from paho.mqtt.properties import Properties
 
 log = logging.getLogger("koala.mqtt")
 Handler = Callable[[str, bytes], None]
+Ack = Callable[[], None]
+DeferredHandler = Callable[[str, bytes, Ack], None]
 SESSION_EXPIRY_S = 7 * 24 * 3600  # MQTT 5 only: how long the broker keeps our queued messages
 
 
@@ -74,6 +79,12 @@ class MqttClient:
 
     Thread-safe: publish/subscribe may be called from any thread. Handlers run on paho's network
     thread: keep them short (hand heavy work to a queue).
+
+    With `manual_ack=True`, a handler subscribed with `deferred_ack=True` gets a third argument
+    `ack()` and the PUBACK is sent when it (from any thread) calls it; every other message (plain
+    handlers, no handler matched, a handler that raised) is acknowledged as soon as its handlers
+    return, so nothing sits unacknowledged forever. An `ack()` from before a reconnect is dropped:
+    packet ids are per connection, and a stale one could acknowledge a different message.
     """
 
     def __init__(
@@ -95,13 +106,17 @@ class MqttClient:
         on_connect: Callable[[], None] | None = None,
         reconnect_min_s: float = 0.2,
         reconnect_max_s: float = 10.0,
+        manual_ack: bool = False,
     ) -> None:
         self.client_id = client_id
         self.host, self.port = host, port
         self.keepalive = keepalive
         self.clean_session = clean_session
         self.v5 = protocol in ("5", 5, mqtt.MQTTv5)
-        self._subs: dict[str, tuple[int, Handler]] = {}
+        self.manual_ack = manual_ack
+        self._subs: dict[str, tuple[int, Any, bool]] = {}  # filter -> (qos, handler, deferred_ack)
+        self._unsub_waits: dict[int, tuple[str, threading.Event]] = {}  # UNSUBSCRIBE mid -> (filter, done)
+        self._conn_gen = 0  # bumped on every (dis)connect: acks of older deliveries are stale
         self._lock = threading.Lock()
         self._on_connect_cb = on_connect
         self.connected = threading.Event()
@@ -109,9 +124,10 @@ class MqttClient:
         self.last_error: str | None = None
         proto = mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
         if self.v5:  # v5 has clean_start/session expiry instead of clean_session
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto)
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, manual_ack=manual_ack)
         else:
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session, protocol=proto)
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+                            protocol=proto, manual_ack=manual_ack)  # fmt: skip
         if username:
             c.username_pw_set(username, password)
         if tls or ca_file or cert_file:
@@ -124,6 +140,7 @@ class MqttClient:
         c.on_connect = self._on_connect
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
+        c.on_unsubscribe = self._on_unsubscribe
         c.enable_logger(logging.getLogger("koala.mqtt.paho"))
         self.client = c
 
@@ -168,18 +185,34 @@ class MqttClient:
         self.stop()
 
     # ---- pub/sub --------------------------------------------------------------------------------
-    def subscribe(self, topic_filter: str, qos: int, handler: Handler) -> None:
-        """Register a handler; (re)subscribed on every connect. One handler per filter (last wins)."""
+    def subscribe(self, topic_filter: str, qos: int, handler: Handler | DeferredHandler, *,
+                  deferred_ack: bool = False) -> None:
+        """Register a handler; (re)subscribed on every connect. One handler per filter (last wins).
+
+        deferred_ack=True (needs manual_ack=True): handler(topic, payload, ack); the message is
+        acknowledged when ack() is called, not when the handler returns.
+        """
+        if deferred_ack and not self.manual_ack:
+            raise ValueError("deferred_ack needs MqttClient(manual_ack=True)")
         with self._lock:
-            self._subs[topic_filter] = (qos, handler)
+            self._subs[topic_filter] = (qos, handler, deferred_ack)
         if self.connected.is_set():
             self.client.subscribe(topic_filter, qos)
 
-    def unsubscribe(self, topic_filter: str) -> None:
+    def unsubscribe(self, topic_filter: str, wait_s: float | None = None) -> bool:
+        """Stop a subscription. While connected the handler stays until the broker's UNSUBACK, so
+        messages the broker sent before it still reach their handler (and are acknowledged by it)
+        instead of being acknowledged unhandled. With wait_s, block until then; True if done."""
+        done = threading.Event()
+        if self.connected.is_set():
+            rc, mid = self.client.unsubscribe(topic_filter)
+            if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+                with self._lock:
+                    self._unsub_waits[mid] = (topic_filter, done)
+                return done.wait(wait_s) if wait_s else False
         with self._lock:
             self._subs.pop(topic_filter, None)
-        if self.connected.is_set():
-            self.client.unsubscribe(topic_filter)
+        return True
 
     def publish(
         self, topic: str, payload: bytes | str, qos: int = 1, retain: bool = False, wait_s: float | None = None
@@ -212,7 +245,9 @@ class MqttClient:
         with self._lock:
             subs = list(self._subs.items())
         if subs:  # always re-send: the broker may have lost the session (restart without persistence)
-            client.subscribe([(f, q) for f, (q, _h) in subs])
+            client.subscribe([(f, q) for f, (q, _h, _d) in subs])
+        with self._lock:
+            self._conn_gen += 1
         self.connect_count += 1
         self.connected.set()
         log.info(
@@ -227,15 +262,73 @@ class MqttClient:
 
     def _on_disconnect(self, _c: Any, _ud: Any, _flags: Any, reason_code: Any, _props: Any = None) -> None:
         self.connected.clear()
+        with self._lock:
+            self._conn_gen += 1
+            waits, self._unsub_waits = list(self._unsub_waits.values()), {}
+            for f, done in waits:  # no UNSUBACK will come: the broker drops our subscriptions or resends
+                self._subs.pop(f, None)
+                done.set()
         log.info("mqtt disconnected %s:%d reason=%s (paho reconnects)", self.host, self.port, reason_code)
+
+    def _on_unsubscribe(self, _c: Any, _ud: Any, mid: int, *_rest: Any) -> None:
+        with self._lock:
+            f, done = self._unsub_waits.pop(mid, (None, None))
+            if f is not None:
+                self._subs.pop(f, None)
+        if done is not None:
+            done.set()
 
     def _on_message(self, _c: Any, _ud: Any, msg: Any) -> None:
         with self._lock:
             subs = list(self._subs.items())
+            gen = self._conn_gen
         payload = bytes(msg.payload)
-        for f, (_q, handler) in subs:
-            if mqtt.topic_matches_sub(_strip_share(f), msg.topic):
-                try:
+        matched = [(f, h, d) for f, (_q, h, d) in subs if mqtt.topic_matches_sub(_strip_share(f), msg.topic)]
+        n_deferred = sum(1 for *_x, d in matched if d) if self.manual_ack else 0
+        share = self._acker(msg.mid, msg.qos, gen, n_deferred) if n_deferred else None
+        for f, handler, deferred in matched:
+            ack = share() if deferred and share is not None else None
+            try:
+                if ack is not None:
+                    handler(msg.topic, payload, ack)
+                else:
                     handler(msg.topic, payload)
-                except Exception:  # a handler bug must not kill the network thread
-                    log.exception("handler for %s failed on topic=%s", f, msg.topic)
+            except Exception:  # a handler bug must not kill the network thread (nor leave the message unacked)
+                log.exception("handler for %s failed on topic=%s", f, msg.topic)
+                if ack is not None:
+                    ack()
+        if self.manual_ack and not n_deferred:
+            self._send_ack(msg.mid, msg.qos, gen)
+
+    def _acker(self, mid: int, qos: int, gen: int, waiting: int) -> Callable[[], Ack]:
+        """Per delivery: a factory of once-only ack() callables, one per deferred handler; the
+        PUBACK goes out when all of them were called."""
+        left = [waiting]
+
+        def make() -> Ack:
+            called = [False]
+
+            def ack() -> None:
+                with self._lock:
+                    if called[0]:
+                        return
+                    called[0] = True
+                    left[0] -= 1
+                    if left[0] > 0:
+                        return
+                self._send_ack(mid, qos, gen)
+
+            return ack
+
+        return make
+
+    def _send_ack(self, mid: int, qos: int, gen: int) -> None:
+        """PUBACK unless the connection changed since the delivery (packet ids are per connection)."""
+        if qos == 0:
+            return
+        with self._lock:
+            stale = gen != self._conn_gen
+        if stale:
+            log.debug("stale ack dropped mid=%d (reconnected since delivery)", mid)
+            return
+        self.client.ack(mid, qos)

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -43,13 +43,45 @@ class Outcome:
     device_id: str | None = None
 
 
+# The writes one ingested batch makes, applied in order in one transaction by IngestStore.commit.
+@dataclass(frozen=True)
+class AcceptOp:
+    """Claim the (round, device) row as accepted (atomic: not new = a racing worker took it)."""
+
+    round_id: int
+    device_id: str
+    payload: bytes
+    digest: str
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class MarkOp:
+    """Decide a row `late` (records the submission) or `rejected` (reason only)."""
+
+    round_id: int
+    device_id: str
+    status: str
+    reason: str | None
+    nbytes: int
+    digest: str | None
+
+
+@dataclass(frozen=True)
+class RejectOp:
+    """The audit event of a rejection."""
+
+    device_id: str | None
+    round_id: int | None
+    reason: str
+    detail: str
+
+
 class IngestStore(Protocol):
     """Registry operations ingestion needs (implemented by server_app.orchestrator.RegistryStore)."""
 
-    def submission(self, round_id: int, device_id: str) -> tuple[str, str | None] | None: ...
-    def accept(self, round_id: int, device_id: str, payload: bytes, digest: str, metrics: dict[str, Any]) -> bool: ...
-    def mark(self, round_id: int, device_id: str, status: str, reason: str | None, nbytes: int, digest: str | None) -> None: ...
-    def reject_event(self, device_id: str | None, round_id: int | None, reason: str, detail: str) -> None: ...
+    def submissions(self, keys: Iterable[tuple[int, str]]) -> dict[tuple[int, str], tuple[str, str | None]]: ...
+    def commit(self, ops: list[Any]) -> set[tuple[int, str]]: ...
     def device_status(self, status: cm.DeviceStatus) -> None: ...
 
 
@@ -105,7 +137,8 @@ class Ingestor:
         self._collection = collection  # () -> MqttFleet.collection (the open Collection or None)
         self.max_bytes = max_bytes
         self.counts: Counter[str] = Counter()
-        self._lock = threading.Lock()  # one submission decision at a time (idempotency check + write)
+        self._lock = threading.Lock()  # one batch decision at a time (idempotency check + write)
+        self._attempts_lock = threading.Lock()
         self.max_results_per_round = max_results_per_round
         self._attempts: Counter[tuple[str | None, int | None]] = Counter()  # result messages per (device, round)
         self._pending: deque[tuple[str, bytes]] = deque()  # results parked while the registry is down
@@ -114,38 +147,177 @@ class Ingestor:
 
     # ------------------------------------------------------------- results
     def on_result(self, topic: str, payload: bytes) -> Outcome:
-        t0 = time.perf_counter()
+        """One message, synchronously (a batch of one). If the registry is unreachable the result is
+        parked in memory and retried off-thread ("deferred"): for callers that cannot leave the
+        message unacknowledged. The server's MQTT path uses ingest_worker instead, which leaves it
+        unacknowledged at the broker."""
         try:
-            limited = self._over_limit(topic, bytes(payload))
-            out = limited or self._result(topic, bytes(payload))
+            return self.ingest_batch([(topic, payload)])[0]
         except RegistryUnavailable as exc:
-            # The broker already has our PUBACK: dropping the message here would lose the result
-            # for good. Park it and retry off the network thread until the database is back.
             self._defer(topic, bytes(payload), exc)
             out = Outcome("deferred")
-        except Exception as exc:  # a bug here must not kill the MQTT thread: record and go on
-            log.exception("ingest bug topic=%s", topic)
-            out = self._reject(_topic_device(topic), None, "bad_field", f"internal: {exc!r}")
-        self.counts[out.status if out.status != "rejected" else f"rejected:{out.reason}"] += 1
-        _metrics(out, len(payload), time.perf_counter() - t0)
-        return out
+            self.counts[out.status] += 1
+            _metrics(out, len(payload), 0.0)
+            return out
 
-    def _over_limit(self, topic: str, payload: bytes) -> Outcome | None:
+    def ingest_batch(self, items: Sequence[tuple[str, bytes]]) -> list[Outcome]:
+        """Validate and persist a batch of result messages; one outcome per item, in order.
+
+        Same rules as one message at a time (a later message of a device sees the decision on its
+        earlier one in the batch), but one registry read of all (round, device) rows and one write
+        (payloads: one fsync'd segment; rows and rejection events: one transaction). Raises only
+        RegistryUnavailable, with nothing committed and nothing counted: retry the same batch."""
+        if not items:
+            return []
+        t0 = time.perf_counter()
+        try:
+            outs = self._ingest(items)
+        except RegistryUnavailable:
+            raise
+        except Exception as exc:  # a bug must not lose the batch: isolate the item that triggers it
+            if len(items) > 1:
+                log.exception("ingest bug in a batch of %d: retrying one by one", len(items))
+                return [self.ingest_batch([it])[0] for it in items]
+            topic, payload = items[0]
+            log.exception("ingest bug topic=%s", topic)
+            out, ops = self._rejection(_topic_device(topic), None, "bad_field", f"internal: {exc!r}", mark=False)
+            try:
+                self.store.commit(ops)
+            except Exception:
+                log.exception("could not record rejection topic=%s", topic)
+            outs = [out]
+        per_msg = (time.perf_counter() - t0) / len(items)
+        for (_t, payload), out in zip(items, outs, strict=True):
+            self.counts[out.status if out.status != "rejected" else f"rejected:{out.reason}"] += 1
+            _metrics(out, len(payload), per_msg)
+        return outs
+
+    def _ingest(self, items: Sequence[tuple[str, bytes]]) -> list[Outcome]:
+        outs: list[Outcome | None] = [None] * len(items)
+        ops: list[Any] = []
+        counted: list[tuple[str | None, int | None]] = []  # rate-limit counts to undo if the write fails
+        decoded: list[tuple[int, cm.Result, str, bytes]] = []
+        # phase 1, no registry: rate limit, decode (spoofing, frame checks), digest
+        for i, (topic, raw) in enumerate(items):
+            payload = bytes(raw)
+            limited = self._over_limit(topic, payload, counted)
+            if limited is not None:
+                outs[i] = limited[0]
+                ops += limited[1]
+                continue
+            try:
+                _, msg = codec.decode_for_topic(topic, payload, max_bytes=self.max_bytes)
+            except ContractError as exc:  # includes spoofed_device: payload id != topic id
+                outs[i], more = self._rejection(_topic_device(topic), _frame_round(payload), exc.reason, exc.detail)
+                ops += more
+                continue
+            assert isinstance(msg, cm.Result)
+            decoded.append((i, msg, codec.payload_digest(payload), payload))
+        try:
+            with self._lock:  # one batch decision at a time (idempotency check + write)
+                return self._decide_and_write(outs, ops, decoded)
+        except BaseException:
+            self._undo_attempts(counted)
+            raise
+
+    def _decide_and_write(self, outs: list[Outcome | None], ops: list[Any],
+                          decoded: list[tuple[int, cm.Result, str, bytes]]) -> list[Outcome]:
+        # phase 2: one read of the batch's rows; decisions in memory, in arrival order
+        state = self.store.submissions({(m.round_id, m.device_id) for _, m, _, _ in decoded})
+        col = self._collection()
+        accepts: list[tuple[int, cm.Result, DeviceResult, str, int]] = []
+        failed_checks = 0
+        for i, msg, digest, payload in decoded:
+            nbytes = len(payload)
+            dev, rnd = msg.device_id, msg.round_id
+            prior = state.get((rnd, dev))
+            if prior is None:
+                reason = "wrong_round" if col is None or rnd != col.round_id else "unknown_device"
+                outs[i], more = self._rejection(dev, rnd, reason, f"no assignment of round {rnd} to {dev}")
+                ops += more
+                continue
+            status, prior_digest = prior
+            if prior_digest == digest and status in ("accepted", "late"):
+                log.debug("duplicate submission round=%d device=%s", rnd, dev)
+                outs[i] = Outcome("duplicate", None, rnd, dev)
+                continue
+            if status in ("accepted", "late"):
+                outs[i], more = self._rejection(dev, rnd, "duplicate", "a different submission for this round was "
+                                                "already taken", mark=False)  # fmt: skip
+                ops += more
+                continue
+            if col is None or rnd != col.round_id or col.closed or col.expired():
+                ops.append(MarkOp(rnd, dev, "late", "late", nbytes, digest))
+                state[(rnd, dev)] = ("late", digest)
+                log.info("late submission round=%d device=%s", rnd, dev)
+                outs[i] = Outcome("late", "late", rnd, dev)
+                continue
+            try:
+                codec.check_result(
+                    msg, round_id=col.round_id, participants=col.participants, logits_shape=col.logits_shape,
+                    proxy_digest=col.proxy_digest,
+                    weight_shapes=None if col.weight_shapes is None else col.weight_shapes.get(msg.arch),
+                )  # fmt: skip
+            except ContractError as exc:
+                failed_checks += 1
+                outs[i], more = self._rejection(dev, rnd, exc.reason, exc.detail)
+                ops += more
+                state[(rnd, dev)] = ("rejected", prior_digest)
+                continue
+            ops.append(AcceptOp(rnd, dev, payload, digest, dict(msg.metrics)))
+            state[(rnd, dev)] = ("accepted", digest)
+            accepts.append((i, msg, engine_map.result_to_engine(msg), digest, nbytes))
+        # phase 3: one durable write for the whole batch
+        new = self.store.commit(ops) if ops else set()
+        if col is not None:
+            col.rejected += failed_checks
+        late_ops: list[Any] = []
+        for i, msg, result, digest, nbytes in accepts:
+            dev, rnd = msg.device_id, msg.round_id
+            if (rnd, dev) not in new:  # another server worker claimed it first
+                outs[i] = Outcome("duplicate", None, rnd, dev)
+                continue
+            assert col is not None
+            col.received += 1
+            if not col.add(result, nbytes):  # closed between the check and now
+                late_ops.append(MarkOp(rnd, dev, "late", "late", nbytes, digest))
+                outs[i] = Outcome("late", "late", rnd, dev)
+                continue
+            log.info("accepted round=%d device=%s bytes=%d", rnd, dev, nbytes)
+            outs[i] = Outcome("accepted", None, rnd, dev)
+        if late_ops:
+            try:
+                self.store.commit(late_ops)
+            except Exception:  # rare race (round closed mid-batch): the rows stay `accepted`, not folded in
+                log.exception("could not mark %d results late", len(late_ops))
+        assert all(o is not None for o in outs)
+        return [o for o in outs if o is not None]
+
+    def _over_limit(self, topic: str, payload: bytes,
+                    counted: list[tuple[str | None, int | None]]) -> tuple[Outcome, list[Any]] | None:
         """Per-device limit on result messages per round: a device (even an authenticated one,
         which the ACL lets publish on its own topic) cannot flood the registry with rejections.
         The first message over the limit is recorded; the rest are only counted."""
         dev, rnd = _topic_device(topic), _frame_round(payload)
-        with self._lock:
+        with self._attempts_lock:
             if len(self._attempts) > 100_000:  # bounded memory under a flood of bogus round ids
                 self._attempts.clear()
             self._attempts[(dev, rnd)] += 1
             n = self._attempts[(dev, rnd)]
+        counted.append((dev, rnd))
         if n <= self.max_results_per_round:
             return None
         if n == self.max_results_per_round + 1:
-            return self._reject(dev, rnd, "rate_limited", f"more than {self.max_results_per_round} result messages "
-                                f"for this round", mark=False)  # fmt: skip
-        return Outcome("rejected", "rate_limited", rnd, dev)
+            return self._rejection(dev, rnd, "rate_limited", f"more than {self.max_results_per_round} result "
+                                   f"messages for this round", mark=False)  # fmt: skip
+        return Outcome("rejected", "rate_limited", rnd, dev), []
+
+    def _undo_attempts(self, counted: list[tuple[str | None, int | None]]) -> None:
+        """A batch that will be retried must not count twice against the rate limit."""
+        with self._attempts_lock:
+            for key in counted:
+                if self._attempts.get(key, 0) > 0:
+                    self._attempts[key] -= 1
 
     def _defer(self, topic: str, payload: bytes, exc: Exception) -> None:
         """Queue a result the registry could not take; one daemon thread re-ingests the queue."""
@@ -167,74 +339,33 @@ class Ingestor:
                     return
                 topic, payload = self._pending[0]
             try:
-                out = self._result(topic, payload)
+                out = self.ingest_batch([(topic, payload)])[0]
             except RegistryUnavailable:
                 time.sleep(delay)
                 delay = min(5.0, delay * 2)
                 continue
-            except Exception as exc:
-                log.exception("ingest bug (deferred) topic=%s", topic)
-                out = self._reject(_topic_device(topic), None, "bad_field", f"internal: {exc!r}")
             delay = 0.5
             with self._pending_lock:
                 self._pending.popleft()
-            self.counts[out.status if out.status != "rejected" else f"rejected:{out.reason}"] += 1
             log.info("deferred result ingested topic=%s status=%s", topic, out.status)
 
-    def _result(self, topic: str, payload: bytes) -> Outcome:
-        nbytes = len(payload)
-        try:
-            _, msg = codec.decode_for_topic(topic, payload, max_bytes=self.max_bytes)
-        except ContractError as exc:  # includes spoofed_device: payload id != topic id
-            return self._reject(_topic_device(topic), _frame_round(payload), exc.reason, exc.detail)
-        assert isinstance(msg, cm.Result)
-        dev, rnd = msg.device_id, msg.round_id
-        digest = codec.payload_digest(payload)
-        col = self._collection()
-        with self._lock:
-            prior = self.store.submission(rnd, dev)  # (status, digest) of the (round, device) row
-            if prior is None:
-                reason = "wrong_round" if col is None or rnd != col.round_id else "unknown_device"
-                return self._reject(dev, rnd, reason, f"no assignment of round {rnd} to {dev}")
-            status, prior_digest = prior
-            if prior_digest == digest and status in ("accepted", "late"):
-                log.debug("duplicate submission round=%d device=%s", rnd, dev)
-                return Outcome("duplicate", None, rnd, dev)
-            if status in ("accepted", "late"):
-                return self._reject(dev, rnd, "duplicate", "a different submission for this round was already taken",
-                                    mark=False)
-            if col is None or rnd != col.round_id or col.closed or col.expired():
-                self.store.mark(rnd, dev, "late", "late", nbytes, digest)
-                log.info("late submission round=%d device=%s", rnd, dev)
-                return Outcome("late", "late", rnd, dev)
-            try:
-                codec.check_result(
-                    msg, round_id=col.round_id, participants=col.participants, logits_shape=col.logits_shape,
-                    proxy_digest=col.proxy_digest,
-                    weight_shapes=None if col.weight_shapes is None else col.weight_shapes.get(msg.arch),
-                )  # fmt: skip
-            except ContractError as exc:
-                col.rejected += 1
-                return self._reject(dev, rnd, exc.reason, exc.detail)
-            result: DeviceResult = engine_map.result_to_engine(msg)
-            if not self.store.accept(rnd, dev, payload, digest, dict(msg.metrics)):
-                return Outcome("duplicate", None, rnd, dev)
-            col.received += 1
-            if not col.add(result, nbytes):  # closed between the check and now
-                self.store.mark(rnd, dev, "late", "late", nbytes, digest)
-                return Outcome("late", "late", rnd, dev)
-        log.info("accepted round=%d device=%s bytes=%d", rnd, dev, nbytes)
-        return Outcome("accepted", None, rnd, dev)
+    def _rejection(self, dev: str | None, rnd: int | None, reason: str, detail: str,
+                   mark: bool = True) -> tuple[Outcome, list[Any]]:
+        """The outcome of a rejection and its writes (audit event; the row marked `rejected`)."""
+        log.warning("rejected device=%s round=%s reason=%s detail=%s", dev, rnd, reason, detail[:200])
+        ops: list[Any] = [RejectOp(dev, rnd, reason, detail)]
+        if mark and dev is not None and rnd is not None and reason not in ("spoofed_device",):
+            ops.append(MarkOp(rnd, dev, "rejected", reason, 0, None))
+        return Outcome("rejected", reason, rnd, dev), ops
 
     def _reject(self, dev: str | None, rnd: int | None, reason: str, detail: str, mark: bool = True) -> Outcome:
-        log.warning("rejected device=%s round=%s reason=%s detail=%s", dev, rnd, reason, detail[:200])
+        """Record a rejection now (status messages); a registry outage only loses the audit record."""
+        out, ops = self._rejection(dev, rnd, reason, detail, mark)
         try:
-            self.store.reject_event(dev, rnd, reason, detail)
-            if mark and dev is not None and rnd is not None and reason not in ("spoofed_device",):
-                self.store.mark(rnd, dev, "rejected", reason, 0, None)
+            self.store.commit(ops)
         except Exception:  # the registry being down must not crash ingestion either
             log.exception("could not record rejection device=%s round=%s", dev, rnd)
-        return Outcome("rejected", reason, rnd, dev)
+        return out
 
     # -------------------------------------------------------------- status
     def on_status(self, topic: str, payload: bytes) -> Outcome:

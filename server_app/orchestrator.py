@@ -24,20 +24,22 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import select
 
 from device_firmware_py.contract import codec, engine_map, topics
 from device_firmware_py.contract import messages as cm
-from device_firmware_py.contract.errors import ContractError
+from server_app import submission_log
 from server_app.engine.rounds import run_rounds
 from server_app.engine.strategy import Strategy
 from server_app.engine.types import DeviceResult, RoundReport
 from server_app.registry import crud
 from server_app.registry.errors import InvalidTransition, RegistryUnavailable
+from server_app.registry.models import Assignment
 from server_app.transport.mqtt_fleet import MqttFleet, QuorumNotMet, RoundAborted
 
 log = logging.getLogger("koala.orchestrator")
@@ -90,16 +92,14 @@ def _prom(name: str, *args: Any, **kw: Any) -> None:
 class RegistryStore:
     """Round/assignment/submission persistence for MqttFleet and Ingestor, on registry crud.
 
-    Accepted result payloads are also kept as files (`submissions/r{n}/{device}.bin`, written
-    before the DB row says `accepted`), so a resumed round can rebuild its results.
+    Accepted result payloads are also kept on disk (`submissions/r{n}/seg-*.seg`, one fsync'd
+    segment per ingested batch, written before the DB rows say `accepted`; see
+    server_app/submission_log.py), so a resumed round can rebuild its results.
     """
 
     def __init__(self, registry: Any, data_dir: str | Path):
         self.reg = registry
         self.data_dir = Path(data_dir)
-
-    def _blob(self, round_id: int, device_id: str) -> Path:
-        return self.data_dir / "submissions" / f"r{round_id}" / f"{device_id}.bin"
 
     # -- rounds
     def ensure_round(self, round_id: int, strategy: str, config: dict[str, Any], model_version: int) -> str:
@@ -143,17 +143,14 @@ class RegistryStore:
         self.reg.run(fn)
 
     def accepted_results(self, round_id: int) -> dict[str, DeviceResult]:
+        """The round's accepted results rebuilt from disk: a record counts only when its row is
+        `accepted` with the same digest (submission_log.recover)."""
         rows = self.reg.run(crud.list_assignments, round_id=round_id, status="accepted", limit=crud.MAX_PAGE)
-        out: dict[str, DeviceResult] = {}
-        for a in rows:
-            p = self._blob(round_id, a.device_id)
-            try:
-                msg = codec.decode_frame(p.read_bytes(), cm.Result)
-            except (OSError, ContractError) as exc:
-                log.error("accepted result unreadable round=%d device=%s error=%s", round_id, a.device_id, exc)
-                continue
-            out[a.device_id] = engine_map.result_to_engine(msg)
-        return out
+        accepted = {a.device_id: a.digest for a in rows}
+        found = submission_log.recover(self.data_dir, round_id, accepted)
+        for dev in sorted(set(accepted) - set(found)):
+            log.error("accepted result missing on disk round=%d device=%s", round_id, dev)
+        return {dev: engine_map.result_to_engine(msg) for dev, msg in found.items()}
 
     def close_collection(self, round_id: int, missing: list[str]) -> None:
         n = self.reg.run(crud.mark_dropped, round_id, reason="deadline")
@@ -171,28 +168,58 @@ class RegistryStore:
 
         return self.reg.run(fn)
 
-    def accept(self, round_id: int, device_id: str, payload: bytes, digest: str, metrics: dict[str, Any]) -> bool:
-        atomic_write(self._blob(round_id, device_id), payload)
+    def submissions(self, keys: Iterable[tuple[int, str]]) -> dict[tuple[int, str], tuple[str, str | None]]:
+        """(status, digest) of every existing (round, device) row among `keys`, in one SELECT."""
+        keys = set(keys)
+        if not keys:
+            return {}
+        rounds, devices = {r for r, _ in keys}, {d for _, d in keys}
 
-        def fn(s: Any) -> bool:
-            sub = crud.record_submission(s, round_id, device_id, digest=digest, bytes_up=len(payload), metrics=metrics)
-            if not sub.is_new:
-                return False
-            crud.decide_submission(s, round_id, device_id, "accepted")
-            return True
+        def fn(s: Any) -> dict[tuple[int, str], tuple[str, str | None]]:
+            q = select(Assignment.round_id, Assignment.device_id, Assignment.status, Assignment.digest).where(
+                Assignment.round_id.in_(rounds), Assignment.device_id.in_(devices))
+            return {(r, d): (st, dg) for r, d, st, dg in s.execute(q) if (r, d) in keys}
 
         return self.reg.run(fn)
 
-    def mark(self, round_id: int, device_id: str, status: str, reason: str | None, nbytes: int, digest: str | None) -> None:
-        def fn(s: Any) -> None:
-            if status == "late" and digest is not None:
-                sub = crud.record_submission(s, round_id, device_id, digest=digest, bytes_up=nbytes, late=True)
-                if sub.is_new or sub.assignment.status == "dropped":
-                    crud.decide_submission(s, round_id, device_id, "late", reason=reason)
-            elif crud._assignment(s, round_id, device_id) is not None:
-                crud.decide_submission(s, round_id, device_id, status, reason=reason)
+    def commit(self, ops: list[Any]) -> set[tuple[int, str]]:
+        """Write one ingested batch: the accepted payloads durably to disk (one segment per round,
+        fsync'd), then ONE transaction applying `ops` in order (ingest.AcceptOp / MarkOp /
+        RejectOp). Returns the (round, device) keys whose accept claimed its row; an accept that did
+        not (another server worker took it first) is a duplicate. Raises RegistryUnavailable with
+        nothing committed — the caller retries the whole batch (a retry writes a new segment; the
+        unused copy is ignored on recovery)."""
+        from server_app.ingest import AcceptOp, MarkOp, RejectOp
 
-        self.reg.run(fn)
+        frames: dict[int, list[bytes]] = {}
+        for op in ops:
+            if isinstance(op, AcceptOp):
+                frames.setdefault(op.round_id, []).append(op.payload)
+        for rnd, fs in frames.items():
+            submission_log.write_segment(self.data_dir, rnd, fs)
+
+        def fn(s: Any) -> set[tuple[int, str]]:
+            new: set[tuple[int, str]] = set()
+            for op in ops:
+                if isinstance(op, AcceptOp):
+                    if _claim_accepted(s, op.round_id, op.device_id, op.digest, len(op.payload), op.metrics):
+                        new.add((op.round_id, op.device_id))
+                elif isinstance(op, MarkOp):
+                    _mark(s, op.round_id, op.device_id, op.status, op.reason, op.nbytes, op.digest)
+                elif isinstance(op, RejectOp):
+                    crud.record_event(s, "rejected", level="warning", device_id=op.device_id, round_id=op.round_id,
+                                      detail={"reason": op.reason, "detail": op.detail[:2000]})  # fmt: skip
+            return new
+
+        return self.reg.run(fn)
+
+    def accept(self, round_id: int, device_id: str, payload: bytes, digest: str, metrics: dict[str, Any]) -> bool:
+        from server_app.ingest import AcceptOp
+
+        return bool(self.commit([AcceptOp(round_id, device_id, payload, digest, metrics)]))
+
+    def mark(self, round_id: int, device_id: str, status: str, reason: str | None, nbytes: int, digest: str | None) -> None:
+        self.reg.run(_mark, round_id, device_id, status, reason, nbytes, digest)
 
     def reject_event(self, device_id: str | None, round_id: int | None, reason: str, detail: str) -> None:
         self.reg.run(lambda s: crud.record_event(s, "rejected", level="warning", device_id=device_id, round_id=round_id,
@@ -217,6 +244,24 @@ class RegistryStore:
 
     def record_metrics(self, round_id: int, metrics: dict[str, Any]) -> None:
         self.reg.run(crud.record_metrics, metrics, round_id=round_id)
+
+
+def _claim_accepted(s: Any, round_id: int, device_id: str, digest: str, nbytes: int, metrics: dict[str, Any]) -> bool:
+    """crud.record_submission's atomic claim, then the accepted decision (same transaction)."""
+    sub = crud.record_submission(s, round_id, device_id, digest=digest, bytes_up=nbytes, metrics=metrics)
+    if not sub.is_new:
+        return False
+    crud.decide_submission(s, round_id, device_id, "accepted")
+    return True
+
+
+def _mark(s: Any, round_id: int, device_id: str, status: str, reason: str | None, nbytes: int, digest: str | None) -> None:
+    if status == "late" and digest is not None:
+        sub = crud.record_submission(s, round_id, device_id, digest=digest, bytes_up=nbytes, late=True)
+        if sub.is_new or sub.assignment.status == "dropped":
+            crud.decide_submission(s, round_id, device_id, "late", reason=reason)
+    elif crud._assignment(s, round_id, device_id) is not None:
+        crud.decide_submission(s, round_id, device_id, status, reason=reason)
 
 
 # ------------------------------------------------------------------------------ strategy state
