@@ -1,4 +1,5 @@
-"""The `koala` command. Each subcommand lives in `server_app/commands/<name>.py`.
+"""The `koala` command. Each subcommand lives in `server_app/commands/<name>.py` (plumbing shared
+with `koala-device` in device_firmware_py.cli).
 
 A command module exposes `HELP`, `configure(parser)` and `run(args) -> int`, and imports its heavy
 dependencies (torch, FastAPI, ...) only inside `run`, so `koala --help` stays fast and
@@ -8,8 +9,9 @@ dependencies (torch, FastAPI, ...) only inside `run`, so `koala --help` stays fa
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+
+from device_firmware_py.cli import command_parser, dispatch
 
 # name -> module; order is the order shown in --help.
 COMMANDS: dict[str, str] = {
@@ -26,40 +28,15 @@ COMMANDS: dict[str, str] = {
 }
 
 
-def _available() -> dict[str, object]:
-    """Import the command modules that exist; a missing one is skipped, not fatal."""
-    found: dict[str, object] = {}
-    for name, mod in COMMANDS.items():
-        try:
-            found[name] = importlib.import_module(mod)
-        except ModuleNotFoundError as exc:  # command not built yet, or its module is absent
-            if exc.name and mod.startswith(exc.name):
-                continue
-            raise
-    return found
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="koala",
-        description="KOALA Edge: train a large server model from a fleet of small IoT devices over MQTT.",
+    return command_parser(
+        "koala", "KOALA Edge: train a large server model from a fleet of small IoT devices over MQTT.", COMMANDS,
+        version="koala-edge 0.1.0",
     )
-    parser.add_argument("--version", action="version", version="koala-edge 0.1.0")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, module in _available().items():
-        p = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.configure(p)
-        p.set_defaults(_run=module.run)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "_run", None):
-        parser.print_help()
-        return 2
-    return int(args._run(args) or 0)
+    return dispatch(build_parser(), argv)
 
 
 if __name__ == "__main__":
