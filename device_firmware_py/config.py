@@ -43,6 +43,7 @@ class DeviceConfig:
     quantize: bool = True  # re-quantize the int8 inference model after each round
     calibration_samples: int = 128
     log_level: str = "INFO"
+    log_format: str = "text"  # text | json (one object per line, for journald/log shippers)
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ derived
@@ -108,6 +109,8 @@ class DeviceConfig:
             raise ConfigError(f"broker_url must be mqtt://host:port or mqtts://host:port, got {self.broker_url!r}")
         if self.num_threads < 1 or self.keepalive_s < 1:
             raise ConfigError("num_threads and keepalive_s must be >= 1")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
 
     def check_files(self) -> None:
         """Data files exist and the proxy file is the one the server uses (sha256)."""

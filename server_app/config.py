@@ -190,6 +190,7 @@ class Settings(BaseSettings):
     policy: RoundPolicy = Field(default_factory=RoundPolicy)
     api: ApiSettings = Field(default_factory=ApiSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line for log shippers
     # torch device of the large model (reverse KD, evaluation): cpu | cuda | cuda:N | auto (cuda when
     # present). Checked for form here; that the GPU exists is checked when the server starts.
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$")

@@ -18,16 +18,14 @@ def run(args: argparse.Namespace) -> int:
 
     from device_firmware_py.agent.agent import DeviceAgent
     from device_firmware_py.config import ConfigError, DeviceConfig
+    from device_firmware_py.logs import configure_logging
 
     try:
         cfg = DeviceConfig.load(args.config)
     except ConfigError as exc:
         print(f"koala-device: config error: {exc}")
         return 2
-    logging.basicConfig(
-        level=(args.log_level or cfg.log_level).upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s device={cfg.device_id} %(message)s",
-    )
+    configure_logging(args.log_level or cfg.log_level, cfg.log_format, static={"device": cfg.device_id})
     agent = DeviceAgent(cfg)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: agent.stop())

@@ -21,6 +21,7 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
+    from device_firmware_py.logs import configure_logging
     from server_app.api.app import create_app
     from server_app.config import ConfigError, load_settings
     from server_app.services import ServerServices
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(json.dumps(settings.redacted(), indent=1, default=str))
         return 0
-    logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     services = ServerServices.from_settings(settings)
     if args.no_rounds:
         services.options.start_orchestrator = False
@@ -43,5 +44,7 @@ def run(args: argparse.Namespace) -> int:
     logging.getLogger("koala.serve").info("serving api=http://%s:%d broker=%s db=%s", host, port, settings.broker.url,
                                           services.options.db_url.split("@")[-1])
     # Bounded graceful shutdown: open dashboard SSE streams must not hold a Ctrl-C for long.
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5)
+    # log_config=None: uvicorn's access/error loggers go through our root handler (same format)
+    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5,
+                log_config=None)
     return 0

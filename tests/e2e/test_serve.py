@@ -42,6 +42,7 @@ def test_koala_serve_from_env(tmp_path, mosquitto_broker):
         "KOALA_PATHS__ARTIFACTS_DIR": str(tmp_path / "artifacts"),
         "KOALA_API__PORT": str(port),
         "KOALA_POLICY__ROUNDS": "1",
+        "KOALA_LOG_FORMAT": "json",
     }
     log = open(tmp_path / "serve.log", "wb")  # noqa: SIM115
     p = subprocess.Popen([sys.executable, "-m", "server_app.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -65,3 +66,10 @@ def test_koala_serve_from_env(tmp_path, mosquitto_broker):
         p.send_signal(signal.SIGTERM)
         p.wait(60)
     assert _retained_server_status(mosquitto_broker.port)["state"] == "offline"
+    # KOALA_LOG_FORMAT=json: every line the server and uvicorn wrote is one JSON object with fields
+    lines = [ln for ln in (tmp_path / "serve.log").read_text().splitlines() if ln.strip()]
+    docs = [json.loads(ln) for ln in lines]
+    assert {"ts", "level", "logger", "msg"} <= set(docs[0])
+    serving = next(d for d in docs if d["logger"] == "koala.serve")
+    assert serving["api"] == f"http://127.0.0.1:{port}"
+    assert any(d["logger"].startswith("uvicorn") for d in docs)

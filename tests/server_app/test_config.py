@@ -97,6 +97,7 @@ def test_nested_and_legacy_env(monkeypatch):
         ({"KOALA_POLICY__ARCHS": '["a", "b"]'}, "policy"),  # homo needs one arch
         ({"KOALA_API__PORT": "70000"}, "api.port"),
         ({"KOALA_DEVICE": "gpu"}, "device"),
+        ({"KOALA_LOG_FORMAT": "xml"}, "log_format"),
     ],
 )
 def test_bad_values_name_the_field(monkeypatch, env, field):
