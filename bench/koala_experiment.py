@@ -67,17 +67,55 @@ PARTS = {
 }
 
 
-def _part_dir(part: str, rounds: int | None) -> Path:
-    """Runs longer than BASE's rounds keep their own parts so both tables can be rebuilt."""
-    return PARTS_DIR / (part if rounds is None else f"{part}_r{rounds}")
+def _part_dir(part: str, rounds: int | None, seed: int | None = None) -> Path:
+    """Runs longer than BASE's rounds (or with another seed) keep their own parts so every table
+    can be rebuilt."""
+    name = part if rounds is None else f"{part}_r{rounds}"
+    return PARTS_DIR / (name if not seed else f"{name}_s{seed}")
 
 
-def run_part(part: str, rounds: int | None = None) -> None:
+def _config(rounds: int | None, seed: int | None) -> dict:
+    return {**BASE, **({"rounds": rounds} if rounds else {}), **({"seed": seed} if seed else {})}
+
+
+def run_part(part: str, rounds: int | None = None, seed: int | None = None) -> None:
     from server_app.sim import load_config, run_experiment
 
-    base = BASE if rounds is None else {**BASE, "rounds": rounds}
-    cfg = load_config(None, **{**base, "methods": PARTS[part], "out": str(_part_dir(part, rounds))})
+    cfg = load_config(None, **{**_config(rounds, seed), "methods": PARTS[part], "out": str(_part_dir(part, rounds, seed))})
     run_experiment(cfg, progress=True, write=True)
+
+
+def seeds_summary(rounds: int | None, seeds: list[int]) -> None:
+    """Mean and spread over seeds of every method run with all of them (seed 0 = the main table):
+    writes koala_fmnist[_rN]_seeds.json and prints a Markdown table."""
+    import statistics
+
+    per: dict[str, list[float]] = {}
+    for seed in seeds:
+        for part in PARTS:
+            f = _part_dir(part, rounds, seed) / "results.json"
+            if f.exists():
+                for r in json.loads(f.read_text()):
+                    if r["large_test_acc"] is not None:
+                        per.setdefault(r["method"], []).append(r["large_test_acc"])
+    rows = []
+    for method, accs in per.items():
+        if len(accs) == len(seeds):
+            rows.append({"method": method, "seeds": seeds, "large_test_acc": accs, "mean": statistics.mean(accs),
+                         "stdev": statistics.stdev(accs) if len(accs) > 1 else 0.0})  # fmt: skip
+    base = next((r for r in rows if r["method"] == "fedavg_large"), None)
+    for r in rows:
+        r["gap_vs_fedavg_large"] = None if base is None else r["mean"] - base["mean"]
+        r["per_seed_gap"] = None if base is None else [a - b for a, b in zip(r["large_test_acc"], base["large_test_acc"], strict=True)]
+    stem = "koala_fmnist" if rounds is None else f"koala_fmnist_r{rounds}"
+    (RESULTS / f"{stem}_seeds.json").write_text(json.dumps(rows, indent=1))
+    print("| method | seeds | large acc per seed | mean ± stdev | gap vs FedAvg-large (mean) | gap per seed |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        gap = "-" if r["gap_vs_fedavg_large"] is None else f"{r['gap_vs_fedavg_large'] * 100:+.1f} pt"
+        per_seed = "-" if r["per_seed_gap"] is None else ", ".join(f"{g * 100:+.1f}" for g in r["per_seed_gap"])
+        print(f"| {r['method']} | {len(r['seeds'])} | {', '.join(f'{a:.3f}' for a in r['large_test_acc'])} | "
+              f"{r['mean']:.3f} ± {r['stdev']:.3f} | {gap} | {per_seed} |")
 
 
 def merge(rounds: int | None = None) -> None:
@@ -111,8 +149,12 @@ if __name__ == "__main__":
     ap.add_argument("--part", choices=sorted(PARTS))
     ap.add_argument("--merge", action="store_true")
     ap.add_argument("--rounds", type=int, default=None, help="override BASE rounds (own parts dir and output stem)")
+    ap.add_argument("--seed", type=int, default=None, help="override BASE seed (partition, init, sampling; own parts dir)")
+    ap.add_argument("--seeds-summary", default=None, help="comma-separated seeds, e.g. 0,1,2: mean/spread table")
     a = ap.parse_args()
     if a.part:
-        run_part(a.part, a.rounds)
+        run_part(a.part, a.rounds, a.seed)
+    if a.seeds_summary:
+        seeds_summary(a.rounds, [int(x) for x in a.seeds_summary.split(",")])
     if a.merge:
         merge(a.rounds)
