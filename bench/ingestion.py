@@ -2,9 +2,10 @@
 
 Same Mosquitto, same publisher process, same payloads, same (shared) subscription filter:
   raw       a paho subscriber that only counts what the broker delivers (no server);
-  sqlite    the server's path: MqttLink -> Ingestor.on_result (contract decode, digest, round /
-            participant / shape checks) -> RegistryStore.accept (blob file + fsync, submission row)
-            -> Collection, on a SQLite registry;
+  sqlite    the server's path: MqttClient (manual ack) -> ingest_worker (batches of up to 256) ->
+            Ingestor.ingest_batch (contract decode, digest, round / participant / shape checks, one
+            registry read) -> RegistryStore.commit (one fsync'd segment, one transaction) ->
+            Collection -> PUBACKs, on a SQLite registry;
   postgres  the same on a fresh PostgreSQL database at 127.0.0.1:5432.
 The raw baseline runs before and after the server paths; its mean is the denominator, and the
 spread between the two raw runs says how much the machine's load moved during the benchmark.
@@ -150,13 +151,14 @@ def run_server(db_url: str, label: str, port: int, m: int, proxy: int, classes: 
 
 
 def stage_breakdown(db_url: str, port: int, m: int, proxy: int, classes: int, dtype: str) -> dict[str, Any]:
-    """Where the server's time per message goes, without MQTT: Ingestor.on_result called directly,
-    next to its two big parts timed alone on the same frames (contract decode + checks, and the
-    blob write with fsync that RegistryStore.accept does). DB time = the rest."""
+    """Where the server's time per message goes, without MQTT: Ingestor.ingest_batch called directly
+    in batches of MAX_BATCH, next to its two big parts timed alone on the same frames (contract
+    decode + checks, and the fsync'd segment write RegistryStore.commit does). DB time = the rest."""
     from bench.server_side import ServerSide
     from bench.swarm import canned_logits, device_id, result_frame
     from device_firmware_py.contract import codec
-    from server_app.orchestrator import atomic_write
+    from server_app.ingest_worker import MAX_BATCH
+    from server_app.submission_log import write_segment
 
     lg = canned_logits(proxy, classes, 0)
     devices = [device_id(i) for i in range(m)]
@@ -169,8 +171,8 @@ def stage_breakdown(db_url: str, port: int, m: int, proxy: int, classes: int, dt
     decode_s = (time.perf_counter() - t0) / m
     with tempfile.TemporaryDirectory(prefix="koala-bench-stage-") as tmp:
         t0 = time.perf_counter()
-        for i, (_, p) in enumerate(frames):
-            atomic_write(Path(tmp) / "blobs" / f"{i}.bin", p)
+        for i in range(0, m, MAX_BATCH):
+            write_segment(Path(tmp) / "blobs", 1, [p for _, p in frames[i : i + MAX_BATCH]])
         write_s = (time.perf_counter() - t0) / m
         server = ServerSide(db_url, tmp, "127.0.0.1", port, proxy_shape=(proxy, classes), client_id="bench-stage").start()
         th = threading.Thread(target=lambda: server.run_round(1, devices, None, timeout_s=120), daemon=True)
@@ -178,14 +180,14 @@ def stage_breakdown(db_url: str, port: int, m: int, proxy: int, classes: int, dt
         try:
             _wait(lambda: server.fleet.collection is not None and server.fleet.collection.sent_at, 60)
             t0 = time.perf_counter()
-            for t, p in frames:
-                server.ingestor.on_result(t, p)
+            for i in range(0, m, MAX_BATCH):
+                server.ingestor.ingest_batch(frames[i : i + MAX_BATCH])
             total_s = (time.perf_counter() - t0) / m
             th.join(30)
         finally:
             server.stop()
     return {"messages": m, "direct_msgs_per_s": 1 / total_s, "ms_per_msg_total": total_s * 1e3,
-            "ms_decode_validate": decode_s * 1e3, "ms_blob_write_fsync": write_s * 1e3,
+            "ms_decode_validate": decode_s * 1e3, "ms_segment_write_fsync": write_s * 1e3,
             "ms_registry_rest": max(0.0, total_s - decode_s - write_s) * 1e3}  # fmt: skip
 
 
@@ -255,9 +257,9 @@ def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
         broker.cleanup()
     print(table(["case", "path", "payload B", "sent", "accepted", "msg/s", "MB/s", "ratio vs raw"], rows))
     print()
-    print(table(["case", "direct msg/s (no MQTT, sqlite)", "ms/msg", "decode+validate ms", "blob write+fsync ms",
+    print(table(["case", "direct msg/s (no MQTT, sqlite)", "ms/msg", "decode+validate ms", "segment write+fsync ms",
                  "registry ms"], [[x["case"], x["direct_msgs_per_s"], x["ms_per_msg_total"], x["ms_decode_validate"],
-                                   x["ms_blob_write_fsync"], x["ms_registry_rest"]] for x in stages]))  # fmt: skip
+                                   x["ms_segment_write_fsync"], x["ms_registry_rest"]] for x in stages]))  # fmt: skip
     return write_result(NAME, out, quick=quick, params={"cases": cases, "qos": 1, "broker": "mosquitto 2.0.11 private",
                         "subscription": "$share/koala-server/koala/v1/devices/+/up/result", "publisher_inflight": 20},
                         raw={"runs": raw_rows, "stages": stages}, ratios=ratios, notes=notes, started=started, load_start=load0)  # fmt: skip

@@ -2,9 +2,10 @@
 
 Why a harness and not `ServerServices`: services also build the torch strategy, proxy and test
 files; the ingestion and fleet benchmarks measure everything *but* device compute and KD. The parts
-are the server's own — Registry (migrated), RegistryStore, Presence, Ingestor, MqttLink (the
-server's MQTT client, with a shared subscription for results when the broker has them), MqttFleet
-— wired exactly as `server_app/services.py` wires them. Nothing is reimplemented here.
+are the server's own — Registry (migrated), RegistryStore, Presence, Ingestor, the server's MQTT
+client (manual ack, a shared subscription for results), the batching ingest worker
+(`server_app.ingest_worker.subscribe_results`, the same call services.py makes), MqttFleet — wired
+exactly as `server_app/services.py` wires them. Nothing is reimplemented here.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from device_firmware_py.agent.link import MqttLink
 from device_firmware_py.contract import topics
+from device_firmware_py.mqtt import MqttClient
 from device_firmware_py.task import Assignment
 
 SHARE_GROUP = "koala-server"
@@ -39,6 +40,7 @@ class ServerSide:
 
     def start(self) -> ServerSide:
         from server_app.ingest import Ingestor, Presence
+        from server_app.ingest_worker import subscribe_results
         from server_app.orchestrator import RegistryStore
         from server_app.registry import Registry
         from server_app.transport.mqtt_fleet import MqttFleet
@@ -50,21 +52,21 @@ class ServerSide:
         self.presence = Presence()
         self.fleet: MqttFleet | None = None
         self.ingestor = Ingestor(self.store, self.presence, lambda: self.fleet.collection if self.fleet else None)
-        self.link = MqttLink(self.client_id, self.host, self.port, clean_session=True)
+        self.link = MqttClient(self.client_id, self.host, self.port, clean_session=True, manual_ack=True)
         if not self.link.start(wait_s=15):
             raise RuntimeError(f"broker {self.host}:{self.port} not reachable")
         results = topics.shared(SHARE_GROUP, topics.filter_results()) if self.shared else topics.filter_results()
         self.link.subscribe(topics.filter_device_status(), 1, self.ingestor.on_status)
-        self.link.subscribe(results, 1, self._on_result)
+        self.worker = subscribe_results(self.link, results, self.ingestor, on_outcomes=self._on_outcomes)
         self.fleet = MqttFleet(self.link.publish, self.presence.online, self.store, proxy_shape=self.proxy_shape,
                                proxy_digest=None, default_timeout_s=300.0, on_state=self._on_state)  # fmt: skip
         return self
 
-    def _on_result(self, topic: str, payload: bytes) -> None:
-        out = self.ingestor.on_result(topic, payload)  # the server's validated ingestion path
-        if out.status == "accepted":
-            with self._lock:
-                self.accept_times.append(time.perf_counter())
+    def _on_outcomes(self, outs: list[Any]) -> None:
+        """After a batch is committed (and acknowledged): when each result was accepted."""
+        now = time.perf_counter()
+        with self._lock:
+            self.accept_times += [now for o in outs if o.status == "accepted"]
 
     def _on_state(self, round_id: int, state: str, **info: Any) -> None:
         """What RoundOrchestrator._fleet_state does: write the transition to the registry."""
@@ -103,5 +105,6 @@ class ServerSide:
         return {"round_id": round_id, "wall_s": wall, "accepted": len(results), **self.fleet.last_stats}
 
     def stop(self) -> None:
+        self.worker.stop()
         self.link.stop()
         self.registry.dispose()

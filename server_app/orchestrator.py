@@ -199,17 +199,17 @@ class RegistryStore:
             submission_log.write_segment(self.data_dir, rnd, fs)
 
         def fn(s: Any) -> set[tuple[int, str]]:
-            new: set[tuple[int, str]] = set()
+            # marks and events first, then the accepts in one statement: a `rejected` mark never
+            # touches an accepted row and an accept may claim a `rejected` one, so the order of a
+            # device's messages within the batch does not change the result
             for op in ops:
-                if isinstance(op, AcceptOp):
-                    if _claim_accepted(s, op.round_id, op.device_id, op.digest, len(op.payload), op.metrics):
-                        new.add((op.round_id, op.device_id))
-                elif isinstance(op, MarkOp):
+                if isinstance(op, MarkOp):
                     _mark(s, op.round_id, op.device_id, op.status, op.reason, op.nbytes, op.digest)
                 elif isinstance(op, RejectOp):
                     crud.record_event(s, "rejected", level="warning", device_id=op.device_id, round_id=op.round_id,
                                       detail={"reason": op.reason, "detail": op.detail[:2000]})  # fmt: skip
-            return new
+            return crud.claim_accepted(s, [(op.round_id, op.device_id, op.digest, len(op.payload), op.metrics)
+                                           for op in ops if isinstance(op, AcceptOp)])  # fmt: skip
 
         return self.reg.run(fn)
 
@@ -246,21 +246,13 @@ class RegistryStore:
         self.reg.run(crud.record_metrics, metrics, round_id=round_id)
 
 
-def _claim_accepted(s: Any, round_id: int, device_id: str, digest: str, nbytes: int, metrics: dict[str, Any]) -> bool:
-    """crud.record_submission's atomic claim, then the accepted decision (same transaction)."""
-    sub = crud.record_submission(s, round_id, device_id, digest=digest, bytes_up=nbytes, metrics=metrics)
-    if not sub.is_new:
-        return False
-    crud.decide_submission(s, round_id, device_id, "accepted")
-    return True
-
-
 def _mark(s: Any, round_id: int, device_id: str, status: str, reason: str | None, nbytes: int, digest: str | None) -> None:
     if status == "late" and digest is not None:
         sub = crud.record_submission(s, round_id, device_id, digest=digest, bytes_up=nbytes, late=True)
         if sub.is_new or sub.assignment.status == "dropped":
             crud.decide_submission(s, round_id, device_id, "late", reason=reason)
-    elif crud._assignment(s, round_id, device_id) is not None:
+    elif (a := crud._assignment(s, round_id, device_id)) is not None and a.status not in ("accepted", "late"):
+        # a malformed message after the device's accepted result must not un-accept it
         crud.decide_submission(s, round_id, device_id, status, reason=reason)
 
 

@@ -9,6 +9,17 @@ Subscriptions: device status and progress are plain subscriptions (retained stat
 this server; brokers never deliver retained messages to shared subscriptions); results go through
 a shared subscription `$share/koala-server/...` when the broker supports it, so several server
 workers can split ingestion (a probe at start decides; amqtt has no $share).
+
+Results are ingested by `server_app.ingest_worker` in batches off the MQTT thread and acknowledged
+(manual PUBACK) only after the batch is committed; the broker's inflight window holds the backlog.
+
+Session: the server connects with clean_session=True on purpose. With Mosquitto 2.0 a persistent
+session that is gone (a worker stopped for good, a random client id) keeps receiving its share of
+a shared subscription into a queue nobody reads; and persisted deliveries would arrive at start,
+before the resumed round re-opens its collection. What a clean session costs: results delivered
+to this process but not yet committed when it is killed (at most the inflight window) die with the
+session — the resumed round re-assigns every participant without an accepted row, so the device
+is asked again. A clean shutdown unsubscribes and drains first, so it loses nothing.
 """
 
 from __future__ import annotations
@@ -74,6 +85,8 @@ class ServerServices:
         self.link: MqttClient | None = None
         self.presence: Any = None
         self.ingestor: Any = None
+        self.ingest_worker: Any = None
+        self.results_filter: str | None = None
         self.fleet: Any = None
         self.orchestrator: Any = None
         self.store: Any = None
@@ -111,6 +124,7 @@ class ServerServices:
     # ------------------------------------------------------------------ start
     def start(self) -> None:
         from server_app.ingest import Ingestor, Presence
+        from server_app.ingest_worker import subscribe_results
         from server_app.orchestrator import RegistryStore
         from server_app.registry import Registry
 
@@ -127,7 +141,7 @@ class ServerServices:
             o.client_id or f"koala-server-{os.getpid()}-{secrets.token_hex(3)}", o.broker_host, o.broker_port,
             username=o.broker_username, password=o.broker_password, tls=o.broker_tls, ca_file=o.broker_ca_file,
             clean_session=True, will=Will(topics.server_status(), offline, 1, True),
-            on_connect=self._on_connect,
+            on_connect=self._on_connect, manual_ack=True,
         )  # fmt: skip
         if not self.link.start(wait_s=15):
             raise RuntimeError(f"MQTT broker {o.broker_host}:{o.broker_port} not reachable")
@@ -135,7 +149,8 @@ class ServerServices:
         results = topics.shared(o.share_group, topics.filter_results()) if self.shared else topics.filter_results()
         self.link.subscribe(topics.filter_device_status(), 1, self.ingestor.on_status)
         self.link.subscribe(topics.filter_progress(), 0, self.ingestor.on_progress)
-        self.link.subscribe(results, 1, self.ingestor.on_result)
+        self.ingest_worker = subscribe_results(self.link, results, self.ingestor)
+        self.results_filter = results
         log.info("ingestion subscribed results=%s shared=%s", results, self.shared)
         self._build_round_machinery()
         self.started = True
@@ -211,6 +226,13 @@ class ServerServices:
     # ------------------------------------------------------------------- stop
     def stop(self) -> None:
         with self._lock:
+            # results first: no new deliveries, ingest (and acknowledge) what arrived into the round
+            # that is still collecting, so a clean shutdown loses nothing
+            if self.link is not None and self.results_filter is not None:
+                self.link.unsubscribe(self.results_filter, wait_s=2.0)
+            if self.ingest_worker is not None:
+                self.ingest_worker.stop(timeout_s=10.0)
+                self.ingest_worker = None
             if self.orchestrator is not None:
                 self.orchestrator.stop()
             if self.link is not None:

@@ -38,6 +38,28 @@ def required_packet_size(
     return -(-need // MiB) * MiB
 
 
+def result_frame_bytes(proxy_samples: int = 5000, num_classes: int = 10, logit_bytes: int = 2,
+                       max_small_params: int = 60_000, weight_bytes: int = 4, header_bytes: int = 16 * 1024) -> int:
+    """The largest result a device uploads: logits on the proxy set + (FedAvg-small) its weights.
+    Defaults: 100 kB + 240 kB + 16 kB = ~356 kB."""
+    return proxy_samples * num_classes * logit_bytes + max_small_params * weight_bytes + header_bytes
+
+
+def queue_limits(fleet_size: int, result_bytes: int | None = None) -> tuple[int, int]:
+    """(max_queued_messages, max_queued_bytes) so that the server's results subscription can hold
+    whole rounds: Mosquitto drops QoS 1 messages beyond these *per-client* limits when a subscriber
+    falls behind (the device already has its PUBACK: the result would be lost).
+
+    fleet_size results per round x 2 (the round being ingested + QoS 1 redeliveries / the next
+    round's first results), bytes the same count x the largest result frame. Mosquitto 2.0 has
+    only global limits, and devices need them too: a device's queue holds ~1 assignment (offline
+    devices are not assigned), so a high limit costs devices nothing; the bytes are a cap on a
+    backlog, not an allocation.
+    """
+    messages = 2 * max(1, fleet_size)
+    return messages, messages * (result_bytes if result_bytes is not None else result_frame_bytes())
+
+
 @dataclass
 class BrokerConf:
     """Values for the ${placeholders} of broker_config/mosquitto.prod.conf."""
@@ -50,6 +72,10 @@ class BrokerConf:
     server_bind: str = "127.0.0.1"
     max_packet_size: int = field(default_factory=required_packet_size)
     max_connections: int = 1024
+    fleet_size: int | None = None  # devices per round the server must be able to queue; None: max_connections
+    result_bytes: int = field(default_factory=result_frame_bytes)
+    # broker -> subscriber window (v3.1.1); with the server's manual ack it is also its ingest batch
+    max_inflight_messages: int = 100
     max_keepalive: int = 300
     require_certificate: bool = False
     run_as_user: str = "mosquitto"
@@ -57,6 +83,7 @@ class BrokerConf:
 
     def values(self) -> dict[str, str]:
         c = self.conf_dir
+        queued = queue_limits(self.fleet_size or self.max_connections, self.result_bytes)
         if self.server_port is None:
             server_listener = "# (no plain listener: the server connects over TLS too)"
         else:
@@ -71,7 +98,9 @@ class BrokerConf:
             "run_as_user": self.run_as_user,
             "data_dir": str(self.data_dir).rstrip("/"),
             "max_packet_size": str(self.max_packet_size),
-            "max_queued_bytes": str(4 * self.max_packet_size),
+            "max_queued_messages": str(queued[0]),
+            "max_queued_bytes": str(queued[1]),
+            "max_inflight_messages": str(self.max_inflight_messages),
             "max_keepalive": str(self.max_keepalive),
             "log_dest": self.log_dest,
             "tls_port": str(self.tls_port),

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -315,14 +315,7 @@ def record_submission(
     }
     claimed = s.execute(
         update(Assignment)
-        .where(
-            Assignment.round_id == round_id,
-            Assignment.device_id == device_id,
-            # "rejected" with no digest = only malformed messages were refused so far: a device's
-            # later valid result in the same round must still be taken (was silently swallowed).
-            Assignment.status.in_(("assigned", "rejected")),
-            Assignment.digest.is_(None),
-        )
+        .where(*_claimable(round_id, device_id))
         .values(**values)
         .execution_options(synchronize_session=False)
     )
@@ -343,6 +336,55 @@ def record_submission(
                 raise Conflict(f"cannot record submission of {device_id!r} for round {round_id} (unknown round or device?)") from None
     s.refresh(a)
     return Submission(a, "duplicate" if a.digest == digest else "conflict")
+
+
+def _claimable(round_id: int, device_id: str) -> tuple[Any, ...]:
+    """The atomic claim's condition: the slot has taken no submission yet."""
+    return (
+        Assignment.round_id == round_id,
+        Assignment.device_id == device_id,
+        # "rejected" with no digest = only malformed messages were refused so far: a device's
+        # later valid result in the same round must still be taken (was silently swallowed).
+        Assignment.status.in_(("assigned", "rejected")),
+        Assignment.digest.is_(None),
+    )
+
+
+def _claim_statement() -> Any:
+    c = Assignment.__table__.c
+    return (
+        update(Assignment.__table__)
+        .where(c.round_id == bindparam("k_round"), c.device_id == bindparam("k_device"),
+               or_(c.status == "assigned", c.status == "rejected"), c.digest.is_(None))  # no IN: executemany
+        .values(status="accepted", reason=None, digest=bindparam("k_digest"), bytes_up=bindparam("k_bytes"),
+                submitted_at=bindparam("k_now", type_=c.submitted_at.type),
+                decided_at=bindparam("k_now", type_=c.decided_at.type),
+                metrics=bindparam("k_metrics", type_=c.metrics.type))
+    )  # fmt: skip
+
+
+_CLAIM = _claim_statement()
+
+
+def claim_accepted(s: Session, rows: Sequence[tuple[int, str, str, int, dict[str, Any] | None]]) -> set[tuple[int, str]]:
+    """record_submission's atomic claim + decide_submission("accepted") for many existing rows
+    `(round_id, device_id, digest, bytes_up, metrics)`: the same conditional UPDATE (a slot that took
+    a submission before — e.g. by another server worker — is not claimed), as one prebuilt
+    executemany without ORM objects. Returns the claimed (round, device) keys. When not every row
+    was claimed, the savepoint is rolled back and the rows are claimed one by one to learn which."""
+    if not rows:
+        return set()
+    now = utcnow()
+    params = [{"k_round": r, "k_device": d, "k_digest": dg, "k_bytes": int(n), "k_now": now,
+               "k_metrics": dict(m) if m else None} for r, d, dg, n, m in rows]  # fmt: skip
+    conn = s.connection()
+    if len(rows) > 1 and conn.dialect.supports_sane_multi_rowcount:
+        nested = s.begin_nested()
+        if conn.execute(_CLAIM, params).rowcount == len(rows):
+            nested.commit()
+            return {(r, d) for r, d, *_ in rows}
+        nested.rollback()
+    return {(p["k_round"], p["k_device"]) for p in params if conn.execute(_CLAIM, p).rowcount == 1}
 
 
 def decide_submission(s: Session, round_id: int, device_id: str, status: str, *, reason: str | None = None) -> Assignment:

@@ -26,6 +26,11 @@ from typing import Any
 log = logging.getLogger(__name__)
 LOOPBACK = "127.0.0.1"
 DEFAULT_MAX_PACKET = 16 * 1024 * 1024  # large enough for a FedAvg-small assignment with logits
+# The server's results subscription must be able to queue a whole round: Mosquitto drops QoS 1
+# messages beyond these per-client limits (only global limits in 2.0; devices hold ~1 assignment
+# each, so a high limit costs them nothing). See broker_config/README.md for the sizing.
+MAX_QUEUED_MESSAGES = 10_000  # >= results of one round of the largest fleet we test (1,500) x 2 redeliveries
+MAX_INFLIGHT_MESSAGES = 100  # broker -> v3.1.1 client window: caps the server's ingest batch (manual ack)
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,8 @@ class MosquittoBroker(EmbeddedBroker):
         allow_anonymous: bool | None = None,
         persistence: bool = True,
         max_packet_size: int = DEFAULT_MAX_PACKET,
+        max_inflight_messages: int = MAX_INFLIGHT_MESSAGES,
+        max_queued_messages: int = MAX_QUEUED_MESSAGES,
         extra_config: str = "",
     ) -> None:
         self.binary = binary or find_mosquitto_binary()
@@ -125,6 +132,8 @@ class MosquittoBroker(EmbeddedBroker):
         self.allow_anonymous = self.password_file is None if allow_anonymous is None else allow_anonymous
         self.persistence = persistence
         self.max_packet_size = max_packet_size
+        self.max_inflight_messages = max_inflight_messages
+        self.max_queued_messages = max_queued_messages
         self.extra_config = extra_config
         self.features = BrokerFeatures(v5=True, shared_subscriptions=True, offline_queueing=True, max_packet_size=max_packet_size)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -145,8 +154,9 @@ class MosquittoBroker(EmbeddedBroker):
             "protocol mqtt",
             f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
             f"max_packet_size {self.max_packet_size}",
-            "max_inflight_messages 20",
-            "max_queued_messages 1000",
+            f"max_inflight_messages {self.max_inflight_messages}",
+            f"max_queued_messages {self.max_queued_messages}",
+            "max_queued_bytes 0",  # bounded by the message count; a dev/test broker
             "set_tcp_nodelay true",
             f"persistence {'true' if self.persistence else 'false'}",
             f"persistence_location {self.workdir}/",

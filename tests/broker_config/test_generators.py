@@ -81,3 +81,20 @@ def test_dev_config_starts_on_loopback(tmp_path) -> None:
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_queue_limits_hold_a_whole_round_of_results(tmp_path) -> None:
+    """The server's results subscription must queue a whole round: Mosquitto drops QoS 1 messages
+    past max_queued_messages/bytes, after the device already has its PUBACK (a lost result)."""
+    from server_app.provisioning.broker_conf import queue_limits, result_frame_bytes
+
+    frame = result_frame_bytes()
+    assert frame == 5000 * 10 * 2 + 60_000 * 4 + 16 * 1024
+    messages, nbytes = queue_limits(1500)
+    assert messages >= 1500 and nbytes >= 1500 * frame
+    text = render(BrokerConf(tmp_path, tmp_path / "data", max_connections=1024))
+    q = {k: int(v) for k, v in (ln.split() for ln in text.splitlines() if ln.startswith("max_queued_"))}
+    assert q["max_queued_messages"] >= 1024 and q["max_queued_bytes"] >= 1024 * frame
+    assert "max_inflight_messages 100" in text
+    big = render(BrokerConf(tmp_path, tmp_path / "data", fleet_size=5000))
+    assert f"max_queued_messages {2 * 5000}" in big

@@ -1,0 +1,133 @@
+"""Result ingestion off the MQTT thread, in batches, acknowledged only after the batch is durable.
+
+Why: ingesting one message at a time on paho's network thread (decode, registry read, fsync'd
+file, two commits) capped the server at a few dozen results/s, and the broker dropped what queued
+up behind it. Here the MQTT handler only enqueues `(topic, payload, ack)`; one worker thread takes
+what has arrived (up to `max_batch`), runs `Ingestor.ingest_batch` (one read, one fsync, one
+transaction) and only then calls the acks. Until then the broker counts the messages as in flight,
+and its inflight window (`max_inflight_messages`) stops further deliveries: the backlog waits at the
+broker, not in our memory.
+
+If the registry is unavailable the batch is kept and retried (0.5 s doubling to 5 s) and nothing is
+acknowledged, so an outage loses nothing and needs no in-memory queue of its own.
+Use `subscribe_results` to wire it (the server, the benchmarks and the tests share it).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from server_app.registry.errors import RegistryUnavailable
+
+log = logging.getLogger("koala.ingest.worker")
+MAX_BATCH = 256
+Item = tuple[str, bytes, Callable[[], None]]
+
+
+class IngestWorker:
+    """`submit` from the MQTT handler; `start()`; `stop()` on shutdown."""
+
+    def __init__(
+        self,
+        ingest: Callable[[Sequence[tuple[str, bytes]]], list[Any]],
+        *,
+        max_batch: int = MAX_BATCH,
+        on_outcomes: Callable[[list[Any]], None] | None = None,
+        backoff_s: tuple[float, float] = (0.5, 5.0),
+    ) -> None:
+        self._ingest = ingest
+        self.max_batch = max_batch
+        self._on_outcomes = on_outcomes
+        self._backoff = backoff_s
+        self._q: queue.Queue[Item] = queue.Queue()
+        self._stop = threading.Event()  # finish what is queued, then exit
+        self._abort = threading.Event()  # exit now, leaving the current batch unacknowledged
+        self._thread: threading.Thread | None = None
+        self.batches = 0  # batches committed (tests, logs)
+        self.received = 0  # messages handed to the worker
+        self.retries = 0  # registry-unavailable retries
+
+    def submit(self, topic: str, payload: bytes, ack: Callable[[], None]) -> None:
+        """The MQTT handler (deferred_ack): never blocks, never touches the registry."""
+        self.received += 1
+        self._q.put((topic, payload, ack))
+
+    @property
+    def backlog(self) -> int:
+        return self._q.qsize()
+
+    def start(self) -> IngestWorker:
+        self._thread = threading.Thread(target=self._run, name="koala-ingest", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> bool:
+        """Ingest what is queued and exit; after timeout_s (e.g. the registry is still down) give
+        up, leaving those messages unacknowledged for the broker. True if everything was drained."""
+        self._stop.set()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            self._abort.set()
+            self._thread.join(5.0)
+            log.warning("ingest worker stopped with %d results unacknowledged", self.backlog)
+            return False
+        return True
+
+    # ---- worker thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._abort.is_set():
+            try:
+                first = self._q.get(timeout=0.2)
+            except queue.Empty:
+                if self._stop.is_set():
+                    return
+                continue
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._q.get_nowait())
+                except queue.Empty:
+                    break
+            self._process(batch)
+
+    def _process(self, batch: list[Item]) -> None:
+        items = [(t, p) for t, p, _ in batch]
+        delay = self._backoff[0]
+        while True:
+            try:
+                outs = self._ingest(items)
+                break
+            except RegistryUnavailable as exc:
+                self.retries += 1
+                log.warning("registry unavailable, batch of %d kept unacknowledged, retry in %.1fs: %s",
+                            len(batch), delay, exc)  # fmt: skip
+                if self._abort.wait(delay):
+                    return  # shutting down: leave the batch to the broker
+                delay = min(self._backoff[1], delay * 2)
+            except Exception:  # ingest_batch records bugs itself; this is a last resort
+                log.exception("ingest worker: batch of %d failed, acknowledged to avoid a redelivery loop", len(batch))
+                outs = []
+                break
+        self.batches += 1
+        for _t, _p, ack in batch:
+            ack()
+        if self._on_outcomes is not None and outs:
+            try:
+                self._on_outcomes(outs)
+            except Exception:
+                log.exception("on_outcomes callback failed")
+
+
+def subscribe_results(link: Any, topic_filter: str, ingestor: Any, *, max_batch: int = MAX_BATCH,
+                      on_outcomes: Callable[[list[Any]], None] | None = None) -> IngestWorker:
+    """Start a worker for `ingestor` and subscribe `topic_filter` (QoS 1) on `link`, an
+    `MqttClient(manual_ack=True)`: the one way results are wired (server, benchmarks, tests)."""
+    worker = IngestWorker(ingestor.ingest_batch, max_batch=max_batch, on_outcomes=on_outcomes).start()
+    link.subscribe(topic_filter, 1, worker.submit, deferred_ack=True)
+    return worker
