@@ -194,7 +194,7 @@ class Ingestor:
 
     def _ingest(self, items: Sequence[tuple[str, bytes]]) -> list[Outcome]:
         outs: list[Outcome | None] = [None] * len(items)
-        ops: list[Any] = []
+        ops: list[list[Any]] = [[] for _ in items]  # per message: its writes, committed in message order
         counted: list[tuple[str | None, int | None]] = []  # rate-limit counts to undo if the write fails
         decoded: list[tuple[int, cm.Result, str, bytes]] = []
         # phase 1, no registry: rate limit, decode (spoofing, frame checks), digest
@@ -202,14 +202,12 @@ class Ingestor:
             payload = bytes(raw)
             limited = self._over_limit(topic, payload, counted)
             if limited is not None:
-                outs[i] = limited[0]
-                ops += limited[1]
+                outs[i], ops[i] = limited
                 continue
             try:
                 _, msg = codec.decode_for_topic(topic, payload, max_bytes=self.max_bytes)
             except ContractError as exc:  # includes spoofed_device: payload id != topic id
-                outs[i], more = self._rejection(_topic_device(topic), _frame_round(payload), exc.reason, exc.detail)
-                ops += more
+                outs[i], ops[i] = self._rejection(_topic_device(topic), _frame_round(payload), exc.reason, exc.detail)
                 continue
             assert isinstance(msg, cm.Result)
             decoded.append((i, msg, codec.payload_digest(payload), payload))
@@ -220,7 +218,7 @@ class Ingestor:
             self._undo_attempts(counted)
             raise
 
-    def _decide_and_write(self, outs: list[Outcome | None], ops: list[Any],
+    def _decide_and_write(self, outs: list[Outcome | None], ops: list[list[Any]],
                           decoded: list[tuple[int, cm.Result, str, bytes]]) -> list[Outcome]:
         # phase 2: one read of the batch's rows; decisions in memory, in arrival order
         state = self.store.submissions({(m.round_id, m.device_id) for _, m, _, _ in decoded})
@@ -233,8 +231,7 @@ class Ingestor:
             prior = state.get((rnd, dev))
             if prior is None:
                 reason = "wrong_round" if col is None or rnd != col.round_id else "unknown_device"
-                outs[i], more = self._rejection(dev, rnd, reason, f"no assignment of round {rnd} to {dev}")
-                ops += more
+                outs[i], ops[i] = self._rejection(dev, rnd, reason, f"no assignment of round {rnd} to {dev}")
                 continue
             status, prior_digest = prior
             if prior_digest == digest and status in ("accepted", "late"):
@@ -242,12 +239,11 @@ class Ingestor:
                 outs[i] = Outcome("duplicate", None, rnd, dev)
                 continue
             if status in ("accepted", "late"):
-                outs[i], more = self._rejection(dev, rnd, "duplicate", "a different submission for this round was "
-                                                "already taken", mark=False)  # fmt: skip
-                ops += more
+                outs[i], ops[i] = self._rejection(dev, rnd, "duplicate", "a different submission for this round was "
+                                                  "already taken", mark=False)  # fmt: skip
                 continue
             if col is None or rnd != col.round_id or col.closed or col.expired():
-                ops.append(MarkOp(rnd, dev, "late", "late", nbytes, digest))
+                ops[i] = [MarkOp(rnd, dev, "late", "late", nbytes, digest)]
                 state[(rnd, dev)] = ("late", digest)
                 log.info("late submission round=%d device=%s", rnd, dev)
                 outs[i] = Outcome("late", "late", rnd, dev)
@@ -260,15 +256,15 @@ class Ingestor:
                 )  # fmt: skip
             except ContractError as exc:
                 failed_checks += 1
-                outs[i], more = self._rejection(dev, rnd, exc.reason, exc.detail)
-                ops += more
+                outs[i], ops[i] = self._rejection(dev, rnd, exc.reason, exc.detail)
                 state[(rnd, dev)] = ("rejected", prior_digest)
                 continue
-            ops.append(AcceptOp(rnd, dev, payload, digest, dict(msg.metrics)))
+            ops[i] = [AcceptOp(rnd, dev, payload, digest, dict(msg.metrics))]
             state[(rnd, dev)] = ("accepted", digest)
             accepts.append((i, msg, engine_map.result_to_engine(msg), digest, nbytes))
         # phase 3: one durable write for the whole batch
-        new = self.store.commit(ops) if ops else set()
+        writes = [op for per_msg in ops for op in per_msg]
+        new = self.store.commit(writes) if writes else set()
         if col is not None:
             col.rejected += failed_checks
         late_ops: list[Any] = []

@@ -105,7 +105,12 @@ def test_raw_bad_publishes_are_rejected_recorded_and_never_folded_in(broker, dig
         wait_for(lambda: all((d, 0) in fleet.assigned for d in DEVS), 120, "round 0 assignments")
         before = large_state(services)
         cases = bad_payloads(fleet.assigned[("good0", 0)], "good0")
-        for _name, topic, payload, _ok in cases:
+        # results are recorded by the batching ingest worker, status messages on the MQTT thread:
+        # their relative order is not kept, so the status cases go out once the results' are in
+        n_results = sum(1 for _n, topic, _p, _ok in cases if topic.endswith("/result"))
+        for i, (_name, topic, payload, _ok) in enumerate(cases):
+            if i == n_results:
+                wait_for(lambda: len(db.rejections()) >= n_results, 60, "result rejections recorded")
             raw.publish(topic, payload)
         rej = wait_for(lambda: (r := db.rejections()) and len(r) >= len(cases) and r, 60, "every rejection recorded")
         # --- every bad publish became exactly one recorded rejection with an expected reason
