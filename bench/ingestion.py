@@ -166,7 +166,7 @@ def stage_breakdown(db_url: str, port: int, m: int, proxy: int, classes: int, dt
     t0 = time.perf_counter()
     for t, p in frames:
         _, msg = codec.decode_for_topic(t, p)
-        codec.payload_digest(p)
+        codec.frame_digest(p)
         codec.check_result(msg, round_id=1, participants=frozenset(devices), logits_shape=(proxy, classes))
     decode_s = (time.perf_counter() - t0) / m
     with tempfile.TemporaryDirectory(prefix="koala-bench-stage-") as tmp:

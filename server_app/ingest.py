@@ -210,7 +210,7 @@ class Ingestor:
                 outs[i], ops[i] = self._rejection(_topic_device(topic), _frame_round(payload), exc.reason, exc.detail)
                 continue
             assert isinstance(msg, cm.Result)
-            decoded.append((i, msg, codec.payload_digest(payload), payload))
+            decoded.append((i, msg, codec.frame_digest(payload), payload))
         try:
             with self._lock:  # one batch decision at a time (idempotency check + write)
                 return self._decide_and_write(outs, ops, decoded)
@@ -424,10 +424,8 @@ def _topic_device(topic: str) -> str | None:
 
 
 def _frame_round(payload: bytes) -> int | None:
-    """Best-effort round id of a frame that failed validation (for the audit record only)."""
-    try:
-        _, header, _ = codec.read_frame_header(payload)
-        r = header.get("round_id")
-        return r if isinstance(r, int) and not isinstance(r, bool) else None
-    except (ContractError, Exception):
-        return None
+    """Best-effort round id of a frame (for the rate limit and audit records only): reads the header
+    without hashing the body — decoding checks the body once, later."""
+    header = codec.peek_header(payload)
+    r = None if header is None else header.get("round_id")
+    return r if isinstance(r, int) and not isinstance(r, bool) else None

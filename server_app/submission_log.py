@@ -102,7 +102,9 @@ def recover(root: Path, round_id: int, accepted: Mapping[str, str | None]) -> di
                 log.error("result file unreadable %s: %s", legacy, exc)
     digests = set(accepted.values())
     for frame in candidates:
-        digest = codec.payload_digest(frame)
+        digest = codec.frame_digest(frame)
+        if digest not in digests and None not in digests:
+            digest = codec.payload_digest(frame)  # rows written before frame_digest: whole-payload sha256
         if digest not in digests and None not in digests:
             continue  # not an accepted submission (a retried batch's copy, a superseded frame): skip decoding
         try:

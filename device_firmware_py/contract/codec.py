@@ -351,5 +351,32 @@ def check_result(
 
 
 def payload_digest(payload: bytes) -> str:
-    """sha256 of a whole payload: the idempotency key of a submission (QoS 1 duplicates are identical)."""
+    """sha256 of a whole payload (QoS 1 duplicates are identical)."""
     return hashlib.sha256(payload).hexdigest()
+
+
+def peek_header(payload: bytes) -> dict[str, Any] | None:
+    """The JSON header of a frame-shaped payload *without* checking the body (None if unreadable).
+    For audit records of frames that failed validation — never trust what it returns."""
+    try:
+        if len(payload) < _PREFIX.size:
+            return None
+        magic, _v, _k, _r, hlen = _PREFIX.unpack_from(payload, 0)
+        if magic != MAGIC or hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(payload):
+            return None
+        return _loads_object(bytes(memoryview(payload)[_PREFIX.size : _PREFIX.size + hlen]), "frame header", "bad_header")
+    except (ContractError, ValueError, TypeError):
+        return None
+
+
+def frame_digest(payload: bytes) -> str:
+    """Idempotency key of a frame that passed `decode` (a submission's digest in the registry).
+
+    sha256 over the prefix and header only: the header carries the body's sha256, which decoding
+    checked, so this binds the whole frame — without hashing a 100 kB body a second time (the
+    ingestion hot path). Payloads that are not frames fall back to `payload_digest`."""
+    if len(payload) >= _PREFIX.size and bytes(payload[:4]) == MAGIC:
+        hlen = _PREFIX.unpack_from(payload, 0)[4]
+        if _PREFIX.size + hlen <= len(payload):
+            return hashlib.sha256(memoryview(payload)[: _PREFIX.size + hlen]).hexdigest()
+    return payload_digest(payload)

@@ -54,7 +54,8 @@ class SubmissionOut(_Orm):
     reason: str | None = Field(None, description="contract reason code when rejected or dropped", examples=["bad_shape"])
     bytes_down: int = 0
     bytes_up: int = 0
-    digest: str | None = None
+    digest: str | None = Field(None, description="idempotency key of the submission: sha256 of the result frame's "
+                               "prefix + header (the header carries the body's sha256)")
     metrics: dict[str, Any] | None = None
     assigned_at: dt.datetime | None = None
     submitted_at: dt.datetime | None = None

@@ -137,7 +137,7 @@ def test_raw_bad_publishes_are_rejected_recorded_and_never_folded_in(broker, dig
     rows = {a.device_id: a for a in db.assignments(0)}
     assert {d: rows[d].status for d in DEVS} == dict.fromkeys(DEVS, "accepted")
     assert "intruder" not in rows or rows["intruder"].status != "accepted"
-    assert {d: rows[d].digest for d in DEVS} == {d: hashlib.sha256(f).hexdigest() for d, f in good_frames.items()}
+    assert {d: rows[d].digest for d in DEVS} == {d: codec.frame_digest(f) for d, f in good_frames.items()}
     assert len(db.rejections()) == len(cases)
     final = services.orchestrator.strategy.large_model.state_dict()
     assert all(torch.isfinite(v).all() for v in final.values() if v.is_floating_point())
