@@ -270,3 +270,22 @@ def test_engine_mapping_one_to_one():
     rb = engine_map.result_to_engine(decode(encode(engine_map.result_from_engine(er), logits_dtype="float32")))
     assert rb.metrics == er.metrics and rb.label_histogram == er.label_histogram and np.array_equal(rb.proxy_logits, logits)
     assert set(ER.__dataclass_fields__) == set(vars(rb))
+
+
+def test_frame_digest_binds_header_and_body_and_peek_header_is_lenient():
+    """The submission idempotency key hashes prefix+header only; the header's body_sha256 makes it
+    change with any body change, and equal frames (QoS 1 duplicates) give equal keys."""
+    logits = (RNG.standard_normal((50, 10)) * 4).astype(np.float32)
+    a = encode(Result(4, "dev-1", "cnn_small", 600, 3, [60] * 10, {}, None, logits))
+    b = encode(Result(4, "dev-1", "cnn_small", 600, 3, [60] * 10, {}, None, logits + 1.0))
+    assert codec.frame_digest(a) == codec.frame_digest(bytes(a)) != codec.frame_digest(b)
+    assert codec.frame_digest(a) != payload_digest(a)
+    assert codec.frame_digest(b"not a frame") == payload_digest(b"not a frame")
+    assert codec.peek_header(a)["round_id"] == 4
+    tampered = a[:-1] + bytes([a[-1] ^ 1])  # body changed under the same header: decode must refuse it
+    assert codec.peek_header(tampered)["round_id"] == 4
+    with pytest.raises(ContractError) as e:
+        decode(tampered)
+    assert e.value.reason == "bad_digest"
+    for junk in (b"", b"KOAL", b"KOAL" + b"\xff" * 20, b"{}"):
+        assert codec.peek_header(junk) is None
