@@ -20,8 +20,6 @@ import datetime as dt
 import hashlib
 import io
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +31,7 @@ from sqlalchemy import select
 
 from device_firmware_py.contract import codec, engine_map, topics
 from device_firmware_py.contract import messages as cm
+from device_firmware_py.fileio import atomic_write
 from server_app import submission_log
 from server_app.engine.rounds import run_rounds
 from server_app.engine.strategy import Strategy
@@ -44,20 +43,6 @@ from server_app.transport.mqtt_fleet import MqttFleet, QuorumNotMet, RoundAborte
 
 log = logging.getLogger("koala.orchestrator")
 LARGE_ARCH = "large"
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _utc(ts: float) -> dt.datetime:
