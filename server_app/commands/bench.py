@@ -32,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
         sys.path.insert(0, str(_REPO))
     import importlib
 
+    from server_app.commands import stop_on_signals
+
+    stop_on_signals()  # Ctrl-C / SIGTERM: the benchmarks' finally blocks stop their private brokers
+
     out = Path(args.out) if args.out else _REPO / "bench" / "results"
     names = NAMES if args.name == "all" else (args.name,)
     failed = []
