@@ -117,10 +117,7 @@ class RegistryStore:
     # -- RoundStore (fleet)
     def assignments_sent(self, round_id: int, sent: dict[str, int], deadline: float) -> None:
         def fn(s: Any) -> None:
-            for dev, nbytes in sent.items():
-                if s.get(crud.Device, dev) is None:
-                    crud.register_device(s, dev)
-                crud.create_assignment(s, round_id, dev, bytes_down=nbytes)
+            crud.create_assignments(s, round_id, sent)  # set-based: a few statements, not 3 per device
             r = crud.get_round(s, round_id)
             crud.transition_round(s, round_id, r.state, participants=sorted(set(r.participants or []) | set(sent)),
                                   deadline=_utc(deadline))  # fmt: skip

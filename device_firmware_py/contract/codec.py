@@ -132,10 +132,59 @@ def encode_frame(
     max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
 ) -> bytes:
     """Assignment/Result -> binary frame. Logits default to float16, weights to float32."""
-    if msg.TYPE not in FRAME_MESSAGES:
-        raise ContractError("bad_kind", f"{msg.TYPE} is a control message, use encode_control")
-    msg.validate()
-    main_name = _TENSOR_MAIN[msg.TYPE]
+    return FrameEncoder(logits_dtype=logits_dtype, weights_dtype=weights_dtype, max_bytes=max_bytes).encode(msg)
+
+
+class FrameEncoder:
+    """Encodes many frames that carry the *same* tensors, converting and hashing each body once.
+
+    Why: a KOALA round sends every device the same teacher logits (5000 x 10 -> 100 kB float16);
+    only the small JSON header (device id, deadline, seed...) differs. `encode_frame` per device
+    repeats the float16 conversion, the finiteness check and the sha256 of an identical body N
+    times. Bodies are cached by the *identity* of the message's tensor objects (the arrays the
+    caller passed, before validation), so a shared array is encoded once; different arrays are
+    encoded separately even when equal. The bytes are exactly what `encode_frame` produces:
+    `encode_frame` is this class with an empty cache.
+
+    The cache holds references to the arrays it keyed on (an id cannot be reused while cached) and
+    assumes they are not modified in place between calls — use one encoder per round.
+    """
+
+    def __init__(
+        self,
+        *,
+        logits_dtype: str = "float16",
+        weights_dtype: str = "float32",
+        max_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
+        self.logits_dtype, self.weights_dtype, self.max_bytes = logits_dtype, weights_dtype, max_bytes
+        self._bodies: dict[tuple[Any, ...], tuple[list[dict[str, Any]], bytes, str, tuple[Any, ...]]] = {}
+
+    def encode(self, msg: Assignment | Result) -> bytes:
+        """The complete frame: prefix + header + body (one copy of the body)."""
+        head, body = self.parts(msg)
+        return head + body
+
+    def parts(self, msg: Assignment | Result) -> tuple[bytes, bytes]:
+        """(prefix + header, body): the frame is their concatenation. The body object is shared
+        by every frame with the same tensors, so callers can size frames without building them."""
+        if msg.TYPE not in FRAME_MESSAGES:
+            raise ContractError("bad_kind", f"{msg.TYPE} is a control message, use encode_control")
+        main_name = _TENSOR_MAIN[msg.TYPE]
+        raw_main, raw_weights = getattr(msg, main_name), msg.weights
+        key = (msg.TYPE, id(raw_main), None if raw_weights is None else tuple(map(id, raw_weights)))
+        msg.validate()  # per message: the scalar fields differ; tensors are checked (cheaply) again
+        cached = self._bodies.get(key)
+        if cached is None:
+            tensors, body = _frame_body(msg, main_name, self.logits_dtype, self.weights_dtype)
+            cached = (tensors, body, hashlib.sha256(body).hexdigest(), (raw_main, raw_weights))
+            self._bodies[key] = cached
+        tensors, body, digest, _refs = cached
+        return _frame_head(msg, tensors, body, digest, self.max_bytes), body
+
+
+def _frame_body(msg: Assignment | Result, main_name: str, logits_dtype: str, weights_dtype: str) -> tuple[list[dict[str, Any]], bytes]:
+    """Tensor descriptors and the concatenated tensor bytes of a validated message."""
     tensors: list[dict[str, Any]] = []
     chunks: list[bytes] = []
     main = getattr(msg, main_name)
@@ -147,7 +196,11 @@ def encode_frame(
         d, b = _to_wire(f"weights/{i}", w, weights_dtype)
         tensors.append(d)
         chunks.append(b)
-    body = b"".join(chunks)
+    return tensors, b"".join(chunks)
+
+
+def _frame_head(msg: Assignment | Result, tensors: list[dict[str, Any]], body: bytes, digest: str, max_bytes: int) -> bytes:
+    """Prefix + JSON header of a validated message whose body is `body` (sha256 `digest`)."""
     meta = msg.scalar_fields()
     header = {
         "round_id": meta.pop("round_id"),
@@ -157,7 +210,7 @@ def encode_frame(
         "weights": None if msg.weights is None else len(msg.weights),
         "tensors": tensors,
         "body_len": len(body),
-        "body_sha256": hashlib.sha256(body).hexdigest(),
+        "body_sha256": digest,
     }
     hbytes = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
     if len(hbytes) > MAX_HEADER_BYTES:
@@ -165,7 +218,7 @@ def encode_frame(
     total = _PREFIX.size + len(hbytes) + len(body)
     if total > max_bytes:
         raise ContractError("oversize", f"frame of {total} bytes > {max_bytes}")
-    return _PREFIX.pack(MAGIC, FRAME_VERSION, _KIND_IDS[msg.TYPE], 0, len(hbytes)) + hbytes + body
+    return _PREFIX.pack(MAGIC, FRAME_VERSION, _KIND_IDS[msg.TYPE], 0, len(hbytes)) + hbytes
 
 
 def _shape(name: str, v: object) -> tuple[int, ...]:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -262,6 +262,61 @@ def create_assignment(s: Session, round_id: int, device_id: str, *, bytes_down: 
         a.bytes_down = bytes_down or a.bytes_down
     s.flush()
     return a
+
+
+_BULK_CHUNK = 500  # ids per IN (...) list: far below SQLite's and PostgreSQL's parameter limits
+
+
+def _chunks(items: Sequence[str], n: int = _BULK_CHUNK) -> Iterable[Sequence[str]]:
+    return (items[i : i + n] for i in range(0, len(items), n))
+
+
+def _insert_ignoring_existing(s: Session, model: type[Any], rows: list[dict[str, Any]], key: str) -> None:
+    """INSERT rows, skipping ones whose `key` already exists (a concurrent writer may have added
+    them between our SELECT and this INSERT: presence records devices on another thread)."""
+    if not rows:
+        return
+    dialect = s.get_bind().dialect.name
+    if dialect == "sqlite":
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    elif dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:  # no portable upsert: plain insert (the SELECT just before makes a clash unlikely)
+        s.execute(insert(model), rows)
+        return
+    s.execute(dialect_insert(model).on_conflict_do_nothing(index_elements=[key]), rows)
+
+
+def create_assignments(s: Session, round_id: int, bytes_down: dict[str, int]) -> None:
+    """`register_device` (when unknown) + `create_assignment` for every device of a round dispatch,
+    in a few set-based statements instead of ~3 round trips per device (1,000 devices: ~3,000).
+
+    Same outcome as the per-device calls: unknown devices are created `unknown`/not revoked;
+    existing assignment rows keep their status (re-dispatch after a restart is idempotent) and get
+    `bytes_down` updated when the new value is non-zero.
+    """
+    ids = sorted(bytes_down)
+    known: set[str] = set()
+    for chunk in _chunks(ids):
+        known.update(s.scalars(select(Device.id).where(Device.id.in_(chunk))))
+    _insert_ignoring_existing(
+        s, Device, [{"id": d, "status": "unknown", "revoked": False} for d in ids if d not in known], "id"
+    )
+    existing: dict[str, int] = {}
+    for chunk in _chunks(ids):
+        q = select(Assignment.device_id, Assignment.id).where(Assignment.round_id == round_id, Assignment.device_id.in_(chunk))
+        existing.update((dev, aid) for dev, aid in s.execute(q))
+    updates = [{"id": existing[d], "bytes_down": bytes_down[d]} for d in ids if d in existing and bytes_down[d]]
+    if updates:
+        s.execute(update(Assignment), updates)  # ORM bulk UPDATE by primary key
+    new_rows = [
+        {"round_id": round_id, "device_id": d, "status": "assigned", "bytes_down": bytes_down[d], "bytes_up": 0}
+        for d in ids
+        if d not in existing
+    ]
+    if new_rows:
+        s.execute(insert(Assignment), new_rows)  # ORM bulk INSERT (insertmanyvalues batches)
+    s.flush()
 
 
 def _assignment(s: Session, round_id: int, device_id: str) -> Assignment | None:

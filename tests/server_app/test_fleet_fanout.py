@@ -1,0 +1,52 @@
+"""MqttFleet fan-out: the frames it publishes (teacher body encoded once per round) are byte-for-byte
+what the per-device encoder makes (codec.encode_frame, itself pinned to the pre-cache bytes by
+tests/device_firmware_py/test_contract_frame_encoder.py), and the registry gets each frame's size."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from device_firmware_py.agent.wire import assignment_to_wire
+from device_firmware_py.contract import Assignment as WireAssignment
+from device_firmware_py.contract import codec, topics
+from server_app.engine.types import Assignment, DeviceResult
+from server_app.transport.mqtt_fleet import MqttFleet
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.sent: dict[str, int] = {}
+
+    def assignments_sent(self, round_id: int, sent: dict[str, int], deadline: float) -> None:
+        self.sent = dict(sent)
+
+    def accepted_results(self, round_id: int) -> dict[str, DeviceResult]:
+        return {}
+
+    def close_collection(self, round_id: int, missing: list[str]) -> None:
+        pass
+
+    def collection_closed(self, round_id: int) -> bool:
+        return False
+
+
+def test_published_frames_equal_the_per_device_encoding():
+    teacher = (np.random.default_rng(3).standard_normal((300, 10)) * 2).astype(np.float32)
+    assignments = [Assignment(round_id=4, device_id=f"dev-{i:05d}", arch="cnn_small", model_version=1,
+                              hyper={"upload": ["logits"], "seed": i, "lr": 0.01}, teacher_logits=teacher)
+                   for i in range(12)]  # fmt: skip
+    published: list[tuple[str, bytes]] = []
+    store = _Store()
+    fleet = MqttFleet(lambda t, p, q, r: published.append((t, p)), list, store, proxy_shape=(300, 10),
+                      proxy_digest="ef" * 32, default_timeout_s=0.05)  # fmt: skip
+    assert fleet.run_round(assignments, quorum=0, timeout_s=0.05) == []  # nobody answers: quorum 0
+    assert [t for t, _ in published] == [topics.device_assign(a.device_id) for a in assignments]
+    for a, (_t, frame) in zip(assignments, published, strict=True):
+        hlen = codec._PREFIX.unpack_from(frame)[4]
+        deadline = json.loads(frame[12 : 12 + hlen])["meta"]["deadline"]
+        assert frame == codec.encode_frame(assignment_to_wire(a, proxy_digest="ef" * 32, deadline=deadline))
+        assert codec.decode_frame(frame, WireAssignment).device_id == a.device_id
+        assert store.sent[a.device_id] == len(frame)
+    assert fleet.last_stats["bytes_down_total"] == sum(map(len, (f for _t, f in published)))
