@@ -50,3 +50,19 @@ def test_published_frames_equal_the_per_device_encoding():
         assert codec.decode_frame(frame, WireAssignment).device_id == a.device_id
         assert store.sent[a.device_id] == len(frame)
     assert fleet.last_stats["bytes_down_total"] == sum(map(len, (f for _t, f in published)))
+
+
+def test_collection_complete_needs_every_participant():
+    from server_app.transport.mqtt_fleet import Collection
+
+    def res(dev: str) -> DeviceResult:
+        return DeviceResult(round_id=1, device_id=dev, arch="cnn_small", num_samples=1)
+
+    col = Collection(round_id=1, participants=frozenset({"a", "b"}), deadline=2e9, logits_shape=None,
+                     weight_shapes=None, proxy_digest=None)  # fmt: skip
+    assert not col.complete()
+    col.add(res("a"), 1)
+    col.results["x"] = res("x")  # a stray non-participant must not count (resumed rounds set results directly)
+    assert len(col.results) == 2 and not col.complete()
+    col.add(res("b"), 1)
+    assert col.complete()
