@@ -5,16 +5,17 @@ shared subscription, orchestrator running KOALA rounds with reverse KD). The 200
 protocol-level simulated devices on real paho connections to a private Mosquitto: each answers
 every assignment it gets with one valid result frame. The check is bookkeeping, exactly: for
 every (device, round) the fleet published a result for, the registry holds one accepted
-assignment row with that payload's sha256 — rows == sent, no more, no less.
+assignment row with that frame's digest (codec.frame_digest) — rows == sent, no more, no less.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 
 from rel_helpers import server_options, wait_for
 from rel_simdev import SimFleet
+
+from device_firmware_py.contract import codec
 
 N_DEVICES = 200
 ROUNDS = 5
@@ -44,7 +45,7 @@ def test_200_devices_5_rounds_rows_equal_sent(broker, digits_files, tmp_path, se
     # rows == sent: the same (device, round) set, each with the digest of the exact bytes published
     assert set(accepted) == set(fleet.sent)
     assert len(accepted) == N_DEVICES * ROUNDS
-    assert all(accepted[k] == hashlib.sha256(fleet.frames[k]).hexdigest() for k in accepted)
+    assert all(accepted[k] == codec.frame_digest(fleet.frames[k]) for k in accepted)
     assert Counter(a.status for a in rows) == Counter({"accepted": N_DEVICES * ROUNDS})
     assert [int(rounds[n].metrics.get("accepted", -1)) for n in range(ROUNDS)] == [N_DEVICES] * ROUNDS
     print(f"\nRELIABILITY load: devices={N_DEVICES} rounds={ROUNDS} sent={sum(fleet.sent.values())} "
