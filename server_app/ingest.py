@@ -92,16 +92,28 @@ class Presence:
         self._lock = threading.Lock()
         self._status: dict[str, cm.DeviceStatus] = {}
         self._seen: dict[str, float] = {}
+        self._online = 0  # kept incrementally: a fleet coming online must not cost O(N) per status
         self.progress: dict[str, dict[str, Any]] = {}
+
+    @staticmethod
+    def _counts(s: cm.DeviceStatus | None) -> bool:
+        return s is not None and s.state == "online" and bool(s.arch)
 
     def update(self, status: cm.DeviceStatus) -> None:
         with self._lock:
+            prev = self._status.get(status.device_id)
+            self._online += int(self._counts(status)) - int(self._counts(prev))
             self._status[status.device_id] = status
             self._seen[status.device_id] = time.time()
 
     def forget(self, device_id: str) -> None:
         with self._lock:
-            self._status.pop(device_id, None)
+            self._online -= int(self._counts(self._status.pop(device_id, None)))
+
+    def online_count(self) -> int:
+        """Devices online with an architecture (= len(online()), in O(1))."""
+        with self._lock:
+            return self._online
 
     def online(self) -> list[DeviceInfo]:
         with self._lock:
@@ -379,7 +391,7 @@ class Ingestor:
         try:
             from server_app import metrics
 
-            metrics.device_online(len(self.presence.online()))
+            metrics.device_online(self.presence.online_count())
         except ImportError:
             pass
         try:

@@ -136,3 +136,24 @@ def test_straggler_is_late_and_quorum_failure(server):
     dev["d1"].publish(topics.device_result("d1"), _result(2, "d1"), 1)
     run["thread"].join(30)
     assert isinstance(run.get("error"), QuorumNotMet) and run["error"].accepted == 1
+
+
+def test_presence_online_count_tracks_online_list():
+    """The O(1) online counter (Prometheus gauge on every status) always equals len(online())."""
+    from server_app.ingest import Presence
+
+    p = Presence()
+    seq = [
+        cm.DeviceStatus("a", "online", "cnn_small"), cm.DeviceStatus("b", "online", "mlp_tiny"),
+        cm.DeviceStatus("a", "online", "cnn_small"),  # repeated retained status: no double count
+        cm.DeviceStatus("c", "online"),  # no arch yet: not selectable, not counted
+        cm.DeviceStatus("b", "offline"), cm.DeviceStatus("c", "online", "cnn_small"),
+        cm.DeviceStatus("b", "online", "mlp_tiny"),
+    ]  # fmt: skip
+    for st in seq:
+        p.update(st)
+        assert p.online_count() == len(p.online())
+    for dev in ("a", "zz", "a", "b"):  # cleared retained messages, unknown and twice
+        p.forget(dev)
+        assert p.online_count() == len(p.online())
+    assert p.online_count() == 1
