@@ -21,6 +21,11 @@ if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
       DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >/dev/null
     }
   fi
+  # optional: the Compose v1 client validates docker-compose.yml (`config`) without a Docker engine
+  if [[ "$EXTRAS" == *dev* ]] && ! command -v docker-compose >/dev/null && ! docker compose version >/dev/null 2>&1; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null 2>&1 \
+      || echo "[setup] note: docker-compose not installable; the compose validation test will skip"
+  fi
 else
   [ -d /usr/share/datasets/fashion-mnist ] || echo "[setup] note: not root; install dataset-fashion-mnist yourself for Fashion-MNIST (digits works without it)"
 fi
