@@ -26,6 +26,17 @@ if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker-compose >/dev/null 2>&1 \
       || echo "[setup] note: docker-compose not installable; the compose validation test will skip"
   fi
+  # optional: sshd for the test of `flash.sh --host` (a private sshd on a loopback port). Installed
+  # with service start-up denied (policy-rc.d) so no system sshd comes up listening on port 22.
+  if [[ "$EXTRAS" == *dev* ]] && [ ! -x /usr/sbin/sshd ]; then
+    made_policy=0
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && made_policy=1
+    fi
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssh-server >/dev/null 2>&1 \
+      || echo "[setup] note: openssh-server not installable; flash.sh --host will not be tested"
+    [ "$made_policy" = 0 ] || rm -f /usr/sbin/policy-rc.d
+  fi
 else
   [ -d /usr/share/datasets/fashion-mnist ] || echo "[setup] note: not root; install dataset-fashion-mnist yourself for Fashion-MNIST (digits works without it)"
 fi

@@ -5,15 +5,22 @@ CA, agent wheel + device-extra wheels) -> `flash.sh --target-root ROOT --install
 venv from `--no-index --find-links` the bundle, with pip's own config disabled so no other
 wheel source can help) -> `ROOT/opt/koala/venv/bin/koala-device run --config ROOT/etc/koala/
 device.json` over TLS with its bundle credentials -> the test, as the `koala-server` account,
-sends a contract-encoded assignment and receives the device's result.
+sends a contract-encoded assignment and receives the device's result. The flashed systemd unit
+passes `systemd-analyze verify`, and the same bundle is flashed over SSH (`flash.sh --host`, a
+private sshd on a loopback port, into a staging `--remote-root`) where sshd is installed.
 """
 
 from __future__ import annotations
 
+import getpass
 import os
 import queue
+import shutil
 import subprocess
 import sys
+import time
+import warnings
+from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -132,6 +139,11 @@ def test_flashed_bundle_installs_offline_and_submits_a_round(tmp_path) -> None:
             "var/lib/koala/data.npz",
         ):
             assert (root / p).exists(), p
+        _systemd_verifies(root, tmp_path)
+        if Path("/usr/sbin/sshd").exists() and os.geteuid() == 0:
+            _flash_over_ssh(bundle, tmp_path)
+        else:
+            warnings.warn("flash.sh --host not exercised: no /usr/sbin/sshd or not root", stacklevel=1)
 
         inbox: queue.Queue = queue.Queue()
         srv = _server_client(plain_port, read_secret(broker, "koala-server"), inbox)
@@ -179,3 +191,59 @@ def test_flashed_bundle_installs_offline_and_submits_a_round(tmp_path) -> None:
                 agent.kill()
         mosq.terminate()
         mosq.wait(10)
+
+
+def _systemd_verifies(root: Path, tmp_path: Path) -> None:
+    """The flashed unit passes `systemd-analyze verify` (directives, sections, executables). The
+    bundle was built with `--prefix ROOT`, so its paths already point into the flashed root."""
+    if shutil.which("systemd-analyze") is None:
+        warnings.warn("systemd-analyze not installed: unit not verified", stacklevel=1)
+        return
+    check = tmp_path / "verify" / "koala-device.service"  # a copy: verify reads the unit name from the path
+    check.parent.mkdir()
+    check.write_text((root / "etc/systemd/system/koala-device.service").read_text())
+    out = subprocess.run(["systemd-analyze", "verify", str(check)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "Unknown" not in out.stderr, out.stdout + out.stderr
+
+
+def _flash_over_ssh(bundle: Path, tmp_path: Path) -> None:
+    """`flash.sh --host` against a private sshd on a loopback port (key auth, throw-away host key),
+    installing into a staging root on the "device": files land, the offline venv runs the agent."""
+    d = tmp_path / "ssh"
+    d.mkdir()
+    for name in ("host", "client"):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(d / name)], check=True)
+    (d / "authorized_keys").write_text((d / "client.pub").read_text())
+    port = free_port()
+    (d / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {d / 'host'}\nPidFile {d / 'sshd.pid'}\n"
+        f"AuthorizedKeysFile {d / 'authorized_keys'}\nPermitRootLogin prohibit-password\n"
+        "PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
+        "Subsystem sftp internal-sftp\n"
+    )
+    Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
+    sshd = subprocess.Popen(["/usr/sbin/sshd", "-D", "-e", "-f", str(d / "sshd_config")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        wait_listening(port, proc=sshd)
+        remote = tmp_path / "device-root"
+        remote.mkdir()
+        opts = (f"-o Port={port} -i {d / 'client'} -o BatchMode=yes -o StrictHostKeyChecking=no "
+                "-o UserKnownHostsFile=/dev/null -o LogLevel=ERROR")  # fmt: skip
+        t0 = time.monotonic()
+        flash = subprocess.run(["bash", str(bundle / "flash.sh"), "--host", f"{getpass.getuser()}@127.0.0.1",
+                                "--ssh-opt", opts, "--remote-root", str(remote)],
+                               capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert flash.returncode == 0, flash.stdout[-2000:] + flash.stderr[-4000:]
+        for p in ("opt/koala/venv/bin/koala-device", "etc/koala/device.json", "etc/koala/device.secret",
+                  "etc/systemd/system/koala-device.service"):  # fmt: skip
+            assert (remote / p).exists(), p
+        assert (remote / "etc/koala/device.secret").stat().st_mode & 0o077 == 0
+        info = subprocess.run([str(remote / "opt/koala/venv/bin/koala-device"), "info"], capture_output=True,
+                              text=True, timeout=120)  # fmt: skip
+        assert info.returncode == 0 and "cnn_small" in info.stdout, info.stdout[-2000:] + info.stderr[-2000:]
+        assert not Path(f"/tmp/koala-bundle-{DEV}").exists(), "the remote copy of the bundle is cleaned up"
+        print(f"flash over ssh: {time.monotonic() - t0:.1f} s")
+    finally:
+        sshd.terminate()
+        sshd.wait(10)

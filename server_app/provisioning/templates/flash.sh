@@ -1,23 +1,27 @@
 #!/usr/bin/env bash
 # Install this KOALA Edge bundle (device @DEVICE_ID@) onto a device.
 #
-#   ./flash.sh --host pi@10.0.0.7 [--ssh-opt "-p 2222"]     copy over SSH, install, start the service
+#   ./flash.sh --host pi@10.0.0.7 [--ssh-opt "-o Port=2222 -i key"] [--remote-root /]
+#                                            copy over SSH, install (sudo unless root), start the service
 #   ./flash.sh --target-root /mnt/sdroot [--install-venv]   write into a mounted root filesystem
 #
 # The bundle is self-contained: the agent and every Python dependency are wheels under
 # opt/koala/wheels, so the device never needs network access to install. With --target-root the
 # venv is normally created on the device's first boot (the unit's ExecStartPre); --install-venv
 # creates it now, which only makes sense when ROOT will run on this CPU architecture (a chroot,
-# a container image, a test).
+# a container image, a test). --ssh-opt is given to both ssh and scp, so use -o options (-o Port=N,
+# not -p N, which scp reads as "preserve times"). --remote-root installs under another directory
+# of the device (a staging root); the service is then not started.
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
-HOST="" ROOT="" VENV=0 START=1 SSH_OPTS=()
+HOST="" ROOT="" RROOT="/" VENV=0 START=1 SSH_OPTS=()
 
-usage() { sed -n '2,12p' "$0"; exit 2; }
+usage() { sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --host) HOST="$2"; shift 2 ;;
     --target-root) ROOT="$2"; shift 2 ;;
+    --remote-root) RROOT="$2"; shift 2 ;;
     --install-venv) VENV=1; shift ;;
     --no-start) START=0; shift ;;
     --ssh-opt) read -r -a more <<<"$2"; SSH_OPTS+=("${more[@]}"); shift 2 ;;
@@ -34,7 +38,9 @@ if [ -n "$HOST" ]; then
   ssh "${SSH_OPTS[@]}" "$HOST" "rm -rf '$remote' && mkdir -p '$remote'"
   scp -q -r "${SSH_OPTS[@]}" "$HERE"/. "$HOST:$remote/"
   start_flag=""; [ "$START" = 1 ] || start_flag="--no-start"
-  ssh "${SSH_OPTS[@]}" "$HOST" "sudo bash '$remote/flash.sh' --target-root / --install-venv $start_flag && rm -rf '$remote'"
+  # root logs in directly on many images (no sudo installed); everyone else goes through sudo
+  ssh "${SSH_OPTS[@]}" "$HOST" "if [ \"\$(id -u)\" = 0 ]; then S=''; else S=sudo; fi; \
+    \$S bash '$remote/flash.sh' --target-root '$RROOT' --install-venv $start_flag && rm -rf '$remote'"
   exit 0
 fi
 
