@@ -67,8 +67,14 @@ def test_reconnects_and_resubscribes_after_broker_killed_and_restarted(tmp_path)
         assert broker.port == port
         assert sub.wait_connected(30) and pub.wait_connected(30)
         assert sub.connect_count >= 2
+        # the re-sent SUBSCRIBE and pub's PUBLISH travel on different connections: probe until the
+        # broker has the subscription again (without the re-subscribe no probe ever arrives)
+        deadline = time.monotonic() + 20
+        while ("koala/v1/test/probe", b"p") not in inbox.wait_for(len(inbox.items) + 1, timeout=0.5):
+            assert time.monotonic() < deadline, "subscription not restored after the broker restart"
+            pub.publish("koala/v1/test/probe", b"p", wait_s=5)
         assert pub.publish("koala/v1/test/b", b"after", wait_s=10)
-        assert ("koala/v1/test/b", b"after") in inbox.wait_for(2, timeout=10)
+        assert ("koala/v1/test/b", b"after") in inbox.wait_for(len(inbox.items) + 1, timeout=10)
         sub.stop()
         pub.stop()
     finally:
