@@ -6,6 +6,15 @@ import argparse
 
 HELP = "run a whole KOALA deployment locally: embedded broker, server, N device agent processes, R rounds"
 
+# Defaults per data set for what the flags leave unset. Digits has 1,797 images in all: with the
+# Fashion-MNIST settings (1,000-image proxy, 2 local / 5 KD epochs) its large model stayed at chance
+# (0.09) for 2 rounds; 300 proxy images, 10 local and 20 KD epochs give 0.35 -> 0.55 -> 0.67 in
+# 3 rounds of ~4 s with 3 devices (measured 2026-11-25).
+DATASET_DEFAULTS = {
+    "digits": {"proxy_size": 300, "local_epochs": 10, "kd_epochs": 20, "lr": 3e-3, "rkd_lr": 3e-3, "fkd_epochs": 1},
+    None: {"proxy_size": 1000, "local_epochs": 2, "kd_epochs": 5, "lr": 3e-3, "rkd_lr": 2e-3, "fkd_epochs": 2},
+}
+
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, default=5, help="device agent processes (default 5)")
@@ -19,11 +28,11 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", help="database URL (default: SQLite in the run dir), e.g. postgresql://postgres@127.0.0.1/koala")
     p.add_argument("--run-dir", default="demo_run", help="where data partitions, DB, logs, results go")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of the label skew (<=0: IID)")
-    p.add_argument("--proxy-size", type=int, default=1000)
+    p.add_argument("--proxy-size", type=int, default=None, help="proxy images (default 1000; digits 300)")
     p.add_argument("--train-size", type=int, default=6000, help="device training samples in total (0: all)")
     p.add_argument("--test-size", type=int, default=2000, help="server test samples (0: all)")
-    p.add_argument("--local-epochs", type=int, default=2)
-    p.add_argument("--kd-epochs", type=int, default=5, help="reverse-KD epochs on the server")
+    p.add_argument("--local-epochs", type=int, default=None, help="device epochs per round (default 2; digits 10)")
+    p.add_argument("--kd-epochs", type=int, default=None, help="reverse-KD epochs on the server (default 5; digits 20)")
     p.add_argument("--round-timeout", type=float, default=300.0, help="round deadline in seconds")
     p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
     p.add_argument("--seed", type=int, default=0)
@@ -39,13 +48,15 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("koala.demo").setLevel(logging.INFO)
-    options = {"local_epochs": args.local_epochs, "lr": 3e-3, "rkd_epochs": args.kd_epochs, "rkd_lr": 2e-3,
-               "fkd_epochs": 2}  # fmt: skip
+    d = DATASET_DEFAULTS.get(args.dataset, DATASET_DEFAULTS[None])
+    pick = lambda flag, key: d[key] if flag is None else flag  # noqa: E731
+    options = {"local_epochs": pick(args.local_epochs, "local_epochs"), "lr": d["lr"],
+               "rkd_epochs": pick(args.kd_epochs, "kd_epochs"), "rkd_lr": d["rkd_lr"], "fkd_epochs": d["fkd_epochs"]}  # fmt: skip
     if args.mode == "homo":
         options["variant"] = args.variant
     cfg = DemoConfig(
         run_dir=args.run_dir, dataset=args.dataset, devices=args.devices, rounds=args.rounds, mode=args.mode,
-        alpha=args.alpha if args.alpha > 0 else None, proxy_size=args.proxy_size,
+        alpha=args.alpha if args.alpha > 0 else None, proxy_size=pick(args.proxy_size, "proxy_size"),
         train_size=args.train_size or None, test_size=args.test_size or None, broker=args.broker, db=args.db,
         round_timeout_s=args.round_timeout, http_port=args.port, seed=args.seed, strategy_options=options,
         large={"width": 16, "fc": 256},

@@ -1,12 +1,14 @@
 """`koala demo` as users run it (the README's main job): a real process tree on digits.
 
-- runs to completion and prints the result table, the plot and the dashboard address;
+- runs to completion with the digits defaults, the large model well above chance, and prints the
+  result table, the plot and the dashboard address;
 - SIGTERM (or Ctrl-C) mid-run stops the broker, the server and every agent it started: no orphan
   process is left holding a port or the run directory.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -60,7 +62,9 @@ def test_demo_runs_to_the_result_table(tmp_path):
     assert p.returncode == 0, out[-3000:]
     assert "| round" in out or "round" in out.lower()
     assert "peak RSS" in out and "dashboard/API http://127.0.0.1:" in out, out[-2000:]
-    assert (run_dir / "results.json").is_file()
+    rounds = json.loads((run_dir / "results.json").read_text())["rounds"]
+    accs = [r["large_test_acc"] for r in rounds]
+    assert len(accs) == 2 and accs[-1] > 0.3, accs  # digits defaults learn: chance is 0.1
     assert not _wait_gone(str(run_dir), 20), "demo left processes behind after finishing"
 
 
