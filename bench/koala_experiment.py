@@ -58,6 +58,11 @@ PARTS = {
         {"name": "koala_hetero_mean+local5+rkd4", "preset": "koala_hetero_mean",
          "options": {"local_epochs": 5, "rkd_epochs": 4}},
     ],
+    # a candidate for the heterogeneous gap: confidence (entropy) weighted fusion, compute-matched
+    "hetero_entropy": [
+        {"name": "koala_hetero_entropy+local5+rkd4", "preset": "koala_hetero_entropy",
+         "options": {"local_epochs": 5, "rkd_epochs": 4}},
+    ],
     # the best settings of a-d, for longer runs (`--rounds 10`)
     "best": [
         {"name": "koala_homo+local5+rkd4", "preset": "koala_homo", "options": {"local_epochs": 5, "rkd_epochs": 4}},
