@@ -11,12 +11,11 @@ import json
 import os
 import platform
 import resource
-import secrets
 import subprocess
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -155,20 +154,11 @@ def python_child(module: str, *args: str, **popen: Any) -> subprocess.Popen[str]
 @contextmanager
 def pg_database(prefix: str = "koala_bench") -> Iterator[str | None]:
     """A fresh PostgreSQL database (dropped afterwards) as a SQLAlchemy URL; None when unreachable."""
-    try:
-        import psycopg
-        from psycopg import sql
+    from server_app.registry.scratch import ScratchUnavailable, scratch_postgres
 
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except Exception:
-        yield None
-        return
-    name = f"{prefix}_{secrets.token_hex(4)}"
-    with admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as c:
-            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with ExitStack() as stack:
+        try:
+            url: str | None = stack.enter_context(scratch_postgres(PG_ADMIN_URL, prefix))
+        except ScratchUnavailable:
+            url = None
+        yield url

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import secrets
 import socket
 from collections.abc import Iterator
 
@@ -41,18 +40,10 @@ def pg_database_url() -> Iterator[str]:
     """SQLAlchemy URL of a brand-new empty PostgreSQL database, dropped after the test."""
     if not pg_available():
         pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}")
-    import psycopg
-    from psycopg import sql
+    from server_app.registry.scratch import scratch_postgres
 
-    name = f"koala_test_{secrets.token_hex(6)}"
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as c:
-        c.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as c:
-            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with scratch_postgres(PG_ADMIN_URL, "koala_test") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

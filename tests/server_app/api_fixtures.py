@@ -10,14 +10,15 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
-import secrets
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from server_app.registry import Registry, crud
+from server_app.registry.scratch import ScratchUnavailable, scratch_postgres
 
 TOKEN = "t0ken-" + "x" * 26
 PG_ADMIN_URL = os.environ.get("KOALA_TEST_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/test")
@@ -40,22 +41,12 @@ class RegistryServices:
 
 def pg_database() -> Iterator[str]:
     """A fresh PostgreSQL database (dropped afterwards), or skip when the server is absent."""
-    try:
-        import psycopg
-        from psycopg import sql
-
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except Exception as exc:  # no server here: the SQLite half still runs
-        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL}: {exc.__class__.__name__}")
-    name = f"koala_api_test_{secrets.token_hex(5)}"
-    with admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    try:
-        yield f"{base}/{name}"
-    finally:
-        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as c:
-            c.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+    with ExitStack() as stack:
+        try:
+            url = stack.enter_context(scratch_postgres(PG_ADMIN_URL, "koala_api_test"))
+        except ScratchUnavailable as exc:  # no server here: the SQLite half still runs
+            pytest.skip(str(exc))
+        yield url
 
 
 def seed(reg: Registry, model_dir: Path) -> dict[str, Any]:
