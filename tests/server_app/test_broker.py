@@ -7,10 +7,10 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
+from mqtt_inbox import Inbox
 
 from device_firmware_py.mqtt import MqttClient
 from server_app.transport.broker import (
@@ -19,22 +19,6 @@ from server_app.transport.broker import (
     find_mosquitto_binary,
     make_embedded_broker,
 )
-
-
-class Inbox:
-    def __init__(self) -> None:
-        self.items: list[tuple[str, bytes]] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, topic: str, payload: bytes) -> None:
-        with self.cond:
-            self.items.append((topic, payload))
-            self.cond.notify_all()
-
-    def wait_for(self, n: int, timeout: float = 10.0) -> list[tuple[str, bytes]]:
-        with self.cond:
-            self.cond.wait_for(lambda: len(self.items) >= n, timeout)
-            return list(self.items)
 
 
 def connect(broker, cid: str, **kw) -> MqttClient:

@@ -3,32 +3,13 @@ QoS 1 delivery to a persistent session, handler exceptions do not kill the loop,
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
+from mqtt_inbox import Inbox
 
 from device_firmware_py.mqtt import MqttClient, parse_broker_url
 from server_app.transport.broker import MosquittoBroker, find_mosquitto_binary
-
-
-class Inbox:
-    """Thread-safe collector of (topic, payload) with a blocking wait."""
-
-    def __init__(self) -> None:
-        self.items: list[tuple[str, bytes]] = []
-        self.cond = threading.Condition()
-
-    def __call__(self, topic: str, payload: bytes) -> None:
-        with self.cond:
-            self.items.append((topic, payload))
-            self.cond.notify_all()
-
-    def wait_for(self, n: int, timeout: float = 10.0) -> list[tuple[str, bytes]]:
-        with self.cond:
-            self.cond.wait_for(lambda: len(self.items) >= n, timeout)
-            return list(self.items)
-
 
 needs_mosquitto = pytest.mark.skipif(find_mosquitto_binary() is None, reason="mosquitto binary not installed")
 
