@@ -123,6 +123,24 @@ def _child(role: str, port: int, n: int, rounds: int, proxy: int, classes: int, 
     return json.loads(lines[-1])
 
 
+def _swarm_ready(swarm: Any) -> dict[str, Any]:
+    """Read the `bench.swarm devices` child's events until its "ready" line (its connect report)."""
+    assert swarm.stdout is not None
+    for line in swarm.stdout:
+        ev = json.loads(line)
+        if "ready" in ev:
+            return ev
+    return {}
+
+
+def _swarm_command(swarm: Any, cmd: str, reply: bool = False) -> dict[str, Any] | None:
+    """Send one stdin command to the swarm child; with reply, return its one-line JSON answer."""
+    assert swarm.stdin is not None and swarm.stdout is not None
+    swarm.stdin.write(cmd + "\n")
+    swarm.stdin.flush()
+    return json.loads(swarm.stdout.readline()) if reply else None
+
+
 def measure(n: int, rounds: int, proxy: int, classes: int, timeout: float) -> dict[str, Any]:
     from bench.common import python_child
     from server_app.transport.broker import MosquittoBroker
@@ -131,24 +149,15 @@ def measure(n: int, rounds: int, proxy: int, classes: int, timeout: float) -> di
     swarm = python_child("bench.swarm", "devices", "--port", str(broker.port), "--n", str(n), "--proxy", str(proxy),
                          "--classes", str(classes), stdin=-1, stdout=-1)  # fmt: skip
     try:
-        assert swarm.stdout is not None and swarm.stdin is not None
-        ready: dict[str, Any] = {}
-        for line in swarm.stdout:
-            ev = json.loads(line)
-            if "ready" in ev:
-                ready = ev
-                break
+        ready = _swarm_ready(swarm)
         raw = _child("raw", broker.port, n, rounds, proxy, classes, timeout)
         server = _child("server", broker.port, n, rounds, proxy, classes, timeout)
-        swarm.stdin.write("stats\n")
-        swarm.stdin.flush()
-        stats = json.loads(swarm.stdout.readline())
+        stats = _swarm_command(swarm, "stats", reply=True)
         broker_fds = len(os.listdir(f"/proc/{broker.pid}/fd")) if broker.pid else None
         from bench.common import peak_rss_mib
 
         broker_rss = peak_rss_mib(broker.pid) if broker.pid else None
-        swarm.stdin.write("stop\n")
-        swarm.stdin.flush()
+        _swarm_command(swarm, "stop")
         swarm.wait(60)
     finally:
         if swarm.poll() is None:
@@ -174,18 +183,11 @@ def connect_probe(n: int, nofile: int | None = None, timeout: float = 20.0) -> d
     swarm = python_child("bench.swarm", "devices", "--port", str(broker.port), "--n", str(n), "--proxy", "10",
                          "--ready-timeout", str(timeout), stdin=-1, stdout=-1)  # fmt: skip
     try:
-        assert swarm.stdout is not None and swarm.stdin is not None
-        ready: dict[str, Any] = {}
-        for line in swarm.stdout:
-            ev = json.loads(line)
-            if "ready" in ev:
-                ready = ev
-                break
+        ready = _swarm_ready(swarm)
         fds = len(os.listdir(f"/proc/{broker.pid}/fd")) if broker.running and broker.pid else None
         rss = peak_rss_mib(broker.pid) if broker.running and broker.pid else None
         alive = broker.running
-        swarm.stdin.write("stop\n")
-        swarm.stdin.flush()
+        _swarm_command(swarm, "stop")
         swarm.wait(60)
         log_tail = broker.log_path.read_text()[-4000:] if broker.log_path.exists() else ""
     finally:
