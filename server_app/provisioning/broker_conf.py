@@ -60,6 +60,12 @@ def queue_limits(fleet_size: int, result_bytes: int | None = None) -> tuple[int,
     return messages, messages * (result_bytes if result_bytes is not None else result_frame_bytes())
 
 
+def _default_plugin() -> str:
+    from server_app.provisioning.dynsec import DOCKER_PLUGIN, find_plugin
+
+    return find_plugin() or DOCKER_PLUGIN
+
+
 @dataclass
 class BrokerConf:
     """Values for the ${placeholders} of broker_config/mosquitto.prod.conf."""
@@ -80,6 +86,8 @@ class BrokerConf:
     require_certificate: bool = False
     run_as_user: str = "mosquitto"
     log_dest: str = "stdout"
+    # the dynamic-security plugin as the broker host sees it (docker image: /usr/lib/...)
+    dynsec_plugin: str = field(default_factory=_default_plugin)
 
     def values(self) -> dict[str, str]:
         c = self.conf_dir
@@ -93,8 +101,8 @@ class BrokerConf:
                 f"max_connections {self.max_connections}"
             )
         return {
-            "password_file": str(c / "passwd"),
-            "acl_file": str(c / "acl"),
+            "dynsec_plugin": self.dynsec_plugin,
+            "dynsec_file": str(c / "dynamic-security.json"),
             "run_as_user": self.run_as_user,
             "data_dir": str(self.data_dir).rstrip("/"),
             "max_packet_size": str(self.max_packet_size),

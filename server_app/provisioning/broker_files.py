@@ -2,8 +2,11 @@
 
 Layout of DIR (what `mosquitto.conf` in it points to):
     mosquitto.conf            rendered from broker_config/mosquitto.prod.conf (if asked)
-    passwd                    `user:$7$...` for active devices + service accounts
-    acl                       per-user topic grants from the topic contract
+    dynamic-security.json     what the broker enforces: accounts ($7$ hashes converted) + roles;
+                              the broker owns it once running (rewrites it on $CONTROL changes)
+    passwd                    `user:$7$...` for active devices + service accounts (audit list;
+                              the generated mosquitto.conf does not load it)
+    acl                       per-user topic grants from the topic contract (audit list, same)
     certs/ca.crt, ca.key      the private CA (ca.key stays here; bundles get ca.crt only)
     certs/server.crt, .key    the broker's certificate (SANs: localhost, 127.0.0.1, --tls-host)
     secrets/*.password        service-account secrets (0600)
@@ -20,7 +23,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from server_app.provisioning import acl, tls
+from server_app.provisioning import acl, dynsec, tls
 from server_app.provisioning.accounts import ensure_service_accounts
 from server_app.provisioning.broker_conf import BrokerConf, render
 from server_app.provisioning.identity import check_device_id
@@ -41,6 +44,7 @@ class BrokerFiles:
     passwd: Path
     acl: Path
     ca_cert: Path
+    dynsec: Path
     conf: Path | None
     changed: bool
 
@@ -95,18 +99,23 @@ def write_broker_files(
     entries = [(s.username, s.pw_hash) for s in services] + [(d.device_id, d.pw_hash) for d in devices]
     changed = atomic_write(broker_dir / "passwd", render_password_file(entries))
     changed |= atomic_write(broker_dir / "acl", acl.render_acl([d.device_id for d in devices]))
+    ds_path = broker_dir / dynsec.FILE_NAME
+    ds_text = dynsec.render_dynsec([(d.device_id, d.pw_hash) for d in devices], entries[: len(services)])
+    # Hashes only (0644 like passwd: a containerised broker runs as another uid). A running broker
+    # keeps its in-memory state (live changes go over $CONTROL) and loads this file at its next start.
+    changed |= atomic_write(ds_path, ds_text)
     conf_path = None
     if conf is not None:
         conf_path = broker_dir / "mosquitto.conf"
         changed |= atomic_write(conf_path, render(conf))
-    return BrokerFiles(broker_dir, broker_dir / "passwd", broker_dir / "acl", ca, conf_path, changed)
+    return BrokerFiles(broker_dir, broker_dir / "passwd", broker_dir / "acl", ca, ds_path, conf_path, changed)
 
 
 def reload_broker(pid_file: Path) -> int:
-    """SIGHUP the Mosquitto whose pid is in `pid_file`: it re-reads password and ACL files.
+    """SIGHUP the Mosquitto whose pid is in `pid_file` (re-reads its config and certificates).
 
-    Mosquitto 2.0 re-checks connected clients against the new files on reload, so a revoked
-    device is also disconnected, not just refused on its next connect.
+    With the generated config the accounts live in the dynamic-security plugin, which a SIGHUP
+    does not reload: live account changes go through `dynsec.BrokerControl` instead.
     """
     pid = int(pid_file.read_text().split()[0])
     os.kill(pid, signal.SIGHUP)

@@ -13,7 +13,9 @@ from device_firmware_py.contract.topics import validate_device_id
 
 SERVER_ACCOUNT = "koala-server"
 MONITOR_ACCOUNT = "koala-monitor"
-SERVICE_ACCOUNTS = (SERVER_ACCOUNT, MONITOR_ACCOUNT)
+# Sends dynamic-security commands ($CONTROL): revoke/add/rotate devices on the live broker.
+ADMIN_ACCOUNT = "koala-admin"
+SERVICE_ACCOUNTS = (SERVER_ACCOUNT, MONITOR_ACCOUNT, ADMIN_ACCOUNT)
 
 
 class InvalidDeviceId(ValueError):

@@ -9,7 +9,7 @@ import pytest
 
 from server_app.provisioning.accounts import read_secret
 from server_app.provisioning.broker_files import DeviceCredential
-from server_app.provisioning.identity import MONITOR_ACCOUNT, SERVER_ACCOUNT
+from server_app.provisioning.identity import ADMIN_ACCOUNT, MONITOR_ACCOUNT, SERVER_ACCOUNT
 from server_app.provisioning.local_broker import PrivateMosquitto, find_mosquitto
 from server_app.provisioning.passwords import mosquitto_hash, new_secret
 
@@ -45,7 +45,7 @@ def start_fleet(tmp: Path, device_ids: list[str]) -> Fleet:
     fleet = Fleet(broker, secrets)
     fleet._hashes = {d: mosquitto_hash(s) for d, s in secrets.items()}
     broker.write_files(fleet._credentials())
-    for account in (SERVER_ACCOUNT, MONITOR_ACCOUNT):
+    for account in (SERVER_ACCOUNT, MONITOR_ACCOUNT, ADMIN_ACCOUNT):
         secrets[account] = read_secret(broker.broker_dir, account)
     broker.start()
     return fleet
