@@ -15,6 +15,25 @@ Rules (D teachers, p_d = softmax(logits_d / T)):
                  renormalised. A class nobody saw falls back to the plain mean.
 - "group":       first a sample-weighted mean inside each group (architecture), then `inner`
                  rule ("mean" or "weighted" by group sample count) across groups.
+
+Robust rules (bound any one device's influence; see engine/robust.py). They ignore sample counts
+on purpose — counts are self-reported, so weighting by them hands the vote to whoever claims most:
+- "median":       q(x)_c ∝ median_d p_d(x)_c   (coordinate-wise, Yin et al. 2018; Flower FedMedian)
+- "trimmed_mean": q(x)_c ∝ mean_d of p_d(x)_c after dropping the floor(trim*D) lowest and highest
+                  values per coordinate (FedTrimmedAvg; trim=0.2 drops one of 5). Few devices:
+                  k=0 is the plain mean (D<=4 at 0.2), a trim leaving <2 values is the median.
+- "agreement":    q = sum_d a_d^2 p_d / sum_d a_d^2, a_d = fraction of proxy samples on which
+                  device d's argmax equals the "median" consensus' argmax: a device that agrees
+                  little with the ensemble (random, sign-flipped, constant) gets little weight.
+                  Not a hard guarantee like median/trimmed_mean (a half-agreeing attacker keeps
+                  weight), but keeps mean-like accuracy when every device is honest.
+With f <= k attackers, every trimmed_mean coordinate (before renormalisation) lies inside the
+honest devices' range — whatever the attackers send. Rows whose median is all zeros (one-hot
+devices that all disagree) fall back to the mean for that row.
+
+Non-finite logits: a NaN entry becomes 0, ±inf is clamped to the float32 range;
+the per-row max shift in `softmax` keeps exp() in range for any finite value (1e30 included), so
+logits are not clipped to a fixed ±k·T (that would rewrite honest confident rows).
 """
 
 from __future__ import annotations
@@ -23,7 +42,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-RULES = ("mean", "weighted", "entropy", "class_aware", "group")
+from server_app.engine.robust import coordinate_median, coordinate_trimmed_mean
+
+RULES = ("mean", "weighted", "entropy", "class_aware", "group", "median", "trimmed_mean", "agreement")
+ROBUST_RULES = ("median", "trimmed_mean", "agreement")
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
@@ -31,6 +53,18 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def sanitize_logits(logits: np.ndarray) -> np.ndarray:
+    """float64 copy with NaN -> 0 and ±inf -> ±float32 max: softmax of the result is always finite."""
+    big = float(np.finfo(np.float32).max)
+    return np.nan_to_num(np.asarray(logits, np.float64), nan=0.0, posinf=big, neginf=-big)
+
+
+def _row_normalize(q: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """Rows of q [P, C] scaled to sum 1; a row summing to 0 takes the fallback row."""
+    s = q.sum(axis=-1, keepdims=True)
+    return np.where(s > 0, q / np.where(s > 0, s, 1.0), fallback)
 
 
 def _normalize(w: np.ndarray) -> np.ndarray:
@@ -46,9 +80,12 @@ def fuse_logits(
     label_histograms: Sequence[Sequence[int]] | None = None,
     groups: Sequence[str] | None = None,
     inner: str = "weighted",
+    trim: float = 0.2,
 ) -> np.ndarray:
-    """Consensus probabilities [P, C] from D teachers' logits [D, P, C] (see module doc)."""
-    L = np.stack([np.asarray(x, np.float64) for x in logits])
+    """Consensus probabilities [P, C] float32 (rows sum to 1) from D teachers' logits [D, P, C].
+
+    rule: one of RULES (see module doc); trim: the per-end fraction of "trimmed_mean"."""
+    L = sanitize_logits(np.stack([np.asarray(x, np.float64) for x in logits]))
     if L.ndim != 3:
         raise ValueError(f"logits must be [D, P, C], got {L.shape}")
     D, P, C = L.shape
@@ -83,6 +120,15 @@ def fuse_logits(
         gp = np.stack(g_probs)
         gw = np.asarray(g_n) if inner == "weighted" else np.ones(len(names))
         out = np.tensordot(gw / gw.sum(), gp, axes=1)
+    elif rule == "median":
+        out = _row_normalize(coordinate_median(p), p.mean(axis=0))
+    elif rule == "trimmed_mean":
+        out = _row_normalize(coordinate_trimmed_mean(p, trim), p.mean(axis=0))
+    elif rule == "agreement":
+        ref = _row_normalize(coordinate_median(p), p.mean(axis=0)).argmax(axis=-1)  # [P]
+        a = (p.argmax(axis=-1) == ref[None, :]).mean(axis=1)  # [D]
+        w = a**2 if np.any(a > 0) else np.ones(D)
+        out = np.tensordot(w / w.sum(), p, axes=1)
     else:
         raise ValueError(f"unknown fusion rule {rule!r}; known: {RULES}")
     out = out / out.sum(axis=-1, keepdims=True)

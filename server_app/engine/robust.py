@@ -1,0 +1,233 @@
+"""Byzantine-robust aggregation: no single device can move the result arbitrarily far.
+
+Pure numpy, float64 accumulation, deterministic (no randomness; ties broken by device order).
+
+Coordinate-wise statistics (Yin et al. 2018, "Byzantine-robust distributed learning"; Flower's
+FedMedian / FedTrimmedAvg):
+- `coordinate_median(x)`: per coordinate, the median over devices (axis 0).
+- `coordinate_trimmed_mean(x, trim)`: per coordinate, drop the k = floor(trim * D) smallest and
+  k largest values, average the rest. With f <= k attackers every output coordinate lies inside
+  the [min, max] range of the honest values, whatever the attackers send. Too few devices for a
+  trim (2k >= D) degrades to the median; k = 0 (e.g. D <= 4 at trim 0.2) is the plain mean.
+These ignore sample counts on purpose: counts are self-reported, so weighting by them lets one
+device claim n = 10^9 and own the average.
+
+Krum / Multi-Krum (Blanchard et al. 2017; Flower's Krum): score each device by the sum of squared
+distances to its D - f - 2 nearest neighbours, keep the m lowest-scoring devices and average them
+(m = 1: Krum). Needs D >= 2f + 3 for its guarantee; f defaults to the largest such value.
+
+Update clipping: with the current global weights as `reference`, each device's update
+u_i = w_i - reference (all tensors as one vector) is scaled down to norm <= bound, where bound is
+`clip_norm` or `clip_factor` x the median update norm. This bounds a scaled attack (w x 1e30) to
+the size of an honest update before any rule sees it.
+
+Validation helpers for ingestion: `magnitude_bound(reference, factor)` and `weights_violation`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+WEIGHT_RULES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
+
+
+# --------------------------------------------------------------------------- coordinate rules
+def trim_count(num: int, trim: float) -> int:
+    """How many values to drop from EACH end for `num` devices at fraction `trim` (Flower's int(beta*n)),
+    capped so at least one value is left: (num - 1) // 2 at most."""
+    if not 0.0 <= trim < 0.5:
+        raise ValueError(f"trim must be in [0, 0.5), got {trim}")
+    return min(int(np.floor(trim * num)), (num - 1) // 2)
+
+
+def coordinate_median(x: np.ndarray) -> np.ndarray:
+    """Median over axis 0 (devices), float64. Even D: the mean of the two middle values."""
+    return np.median(np.asarray(x, np.float64), axis=0)
+
+
+def coordinate_trimmed_mean(x: np.ndarray, trim: float = 0.2) -> np.ndarray:
+    """Mean over axis 0 after dropping the k = trim_count(D, trim) smallest and largest values
+    per coordinate. If that leaves <= 2 values with k > 0 (2k + 2 > D, e.g. D = 3), the median."""
+    a = np.asarray(x, np.float64)
+    d = a.shape[0]
+    k = trim_count(d, trim)
+    if k == 0:
+        return a.mean(axis=0)
+    if d - 2 * k <= 1:
+        return np.median(a, axis=0)
+    s = np.sort(a, axis=0)
+    return s[k : d - k].mean(axis=0)
+
+
+# ------------------------------------------------------------------------------- helpers
+def _flat(ws: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate([np.asarray(w, np.float64).ravel() for w in ws]) if len(ws) else np.zeros(0)
+
+
+def _unflat(v: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:
+    out, i = [], 0
+    for w in like:
+        n = int(np.asarray(w).size)
+        out.append(v[i : i + n].reshape(np.shape(w)))
+        i += n
+    return out
+
+
+def _finite_f32(v: np.ndarray) -> np.ndarray:
+    """float64 result -> float32 that cannot overflow to inf (clamped to the float32 range)."""
+    big = float(np.finfo(np.float32).max)
+    return np.clip(v, -big, big).astype(np.float32)
+
+
+def magnitude_bound(reference: Sequence[np.ndarray], factor: float = 100.0) -> float:
+    """Largest |value| a device's weights may hold, derived from the current global weights:
+    max(1, factor * max|reference|). Honest training moves weights by a few x at most in a round;
+    a device sending 1e30 is rejected by `weights_violation(w, bound=magnitude_bound(ref))`."""
+    m = max((float(np.max(np.abs(np.asarray(r, np.float64)))) for r in reference if np.size(r)), default=0.0)
+    return max(1.0, float(factor) * m)
+
+
+def weights_violation(
+    weights: Sequence[np.ndarray],
+    reference: Sequence[np.ndarray] | None = None,
+    *,
+    bound: float | None = None,
+) -> str | None:
+    """Why one device's weight list must be rejected, or None if it passes.
+
+    Checks: same number of tensors and shapes as `reference` (when given), every value finite,
+    max |value| <= `bound` (when given; see `magnitude_bound`). Reasons are short stable codes:
+    "tensor_count", "shape", "non_finite", "magnitude"."""
+    if reference is not None:
+        if len(weights) != len(reference):
+            return "tensor_count"
+        if any(np.shape(w) != np.shape(r) for w, r in zip(weights, reference, strict=True)):
+            return "shape"
+    for w in weights:
+        a = np.asarray(w)
+        if a.size == 0:
+            continue
+        if not np.all(np.isfinite(a)):
+            return "non_finite"
+        if bound is not None and float(np.max(np.abs(a.astype(np.float64)))) > bound:
+            return "magnitude"
+    return None
+
+
+def clip_updates(
+    vectors: np.ndarray, reference: np.ndarray, clip_norm: float | None = None, clip_factor: float = 2.0
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Scale each row's update (row - reference) to L2 norm <= bound.
+
+    bound = clip_norm if given, else clip_factor * median update norm (robust: one attacker cannot
+    raise the median). Returns (clipped rows [D, N] float64, update norms before clipping [D], bound)."""
+    u = vectors - reference[None, :]
+    # norms in float64 without overflow for huge values: scale by the max |u| per row first
+    scale = np.max(np.abs(u), axis=1) if u.size else np.zeros(len(u))
+    safe = np.where(scale > 0, scale, 1.0)
+    norms = np.linalg.norm(u / safe[:, None], axis=1) * scale
+    bound = float(clip_norm) if clip_norm is not None else float(clip_factor) * float(np.median(norms))
+    factors = np.where(norms > bound, bound / np.where(norms > 0, norms, 1.0), 1.0)
+    return reference[None, :] + u * factors[:, None], norms, bound
+
+
+def _pairwise_sq(v: np.ndarray) -> np.ndarray:
+    """Squared L2 distances between rows, by explicit differences (the Gram-matrix shortcut cancels
+    catastrophically when one row is ~1e30). Rows are scaled by a common factor so squares of huge
+    values cannot overflow float64; distances are only compared, so the scale does not matter."""
+    d = len(v)
+    s = float(np.max(np.abs(v))) if v.size else 0.0
+    w = v / s if s > 0 and np.isfinite(s) else v
+    out = np.zeros((d, d))
+    for i in range(d):
+        diff = w[i + 1 :] - w[i]
+        out[i, i + 1 :] = np.einsum("ij,ij->i", diff, diff)
+    return out + out.T
+
+
+def krum_select(vectors: np.ndarray, num_malicious: int | None = None, num_keep: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of the `num_keep` devices with the lowest Krum scores (ascending; ties by index) and all scores.
+
+    score_i = sum of squared distances to its D - f - 2 nearest other devices (at least 1 neighbour).
+    f = num_malicious, default max(0, (D - 3) // 2), the most Krum tolerates (D >= 2f + 3)."""
+    d = len(vectors)
+    f = max(0, (d - 3) // 2) if num_malicious is None else int(num_malicious)
+    nb = max(1, d - f - 2)
+    dist = _pairwise_sq(vectors)
+    scores = np.zeros(d)
+    for i in range(d):
+        others = np.delete(dist[i], i)
+        scores[i] = np.sort(others)[: min(nb, len(others))].sum() if len(others) else 0.0
+    keep = np.argsort(scores, kind="stable")[: max(1, min(num_keep, d))]
+    return keep, scores
+
+
+# ------------------------------------------------------------------------------ the entry point
+def aggregate_weights(
+    weight_sets: Sequence[Sequence[np.ndarray]],
+    num_samples: Sequence[int] | None,
+    rule: str = "fedavg",
+    *,
+    reference: Sequence[np.ndarray] | None = None,
+    clip_norm: float | None = None,
+    clip_factor: float | None = 2.0,
+    trim: float = 0.2,
+    num_malicious: int | None = None,
+    num_keep: int | None = None,
+    info: dict[str, Any] | None = None,
+) -> list[np.ndarray]:
+    """Aggregate D devices' weight lists into one (float32 tensors, the shapes of the first set).
+
+    rule: "fedavg" (sample-weighted mean, as strategies.common.fedavg), "median", "trimmed_mean"
+    (fraction `trim` from each end per coordinate), "krum" (the single most central device),
+    "multi_krum" (sample-weighted mean of the `num_keep` most central; default D - f).
+    reference: the current global weights. When given, every device's update (w_i - reference) is
+    clipped to norm <= clip_norm, or clip_factor x the median update norm when clip_norm is None
+    (clip_factor=None and clip_norm=None: no clipping). Without a reference nothing is clipped.
+    num_malicious: Krum's f (default max(0, (D-3)//2)).
+    info: optional dict, filled with diagnostics: "rule", "num_devices", "update_norms", "clip_bound",
+    "clipped" (device indices), "selected" (Krum indices), "scores" (Krum).
+
+    Shapes must agree (reject bad devices first with `weights_violation`); non-finite values raise.
+    """
+    if not weight_sets:
+        raise ValueError("nothing to aggregate")
+    if rule not in WEIGHT_RULES:
+        raise ValueError(f"unknown weight rule {rule!r}; known: {WEIGHT_RULES}")
+    like = list(weight_sets[0])
+    for i, ws in enumerate(weight_sets):
+        reason = weights_violation(ws, like)
+        if reason is not None:
+            raise ValueError(f"device {i}: {reason}")
+    d = len(weight_sets)
+    n = np.ones(d) if num_samples is None else np.asarray(num_samples, np.float64)
+    if n.shape != (d,) or np.any(n < 0) or not np.all(np.isfinite(n)) or n.sum() <= 0:
+        raise ValueError(f"num_samples must be {d} non-negative counts with a positive sum")
+    v = np.stack([_flat(ws) for ws in weight_sets])  # [D, N] float64
+    diag: dict[str, Any] = {"rule": rule, "num_devices": d}
+    if reference is not None:
+        if weights_violation(reference, like) is not None:
+            raise ValueError("reference does not match the devices' tensors (or is non-finite)")
+        ref = _flat(reference)
+        if clip_norm is not None or clip_factor is not None:
+            v, norms, bound = clip_updates(v, ref, clip_norm, clip_factor if clip_factor is not None else 2.0)
+            diag.update(update_norms=norms.tolist(), clip_bound=bound, clipped=np.flatnonzero(norms > bound).tolist())
+    if rule == "fedavg":
+        out = np.tensordot(n / n.sum(), v, axes=1)
+    elif rule == "median":
+        out = coordinate_median(v)
+    elif rule == "trimmed_mean":
+        out = coordinate_trimmed_mean(v, trim)
+    else:
+        f = max(0, (d - 3) // 2) if num_malicious is None else int(num_malicious)
+        keep_n = 1 if rule == "krum" else (num_keep if num_keep is not None else max(1, d - f))
+        keep, scores = krum_select(v, f, keep_n)
+        nk = n[keep]
+        out = np.tensordot(nk / nk.sum(), v[keep], axes=1) if nk.sum() > 0 else v[keep].mean(axis=0)
+        diag.update(selected=keep.tolist(), scores=scores.tolist())
+    if info is not None:
+        info.update(diag)
+    return [_finite_f32(t) for t in _unflat(out, like)]
