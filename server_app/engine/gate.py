@@ -144,11 +144,17 @@ class ModelGate:
             labels = np.asarray(soft_targets).argmax(1)
             m["label_source"] = "soft_targets"
         if soft_targets is not None:
-            m["kd_before"] = _kd(lb, soft_targets, self.temperature) if np.all(np.isfinite(lb)) else float("inf")
+            m["kd_before"] = (
+                _kd(lb, soft_targets, self.temperature) if np.all(np.isfinite(lb)) else float("inf")
+            )
             m["kd_after"] = _kd(la, soft_targets, self.temperature)
         # collapse: one class dominates now, did not before, and the labels do not explain it
         label_share = float(np.mean(labels == cls_a)) if labels is not None else 0.0
-        if share_a > self.collapse_frac and share_b <= self.collapse_frac and share_a > label_share + self.chance_margin:
+        if (
+            share_a > self.collapse_frac
+            and share_b <= self.collapse_frac
+            and share_a > label_share + self.chance_margin
+        ):
             return GateDecision(False, "collapse", m)
         if labels is not None:
             acc_b, acc_a = float(np.mean(pb == labels)), float(np.mean(pa == labels))
@@ -159,6 +165,10 @@ class ModelGate:
             m["established"] = conf_b >= chance + self.confidence_margin
             if m["established"] and m["agreement"] < self.min_agreement:
                 return GateDecision(False, "disagreement", m)
-        if self.max_kd_increase is not None and "kd_after" in m and m["kd_after"] > m["kd_before"] + self.max_kd_increase:
+        if (
+            self.max_kd_increase is not None
+            and "kd_after" in m
+            and m["kd_after"] > m["kd_before"] + self.max_kd_increase
+        ):
             return GateDecision(False, "kd_increase", m)
         return GateDecision(True, None, m)

@@ -148,7 +148,9 @@ def _pairwise_sq(v: np.ndarray) -> np.ndarray:
     return out + out.T
 
 
-def krum_select(vectors: np.ndarray, num_malicious: int | None = None, num_keep: int = 1) -> tuple[np.ndarray, np.ndarray]:
+def krum_select(
+    vectors: np.ndarray, num_malicious: int | None = None, num_keep: int = 1
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices of the `num_keep` devices with the lowest Krum scores (ascending; ties by index) and all scores.
 
     score_i = sum of squared distances to its D - f - 2 nearest other devices (at least 1 neighbour).
@@ -214,7 +216,9 @@ def aggregate_weights(
         ref = _flat(reference)
         if clip_norm is not None or clip_factor is not None:
             v, norms, bound = clip_updates(v, ref, clip_norm, clip_factor if clip_factor is not None else 2.0)
-            diag.update(update_norms=norms.tolist(), clip_bound=bound, clipped=np.flatnonzero(norms > bound).tolist())
+            diag.update(
+                update_norms=norms.tolist(), clip_bound=bound, clipped=np.flatnonzero(norms > bound).tolist()
+            )
     if rule == "fedavg":
         out = np.tensordot(n / n.sum(), v, axes=1)
     elif rule == "median":
