@@ -27,7 +27,7 @@ from typing import Any, Protocol
 from device_firmware_py.contract import codec, engine_map, topics
 from device_firmware_py.contract import messages as cm
 from device_firmware_py.contract.errors import ContractError
-from server_app.engine.types import DeviceInfo, DeviceResult
+from server_app.engine.types import DeviceInfo, Result
 from server_app.registry.errors import RegistryUnavailable
 
 log = logging.getLogger("koala.ingest")
@@ -235,7 +235,7 @@ class Ingestor:
         # phase 2: one read of the batch's rows; decisions in memory, in arrival order
         state = self.store.submissions({(m.round_id, m.device_id) for _, m, _, _ in decoded})
         col = self._collection()
-        accepts: list[tuple[int, cm.Result, DeviceResult, str, int]] = []
+        accepts: list[tuple[int, cm.Result, Result, str, int]] = []
         failed_checks = 0
         for i, msg, digest, payload in decoded:
             nbytes = len(payload)

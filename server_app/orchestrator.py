@@ -35,7 +35,7 @@ from device_firmware_py.fileio import atomic_write
 from server_app import submission_log
 from server_app.engine.rounds import run_rounds
 from server_app.engine.strategy import Strategy
-from server_app.engine.types import DeviceResult, RoundReport
+from server_app.engine.types import Result, RoundReport
 from server_app.registry import crud
 from server_app.registry.errors import InvalidTransition, RegistryUnavailable
 from server_app.registry.models import Assignment
@@ -124,7 +124,7 @@ class RegistryStore:
 
         self.reg.run(fn)
 
-    def accepted_results(self, round_id: int) -> dict[str, DeviceResult]:
+    def accepted_results(self, round_id: int) -> dict[str, Result]:
         """The round's accepted results rebuilt from disk: a record counts only when its row is
         `accepted` with the same digest (submission_log.recover)."""
         rows = self.reg.run(crud.list_assignments, round_id=round_id, status="accepted", limit=crud.MAX_PAGE)
@@ -140,7 +140,7 @@ class RegistryStore:
             log.info("dropped round=%d devices=%d", round_id, n)
 
     def collection_closed(self, round_id: int) -> bool:
-        return self.round_state(round_id) in ("aggregating", "distilling")
+        return self.round_state(round_id) == "aggregating"
 
     # -- IngestStore (ingest)
     def submission(self, round_id: int, device_id: str) -> tuple[str, str | None] | None:

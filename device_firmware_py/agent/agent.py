@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from device_firmware_py.agent.state import PHASE_ASSIGNED, PHASE_DONE, AgentState, RoundState
-from device_firmware_py.agent.wire import assignment_from_wire, clean_metrics, result_to_wire
 from device_firmware_py.config import DeviceConfig, file_sha256
 from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
@@ -224,17 +223,18 @@ class DeviceAgent:
         self._client.publish(topics.device_progress(self.cfg.device_id), codec.encode_control(msg), qos=0)
 
     def _execute(self, msg: cm.Assignment) -> None:
-        a = assignment_from_wire(msg)
-        log.info("assignment %s", _kv(round=a.round_id, task=a.task, teacher=a.teacher_logits is not None,
-                                      weights=a.weights is not None))
+        a = msg
+        log.info("assignment %s", _kv(round=a.round_id, task=a.plan.task, teacher=a.teacher_logits is not None,
+                                      weights=a.weights is not None,
+                                      proxy_rows="all" if a.proxy_indices is None else len(a.proxy_indices)))
         self._progress(a.round_id, "start", 0, 3)
         t0 = time.perf_counter()
-        result = execute_assignment(self.model, self.x, self.y, self.proxy_x, a)
+        result = execute_assignment(self.model, self.x, self.y, self.proxy_x, a, proxy_digest=self.proxy_digest)
         result.metrics["t_device_s"] = time.perf_counter() - t0
         if self.test is not None:  # held-out accuracy of the float model, for the operator's table
             result.metrics["test_acc"] = self.model.evaluate(*self.test)
-        result.metrics = clean_metrics(result.metrics)
-        frame = codec.encode_frame(result_to_wire(result, msg.model_version, self.proxy_digest))
+        result.metrics = cm.metrics_clean(result.metrics)
+        frame = codec.encode_frame(result)
         # Persist before publishing: a crash after this point re-publishes instead of retraining.
         self.model.save_state(self.state.model_path)
         self.state.save_result(frame)

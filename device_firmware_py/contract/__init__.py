@@ -5,7 +5,7 @@ See asyncapi.yaml next to this file for the same contract as an AsyncAPI 3.0 doc
 
 from __future__ import annotations
 
-from . import codec, messages, topics
+from . import codec, messages, plan, topics
 from .codec import (
     check_result,
     decode,
@@ -18,6 +18,7 @@ from .codec import (
     payload_digest,
 )
 from .errors import REASONS, ContractError
+from .plan import PLAN_VERSION, TrainingPlan
 from .messages import (
     ROUND_STATES,
     TERMINAL_ROUND_STATES,
@@ -42,6 +43,8 @@ __all__ = [
     "Result",
     "RoundStatus",
     "ServerStatus",
+    "PLAN_VERSION",
+    "TrainingPlan",
     "check_result",
     "codec",
     "decode",

@@ -8,12 +8,13 @@ Frame layout (all integers big-endian, tensor data little-endian, MQTT 3.1.1 saf
 on v5 properties):
 
     0   4  magic  b"KOAL"
-    4   1  frame version (1)
+    4   1  frame version (2; version-1 frames are refused as `bad_version`)
     5   1  kind (1 = assignment, 2 = result)
     6   2  reserved, 0
     8   4  header length H (<= MAX_HEADER_BYTES)
     12  H  header: UTF-8 JSON object {round_id, device_id, model_version, meta, weights,
-           tensors: [{name, dtype, shape, scale?}], body_len, body_sha256}
+           tensors: [{name, dtype, shape, scale?}], body_len, body_sha256}; an assignment's meta
+           holds its `plan` (contract.plan.TrainingPlan, versioned on its own)
     12+H   body: the tensors' bytes, concatenated in header order
 
 Decoding validates everything (sizes first, before any allocation) and raises ContractError with a
@@ -35,7 +36,7 @@ from .messages import CONTROL_MESSAGES, FRAME_MESSAGES, Assignment, Message, Res
 from .topics import parse_topic
 
 MAGIC = b"KOAL"
-FRAME_VERSION = 1
+FRAME_VERSION = 2  # 2: typed training plan + proxy_indices tensor (1: free-form `hyper` dict)
 ENVELOPE_VERSION = 1
 _PREFIX = struct.Struct(">4sBBHI")
 KINDS = {1: "assignment", 2: "result"}
@@ -44,8 +45,15 @@ _KIND_IDS = {v: k for k, v in KINDS.items()}
 MAX_HEADER_BYTES = 256 * 1024
 MAX_CONTROL_BYTES = 1024 * 1024
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
-WIRE_DTYPES = ("float32", "float16", "int8")  # allow-list; int8 carries a per-tensor scale
-_TENSOR_MAIN = {"assignment": "teacher_logits", "result": "proxy_logits"}
+WIRE_DTYPES = ("float32", "float16", "int8", "int32")  # allow-list; int8 carries a per-tensor scale
+_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1, "int32": 4}
+_NP_DTYPE = {"float32": "<f4", "float16": "<f2", "int8": "i1", "int32": "<i4"}
+# Named (non-weight) tensors of each frame kind, in body order, with their wire role:
+# "logits" travel in the encoder's logits dtype, "index" always as int32.
+_NAMED_TENSORS: dict[str, tuple[tuple[str, str], ...]] = {
+    "assignment": (("teacher_logits", "logits"), ("proxy_indices", "index")),
+    "result": (("proxy_logits", "logits"),),
+}
 
 
 # ---- JSON control messages ----------------------------------------------------------------------
@@ -106,6 +114,10 @@ def decode_control(payload: bytes, expected: type[Message] | None = None) -> Mes
 # ---- binary tensor frames -----------------------------------------------------------------------
 def _to_wire(name: str, arr: np.ndarray, dtype: str) -> tuple[dict[str, Any], bytes]:
     desc: dict[str, Any] = {"name": name, "dtype": dtype, "shape": list(arr.shape)}
+    if dtype == "int32":
+        if arr.dtype.kind not in "iu" or (arr.size and (int(arr.min()) < -(2**31) or int(arr.max()) >= 2**31)):
+            raise ContractError("bad_dtype", f"{name}: int32 on the wire needs integers within int32")
+        return desc, np.asarray(arr).astype("<i4").tobytes()
     a = np.asarray(arr, dtype=np.float32)
     if dtype == "float32":
         out = a.astype("<f4")
@@ -170,28 +182,29 @@ class FrameEncoder:
         by every frame with the same tensors, so callers can size frames without building them."""
         if msg.TYPE not in FRAME_MESSAGES:
             raise ContractError("bad_kind", f"{msg.TYPE} is a control message, use encode_control")
-        main_name = _TENSOR_MAIN[msg.TYPE]
-        raw_main, raw_weights = getattr(msg, main_name), msg.weights
-        key = (msg.TYPE, id(raw_main), None if raw_weights is None else tuple(map(id, raw_weights)))
+        raw_named = tuple(getattr(msg, n) for n, _ in _NAMED_TENSORS[msg.TYPE])
+        raw_weights = msg.weights
+        key = (msg.TYPE, tuple(map(id, raw_named)), None if raw_weights is None else tuple(map(id, raw_weights)))
         msg.validate()  # per message: the scalar fields differ; tensors are checked (cheaply) again
         cached = self._bodies.get(key)
         if cached is None:
-            tensors, body = _frame_body(msg, main_name, self.logits_dtype, self.weights_dtype)
-            cached = (tensors, body, hashlib.sha256(body).hexdigest(), (raw_main, raw_weights))
+            tensors, body = _frame_body(msg, self.logits_dtype, self.weights_dtype)
+            cached = (tensors, body, hashlib.sha256(body).hexdigest(), (raw_named, raw_weights))
             self._bodies[key] = cached
         tensors, body, digest, _refs = cached
         return _frame_head(msg, tensors, body, digest, self.max_bytes), body
 
 
-def _frame_body(msg: Assignment | Result, main_name: str, logits_dtype: str, weights_dtype: str) -> tuple[list[dict[str, Any]], bytes]:
+def _frame_body(msg: Assignment | Result, logits_dtype: str, weights_dtype: str) -> tuple[list[dict[str, Any]], bytes]:
     """Tensor descriptors and the concatenated tensor bytes of a validated message."""
     tensors: list[dict[str, Any]] = []
     chunks: list[bytes] = []
-    main = getattr(msg, main_name)
-    if main is not None:
-        d, b = _to_wire(main_name, main, logits_dtype)
-        tensors.append(d)
-        chunks.append(b)
+    for name, role in _NAMED_TENSORS[msg.TYPE]:
+        arr = getattr(msg, name)
+        if arr is not None:
+            d, b = _to_wire(name, arr, "int32" if role == "index" else logits_dtype)
+            tensors.append(d)
+            chunks.append(b)
     for i, w in enumerate(msg.weights or []):
         d, b = _to_wire(f"weights/{i}", w, weights_dtype)
         tensors.append(d)
@@ -239,12 +252,12 @@ def _from_wire(desc: object, body: memoryview, offset: int) -> tuple[str, np.nda
     if dtype not in WIRE_DTYPES:
         raise ContractError("bad_dtype", f"{name}: dtype {dtype!r} not in {WIRE_DTYPES}")
     shape = _shape(name, desc.get("shape"))
-    itemsize = {"float32": 4, "float16": 2, "int8": 1}[dtype]
-    nbytes = math.prod(shape) * itemsize
+    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
     if offset + nbytes > len(body):
         raise ContractError("bad_shape", f"{name}: shape {shape} x {dtype} runs past the body")
-    np_dtype = {"float32": "<f4", "float16": "<f2", "int8": "i1"}[dtype]
-    raw = np.frombuffer(body, dtype=np_dtype, count=math.prod(shape), offset=offset).reshape(shape)
+    raw = np.frombuffer(body, dtype=_NP_DTYPE[dtype], count=math.prod(shape), offset=offset).reshape(shape)
+    if dtype == "int32":
+        return name, raw.astype(np.int64), offset + nbytes
     if dtype == "int8":
         scale = desc.get("scale")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (0 < scale < 1e30):
@@ -269,7 +282,8 @@ def read_frame_header(payload: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) 
     if magic != MAGIC:
         raise ContractError("bad_magic", f"magic {magic!r} != {MAGIC!r}")
     if version != FRAME_VERSION:
-        raise ContractError("bad_version", f"frame version {version} != {FRAME_VERSION}")
+        raise ContractError("bad_version", f"frame version {version}; this side speaks {FRAME_VERSION} "
+                                           "(update the older of device firmware and server)")
     kind = KINDS.get(kind_id)
     if kind is None:
         raise ContractError("bad_kind", f"unknown frame kind {kind_id}")
@@ -311,8 +325,7 @@ def decode_frame(
         tensors[name] = arr
     if offset != len(body):
         raise ContractError("bad_shape", f"tensors cover {offset} of {len(body)} body bytes")
-    main_name = _TENSOR_MAIN[kind]
-    main = tensors.pop(main_name, None)
+    named = {n: tensors.pop(n, None) for n, _ in _NAMED_TENSORS[kind]}
     weights = None
     if nweights is not None:
         try:
@@ -326,10 +339,10 @@ def decode_frame(
         "round_id": header.get("round_id"),
         "device_id": header.get("device_id"),
         "model_version": header.get("model_version"),
-        main_name: main,
+        **named,
         "weights": weights,
     }
-    if len(fields_) != len(meta) + 5:
+    if len(fields_) != len(meta) + 4 + len(named):
         raise ContractError("bad_header", "meta repeats a header field")
     return _build(cls, fields_)  # type: ignore[return-value]
 

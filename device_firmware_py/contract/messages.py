@@ -19,23 +19,25 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .errors import ContractError
+from .plan import TrainingPlan
 from .topics import validate_device_id, validate_round_id
 
 # ---- limits (part of the contract: both sides refuse anything beyond them) -------------------------
 MAX_NAME_LEN = 64  # arch, task, phase, version strings, dict keys
 MAX_TEXT_LEN = 1024  # free text (errors, capability strings)
 MAX_CLASSES = 10_000  # label histogram length, logits columns
-MAX_DICT_KEYS = 128  # hyper, metrics, capabilities
+MAX_DICT_KEYS = 128  # metrics, capabilities
 MAX_LIST_LEN = 256  # lists inside capabilities, input_shape
 MAX_PARTICIPANTS = 10_000
 MAX_WEIGHT_TENSORS = 4096
 MAX_TENSOR_NDIM = 8
 MAX_COUNT = 2**31 - 1  # sample counts, steps, histogram bins
+MAX_PROXY = 10_000_000  # proxy-set size: bound of proxy_indices values and logits rows
 
 DEVICE_STATES = ("online", "offline")
 SERVER_STATES = ("online", "offline")
 # Round state machine shared with the registry (server_app.registry) and monitors.
-ROUND_STATES = ("created", "collecting", "aggregating", "distilling", "completed", "failed", "aborted")
+ROUND_STATES = ("created", "collecting", "aggregating", "completed", "failed", "aborted")
 TERMINAL_ROUND_STATES = ("completed", "failed", "aborted")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:+\-]{0,63}")
 _DIGEST_RE = re.compile(r"[0-9a-f]{64}")
@@ -128,7 +130,7 @@ def _check_scalar(name: str, v: object) -> object:
 
 
 def check_dict(name: str, v: object, *, allow_lists: bool = False) -> dict[str, Any]:
-    """A flat dict of JSON scalars (optionally short lists of scalars): hyper, metrics, capabilities."""
+    """A flat dict of JSON scalars (optionally short lists of scalars): metrics, capabilities."""
     if v is None:
         return {}
     if not isinstance(v, dict):
@@ -182,6 +184,25 @@ def check_weights(name: str, v: object) -> list[np.ndarray] | None:
     if len(v) > MAX_WEIGHT_TENSORS:
         raise ContractError("oversize", f"{name}: more than {MAX_WEIGHT_TENSORS} tensors")
     return [check_tensor(f"{name}[{i}]", w, optional=False) for i, w in enumerate(v)]  # type: ignore[misc]
+
+
+def check_indices(name: str, v: object, *, optional: bool = True) -> np.ndarray | None:
+    """A 1-D, strictly increasing array of non-negative integer indices (a subset of the proxy set)."""
+    if v is None and optional:
+        return None
+    if not isinstance(v, np.ndarray):
+        raise _bad(name, f"expected numpy array, got {type(v).__name__}")
+    if v.dtype.kind not in "iu":
+        if v.dtype.kind != "f" or not np.isfinite(v).all() or not np.array_equal(v, np.rint(v)):
+            raise ContractError("bad_dtype", f"{name}: indices must be integers, got dtype {v.dtype}")
+    if v.ndim != 1 or v.size == 0:
+        raise ContractError("bad_shape", f"{name}: expected a non-empty 1-D array, got shape {v.shape}")
+    idx = v.astype(np.int64)
+    if idx.min() < 0 or idx.max() >= MAX_PROXY:
+        raise _bad(name, f"indices must lie in [0, {MAX_PROXY})")
+    if idx.size > 1 and not bool(np.all(np.diff(idx) > 0)):
+        raise _bad(name, "indices must be strictly increasing (sorted, no repeats)")
+    return idx
 
 
 # ---- messages ----------------------------------------------------------------------------------
@@ -324,21 +345,41 @@ def _tensors_equal(a: np.ndarray | None, b: np.ndarray | None, atol: float) -> b
     return a.shape == b.shape and bool(np.allclose(a, b, atol=atol, rtol=0))
 
 
+def metrics_clean(metrics: dict[str, Any]) -> dict[str, Any]:
+    """JSON-scalar, finite metrics only: a NaN loss of an empty epoch becomes None instead of
+    voiding the whole result (the one finite-scalar cleaner; devices call it before sending)."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, bool) or v is None or isinstance(v, str):
+            out[k] = v
+        elif isinstance(v, (int, float, np.integer, np.floating)):
+            f = float(v)
+            out[k] = (int(v) if isinstance(v, (int, np.integer)) else f) if math.isfinite(f) else None
+    return out
+
+
 @dataclass(eq=False)
 class Assignment(Message):
-    """Server -> device: one round's work. Mirrors server_app.engine.types.Assignment 1:1."""
+    """Server -> device: one round's work. THE assignment type: the engine, the wire and the device
+    all use this class (no mirror elsewhere).
+
+    `deadline` is absolute unix time (a relative deadline means nothing after a message sat in a
+    broker queue); the engine leaves it None and the transport sets it when it dispatches.
+    `proxy_indices` (int, sorted) selects this round's subset of the proxy set: the teacher logits
+    and the expected result logits are on exactly these rows, in this order.
+    """
 
     TYPE: ClassVar[str] = "assignment"
-    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("teacher_logits", "weights")
+    TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("teacher_logits", "proxy_indices", "weights")
     round_id: int
     device_id: str
     arch: str
     model_version: int = 0
-    task: str = "koala"  # "koala" | "fedavg_small" | "local_only" | "fedavg_large"
-    hyper: dict[str, Any] = field(default_factory=dict)
+    plan: TrainingPlan = field(default_factory=TrainingPlan)
     deadline: float | None = None  # unix time after which the server ignores the result
     proxy_digest: str | None = None  # sha256 of the proxy set the teacher logits are on
-    teacher_logits: np.ndarray | None = None  # [P, C]
+    teacher_logits: np.ndarray | None = None  # [P', C] on the round's proxy rows
+    proxy_indices: np.ndarray | None = None  # [P'] int64, None = the whole proxy set
     weights: list[np.ndarray] | None = None
 
     def validate(self) -> None:
@@ -346,12 +387,25 @@ class Assignment(Message):
         validate_device_id(self.device_id)
         check_name("arch", self.arch)
         self.model_version = check_int("model_version", self.model_version)  # type: ignore[assignment]
-        check_name("task", self.task)
-        self.hyper = check_dict("hyper", self.hyper)
+        self.plan = TrainingPlan.from_wire(self.plan)
         self.deadline = check_float("deadline", self.deadline, 0.0, optional=True)
         self.proxy_digest = check_digest("proxy_digest", self.proxy_digest)
         self.teacher_logits = check_tensor("teacher_logits", self.teacher_logits, 2)
+        self.proxy_indices = check_indices("proxy_indices", self.proxy_indices)
         self.weights = check_weights("weights", self.weights)
+        if self.teacher_logits is not None and self.proxy_indices is not None:
+            if len(self.teacher_logits) != len(self.proxy_indices):
+                raise ContractError("bad_shape", f"teacher_logits has {len(self.teacher_logits)} rows for "
+                                                 f"{len(self.proxy_indices)} proxy_indices")
+
+    @property
+    def task(self) -> str:
+        return self.plan.task
+
+    def scalar_fields(self) -> dict[str, Any]:
+        out = super().scalar_fields()
+        out["plan"] = self.plan.to_wire()
+        return out
 
     def equals(self, other: object, atol: float = 0.0) -> bool:
         """Field-wise equality, tensors within `atol` (float16 on the wire loses precision)."""
@@ -359,13 +413,16 @@ class Assignment(Message):
             isinstance(other, Assignment)
             and self.scalar_fields() == other.scalar_fields()
             and _tensors_equal(self.teacher_logits, other.teacher_logits, atol)
+            and _tensors_equal(self.proxy_indices, other.proxy_indices, 0.0)
             and _weights_equal(self.weights, other.weights, atol)
         )
 
 
 @dataclass(eq=False)
 class Result(Message):
-    """Device -> server: the knowledge a device publishes. Mirrors engine DeviceResult 1:1."""
+    """Device -> server: the knowledge a device publishes. THE result type (engine, wire, device).
+
+    `proxy_logits` are on the assignment's proxy rows (all of them, or `proxy_indices`)."""
 
     TYPE: ClassVar[str] = "result"
     TENSOR_FIELDS: ClassVar[tuple[str, ...]] = ("proxy_logits", "weights")

@@ -86,7 +86,7 @@ class RoundCounts(BaseModel):
 
 class RoundOut(_Orm):
     id: int = Field(examples=[3])
-    state: str = Field(examples=["collecting"], description="created | collecting | aggregating | distilling | completed | failed | aborted")
+    state: str = Field(examples=["collecting"], description="created | collecting | aggregating | completed | failed | aborted")
     strategy: str = Field(examples=["koala_homo"])
     created: dt.datetime | None = None
     started: dt.datetime | None = None

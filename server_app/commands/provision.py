@@ -6,15 +6,20 @@
     koala provision rotate DEV --secret-file F          new secret, old one stops working
     koala provision bundle DEV --out DIR --broker-url mqtts://host:8883 --broker-dir DIR
 
-Commands that change who may connect regenerate the broker files when `--broker-dir` is given and
-SIGHUP a running Mosquitto when `--pid-file` is given, so the change is live at once. Secrets are
-written only to 0600 files or bundles, never printed or logged.
+Commands that change who may connect regenerate the broker files when `--broker-dir` is given
+(the broker loads them at its next start) and, when `--pid-file` or `--control-url` says a broker
+is running, push the change to it at once over the dynamic-security `$CONTROL` topic as
+`koala-admin`: revoke deletes the account and Mosquitto disconnects its live sessions; add/rotate
+(re)creates it with the new secret. Secrets are written only to 0600 files or bundles, never
+printed or logged. Bad input (unsafe device id, unknown architecture or device) is one line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 HELP = "provision devices: credentials, broker password/ACL/TLS files, flashable bundles"
@@ -27,7 +32,14 @@ DEFAULT_DB = (
 
 def _broker_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     p.add_argument("--broker-dir", type=Path, required=required, help="broker files directory to refresh")
-    p.add_argument("--pid-file", type=Path, help="SIGHUP the Mosquitto with this pid file after refreshing")
+    p.add_argument(
+        "--pid-file", type=Path, help="a broker is running from --broker-dir: apply the change to it live"
+    )
+    p.add_argument(
+        "--control-url",
+        help="apply the change live through this listener (default with --pid-file: the loopback listener "
+        "in DIR/mosquitto.conf), e.g. mqtt://127.0.0.1:1883",
+    )
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -91,21 +103,34 @@ def configure(p: argparse.ArgumentParser) -> None:
     n.add_argument("--python-version", help="target Python, e.g. 3.11")
 
 
-def _refresh(db: str, broker_dir: Path | None, pid_file: Path | None) -> None:
-    from server_app.provisioning.broker_files import reload_broker, write_broker_files
+def _refresh(args: argparse.Namespace, secret: str | None = None) -> None:
+    """Regenerate the broker files, then apply the change to the running broker if there is one."""
+    from server_app.provisioning.broker_files import write_broker_files
+    from server_app.provisioning.dynsec import BrokerControl, ControlEndpoint
     from server_app.provisioning.registry_link import active_credentials
 
+    broker_dir: Path | None = args.broker_dir
     if broker_dir is None:
         return
-    files = write_broker_files(broker_dir, active_credentials(db))
+    files = write_broker_files(broker_dir, active_credentials(args.db))
     print(f"[provision] broker files refreshed in {files.dir}")
-    if pid_file is not None:
-        print(f"[provision] reloaded mosquitto pid {reload_broker(pid_file)}")
+    control_url = getattr(args, "control_url", None)
+    if args.pid_file is None and control_url is None:
+        return
+    endpoint = ControlEndpoint.from_url(control_url) if control_url else None
+    control = BrokerControl.for_broker_dir(broker_dir, endpoint)
+    if args.action == "revoke":
+        control.delete_client(args.device_id)
+        print(f"[provision] {args.device_id} deleted on the live broker (its sessions are disconnected)")
+    elif secret is not None:
+        control.upsert_device(args.device_id, secret)
+        print(f"[provision] {args.device_id} has its new credentials on the live broker")
 
 
 def _broker_files(args: argparse.Namespace) -> int:
     from server_app.provisioning.broker_conf import BrokerConf, local_user
     from server_app.provisioning.broker_files import reload_broker, write_broker_files
+    from server_app.provisioning.dynsec import DOCKER_PLUGIN
     from server_app.provisioning.registry_link import active_credentials
 
     out = args.out.resolve()
@@ -121,6 +146,7 @@ def _broker_files(args: argparse.Namespace) -> int:
             server_port=None,
             run_as_user="mosquitto",
             max_connections=args.max_connections,
+            dynsec_plugin=DOCKER_PLUGIN,
         )
         hosts.append("mosquitto")
     else:
@@ -175,12 +201,34 @@ def _bundle(args: argparse.Namespace) -> int:
     )
     tarball = build_bundle(spec, args.out)
     set_credentials(args.db, args.device_id, mosquitto_hash(secret))  # only after the bundle exists
-    _refresh(args.db, args.broker_dir, args.pid_file)
+    _refresh(args, secret)
     print(f"[provision] bundle {tarball} (dir {tarball.parent / ('koala-bundle-' + args.device_id)})")
     return 0
 
 
+def known_archs() -> tuple[str, ...]:
+    from server_app.zoo.archs import ARCHS
+
+    return tuple(sorted(ARCHS))
+
+
 def run(args: argparse.Namespace) -> int:
+    """Operator mistakes are one line on stderr and exit code 2, never a traceback."""
+    from server_app.provisioning.dynsec import ControlError
+    from server_app.provisioning.identity import InvalidDeviceId
+    from server_app.provisioning.registry_link import UnknownDevice
+
+    try:
+        return _run(args)
+    except (InvalidDeviceId, UnknownDevice, ValueError) as exc:
+        print(f"koala provision {args.action}: {exc}", file=sys.stderr)
+        return 2
+    except (ControlError, OSError) as exc:
+        print(f"koala provision {args.action}: broker not updated live: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     from server_app.provisioning.identity import check_device_id
     from server_app.provisioning.passwords import mosquitto_hash, new_secret, write_secret_file
     from server_app.provisioning.registry_link import register_device, revoke_device, set_credentials
@@ -188,8 +236,11 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "broker-files":
         return _broker_files(args)
     check_device_id(args.device_id)
+    if args.action == "add" and args.arch not in known_archs():
+        raise ValueError(f"unknown architecture {args.arch!r}; known: {', '.join(known_archs())}")
     if args.action == "bundle":
         return _bundle(args)
+    secret = None
     if args.action in ("add", "rotate"):
         secret = new_secret()
         if args.action == "add":
@@ -205,5 +256,5 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "revoke":
         revoke_device(args.db, args.device_id)
         print(f"[provision] revoked {args.device_id}")
-    _refresh(args.db, args.broker_dir, args.pid_file)
+    _refresh(args, secret)
     return 0

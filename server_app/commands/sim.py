@@ -9,7 +9,8 @@ HELP = "simulate KOALA / FedAvg baselines on a real data set with LiteRT devices
 
 
 def configure(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="experiment file (.json, .toml, .yaml); flags override it")
+    p.add_argument("--config", help="experiment file (.json, .toml, .yaml) with a `policy` section "
+                   "(server_app.policy.KoalaPolicy, the same as koala serve's); flags override it")
     p.add_argument("--dataset", help="digits | fashion-mnist | mnist | cifar10")
     p.add_argument("--data-dir")
     p.add_argument("--devices", type=int)
@@ -26,6 +27,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float)
     p.add_argument("--rkd-epochs", type=int)
     p.add_argument("--fkd-epochs", type=int)
+    p.add_argument("--proxy-per-round", type=int, help="proxy images per round (0: all)")
+    p.add_argument("--participants", type=float, help="devices per round: count (>=1) or fraction (<1)")
+    p.add_argument("--fusion", help="fusion rule of the base policy (mean, weighted, entropy, median, ...)")
     p.add_argument("--width", type=int, help="large model width")
     p.add_argument("--device", help="torch device of the large model: cpu (default), cuda, cuda:N, auto")
     p.add_argument("--out", help="output directory (results.json, curves.json, accuracy.png)")
@@ -38,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
     from server_app.sim.runner import run_experiment
 
     if args.list_methods:
-        for name, (strategy, opts, archs) in PRESETS.items():
-            print(f"{name:24s} strategy={strategy} archs={archs} options={opts}")
+        for name, (opts, archs) in PRESETS.items():
+            print(f"{name:24s} archs={archs} policy={opts}")
         return 0
     over = {
         "dataset": args.dataset, "data_dir": args.data_dir, "devices": args.devices,
@@ -47,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
         "homo_arch": args.homo_arch, "seed": args.seed, "temperature": args.temperature,
         "local_epochs": args.local_epochs, "lr": args.lr, "rkd_epochs": args.rkd_epochs,
         "fkd_epochs": args.fkd_epochs, "out": args.out, "device": args.device,
+        "participants": args.participants, "fusion": args.fusion,
     }  # fmt: skip
+    if args.proxy_per_round is not None:
+        over["proxy_per_round"] = args.proxy_per_round or None
     if args.alpha is not None:
         over["alpha"] = args.alpha if args.alpha > 0 else None
         if over["alpha"] is None:
@@ -58,6 +65,9 @@ def run(args: argparse.Namespace) -> int:
         over["hetero_archs"] = [a.strip() for a in args.hetero_archs.split(",")]
     if args.width:
         over["large"] = {"width": args.width}
+    if over.get("proxy_per_round", 1) is None:  # explicit "all": load_config drops None overrides
+        over.pop("proxy_per_round")
+        over.setdefault("policy", {})["proxy_per_round"] = None
     cfg = load_config(args.config, **over)
     if args.alpha is not None and args.alpha <= 0:
         cfg.alpha = None

@@ -2,6 +2,6 @@
 
 from server_app.engine.rounds import run_rounds
 from server_app.engine.strategy import Strategy
-from server_app.engine.types import Assignment, DeviceInfo, DeviceResult, RoundReport
+from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
 
-__all__ = ["Assignment", "DeviceInfo", "DeviceResult", "RoundReport", "Strategy", "run_rounds"]
+__all__ = ["Assignment", "DeviceInfo", "Result", "RoundReport", "Strategy", "run_rounds"]

@@ -9,9 +9,10 @@ from typing import Protocol
 
 import numpy as np
 
+from device_firmware_py.contract import codec
 from device_firmware_py.task import execute_assignment, label_histogram
 from server_app.engine.strategy import DeviceSimulator
-from server_app.engine.types import Assignment, DeviceInfo, DeviceResult
+from server_app.engine.types import Assignment, DeviceInfo, Result
 
 
 class Fleet(Protocol):
@@ -19,7 +20,7 @@ class Fleet(Protocol):
 
     def run_round(
         self, assignments: list[Assignment], quorum: int, timeout_s: float | None
-    ) -> list[DeviceResult]: ...
+    ) -> list[Result]: ...
 
 
 @dataclass
@@ -35,7 +36,12 @@ class SimDevice:
 
 
 class InMemoryFleet:
-    """Devices as SmallModel instances in this process. Sequential: 2 cores, deterministic."""
+    """Devices as SmallModel instances in this process. Sequential: 2 cores, deterministic.
+
+    `wire=True` (default) passes every assignment and result through the contract's codec, so a
+    simulated device sees exactly the bytes a deployed one gets (float16 logits, the int32 proxy
+    subset, the typed plan): simulation and deployment differ only in transport and timing.
+    """
 
     def __init__(
         self,
@@ -44,7 +50,9 @@ class InMemoryFleet:
         model_factory: Callable[[str, tuple[int, ...]], object] | None = None,
         simulators: dict[str, DeviceSimulator] | None = None,
         progress: Callable[[int], None] | None = None,
+        wire: bool = True,
     ):
+        self.wire = wire
         self._devices = {d.device_id: d for d in devices}
         self.proxy_x = proxy_x
         self.simulators = dict(simulators or {})
@@ -65,14 +73,17 @@ class InMemoryFleet:
 
     def run_round(
         self, assignments: list[Assignment], quorum: int | None = None, timeout_s: float | None = None
-    ) -> list[DeviceResult]:
+    ) -> list[Result]:
         out = []
         for a in assignments:
             d = self._devices[a.device_id]
             if a.task in self.simulators:
                 out.append(self.simulators[a.task](a, d.x, d.y))
             else:
-                out.append(execute_assignment(self.model(a.device_id), d.x, d.y, self.proxy_x, a))
+                if self.wire:
+                    a = codec.decode_frame(codec.encode_frame(a), Assignment)  # type: ignore[assignment]
+                r = execute_assignment(self.model(a.device_id), d.x, d.y, self.proxy_x, a)
+                out.append(codec.decode_frame(codec.encode_frame(r), Result) if self.wire else r)
             if self.progress:
                 self.progress(1)
         return out

@@ -20,7 +20,7 @@ def run_rounds(
     timeout_s: float | None = None,
     start_round: int = 0,
 ) -> list[RoundReport]:
-    """configure -> fleet.run_round -> aggregate -> evaluate, `rounds` times.
+    """sample -> configure -> fleet.run_round -> aggregate -> evaluate, `rounds` times.
 
     Adds transport-independent accounting to each report: tensor bytes down/up per device and
     wall time per phase. `evaluate(round_id)` returns test metrics merged into the report.
@@ -28,10 +28,10 @@ def run_rounds(
     reports = []
     for r in range(start_round, start_round + rounds):
         t0 = time.perf_counter()
-        devices = fleet.devices()
+        devices = strategy.sample(r, fleet.devices())
         assignments = strategy.configure_round(r, devices)
         t1 = time.perf_counter()
-        results = fleet.run_round(assignments, strategy.quorum(devices), timeout_s)
+        results = fleet.run_round(assignments, strategy.quorum(len(assignments)), timeout_s)
         t2 = time.perf_counter()
         report = strategy.aggregate(r, results)
         t3 = time.perf_counter()

@@ -1,6 +1,6 @@
-"""Engine data types: plain dataclasses of numpy arrays / ints / dicts, so any transport can
-serialize them. `Assignment` and `DeviceResult` are the wire types, defined once in
-`device_firmware_py.task` (devices must not import server_app) and re-exported here.
+"""Engine data types. `Assignment` and `Result` are the contract's own messages
+(`device_firmware_py.contract.messages`, validated on construction, with the typed
+`TrainingPlan`), re-exported here: the engine, the wire and the device share one definition.
 """
 
 from __future__ import annotations
@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from device_firmware_py.task import Assignment, DeviceResult
+from device_firmware_py.contract.messages import Assignment, Result
+from device_firmware_py.contract.plan import TrainingPlan
 
-__all__ = ["Assignment", "DeviceInfo", "DeviceResult", "RoundReport", "payload_nbytes", "LOGITS_WIRE_BYTES"]
+__all__ = ["Assignment", "DeviceInfo", "Result", "TrainingPlan", "RoundReport", "payload_nbytes", "LOGITS_WIRE_BYTES"]
 
 # Logits travel as float16 on the wire (design §3); weights as float32.
 LOGITS_WIRE_BYTES = 2
@@ -39,7 +40,7 @@ class RoundReport:
     device_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def payload_nbytes(msg: Assignment | DeviceResult) -> int:
+def payload_nbytes(msg: Assignment | Result) -> int:
     """Tensor bytes of one message as encoded on the wire (headers/JSON excluded)."""
     total = 0
     logits = msg.teacher_logits if isinstance(msg, Assignment) else msg.proxy_logits
@@ -47,6 +48,6 @@ def payload_nbytes(msg: Assignment | DeviceResult) -> int:
         total += int(np.asarray(logits).size) * LOGITS_WIRE_BYTES
     if msg.weights is not None:
         total += sum(int(np.asarray(w).size) for w in msg.weights) * WEIGHTS_WIRE_BYTES
-    if isinstance(msg, Assignment) and msg.hyper.get("proxy_indices") is not None:
-        total += len(msg.hyper["proxy_indices"]) * 4  # int32 indices of this round's proxy subset
+    if isinstance(msg, Assignment) and msg.proxy_indices is not None:
+        total += len(msg.proxy_indices) * 4  # int32 indices of this round's proxy subset
     return total

@@ -8,6 +8,8 @@ sample: >=30x the biggest small model (mlp_tiny 51k params; mobilenet_tiny 3.0 M
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from torch import nn
@@ -123,3 +125,21 @@ def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
     keys = list(model.state_dict().keys())
     # load_state_dict copies into the existing parameters, so a model on the GPU stays there
     model.load_state_dict({k: torch.from_numpy(np.asarray(w)) for k, w in zip(keys, weights, strict=True)})
+
+
+def build_large_model(spec: Any, input_shape: tuple[int, ...], num_classes: int, seed: int = 0) -> nn.Module:
+    """The policy's large model (`server_app.policy.LargeModelSpec`): the built-in LargeCNN, or a
+    user's `module:attr` factory called as factory(input_shape, num_classes, seed=seed, **options)."""
+    if spec.factory:
+        from server_app.engine.strategies import load_ref
+
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(seed)
+        try:
+            model = load_ref(spec.factory, "large model factory")(tuple(input_shape), num_classes, seed=seed, **spec.options)
+        finally:
+            torch.random.set_rng_state(gen_state)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"large model factory {spec.factory!r} returned {type(model).__name__}, not a torch.nn.Module")
+        return model
+    return build_large(tuple(input_shape), num_classes, seed=seed, width=spec.width, **spec.options)  # type: ignore[arg-type]

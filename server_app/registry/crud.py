@@ -37,8 +37,7 @@ MAX_PAGE = 1000
 ROUND_TRANSITIONS: dict[str, frozenset[str]] = {
     "created": frozenset({"collecting", "failed", "aborted"}),
     "collecting": frozenset({"aggregating", "failed", "aborted"}),
-    "aggregating": frozenset({"distilling", "completed", "failed", "aborted"}),
-    "distilling": frozenset({"completed", "failed", "aborted"}),
+    "aggregating": frozenset({"completed", "failed", "aborted"}),
     "completed": frozenset(),
     "failed": frozenset(),
     "aborted": frozenset(),

@@ -1,52 +1,68 @@
-"""Experiment configuration: a file (JSON / TOML / YAML) and/or CLI flags -> SimConfig.
+"""`koala sim` configuration: the experiment (data, partition, evaluation) + THE policy.
 
-A method is a named preset (see PRESETS) or a dict {"name", "strategy", "options"} so ablations
-(T=3, more KD epochs, another fusion rule...) are just more entries in `methods`.
+The policy is `server_app.policy.KoalaPolicy`, the same object `koala serve` and `koala demo`
+read, so a policy file means the same thing in simulation and deployment. A file holds
+experiment keys at the top level and the policy under `policy` (policy keys at the top level
+are accepted too, as a shorthand). Each entry of `methods` is a preset name (see PRESETS) or
+{"name", "preset"?, "policy": {overrides}}: ablations are policy overrides of the shared base.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# name -> (strategy, options, which archs: "homo" | "hetero")
-PRESETS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "fedavg_large": ("fedavg_large", {}, "homo"),
-    "fedavg_small": ("fedavg_small", {}, "homo"),
-    "local_only": ("local_only", {}, "homo"),
-    "koala_homo": ("koala_homo", {"variant": "paper"}, "homo"),
-    "koala_homo_logits": ("koala_homo", {"variant": "logits", "fusion": "weighted"}, "homo"),
-    "koala_homo_logits_ca": ("koala_homo", {"variant": "logits", "fusion": "class_aware"}, "homo"),
-    "koala_hetero": ("koala_hetero", {"variant": "fused", "fusion": "class_aware"}, "hetero"),
-    "koala_hetero_mean": ("koala_hetero", {"variant": "fused", "fusion": "mean"}, "hetero"),
-    "koala_hetero_entropy": ("koala_hetero", {"variant": "fused", "fusion": "entropy"}, "hetero"),
-    "koala_hetero_group": ("koala_hetero", {"variant": "per_group"}, "hetero"),
+from server_app.policy import KoalaPolicy
+
+# name -> (policy overrides, which archs: "homo" -> [homo_arch] | "hetero" -> hetero_archs)
+PRESETS: dict[str, tuple[dict[str, Any], str]] = {
+    "fedavg_large": ({"strategy": "fedavg_large"}, "homo"),
+    "fedavg_small": ({"strategy": "fedavg_small"}, "homo"),
+    "local_only": ({"strategy": "local_only"}, "homo"),
+    "koala_homo": ({"strategy": "koala_homo"}, "homo"),
+    "koala_homo_logits": ({"strategy": "koala_homo", "teacher": "device_logits", "fusion": "weighted"}, "homo"),
+    "koala_homo_logits_ca": ({"strategy": "koala_homo", "teacher": "device_logits", "fusion": "class_aware"}, "homo"),
+    "koala_hetero": ({"strategy": "koala_hetero"}, "hetero"),  # entropy fusion (policy default)
+    "koala_hetero_mean": ({"strategy": "koala_hetero", "fusion": "mean"}, "hetero"),
+    "koala_hetero_class_aware": ({"strategy": "koala_hetero", "fusion": "class_aware"}, "hetero"),
+    "koala_hetero_group": ({"strategy": "koala_hetero", "teacher": "avg_model", "rkd": "per_group"}, "hetero"),
 }
 
 
 @dataclass
 class MethodSpec:
     name: str
-    strategy: str
-    options: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, Any] = field(default_factory=dict)  # policy fields, strategy included
     archs: str = "homo"  # "homo": every device runs `homo_arch`; "hetero": round-robin `hetero_archs`
+
+    @property
+    def strategy(self) -> str:
+        return str(self.overrides.get("strategy", "koala_homo"))
 
     @classmethod
     def parse(cls, item: str | dict[str, Any]) -> MethodSpec:
         if isinstance(item, str):
             if item not in PRESETS:
                 raise ValueError(f"unknown method {item!r}; presets: {sorted(PRESETS)}")
-            s, o, a = PRESETS[item]
-            return cls(item, s, dict(o), a)
-        base = PRESETS.get(item.get("preset", item.get("strategy", "")))
-        strategy = item.get("strategy") or (base[0] if base else None)
-        if strategy is None:
-            raise ValueError(f"method {item} needs a preset or a strategy")
-        options = {**(base[1] if base else {}), **item.get("options", {})}
-        archs = item.get("archs", base[2] if base else "homo")
-        return cls(item["name"], strategy, options, archs)
+            o, a = PRESETS[item]
+            return cls(item, dict(o), a)
+        if "name" not in item:
+            raise ValueError(f"method {item} needs a name")
+        extra = set(item) - {"name", "preset", "policy", "archs"}
+        if extra:
+            raise ValueError(f"method {item['name']!r}: unknown keys {sorted(extra)} (policy changes go under 'policy')")
+        base = PRESETS.get(item.get("preset", ""))
+        if item.get("preset") and base is None:
+            raise ValueError(f"method {item['name']!r}: unknown preset {item['preset']!r}")
+        overrides = {**(base[0] if base else {}), **item.get("policy", {})}
+        archs = item.get("archs", base[1] if base else ("hetero" if overrides.get("strategy") == "koala_hetero" else "homo"))
+        return cls(item["name"], overrides, archs)
+
+    def policy(self, base: KoalaPolicy, homo_arch: str, hetero_archs: list[str]) -> KoalaPolicy:
+        archs = [homo_arch] if self.archs == "homo" else list(hetero_archs)
+        return base.with_overrides(archs=archs, **self.overrides)
 
 
 @dataclass
@@ -58,52 +74,61 @@ class SimConfig:
     proxy_size: int = 300
     train_size: int | None = None  # cap on device training samples (all the rest if None)
     min_samples: int = 10
-    rounds: int = 3
     methods: list[Any] = field(default_factory=lambda: ["koala_homo"])
     homo_arch: str = "cnn_small"
     hetero_archs: list[str] = field(default_factory=lambda: ["mlp_tiny", "cnn_small", "mobilenet_tiny"])
-    seed: int = 0
-    temperature: float = 1.0
-    local_epochs: int = 1
-    lr: float = 1e-3
-    rkd_epochs: int = 1
-    fkd_epochs: int = 1
-    rkd_batch: int = 256
-    proxy_per_round: int | None = None  # KOALA: proxy inputs used per round (None: all)
-    large: dict[str, Any] = field(default_factory=dict)  # LargeCNN kwargs (width, convs, fc)
-    eval_samples: int | None = None  # per-round test subset (final round: full test set)
+    policy: KoalaPolicy = field(default_factory=KoalaPolicy)
+    eval_samples: int | None = None  # test subset scored every round (None: the full test set)
     small_eval_samples: int = 1000
     torch_threads: int = 2
     device: str = "cpu"  # torch device of the large model: cpu | cuda | cuda:N | auto
     out: str = "sim_out"
 
+    @property
+    def rounds(self) -> int:
+        return self.policy.rounds
+
+    @property
+    def seed(self) -> int:
+        return self.policy.seed
+
     def method_specs(self) -> list[MethodSpec]:
         return [MethodSpec.parse(m) for m in self.methods]
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["policy"] = self.policy.model_dump(mode="json")
+        return d
+
+
+def read_file(path: str | Path) -> dict[str, Any]:
+    """JSON / TOML / YAML (by suffix) -> dict."""
+    p = Path(path)
+    text = p.read_text()
+    if p.suffix == ".json":
+        return json.loads(text)
+    if p.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    if p.suffix in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_load(text) or {}
+    raise ValueError(f"config must be .json, .toml or .yaml, got {p.name}")
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> SimConfig:
-    """Read JSON / TOML / YAML (by suffix), then apply non-None overrides (CLI flags)."""
-    data: dict[str, Any] = {}
-    if path:
-        p = Path(path)
-        text = p.read_text()
-        if p.suffix == ".json":
-            data = json.loads(text)
-        elif p.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            raise ValueError(f"config must be .json, .toml or .yaml, got {p.name}")
+    """Read the file, then apply non-None overrides (CLI flags). Policy keys may be given at the
+    top level or under `policy`; unknown keys are an error."""
+    data: dict[str, Any] = read_file(path) if path else {}
+    policy = dict(data.pop("policy", None) or {})
+    policy.update(overrides.pop("policy", None) or {})
     data.update({k: v for k, v in overrides.items() if v is not None})
+    for k in list(data):
+        if k in KoalaPolicy.model_fields and k not in SimConfig.__dataclass_fields__:
+            policy[k] = data.pop(k)
     unknown = set(data) - set(SimConfig.__dataclass_fields__)
     if unknown:
         raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    return SimConfig(**data)
+    return SimConfig(**data, policy=KoalaPolicy.model_validate(policy))

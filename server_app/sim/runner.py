@@ -26,52 +26,48 @@ def run_method(cfg: SimConfig, spec: MethodSpec, ds, split, progress: bool = Tru
 
     from server_app.engine.fleet import InMemoryFleet, SimDevice
     from server_app.engine.rounds import run_rounds
-    from server_app.engine.strategies import build_strategy
+    from server_app.engine.strategies import KoalaStrategy, build_strategy
     from server_app.models.flops import resource_summary
-    from server_app.models.large import accuracy, build_large, resolve_device
+    from server_app.models.large import accuracy, build_large_model, resolve_device
 
     torch.set_num_threads(cfg.torch_threads)
-    torch.manual_seed(cfg.seed)
+    policy = spec.policy(cfg.policy, cfg.homo_arch, cfg.hetero_archs)
+    torch.manual_seed(policy.seed)
     shape = ds.input_shape
     factory = _small_factory(shape)
     proxy_x = ds.x_train[split.proxy_indices]
-    archs = [cfg.homo_arch] if spec.archs == "homo" else list(cfg.hetero_archs)
+    archs = list(policy.archs)
     devices = [
         SimDevice(f"dev{i:03d}", archs[i % len(archs)], ds.x_train[idx], ds.y_train[idx], ds.num_classes)
         for i, idx in enumerate(split.device_indices)
     ]
-    large = build_large(shape, ds.num_classes, seed=cfg.seed, **cfg.large).to(resolve_device(cfg.device))
-    common = {"local_epochs": cfg.local_epochs, "lr": cfg.lr, "seed": cfg.seed}
-    if spec.strategy.startswith("koala"):
-        opts = {**common, "temperature": cfg.temperature, "rkd_epochs": cfg.rkd_epochs, "fkd_epochs": cfg.fkd_epochs,
-                "rkd_batch": cfg.rkd_batch, "proxy_per_round": cfg.proxy_per_round, **spec.options}  # fmt: skip
-        strategy = build_strategy(spec.strategy, large=large, proxy_x=proxy_x, small_factory=factory, **opts)
-    elif spec.strategy == "fedavg_large":
-        strategy = build_strategy("fedavg_large", large=large, **common, **spec.options)
-    elif spec.strategy == "fedavg_small":
-        strategy = build_strategy("fedavg_small", small_factory=factory, **common, **spec.options)
-    else:
-        strategy = build_strategy(spec.strategy, **common, **spec.options)
-    uses_proxy = spec.strategy.startswith("koala")
+    large = build_large_model(policy.large, shape, ds.num_classes, policy.seed).to(resolve_device(cfg.device))
+    strategy = build_strategy(policy, large=large, proxy_x=proxy_x, small_factory=factory,
+                              strict_fields=set(spec.overrides) - {"strategy", "archs"})  # fmt: skip
+    uses_proxy = isinstance(strategy, KoalaStrategy)
     bar = None
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.rounds * len(devices), desc=spec.name, unit="dev", leave=True)
+        per_round = strategy.sampler.count(len(devices))
+        bar = tqdm(total=cfg.rounds * per_round, desc=spec.name, unit="dev", leave=True)
     fleet = InMemoryFleet(devices, proxy_x if uses_proxy else None, model_factory=lambda a, s: factory(a),
                           simulators=strategy.device_simulators(), progress=(bar.update if bar else None))  # fmt: skip
     rng = np.random.default_rng(cfg.seed + 1)
     n_test = len(ds.y_test)
     sub = rng.permutation(n_test)[: cfg.eval_samples] if cfg.eval_samples else np.arange(n_test)
     small_sub = rng.permutation(n_test)[: cfg.small_eval_samples]
-    has_large = strategy.large_model is not None and spec.strategy != "local_only"
+    has_large = strategy.large_model is not None and policy.strategy != "local_only"
 
     def evaluate(r: int) -> dict[str, Any]:
-        final = r == cfg.rounds - 1
-        idx = np.arange(n_test) if final else sub
+        # every round on the same sample (comparable along the curve); the last one also on the
+        # full test set (`large_test_acc_full`, the number tables report)
         out: dict[str, Any] = {"round": r}
-        out["large_test_acc"] = accuracy(strategy.large_model, ds.x_test[idx], ds.y_test[idx]) if has_large else None
-        if spec.strategy != "fedavg_large":
+        out["large_test_acc"] = accuracy(strategy.large_model, ds.x_test[sub], ds.y_test[sub]) if has_large else None
+        if has_large and r == cfg.rounds - 1:
+            out["large_test_acc_full"] = (out["large_test_acc"] if len(sub) == n_test
+                                          else accuracy(strategy.large_model, ds.x_test, ds.y_test))  # fmt: skip
+        if policy.strategy != "fedavg_large":
             accs = fleet.evaluate_devices(ds.x_test[small_sub], ds.y_test[small_sub])
             out["small_test_acc_mean"] = float(np.mean(list(accs.values()))) if accs else None
             gw = strategy.global_small_weights()
@@ -98,7 +94,7 @@ def run_method(cfg: SimConfig, spec: MethodSpec, ds, split, progress: bool = Tru
     last = curve[-1]
     large_res = resource_summary(large, shape)
     mans = [factory(a).manifest.raw for a in archs]
-    if spec.strategy == "fedavg_large":
+    if policy.strategy == "fedavg_large":
         dev_bytes, dev_flops, dev_params = large_res["float_bytes"], large_res["train_flops_per_sample"], large_res["param_count"]
     else:
         # mean over the devices (hetero: archs assigned round-robin)
@@ -107,9 +103,9 @@ def run_method(cfg: SimConfig, spec: MethodSpec, ds, split, progress: bool = Tru
         dev_flops = float(np.mean([m["train_flops_per_sample"] for m in per_dev]))
         dev_params = float(np.mean([m["param_count"] for m in per_dev]))
     row = {
-        "method": spec.name, "strategy": spec.strategy, "options": spec.options,
+        "method": spec.name, "strategy": policy.strategy, "policy": policy.model_dump(mode="json"),
         "mode": getattr(strategy, "mode", "baseline"), "archs": archs, "rounds": cfg.rounds,
-        "large_test_acc": last.get("large_test_acc"), "small_test_acc_mean": last.get("small_test_acc_mean"),
+        "large_test_acc": last.get("large_test_acc_full", last.get("large_test_acc")), "small_test_acc_mean": last.get("small_test_acc_mean"),
         "global_small_test_acc": last.get("global_small_test_acc"),
         "device_param_count": dev_params, "device_param_bytes": dev_bytes, "device_train_flops_per_sample": dev_flops,
         "large_param_bytes": large_res["float_bytes"], "large_train_flops_per_sample": large_res["train_flops_per_sample"],

@@ -9,7 +9,7 @@
      `server_app.ingest.Ingestor`, which validates and hands accepted ones to the collection;
   4. close the collection (later results are recorded `late`), mark silent devices `dropped`;
   5. below quorum -> `QuorumNotMet` (the orchestrator fails the round cleanly), else return the
-     accepted `DeviceResult`s in participant order.
+     accepted `Result`s in participant order.
 
 No KD math here and no DB schema knowledge: the registry is reached through `RoundStore`.
 """
@@ -28,7 +28,7 @@ import numpy as np
 
 from device_firmware_py.agent.wire import assignment_to_wire
 from device_firmware_py.contract import codec, topics
-from server_app.engine.types import Assignment, DeviceInfo, DeviceResult
+from server_app.engine.types import Assignment, DeviceInfo, Result
 
 log = logging.getLogger("koala.fleet")
 
@@ -49,7 +49,7 @@ class RoundStore(Protocol):
     """What the fleet writes to the registry (implemented in server_app.orchestrator)."""
 
     def assignments_sent(self, round_id: int, sent: dict[str, int], deadline: float) -> None: ...
-    def accepted_results(self, round_id: int) -> dict[str, DeviceResult]: ...
+    def accepted_results(self, round_id: int) -> dict[str, Result]: ...
     def close_collection(self, round_id: int, missing: list[str]) -> None: ...
     def collection_closed(self, round_id: int) -> bool: ...
 
@@ -65,7 +65,7 @@ class Collection:
     weight_shapes: dict[str, list[tuple[int, ...]]] | None  # arch -> shapes, when weights are uploaded
     proxy_digest: str | None
     sent_at: dict[str, float] = field(default_factory=dict)
-    results: dict[str, DeviceResult] = field(default_factory=dict)
+    results: dict[str, Result] = field(default_factory=dict)
     received_at: dict[str, float] = field(default_factory=dict)
     bytes_up: dict[str, int] = field(default_factory=dict)
     received: int = 0
@@ -76,7 +76,7 @@ class Collection:
     def expired(self, now: float | None = None) -> bool:
         return (time.time() if now is None else now) > self.deadline
 
-    def add(self, result: DeviceResult, nbytes: int) -> bool:
+    def add(self, result: Result, nbytes: int) -> bool:
         """Fold in an accepted result; False when the collection already closed (-> late)."""
         with self.cond:
             if self.closed:
@@ -155,7 +155,7 @@ class MqttFleet:
             return min(engine_quorum, n_assigned)
         return max(1, min(n_assigned, math.ceil(self.quorum_fraction * n_assigned)))
 
-    def run_round(self, assignments: list[Assignment], quorum: int, timeout_s: float | None) -> list[DeviceResult]:
+    def run_round(self, assignments: list[Assignment], quorum: int, timeout_s: float | None) -> list[Result]:
         if not assignments:
             raise QuorumNotMet(-1, 0, max(quorum, 1))
         if not self._shutdown:
@@ -200,7 +200,7 @@ class MqttFleet:
             raise ValueError("weights upload asked but the fleet cannot know the expected shapes")
         return self._weight_shapes(a.arch)
 
-    def _run(self, col: Collection, assignments: list[Assignment], quorum: int, deadline: float) -> list[DeviceResult]:
+    def _run(self, col: Collection, assignments: list[Assignment], quorum: int, deadline: float) -> list[Result]:
         t0 = time.perf_counter()
         # Headers per device, bodies once per distinct tensor set (the teacher logits are shared):
         # identical bytes to codec.encode_frame per device, without N float16 conversions + sha256.

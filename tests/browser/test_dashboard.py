@@ -88,7 +88,7 @@ def test_dashboard_shows_fleet_and_rounds_and_starts_a_round(live_server):
             page.click("#btn-start")
             expect(page.locator("#action-msg")).to_have_text("round 1 starting", timeout=10_000)
             expect(page.locator("#round-id")).to_have_text("1", timeout=30_000)  # pushed by the live stream
-            expect(page.locator("#round-state")).to_have_text(re.compile("created|collecting|aggregating|distilling|completed"))
+            expect(page.locator("#round-state")).to_have_text(re.compile("created|collecting|aggregating|completed"))
             expect(page.locator("#round-state")).to_have_text("completed", timeout=150_000)
             expect(page.locator('#rounds tr[data-round="1"]')).to_have_attribute("data-state", "completed", timeout=15_000)
             expect(page.locator('#acc-chart circle.p-large[data-round="1"]')).to_have_count(1, timeout=15_000)

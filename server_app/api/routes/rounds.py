@@ -30,7 +30,7 @@ from server_app.registry.models import Round
 
 router = APIRouter(prefix="/rounds", tags=["rounds"])
 RoundId = Annotated[int, Path(ge=0, le=2**31 - 1, description="round id", examples=[3])]
-RoundState = Literal["created", "collecting", "aggregating", "distilling", "completed", "failed", "aborted"]
+RoundState = Literal["created", "collecting", "aggregating", "completed", "failed", "aborted"]
 
 
 def round_out(r: Round, counts: dict[str, int], cls: type[RoundOut] = RoundOut, **extra: Any) -> RoundOut:

@@ -1,17 +1,29 @@
-"""One file per algorithm. `build_strategy(name, **options)` makes one by name."""
+"""One file per algorithm; `build_strategy(policy, ...)` is THE way to make one.
+
+`koala sim`, `koala demo` and `koala serve` all call it with a `server_app.policy.KoalaPolicy`,
+so a setting means the same thing everywhere. A policy's `strategy` is a built-in name or a
+`module:attr` reference to a user's Strategy subclass (the extension point, see
+docs/extending.md); a `fusion` of the form `module:attr` plugs in a user's fusion rule.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Any
+
+import numpy as np
 
 from server_app.engine.strategies.fedavg_large import FedAvgLarge
 from server_app.engine.strategies.fedavg_small import FedAvgSmall
-from server_app.engine.strategies.koala import KoalaConfig, KoalaStrategy
+from server_app.engine.strategies.koala import KoalaStrategy
 from server_app.engine.strategies.koala_hetero import KoalaHetero
 from server_app.engine.strategies.koala_homo import KoalaHomo
 from server_app.engine.strategies.local_only import LocalOnly
+from server_app.engine.strategy import Strategy
+from server_app.policy import KoalaPolicy, PolicyError, check_fields_used
 
-STRATEGIES = {
+STRATEGIES: dict[str, type[Strategy]] = {
     "koala_homo": KoalaHomo,
     "koala_hetero": KoalaHetero,
     "fedavg_large": FedAvgLarge,
@@ -20,11 +32,61 @@ STRATEGIES = {
 }
 
 
-def build_strategy(name: str, **options: Any):
-    if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; known: {sorted(STRATEGIES)}")
-    return STRATEGIES[name](**options)
+def load_ref(ref: str, what: str) -> Any:
+    """`package.module:attr` -> the object; PolicyError with the reason when it cannot be loaded."""
+    mod_name, _, attr = ref.partition(":")
+    try:
+        obj: Any = importlib.import_module(mod_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise PolicyError(f"{what} {ref!r} cannot be loaded: {exc}") from None
+    return obj
 
 
-__all__ = ["STRATEGIES", "FedAvgLarge", "FedAvgSmall", "KoalaConfig", "KoalaHetero", "KoalaHomo",
-           "KoalaStrategy", "LocalOnly", "build_strategy"]  # fmt: skip
+def strategy_class(policy: KoalaPolicy) -> type[Strategy]:
+    if ":" in policy.strategy:
+        cls = load_ref(policy.strategy, "strategy")
+        if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+            raise PolicyError(f"strategy {policy.strategy!r} is not a server_app.engine.strategy.Strategy subclass")
+        return cls
+    return STRATEGIES[policy.strategy]
+
+
+def build_strategy(
+    policy: KoalaPolicy,
+    *,
+    large: Any = None,
+    proxy_x: np.ndarray | None = None,
+    small_factory: Callable[[str], Any] | None = None,
+    strict_fields: set[str] | None = None,
+) -> Strategy:
+    """The strategy a policy names, given the resources it may need.
+
+    Explicitly set policy fields the strategy does not read raise PolicyError (`strict_fields`
+    narrows the check to those fields: `koala sim` checks each method's own overrides, since its
+    shared base policy also serves baselines). A plugin class receives the same keyword resources
+    it declares in its constructor (large, proxy_x, small_factory, policy).
+    """
+    cls = strategy_class(policy)
+    used = cls.policy_fields(policy)
+    if strict_fields is None:
+        check_fields_used(policy, used)
+    else:
+        narrowed = policy.model_copy()
+        object.__setattr__(narrowed, "__pydantic_fields_set__", set(strict_fields) & policy.explicit())
+        check_fields_used(narrowed, used)
+    resources = {"large": large, "proxy_x": proxy_x, "small_factory": small_factory, "policy": policy}
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    kwargs = {k: v for k, v in resources.items() if k in params}
+    missing = [k for k in ("large", "proxy_x", "small_factory") if k in params and kwargs.get(k) is None
+               and params[k].default is inspect.Parameter.empty]  # fmt: skip
+    if missing:
+        raise PolicyError(f"strategy {policy.strategy!r} needs {missing}")
+    return cls(**kwargs)
+
+
+__all__ = ["STRATEGIES", "FedAvgLarge", "FedAvgSmall", "KoalaHetero", "KoalaHomo", "KoalaStrategy", "LocalOnly",
+           "build_strategy", "load_ref", "strategy_class"]  # fmt: skip

@@ -1,4 +1,4 @@
-"""Helpers shared by strategies: FedAvg, per-device seeds, default hyperparameters."""
+"""Helpers shared by strategies: FedAvg."""
 
 from __future__ import annotations
 
@@ -17,8 +17,3 @@ def fedavg(weight_sets: Sequence[list[np.ndarray]], num_samples: Sequence[int]) 
         np.sum([wi * np.asarray(ws[k], np.float64) for wi, ws in zip(n, weight_sets, strict=True)], axis=0).astype(np.float32)
         for k in range(len(weight_sets[0]))
     ]
-
-
-def device_seed(base: int, round_id: int, index: int) -> int:
-    """Distinct, reproducible seed per (run, round, device)."""
-    return int(base) * 1_000_003 + round_id * 1009 + index

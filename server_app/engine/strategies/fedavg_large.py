@@ -15,10 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server_app.engine.strategies.common import device_seed, fedavg
+from server_app.engine.strategies.common import fedavg
 from server_app.engine.strategy import DeviceSimulator, Strategy
-from server_app.engine.types import Assignment, DeviceInfo, DeviceResult, RoundReport
+from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
 from server_app.models.large import get_weights, model_device, set_weights
+from server_app.policy import KoalaPolicy
 
 
 def train_large_locally(
@@ -49,30 +50,33 @@ class FedAvgLarge(Strategy):
     name = "fedavg_large"
     mode = "baseline"
 
-    def __init__(self, large: nn.Module, local_epochs: int = 1, lr: float = 1e-3, batch: int = 32, seed: int = 0, **_: Any):
+    USES = frozenset({"local_epochs", "lr"})
+
+    def __init__(self, large: nn.Module, policy: KoalaPolicy | None = None):
+        super().__init__(policy)
         self.large_model = large
-        self.local_epochs, self.lr, self.batch, self.seed = local_epochs, lr, batch, seed
         self._worker = copy.deepcopy(large)
 
     def configure_round(self, round_id: int, devices: list[DeviceInfo]) -> list[Assignment]:
         w = get_weights(self.large_model)
         return [
-            Assignment(round_id, d.device_id, "large", round_id, "fedavg_large",
-                       {"local_epochs": self.local_epochs, "lr": self.lr, "batch": self.batch,
-                        "upload": ["weights"], "seed": device_seed(self.seed, round_id, i)}, None, w)  # fmt: skip
+            Assignment(round_id=round_id, device_id=d.device_id, arch="large", model_version=self.version,
+                       plan=self.plan("fedavg_large", round_id, i, ("weights",)), weights=w)
             for i, d in enumerate(devices)
         ]
 
-    def _simulate(self, a: Assignment, x: np.ndarray, y: np.ndarray) -> DeviceResult:
+    def _simulate(self, a: Assignment, x: np.ndarray, y: np.ndarray) -> Result:
         set_weights(self._worker, a.weights)
-        loss = train_large_locally(self._worker, x, y, int(a.hyper["local_epochs"]), float(a.hyper["lr"]),
-                                   int(a.hyper["batch"]), int(a.hyper["seed"]))  # fmt: skip
-        return DeviceResult(a.round_id, a.device_id, a.arch, int(len(y)), None, get_weights(self._worker),
-                            np.bincount(y, minlength=10).tolist(), {"train_loss": loss})  # fmt: skip
+        p = a.plan
+        loss = train_large_locally(self._worker, x, y, p.local_epochs, p.lr, p.batch, p.seed)
+        return Result(round_id=a.round_id, device_id=a.device_id, arch=a.arch, num_samples=int(len(y)),
+                      model_version=a.model_version, label_histogram=np.bincount(y, minlength=10).tolist(),
+                      metrics={"train_loss": loss if np.isfinite(loss) else None}, weights=get_weights(self._worker))
 
     def device_simulators(self) -> dict[str, DeviceSimulator]:
         return {"fedavg_large": self._simulate}
 
-    def aggregate(self, round_id: int, results: list[DeviceResult]) -> RoundReport:
+    def aggregate(self, round_id: int, results: list[Result]) -> RoundReport:
         set_weights(self.large_model, fedavg([r.weights for r in results], [r.num_samples for r in results]))
+        self.version += 1
         return RoundReport(round_id, {}, len(results), {r.device_id: dict(r.metrics) for r in results})

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,54 +27,36 @@ from torch import nn
 
 from server_app.engine.distill import reverse_distill
 from server_app.engine.fusion import fuse_logits
-from server_app.engine.strategies.common import device_seed, fedavg
+from server_app.engine.strategies.common import fedavg
 from server_app.engine.strategy import Strategy
-from server_app.engine.types import Assignment, DeviceInfo, DeviceResult, RoundReport
+from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
 from server_app.models.large import get_weights, predict_logits, set_weights
+from server_app.policy import KoalaPolicy
 
-
-@dataclass
-class KoalaConfig:
-    teacher: str = "avg_model"  # "avg_model" | "device_logits"
-    fusion: str = "weighted"  # fuse_logits rule across teachers
-    rkd: str = "fused"  # "fused" | "per_group"
-    temperature: float = 1.0  # both KD directions
-    rkd_epochs: int = 1
-    rkd_lr: float = 1e-3
-    rkd_batch: int = 256
-    anchor_lambda: float = 0.0  # parameter anchor to the pre-round large model
-    forward_kd: bool = True
-    fkd_from_round: int = 1  # the untrained large model of round 0 is no teacher
-    fkd_epochs: int = 1
-    fkd_lr: float = 1e-3
-    post_kd_epochs: int = 0
-    proxy_per_round: int | None = None  # sample this many proxy inputs per round (None: all)
-    local_epochs: int = 1
-    lr: float = 1e-3
-    seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
+_KOALA_FIELDS = frozenset({
+    "local_epochs", "lr", "fkd_epochs", "fkd_lr", "post_fkd_epochs", "fkd_from_round", "temperature",
+    "proxy_per_round", "rkd_epochs", "rkd_lr", "rkd_batch", "teacher", "rkd", "anchor_lambda",
+})  # fmt: skip
 
 
 class KoalaStrategy(Strategy):
     name = "koala"
 
-    def __init__(
-        self,
-        large: nn.Module,
-        proxy_x: np.ndarray,
-        small_factory: Callable[[str], Any],
-        config: KoalaConfig | None = None,
-        **overrides: Any,
-    ):
+    def __init__(self, large: nn.Module, proxy_x: np.ndarray, small_factory: Callable[[str], Any],
+                 policy: KoalaPolicy | None = None):  # fmt: skip
+        super().__init__(policy)
         self.large_model = large
         self.proxy_x = np.ascontiguousarray(proxy_x, np.float32)
         self.small_factory = small_factory  # arch -> SmallModel (server-side LiteRT, for avg_model teachers)
-        cfg = config or KoalaConfig()
-        self.cfg = KoalaConfig(**{**asdict(cfg), **overrides})
+        self.teacher = self.policy.resolved_teacher()
         self._global: dict[str, list[np.ndarray]] = {}
         self._server_small: dict[str, Any] = {}
-        self.version = 0
         self._idx: np.ndarray | None = None  # this round's proxy subset
+
+    @classmethod
+    def policy_fields(cls, policy: KoalaPolicy) -> frozenset[str]:
+        fused_many = policy.resolved_teacher() == "device_logits" or len(set(policy.archs)) > 1
+        return _KOALA_FIELDS | ({"fusion"} if fused_many else set())
 
     def _px(self) -> np.ndarray:
         return self.proxy_x if self._idx is None else self.proxy_x[self._idx]
@@ -89,40 +70,43 @@ class KoalaStrategy(Strategy):
     def global_small_weights(self) -> dict[str, list[np.ndarray]]:
         return dict(self._global)
 
+    def set_global_small_weights(self, small: dict[str, list[np.ndarray]]) -> None:
+        self._global = {a: list(ws) for a, ws in small.items()}
+
     def teacher_logits(self) -> np.ndarray:
         """The large model's logits on this round's proxy inputs (forward-KD teacher)."""
         return predict_logits(self.large_model, self._px())
 
+    def proxy_subset(self, round_id: int) -> np.ndarray | None:
+        """This round's sorted proxy rows (None: all), a pure function of (seed, round)."""
+        p = self.policy
+        if p.proxy_per_round and p.proxy_per_round < len(self.proxy_x):
+            rng = np.random.default_rng([p.seed, round_id, 17])
+            return np.sort(rng.choice(len(self.proxy_x), p.proxy_per_round, replace=False))
+        return None
+
     # ------------------------------------------------------------ the round
     def configure_round(self, round_id: int, devices: list[DeviceInfo]) -> list[Assignment]:
-        c = self.cfg
-        self._idx = None
-        if c.proxy_per_round and c.proxy_per_round < len(self.proxy_x):
-            rng = np.random.default_rng([c.seed, round_id, 17])
-            self._idx = np.sort(rng.choice(len(self.proxy_x), c.proxy_per_round, replace=False))
-        teacher = self.teacher_logits() if c.forward_kd and round_id >= c.fkd_from_round else None
-        upload = ["weights"] if c.teacher == "avg_model" else ["logits"]
+        p = self.policy
+        self._idx = self.proxy_subset(round_id)
+        forward = p.fkd_epochs + p.post_fkd_epochs > 0 and round_id >= p.fkd_from_round
+        teacher = self.teacher_logits() if forward else None
+        upload = ("weights",) if self.teacher == "avg_model" else ("logits",)
         out = []
         for i, d in enumerate(devices):
-            if c.teacher == "avg_model" and d.arch not in self._global:
+            if self.teacher == "avg_model" and d.arch not in self._global:
                 self._global[d.arch] = self._small(d.arch).get_weights()  # same init for every device
-            hyper = {
-                "local_epochs": c.local_epochs, "lr": c.lr, "kd_epochs": c.fkd_epochs, "kd_lr": c.fkd_lr,
-                "temperature": c.temperature, "upload": upload, "seed": device_seed(c.seed, round_id, i),
-                "post_kd_epochs": c.post_kd_epochs,
-                "proxy_indices": None if self._idx is None else self._idx.tolist(),
-            }  # fmt: skip
             out.append(Assignment(
-                round_id=round_id, device_id=d.device_id, arch=d.arch, model_version=self.version, task="koala",
-                hyper=hyper, teacher_logits=teacher,
-                weights=self._global.get(d.arch) if c.teacher == "avg_model" else None,
+                round_id=round_id, device_id=d.device_id, arch=d.arch, model_version=self.version,
+                plan=self.plan("koala", round_id, i, upload), teacher_logits=teacher,
+                proxy_indices=self._idx if teacher is not None or "logits" in upload else None,
+                weights=self._global.get(d.arch) if self.teacher == "avg_model" else None,
             ))  # fmt: skip
         return out
 
-    def _teachers(self, results: list[DeviceResult]) -> tuple[list[np.ndarray], list[int], list[list[int]], list[str]]:
+    def _teachers(self, results: list[Result]) -> tuple[list[np.ndarray], list[int], list[list[int]], list[str]]:
         """(logits, sample counts, label histograms, group) per teacher."""
-        c = self.cfg
-        if c.teacher == "device_logits":
+        if self.teacher == "device_logits":
             ok = [r for r in results if r.proxy_logits is not None]
             return ([r.proxy_logits for r in ok], [r.num_samples for r in ok],
                     [r.label_histogram for r in ok], [r.arch for r in ok])  # fmt: skip
@@ -141,19 +125,25 @@ class KoalaStrategy(Strategy):
         return logits, ns, hists, groups
 
     def _fuse(self, logits, ns, hists, groups) -> np.ndarray:
-        return fuse_logits(logits, self.cfg.fusion, self.cfg.temperature, num_samples=ns,
+        rule = self.policy.fusion
+        if ":" in rule:  # a user's rule: same signature as fuse_logits minus `rule`
+            from server_app.engine.strategies import load_ref
+
+            return np.asarray(load_ref(rule, "fusion")(logits, temperature=self.policy.temperature, num_samples=ns,
+                                                       label_histograms=hists, groups=groups), np.float64)  # fmt: skip
+        return fuse_logits(logits, rule, self.policy.temperature, num_samples=ns,
                            label_histograms=hists, groups=groups)  # fmt: skip
 
-    def aggregate(self, round_id: int, results: list[DeviceResult]) -> RoundReport:
-        c = self.cfg
+    def aggregate(self, round_id: int, results: list[Result]) -> RoundReport:
+        p = self.policy
         logits, ns, hists, groups = self._teachers(results)
         metrics: dict[str, Any] = {"teachers": len(logits)}
         if not logits:
             return RoundReport(round_id, metrics)
-        anchor = [p.detach().clone() for p in self.large_model.parameters()] if c.anchor_lambda > 0 else None
-        kd = {"T": c.temperature, "epochs": c.rkd_epochs, "lr": c.rkd_lr, "batch": c.rkd_batch,
-              "anchor": anchor, "anchor_lambda": c.anchor_lambda, "seed": c.seed * 7919 + round_id}  # fmt: skip
-        if c.rkd == "per_group":
+        anchor = [q.detach().clone() for q in self.large_model.parameters()] if p.anchor_lambda > 0 else None
+        kd = {"T": p.temperature, "epochs": p.rkd_epochs, "lr": p.rkd_lr, "batch": p.rkd_batch,
+              "anchor": anchor, "anchor_lambda": p.anchor_lambda, "seed": p.seed * 7919 + round_id}  # fmt: skip
+        if p.rkd == "per_group":
             base = copy.deepcopy(self.large_model)
             states, gn, losses = [], [], []
             for g in sorted(set(groups)):

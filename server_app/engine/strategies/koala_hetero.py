@@ -1,14 +1,12 @@
-"""KOALA heterogeneous mode: several small architectures in one fleet.
+"""KOALA heterogeneous mode: several small architectures in one fleet (assigned round-robin).
 
-Default: every device uploads proxy logits; the server fuses them into consensus soft labels
-with a pluggable rule (`fusion`: mean | weighted | entropy | class_aware | group) and distils
-the large model. `variant="per_group"`: the related code's path — FedAvg per architecture, each
-architecture's averaged model distils into its own copy of the large model, then the copies are
-averaged (weighted by group sample counts)."""
+Default teacher (policy `teacher` unset) = "device_logits": every device uploads proxy logits;
+the server fuses them into consensus soft labels with the policy's `fusion` rule (default
+entropy: measured best, README) and distils the large model. `teacher = "avg_model"` +
+`rkd = "per_group"`: the related code's path — FedAvg per architecture, each architecture's
+averaged model distils into its own copy of the large model, then the copies are averaged."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from server_app.engine.strategies.koala import KoalaStrategy
 
@@ -16,15 +14,3 @@ from server_app.engine.strategies.koala import KoalaStrategy
 class KoalaHetero(KoalaStrategy):
     name = "koala_hetero"
     mode = "hetero"
-
-    def __init__(self, *args: Any, variant: str = "fused", **kw: Any):
-        if variant not in ("fused", "per_group"):
-            raise ValueError("variant must be 'fused' or 'per_group'")
-        if variant == "per_group":
-            kw.setdefault("teacher", "avg_model")
-            kw.setdefault("rkd", "per_group")
-        else:
-            kw.setdefault("teacher", "device_logits")
-            kw.setdefault("fusion", "class_aware")
-        super().__init__(*args, **kw)
-        self.variant = variant

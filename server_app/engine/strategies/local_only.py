@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from server_app.engine.strategies.common import device_seed
 from server_app.engine.strategy import Strategy
-from server_app.engine.types import Assignment, DeviceInfo, DeviceResult, RoundReport
+from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
 
 
 class LocalOnly(Strategy):
     name = "local_only"
     mode = "baseline"
 
-    def __init__(self, local_epochs: int = 1, lr: float = 1e-3, seed: int = 0, **_: Any):
-        self.local_epochs, self.lr, self.seed = local_epochs, lr, seed
+    USES = frozenset({"local_epochs", "lr"})
 
     def configure_round(self, round_id: int, devices: list[DeviceInfo]) -> list[Assignment]:
         return [
-            Assignment(round_id, d.device_id, d.arch, 0, "local_only",
-                       {"local_epochs": self.local_epochs, "lr": self.lr, "upload": [],
-                        "seed": device_seed(self.seed, round_id, i)})  # fmt: skip
+            Assignment(round_id=round_id, device_id=d.device_id, arch=d.arch,
+                       plan=self.plan("local_only", round_id, i, ()))
             for i, d in enumerate(devices)
         ]
 
-    def aggregate(self, round_id: int, results: list[DeviceResult]) -> RoundReport:
+    def aggregate(self, round_id: int, results: list[Result]) -> RoundReport:
         return RoundReport(round_id, {}, len(results), {r.device_id: dict(r.metrics) for r in results})

@@ -1,0 +1,161 @@
+"""KoalaPolicy: THE typed description of how KOALA runs, shared by `koala sim`, `koala demo` and
+`koala serve`.
+
+Why one object: three configuration systems had drifted apart (the temperature was `T`,
+`temperature` and `kd["T"]`; `kd_epochs` meant forward KD in one and reverse KD in another), and
+the best measured setting could not be expressed where it mattered (the deployed server). Now
+every path reads the same pydantic model, through the same strategy builder
+(`server_app.engine.strategies.build_strategy`); the deployed server reads it from its config
+file (`[policy]` section) and `KOALA_POLICY__*` env vars, the simulator from its config file's
+`policy` section (plus per-method overrides), the demo from flags.
+
+**Defaults are the best measured setting** (README "Results"; `bench/koala_experiment.py`,
+Fashion-MNIST, 20 devices): homogeneous KOALA with 5 local epochs, 1 forward-KD epoch, 4 reverse-KD
+epochs, 1,000 of the proxy images per round; heterogeneous fleets fuse device logits by
+entropy. A field that the chosen strategy cannot use, set explicitly, is an error — never ignored.
+
+Names (one per concept, used everywhere): `local_epochs`/`lr` (device, private data),
+`fkd_*` (forward KD: large -> small, on the devices), `rkd_*` (reverse KD: small -> large, on
+the server), `temperature` (both KD directions).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FUSION_RULES = ("mean", "weighted", "entropy", "class_aware", "group", "median", "trimmed_mean")
+BUILTIN_STRATEGIES = ("koala_homo", "koala_hetero", "fedavg_small", "fedavg_large", "local_only")
+KNOWN_ARCHS = ("mlp_tiny", "cnn_small", "mobilenet_tiny")
+_STRATEGY_REF = re.compile(r"[a-z][a-z0-9_]{0,63}|[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+
+# Fields every strategy uses (round machinery), whatever it is.
+ROUND_FIELDS = frozenset({"strategy", "archs", "rounds", "participants", "min_devices", "quorum_fraction",
+                          "deadline_s", "seed", "large", "plugin_options"})  # fmt: skip
+
+
+class LargeModelSpec(BaseModel):
+    """The server's large model: the built-in VGG-style CNN (`server_app.models.large`) or a
+    `module:attr` factory `(input_shape, num_classes, seed, **options) -> torch.nn.Module`."""
+
+    model_config = ConfigDict(extra="forbid")
+    factory: str | None = None  # module:attr; None = built-in LargeCNN
+    width: int = Field(16, ge=1, le=1024)  # built-in: channels of the first conv block
+    options: dict[str, Any] = Field(default_factory=dict)  # extra kwargs for the factory / LargeCNN
+
+    @field_validator("factory")
+    @classmethod
+    def _ref(cls, v: str | None) -> str | None:
+        if v is not None and ":" not in v:
+            raise ValueError(f"{v!r} must be 'module:attr'")
+        return v
+
+
+class KoalaPolicy(BaseModel):
+    """How rounds run. See module docstring; `koala serve --print-config` shows the effective one."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, validate_assignment=True)
+
+    strategy: str = Field("koala_homo", description="koala_homo | koala_hetero | fedavg_small | fedavg_large | local_only | module:attr")
+    archs: list[str] = Field(default_factory=lambda: ["cnn_small"], min_length=1,
+                             description="small architectures: one for homo, several (round-robin) for hetero")
+    # --- device work, per round
+    local_epochs: int = Field(5, ge=0, le=1000, description="passes over each device's private data")
+    lr: float = Field(1e-3, gt=0.0, le=10.0, description="device learning rate (Adam)")
+    fkd_epochs: int = Field(1, ge=0, le=1000, description="forward KD (large -> small) passes on the device, before local training")
+    fkd_lr: float = Field(1e-3, gt=0.0, le=10.0)
+    post_fkd_epochs: int = Field(0, ge=0, le=1000, description="forward KD passes after local training")
+    fkd_from_round: int = Field(1, ge=0, description="first round with forward KD (round 0's large model is untrained)")
+    temperature: float = Field(1.0, gt=0.0, le=100.0, description="softmax temperature of both KD directions")
+    # --- server work, per round
+    proxy_per_round: int | None = Field(1000, ge=1, description="proxy images sampled per round (None: all)")
+    rkd_epochs: int = Field(4, ge=0, le=1000, description="reverse KD (small -> large) passes on the server")
+    rkd_lr: float = Field(1e-3, gt=0.0, le=10.0)
+    rkd_batch: int = Field(256, ge=1, le=65536)
+    teacher: Literal["avg_model", "device_logits"] | None = Field(
+        None, description="avg_model: FedAvg the small weights per arch (paper); device_logits: every device's "
+                          "logits is a teacher. None: koala_homo -> avg_model, koala_hetero -> device_logits")
+    fusion: str = Field("entropy", description=f"how teachers' logits are fused: {', '.join(FUSION_RULES)}")
+    rkd: Literal["fused", "per_group"] = "fused"
+    anchor_lambda: float = Field(0.0, ge=0.0, description="L2 anchor of reverse KD to the pre-round large model")
+    # --- rounds
+    rounds: int = Field(10, ge=1, le=1_000_000)
+    participants: float | None = Field(
+        None, gt=0.0, description="devices per round: a count (>= 1) or a fraction (< 1) of the online fleet; "
+                                  "None: all. Sampled with the seed, least-recently-used first (fair)")
+    min_devices: int = Field(2, ge=1, description="online devices needed before a round starts")
+    quorum_fraction: float = Field(0.5, gt=0.0, le=1.0, description="accepted results needed to close a round")
+    deadline_s: float = Field(120.0, gt=0.0, description="seconds a round waits for results")
+    seed: int = 0
+    large: LargeModelSpec = Field(default_factory=LargeModelSpec)
+    plugin_options: dict[str, Any] = Field(default_factory=dict, description="free options for a module:attr strategy")
+
+    @field_validator("strategy")
+    @classmethod
+    def _strategy(cls, v: str) -> str:
+        if not _STRATEGY_REF.fullmatch(v):
+            raise ValueError(f"{v!r} is neither a strategy name ({', '.join(BUILTIN_STRATEGIES)}) nor module:attr")
+        if ":" not in v and v not in BUILTIN_STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; built in: {', '.join(BUILTIN_STRATEGIES)} (or module:attr)")
+        return v
+
+    @field_validator("fusion")
+    @classmethod
+    def _fusion(cls, v: str) -> str:
+        if v not in FUSION_RULES and ":" not in v:
+            raise ValueError(f"{v!r} is not one of {FUSION_RULES} (or module:attr)")
+        return v
+
+    @field_validator("archs")
+    @classmethod
+    def _archs(cls, v: list[str]) -> list[str]:
+        bad = [a for a in v if a not in KNOWN_ARCHS]
+        if bad:
+            raise ValueError(f"unknown architectures {bad}; known: {', '.join(KNOWN_ARCHS)}")
+        return v
+
+    @field_validator("participants")
+    @classmethod
+    def _participants(cls, v: float | None) -> float | None:
+        if v is not None and v >= 1 and v != int(v):
+            raise ValueError("a count of participants must be a whole number (or a fraction below 1)")
+        return v
+
+    @model_validator(mode="after")
+    def _mode(self) -> KoalaPolicy:
+        if self.strategy == "koala_homo" and len(set(self.archs)) != 1:
+            raise ValueError(f"koala_homo needs exactly one architecture, got {self.archs} (use koala_hetero)")
+        return self
+
+    # ------------------------------------------------------------------ helpers
+    def resolved_teacher(self) -> str:
+        if self.teacher is not None:
+            return self.teacher
+        return "avg_model" if self.strategy == "koala_homo" else "device_logits"
+
+    def explicit(self) -> set[str]:
+        """Fields set by the user (file, env, flags), not left at their default."""
+        return set(self.model_fields_set)
+
+    def with_overrides(self, **changes: Any) -> KoalaPolicy:
+        """A validated copy with `changes` applied (they count as explicitly set)."""
+        data = {k: getattr(self, k) for k in self.model_fields_set}
+        data.update({k: v for k, v in changes.items()})
+        return KoalaPolicy.model_validate(data)
+
+
+class PolicyError(ValueError):
+    """The policy asks for something the chosen strategy cannot do."""
+
+
+def check_fields_used(policy: KoalaPolicy, used: frozenset[str] | set[str]) -> None:
+    """Raise PolicyError naming every explicitly set field the strategy would ignore."""
+    unused = sorted(policy.explicit() - set(used) - ROUND_FIELDS)
+    if unused:
+        raise PolicyError(
+            f"policy fields {unused} are not used by strategy {policy.strategy!r}"
+            f"{' with teacher ' + policy.resolved_teacher() if policy.strategy.startswith('koala') else ''}; "
+            f"remove them (it uses: {', '.join(sorted(set(used) - ROUND_FIELDS))})"
+        )
