@@ -25,13 +25,16 @@ class Fleet:
     def ca(self) -> str:
         return str(self.broker.broker_dir / "certs" / "ca.crt")
 
-    def revoke(self, device_id: str) -> None:
-        """Regenerate files without `device_id` and SIGHUP the broker, as `koala provision revoke`."""
-        from server_app.provisioning.broker_files import reload_broker
+    def control(self):
+        from server_app.provisioning.dynsec import BrokerControl
 
+        return BrokerControl.for_broker_dir(self.broker.broker_dir)
+
+    def revoke(self, device_id: str) -> None:
+        """Regenerate files without `device_id` and delete it on the live broker, as `koala provision revoke`."""
         del self.secrets[device_id]
         self.broker.write_files(self._credentials())
-        reload_broker(self.broker.pid_file)
+        self.control().delete_client(device_id)
 
     def _credentials(self) -> list[DeviceCredential]:
         return [DeviceCredential(u, self._hashes[u]) for u in self.secrets if not u.startswith("koala-")]

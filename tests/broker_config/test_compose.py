@@ -74,7 +74,10 @@ def test_docker_profile_renders_container_paths(tmp_path) -> None:
     )
     conf = (out / "mosquitto.conf").read_text()
     assert (
-        "password_file /mosquitto/config/passwd" in conf and "persistence_location /mosquitto/data/" in conf
+        "plugin_opt_config_file /mosquitto/config/dynamic-security.json" in conf
+        and "plugin /usr/lib/mosquitto_dynamic_security.so" in conf
+        and "persistence_location /mosquitto/data/" in conf
     )
+    assert "\npassword_file" not in conf and "\nacl_file" not in conf
     assert "keyfile /mosquitto/config/certs/server.key" in conf and "\nlistener 1883" not in conf
     assert (out / "certs" / "server.hosts").read_text().split() == ["mosquitto"]

@@ -46,8 +46,7 @@ def test_rendered_prod_config_has_every_hardening_line(tmp_path) -> None:
     text = render(BrokerConf(tmp_path, tmp_path / "data", server_port=None))
     for line in (
         "allow_anonymous false",
-        f"password_file {tmp_path}/passwd",
-        f"acl_file {tmp_path}/acl",
+        f"plugin_opt_config_file {tmp_path}/dynamic-security.json",
         "persistence true",
         f"max_packet_size {MiB}",
         "require_certificate false",
@@ -55,6 +54,7 @@ def test_rendered_prod_config_has_every_hardening_line(tmp_path) -> None:
     ):
         assert line in text
     assert "${" not in text and "\nlistener 1883" not in text
+    assert "\npassword_file" not in text and "\nacl_file" not in text  # acl_file never checks SUBSCRIBE
 
 
 def test_server_certificate_names_loopback_and_extra_hosts() -> None:

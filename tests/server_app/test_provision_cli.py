@@ -1,8 +1,8 @@
 """`koala provision` end to end against the SQL registry and a real Mosquitto from its own config.
 
 add -> broker-files -> mosquitto -c DIR/mosquitto.conf -> the device connects over TLS with its
-secret; rotate -> the old secret is refused; revoke (+SIGHUP via --pid-file) -> refused. The
-registry keeps only the `$7$` hash.
+secret; rotate -> the old secret is refused; revoke (live over $CONTROL via --pid-file) -> refused.
+The registry keeps only the `$7$` hash.
 """
 
 from __future__ import annotations
@@ -162,9 +162,20 @@ def test_registry_stores_only_the_mosquitto_hash(tmp_path) -> None:
     assert stored.startswith("$7$") and secret not in stored and verify(secret, stored)
 
 
-@pytest.mark.parametrize("bad", ["a/b", "a+b", "x#", "has space", "koala-server", ""])
-def test_unsafe_device_ids_are_refused(tmp_path, bad) -> None:
-    from server_app.provisioning.identity import InvalidDeviceId
+@pytest.mark.parametrize("bad", ["a/b", "a+b", "x#", "has space", "koala-server", "koala-admin", ""])
+def test_unsafe_device_ids_are_refused(tmp_path, bad, capsys) -> None:
+    rc = koala(["provision", "--db", f"sqlite:///{tmp_path / 'r.db'}", "add", bad, "--arch", "cnn_small"])
+    err = capsys.readouterr().err
+    assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
-    with pytest.raises(InvalidDeviceId):
-        koala(["provision", "--db", f"sqlite:///{tmp_path / 'r.db'}", "add", bad, "--arch", "cnn_small"])
+
+def test_unknown_arch_and_unknown_device_are_one_line_errors(tmp_path, capsys) -> None:
+    db = f"sqlite:///{tmp_path / 'r.db'}"
+    assert koala(["provision", "--db", db, "add", "pi-1", "--arch", "resnet_huge"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "mlp_tiny" in err and "Traceback" not in err
+    assert koala(["provision", "--db", db, "revoke", "nobody"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "not registered" in err
+    for arch in ("mlp_tiny", "cnn_small", "mobilenet_tiny"):
+        assert koala(["provision", "--db", db, "add", f"pi-{arch}", "--arch", arch]) == 0
