@@ -148,6 +148,11 @@ class ModelGate:
                 _kd(lb, soft_targets, self.temperature) if np.all(np.isfinite(lb)) else float("inf")
             )
             m["kd_after"] = _kd(la, soft_targets, self.temperature)
+        if labels is not None:
+            acc_b, acc_a = float(np.mean(pb == labels)), float(np.mean(pa == labels))
+            m.update(acc_before=acc_b, acc_after=acc_a, established=acc_b >= chance + self.chance_margin)
+        else:
+            m["established"] = conf_b >= chance + self.confidence_margin
         # collapse: one class dominates now, did not before, and the labels do not explain it
         label_share = float(np.mean(labels == cls_a)) if labels is not None else 0.0
         if (
@@ -157,14 +162,10 @@ class ModelGate:
         ):
             return GateDecision(False, "collapse", m)
         if labels is not None:
-            acc_b, acc_a = float(np.mean(pb == labels)), float(np.mean(pa == labels))
-            m.update(acc_before=acc_b, acc_after=acc_a, established=acc_b >= chance + self.chance_margin)
-            if m["established"] and acc_a < acc_b - self.tolerance:
+            if m["established"] and m["acc_after"] < m["acc_before"] - self.tolerance:
                 return GateDecision(False, "accuracy_drop", m)
-        else:
-            m["established"] = conf_b >= chance + self.confidence_margin
-            if m["established"] and m["agreement"] < self.min_agreement:
-                return GateDecision(False, "disagreement", m)
+        elif m["established"] and m["agreement"] < self.min_agreement:
+            return GateDecision(False, "disagreement", m)
         if (
             self.max_kd_increase is not None
             and "kd_after" in m

@@ -1,0 +1,233 @@
+"""One malicious device among five cannot move the robust aggregates far; the plain mean / FedAvg
+is moved by the same attacks (so these tests can fail).
+
+Logits: 400 proxy samples, 10 classes, ground truth y. Honest device d sends 2*onehot(y) + N(0,1)
+noise (a weak, noisy teacher: the honest mean is ~96% accurate, with small margins, so a fifth of
+the vote is enough to flip many samples). Metric: accuracy of the fused argmax vs y, compared with
+the honest-only mean's accuracy: robust rules lose <= 0.06, the plain mean loses >= 0.09.
+
+Weights: honest device = reference + common update + small noise. Metric: L2 distance to the honest
+devices' FedAvg, compared with the honest spread s = max_i ||w_i - honest FedAvg||: robust rules
+stay within 2 s, FedAvg with the attacker is > 10 s away (or non-finite).
+"""
+
+import numpy as np
+import pytest
+
+from server_app.engine.fusion import ROBUST_RULES, fuse_logits
+from server_app.engine.robust import (
+    aggregate_weights,
+    coordinate_median,
+    coordinate_trimmed_mean,
+    krum_select,
+    magnitude_bound,
+    trim_count,
+    weights_violation,
+)
+from server_app.engine.strategies.common import fedavg
+
+P, C, H = 400, 10, 4
+_rng = np.random.default_rng(0)
+Y = _rng.integers(0, C, P)
+HONEST = [2.0 * np.eye(C)[Y] + np.random.default_rng(i + 1).normal(0, 1.0, (P, C)) for i in range(H)]
+HONEST_ACC = float(np.mean(fuse_logits(HONEST, "mean").argmax(1) == Y))
+
+LOGIT_ATTACKS = {
+    "random": _rng.normal(size=(P, C)) * 1e30,  # huge random logits: a random one-hot per sample
+    "sign_flip": -1e3 * np.mean(HONEST, axis=0),  # the honest consensus, negated and amplified
+    "constant": np.tile(_rng.normal(size=C) * 1e30, (P, 1)),  # the same (huge) output for every input
+    "one_hot": np.eye(C)[np.full(P, 3)] * 1e30,  # always class 3, at 1e30
+    "wrong_class": np.eye(C)[(Y + 1) % C] * 1e30,  # targeted: always the next class
+}
+
+
+def _acc(q: np.ndarray) -> float:
+    return float(np.mean(q.argmax(1) == Y))
+
+
+def test_honest_baseline_is_a_good_teacher():
+    assert HONEST_ACC > 0.9
+
+
+@pytest.mark.parametrize("attack", sorted(LOGIT_ATTACKS))
+def test_plain_mean_is_broken_by_one_attacker(attack):
+    for rule in ("mean", "weighted"):
+        # the attacker also claims 1000x the samples: "weighted" hands it the vote
+        q = fuse_logits([*HONEST, LOGIT_ATTACKS[attack]], rule, num_samples=[10] * H + [10_000])
+        assert _acc(q) <= HONEST_ACC - 0.09, (rule, _acc(q))
+
+
+@pytest.mark.parametrize("attack", sorted(LOGIT_ATTACKS))
+@pytest.mark.parametrize("rule", ROBUST_RULES)
+def test_robust_fusion_bounds_one_attacker(rule, attack):
+    q = fuse_logits([*HONEST, LOGIT_ATTACKS[attack]], rule, num_samples=[10] * H + [10_000])
+    assert q.dtype == np.float32 and np.all(np.isfinite(q))
+    np.testing.assert_allclose(q.sum(1), 1.0, atol=1e-5)
+    assert _acc(q) >= HONEST_ACC - 0.06, _acc(q)
+
+
+@pytest.mark.parametrize("rule", ROBUST_RULES)
+def test_robust_fusion_clean_cost_is_small(rule):
+    # five honest devices: the robust rules keep (nearly) the mean's accuracy
+    honest5 = [*HONEST, 2.0 * np.eye(C)[Y] + np.random.default_rng(99).normal(0, 1.0, (P, C))]
+    assert _acc(fuse_logits(honest5, rule)) >= _acc(fuse_logits(honest5, "mean")) - 0.03
+
+
+def test_non_finite_logits_do_not_poison_fusion():
+    bad = np.full((P, C), np.nan)
+    bad[:, 0] = np.inf
+    for rule in ("mean", *ROBUST_RULES):
+        q = fuse_logits([*HONEST, bad], rule, temperature=0.5)
+        assert np.all(np.isfinite(q)), rule
+    assert _acc(fuse_logits([*HONEST, bad], "median")) >= HONEST_ACC - 0.06
+
+
+def test_median_and_trimmed_mean_by_hand():
+    # one sample, 2 classes, 5 devices; p(class 0) = .9 .8 .7 .6 and an attacker at 0.0
+    p0 = np.array([0.9, 0.8, 0.7, 0.6, 0.0])
+    logits = [np.log([[a, 1 - a]]) if a > 0 else np.array([[-1e30, 1e30]]) for a in p0]
+    # median of class-0 probs .7, of class-1 probs .3 -> [.7, .3]
+    np.testing.assert_allclose(fuse_logits(logits, "median"), [[0.7, 0.3]], atol=1e-6)
+    # trim 1 of 5 each end: class 0 -> mean(.6,.7,.8) = .7, class 1 -> mean(.2,.3,.4) = .3
+    np.testing.assert_allclose(fuse_logits(logits, "trimmed_mean"), [[0.7, 0.3]], atol=1e-6)
+    # the plain mean is dragged by the attacker: (3.0 / 5) = .6
+    np.testing.assert_allclose(fuse_logits(logits, "mean"), [[0.6, 0.4]], atol=1e-6)
+
+
+def test_trim_count_degrades_with_few_devices():
+    assert [trim_count(d, 0.2) for d in (1, 2, 3, 4, 5, 10, 11)] == [0, 0, 0, 0, 1, 2, 2]
+    assert trim_count(3, 0.4) == 1 and trim_count(2, 0.49) == 0
+    x = np.array([[1.0], [2.0], [100.0]])
+    np.testing.assert_allclose(coordinate_trimmed_mean(x, 0.2), [103 / 3])  # k = 0: the mean
+    np.testing.assert_allclose(coordinate_trimmed_mean(x, 0.4), [2.0])  # k = 1 of 3: the median
+    with pytest.raises(ValueError):
+        trim_count(5, 0.5)
+
+
+def test_coordinatewise_result_stays_in_the_honest_range_whatever_the_attacker_sends():
+    # the guarantee behind trimmed mean / median: f <= k attackers cannot leave the honest [min, max]
+    rng = np.random.default_rng(3)
+    honest = rng.normal(size=(8, 50))
+    lo, hi = honest.min(0), honest.max(0)
+    for attack in (1e30, -1e30, 0.0, 5.0):
+        for f in (1, 2):
+            x = np.concatenate([honest, np.full((f, 50), attack)])
+            for out in (coordinate_trimmed_mean(x, 0.2), coordinate_median(x)):  # k = 2 of 10
+                assert np.all(out >= lo - 1e-12) and np.all(out <= hi + 1e-12)
+
+
+# ------------------------------------------------------------------------------------------ weights
+SHAPES = [(6, 4), (4,), (4, 3), (3,)]
+REF = [np.random.default_rng(10 + i).normal(0, 0.5, s).astype(np.float32) for i, s in enumerate(SHAPES)]
+STEP = [np.random.default_rng(20 + i).normal(0, 0.05, s) for i, s in enumerate(SHAPES)]
+HONEST_W = [
+    [(r + u + np.random.default_rng(30 + d * 7 + i).normal(0, 0.01, r.shape)).astype(np.float32)
+     for i, (r, u) in enumerate(zip(REF, STEP, strict=True))]
+    for d in range(H)
+]  # fmt: skip
+HONEST_N = [50, 80, 120, 60]
+HONEST_AVG = fedavg(HONEST_W, HONEST_N)
+
+
+def _dist(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return float(
+        np.sqrt(
+            sum(
+                np.sum((np.asarray(x, np.float64) - np.asarray(y, np.float64)) ** 2)
+                for x, y in zip(a, b, strict=True)
+            )
+        )
+    )
+
+
+SPREAD = max(_dist(w, HONEST_AVG) for w in HONEST_W)
+_mean_w = [np.mean([w[i] for w in HONEST_W], axis=0) for i in range(len(SHAPES))]
+WEIGHT_ATTACKS = {
+    "scaled": [w * np.float32(1e30) for w in HONEST_W[0]],  # finite in float32 (max 3.4e38)
+    "sign_flip": [
+        (r - 10 * (m - r)).astype(np.float32) for r, m in zip(REF, _mean_w, strict=True)
+    ],  # reversed update x10
+    "random": [
+        np.random.default_rng(40 + i).normal(0, 3.0, s).astype(np.float32) for i, s in enumerate(SHAPES)
+    ],
+    "constant": [np.full(s, 7.0, np.float32) for s in SHAPES],
+}
+ROBUST_WEIGHT_RULES = ("median", "trimmed_mean", "krum", "multi_krum")
+
+
+@pytest.mark.parametrize("attack", sorted(WEIGHT_ATTACKS))
+def test_fedavg_is_broken_by_one_attacker(attack):
+    out = aggregate_weights([*HONEST_W, WEIGHT_ATTACKS[attack]], [*HONEST_N, 80], "fedavg")
+    d = _dist(out, HONEST_AVG)
+    assert not np.isfinite(d) or d > 10 * SPREAD, (d, SPREAD)
+
+
+@pytest.mark.parametrize("attack", sorted(WEIGHT_ATTACKS))
+@pytest.mark.parametrize("rule", ROBUST_WEIGHT_RULES)
+def test_robust_weight_rules_bound_one_attacker(rule, attack):
+    info: dict = {}
+    out = aggregate_weights([*HONEST_W, WEIGHT_ATTACKS[attack]], [*HONEST_N, 10**9], rule, info=info)
+    assert [o.shape for o in out] == SHAPES and all(o.dtype == np.float32 for o in out)
+    assert _dist(out, HONEST_AVG) <= 2 * SPREAD, (_dist(out, HONEST_AVG), SPREAD)
+    if rule.endswith("krum"):
+        assert H not in info["selected"]  # the attacker (index 4) is never picked
+
+
+@pytest.mark.parametrize("attack", sorted(WEIGHT_ATTACKS))
+def test_update_clipping_bounds_fedavg(attack):
+    # with the global weights as reference, each update is clipped to 2 x the median update norm,
+    # so even plain (equal-weight) FedAvg moves by at most (bound + honest update norm) / D
+    info: dict = {}
+    ws = [*HONEST_W, WEIGHT_ATTACKS[attack]]
+    out = aggregate_weights(ws, None, "fedavg", reference=REF, info=info)
+    honest_norm = np.median(info["update_norms"])
+    assert info["clipped"] == [H] and info["clip_bound"] == pytest.approx(2 * honest_norm)
+    # the attacker moves the equal-weight mean by at most (bound + honest norm) / 5
+    honest_eq = aggregate_weights(HONEST_W, None, "fedavg")
+    assert _dist(out, honest_eq) <= (info["clip_bound"] + honest_norm) / 5 + 1e-6
+    # explicit bound
+    out2 = aggregate_weights(ws, None, "median", reference=REF, clip_norm=0.05, info=info)
+    assert (
+        info["clip_bound"] == 0.05 and len(info["clipped"]) >= 1 and all(np.isfinite(o).all() for o in out2)
+    )
+
+
+def test_fedavg_rule_matches_common_fedavg_and_is_deterministic():
+    a = aggregate_weights(HONEST_W, HONEST_N, "fedavg")
+    for x, y in zip(a, HONEST_AVG, strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    b = aggregate_weights(HONEST_W, HONEST_N, "trimmed_mean")
+    c = aggregate_weights(HONEST_W, HONEST_N, "trimmed_mean")
+    assert all(np.array_equal(x, y) for x, y in zip(b, c, strict=True))
+
+
+def test_krum_picks_the_most_central_and_survives_huge_values():
+    v = np.array([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [0.1, 0.1], [1e30, -1e30]])
+    keep, scores = krum_select(v, num_malicious=1, num_keep=1)
+    assert np.all(np.isfinite(scores)) and keep[0] != 4 and scores[4] == scores.max()
+
+
+def test_aggregate_rejects_bad_inputs():
+    with pytest.raises(ValueError):
+        aggregate_weights([], [], "median")
+    with pytest.raises(ValueError):
+        aggregate_weights(HONEST_W, HONEST_N, "mode")
+    with pytest.raises(ValueError):  # shape mismatch
+        aggregate_weights([HONEST_W[0], HONEST_W[1][:-1]], [1, 1], "median")
+    nan = [w.copy() for w in HONEST_W[0]]
+    nan[0][0, 0] = np.nan
+    with pytest.raises(ValueError):
+        aggregate_weights([HONEST_W[0], nan], [1, 1], "median")
+
+
+def test_validation_helpers():
+    bound = magnitude_bound(REF, factor=100.0)
+    assert bound == pytest.approx(max(1.0, 100 * max(float(np.abs(r).max()) for r in REF)))
+    assert magnitude_bound([np.zeros(3)], 100.0) == 1.0
+    assert weights_violation(HONEST_W[0], REF, bound=bound) is None
+    assert weights_violation(WEIGHT_ATTACKS["scaled"], REF, bound=bound) == "magnitude"
+    assert weights_violation(HONEST_W[0][:-1], REF) == "tensor_count"
+    assert weights_violation([w.T for w in HONEST_W[0]], REF) == "shape"
+    inf = [w.copy() for w in HONEST_W[0]]
+    inf[1][0] = np.inf
+    assert weights_violation(inf, REF, bound=bound) == "non_finite"
