@@ -106,7 +106,7 @@ def configure(p: argparse.ArgumentParser) -> None:
 def _refresh(args: argparse.Namespace, secret: str | None = None) -> None:
     """Regenerate the broker files, then apply the change to the running broker if there is one."""
     from server_app.provisioning.broker_files import write_broker_files
-    from server_app.provisioning.dynsec import BrokerControl, ControlEndpoint
+    from server_app.provisioning.dynsec import BrokerControl, ControlEndpoint, cut_off
     from server_app.provisioning.registry_link import active_credentials
 
     broker_dir: Path | None = args.broker_dir
@@ -120,7 +120,7 @@ def _refresh(args: argparse.Namespace, secret: str | None = None) -> None:
     endpoint = ControlEndpoint.from_url(control_url) if control_url else None
     control = BrokerControl.for_broker_dir(broker_dir, endpoint)
     if args.action == "revoke":
-        control.delete_client(args.device_id)
+        cut_off(control, None, args.device_id, [])
         print(f"[provision] {args.device_id} deleted on the live broker (its sessions are disconnected)")
     elif secret is not None:
         control.upsert_device(args.device_id, secret)

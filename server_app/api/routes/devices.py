@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path, Query
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request
 from sqlalchemy.orm import Session
 
 from server_app.api import problems
@@ -64,13 +64,47 @@ def get_device(device_id: DeviceId, s: Annotated[Session, Depends(db)]) -> Devic
     "/{device_id}/revoke",
     summary="Revoke (or re-admit) a device",
     description="A revoked device is excluded from rounds and its messages are rejected as `revoked_device`. "
-    "Broker credentials are revoked separately (`koala provision revoke`).",
+    "When the server knows the broker's provisioning directory (`broker.provision_dir`), revoking also "
+    "deletes the device's broker account over the dynamic-security `$CONTROL` topic: its live session is "
+    "disconnected at once and it cannot reconnect (503 and nothing changed if the broker cannot be told). "
+    "Re-admitting only clears the registry flag: issue new credentials with `koala provision rotate`.",
     response_model=DeviceOut,
     dependencies=[Depends(require_write)],
     responses={**problems.WRITE_ERRORS, **problems.NOT_FOUND},
 )
-def revoke_device(device_id: DeviceId, s: Annotated[Session, Depends(db)], body: RevokeRequest | None = None) -> DeviceOut:
+def revoke_device(
+    device_id: DeviceId, request: Request, s: Annotated[Session, Depends(db)], body: RevokeRequest | None = None
+) -> DeviceOut:
     revoked = True if body is None else body.revoked
     d = crud.revoke_device(s, device_id, revoked)
     crud.record_event(s, "device_revoked" if revoked else "device_readmitted", level="warning", device_id=device_id)
+    if revoked:
+        _cut_off_at_broker(request, s, device_id)
     return _out(d)
+
+
+def _cut_off_at_broker(request: Request, s: Session, device_id: str) -> None:
+    """Delete the broker account; on failure raise 503 so the registry change rolls back too (retry)."""
+    from server_app.provisioning.broker_files import DeviceCredential
+    from server_app.provisioning.dynsec import ControlError, cut_off, server_control
+
+    svc = getattr(request.app.state, "services", None)
+    control = getattr(svc, "broker_control", None)  # injected (tests, embedded), else from settings
+    broker_dir = None
+    try:
+        if control is None:
+            found = server_control(getattr(svc, "settings", None))
+            if found is None:
+                return  # broker not managed by this server: registry-only revoke (documented)
+            control, broker_dir = found
+        active, offset = [], 0
+        while broker_dir is not None:
+            page = crud.list_devices(s, limit=crud.MAX_PAGE, offset=offset)
+            active += [DeviceCredential(x.id, x.credentials_hash) for x in page if x.credentials_hash]
+            if len(page) < crud.MAX_PAGE:
+                break
+            offset += len(page)
+        cut_off(control, broker_dir, device_id, active)
+    except (ControlError, OSError) as exc:
+        raise HTTPException(503, detail=f"broker not updated (registry unchanged; retry): {exc}") from exc
+    crud.record_event(s, "broker_account_deleted", level="warning", device_id=device_id)
