@@ -2,7 +2,7 @@
 
 Why one object: the CLI, the API, the orchestrator and tests get their settings injected from here,
 never from globals. Precedence (highest first): keyword arguments, environment (`KOALA_` prefix,
-nested with `__`, e.g. `KOALA_BROKER__URL`, `KOALA_POLICY__MIN_DEVICES`), the config file
+nested with `__`, e.g. `KOALA_BROKER__URL`, `KOALA_POLICY__LOCAL_EPOCHS`), the config file
 (`--config FILE` or `KOALA_CONFIG`; .toml, .yaml/.yml or .json), defaults.
 A bad value fails at load time with a `ConfigError` that names the field and where to set it.
 """
@@ -33,7 +33,8 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-FUSION_RULES = ("mean", "weighted", "entropy", "class_aware", "group")
+from server_app.policy import KoalaPolicy
+
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 _CONFIG_FILE: ContextVar[Path | None] = ContextVar("koala_config_file", default=None)
 
@@ -132,44 +133,6 @@ class PathSettings(_Section):
         return self.test_path or self.data_dir / "test.npz"
 
 
-class RoundPolicy(_Section):
-    min_devices: int = Field(2, ge=1)
-    quorum_fraction: float = Field(0.5, gt=0.0, le=1.0)
-    deadline_s: float = Field(120.0, gt=0.0)
-    rounds: int = Field(10, ge=1)
-    strategy: str = "koala_homo"
-    mode: Literal["homo", "hetero"] = "homo"
-    archs: list[str] = Field(default_factory=lambda: ["cnn_small"], min_length=1)
-    fusion: str = "weighted"
-    temperature: float = Field(1.0, gt=0.0, alias="T")
-    local_epochs: int = Field(1, ge=0)
-    kd_epochs: int = Field(1, ge=0)
-    lr: float = Field(1e-3, gt=0.0, le=10.0)
-    seed: int = 0
-
-    model_config = ConfigDict(extra="forbid", validate_default=True, populate_by_name=True)
-
-    @field_validator("fusion")
-    @classmethod
-    def _fusion(cls, v: str) -> str:
-        if v not in FUSION_RULES:
-            raise ValueError(f"{v!r} is not one of {FUSION_RULES}")
-        return v
-
-    @field_validator("strategy")
-    @classmethod
-    def _strategy(cls, v: str) -> str:
-        if not re.fullmatch(r"[a-z][a-z0-9_]{0,63}", v):
-            raise ValueError(f"{v!r} is not a strategy name (e.g. koala_homo, koala_hetero, fedavg_small)")
-        return v
-
-    @model_validator(mode="after")
-    def _homo_one_arch(self) -> RoundPolicy:
-        if self.mode == "homo" and len(set(self.archs)) != 1:
-            raise ValueError(f"mode 'homo' needs exactly one arch, got {self.archs}")
-        return self
-
-
 class ApiSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -187,7 +150,7 @@ class Settings(BaseSettings):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     database: DatabaseSettings = Field(default_factory=DatabaseSettings)
     paths: PathSettings = Field(default_factory=PathSettings)
-    policy: RoundPolicy = Field(default_factory=RoundPolicy)
+    policy: KoalaPolicy = Field(default_factory=KoalaPolicy)  # the ONE policy (server_app.policy), also koala sim's
     api: ApiSettings = Field(default_factory=ApiSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"  # json: one object per line for log shippers

@@ -24,10 +24,10 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from device_firmware_py.contract import codec, engine_map, topics
+from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
 from device_firmware_py.contract.errors import ContractError
-from server_app.engine.types import DeviceInfo, Result
+from server_app.engine.types import DeviceInfo
 from server_app.registry.errors import RegistryUnavailable
 
 log = logging.getLogger("koala.ingest")
@@ -78,7 +78,7 @@ class RejectOp:
 
 
 class IngestStore(Protocol):
-    """Registry operations ingestion needs (implemented by server_app.orchestrator.RegistryStore)."""
+    """Registry operations ingestion needs (implemented by server_app.rounds.orchestrator.RegistryStore)."""
 
     def submissions(self, keys: Iterable[tuple[int, str]]) -> dict[tuple[int, str], tuple[str, str | None]]: ...
     def commit(self, ops: list[Any]) -> set[tuple[int, str]]: ...
@@ -118,7 +118,7 @@ class Presence:
     def online(self) -> list[DeviceInfo]:
         with self._lock:
             return [
-                DeviceInfo(**engine_map.device_info_fields(s))
+                DeviceInfo(s.device_id, s.arch, s.num_samples or 0, s.label_histogram)
                 for s in self._status.values()
                 if s.state == "online" and s.arch
             ]
@@ -235,7 +235,7 @@ class Ingestor:
         # phase 2: one read of the batch's rows; decisions in memory, in arrival order
         state = self.store.submissions({(m.round_id, m.device_id) for _, m, _, _ in decoded})
         col = self._collection()
-        accepts: list[tuple[int, cm.Result, Result, str, int]] = []
+        accepts: list[tuple[int, cm.Result, str, int]] = []
         failed_checks = 0
         for i, msg, digest, payload in decoded:
             nbytes = len(payload)
@@ -261,11 +261,7 @@ class Ingestor:
                 outs[i] = Outcome("late", "late", rnd, dev)
                 continue
             try:
-                codec.check_result(
-                    msg, round_id=col.round_id, participants=col.participants, logits_shape=col.logits_shape,
-                    proxy_digest=col.proxy_digest,
-                    weight_shapes=None if col.weight_shapes is None else col.weight_shapes.get(msg.arch),
-                )  # fmt: skip
+                col.check(msg)  # the accept decision: the result must match what its device was assigned
             except ContractError as exc:
                 failed_checks += 1
                 outs[i], ops[i] = self._rejection(dev, rnd, exc.reason, exc.detail)
@@ -273,21 +269,21 @@ class Ingestor:
                 continue
             ops[i] = [AcceptOp(rnd, dev, payload, digest, dict(msg.metrics))]
             state[(rnd, dev)] = ("accepted", digest)
-            accepts.append((i, msg, engine_map.result_to_engine(msg), digest, nbytes))
+            accepts.append((i, msg, digest, nbytes))
         # phase 3: one durable write for the whole batch
         writes = [op for per_msg in ops for op in per_msg]
         new = self.store.commit(writes) if writes else set()
         if col is not None:
             col.rejected += failed_checks
         late_ops: list[Any] = []
-        for i, msg, result, digest, nbytes in accepts:
+        for i, msg, digest, nbytes in accepts:
             dev, rnd = msg.device_id, msg.round_id
             if (rnd, dev) not in new:  # another server worker claimed it first
                 outs[i] = Outcome("duplicate", None, rnd, dev)
                 continue
             assert col is not None
             col.received += 1
-            if not col.add(result, nbytes):  # closed between the check and now
+            if not col.add(msg, nbytes):  # closed between the check and now
                 late_ops.append(MarkOp(rnd, dev, "late", "late", nbytes, digest))
                 outs[i] = Outcome("late", "late", rnd, dev)
                 continue

@@ -22,6 +22,7 @@ the server), `temperature` (both KD directions).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -159,3 +160,39 @@ def check_fields_used(policy: KoalaPolicy, used: frozenset[str] | set[str]) -> N
             f"{' with teacher ' + policy.resolved_teacher() if policy.strategy.startswith('koala') else ''}; "
             f"remove them (it uses: {', '.join(sorted(set(used) - ROUND_FIELDS))})"
         )
+
+
+def read_policy_file(path: str | Path) -> dict[str, Any]:
+    """A policy file (.toml / .yaml / .json): its `policy` section, or its fields at the top level.
+
+    The same file works for `koala sim --policy`, `koala demo --policy` and `koala serve --policy`
+    (and as the `[policy]` section of the server's settings file)."""
+    p = Path(path)
+    if not p.is_file():
+        raise PolicyError(f"policy file {p} does not exist")
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            import json
+
+            data = json.loads(text)
+        elif p.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        elif p.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+        else:
+            raise PolicyError(f"policy file {p.name}: use .toml, .yaml/.yml or .json")
+    except PolicyError:
+        raise
+    except Exception as exc:  # parse errors of any of the three formats
+        raise PolicyError(f"policy file {p} cannot be parsed: {exc}") from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"policy file {p} must hold a mapping")
+    section = data.get("policy", data)
+    if not isinstance(section, dict):
+        raise PolicyError(f"policy file {p}: `policy` must be a mapping")
+    return dict(section)

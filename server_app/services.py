@@ -38,6 +38,7 @@ import numpy as np
 from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
 from device_firmware_py.mqtt import MqttClient, Will
+from server_app.policy import KoalaPolicy
 
 log = logging.getLogger("koala.services")
 SHARE_GROUP = "koala-server"
@@ -60,19 +61,16 @@ class ServerOptions:
     client_id: str = ""
     shared_subscriptions: bool | None = None  # None: probe the broker
     share_group: str = SHARE_GROUP
-    strategy: str = "koala_homo"  # koala_homo | koala_hetero
-    strategy_options: dict[str, Any] = field(default_factory=dict)
-    large: dict[str, Any] = field(default_factory=dict)  # LargeCNN kwargs
-    rounds: int = 10
-    round_timeout_s: float = 120.0
-    min_devices: int = 1
+    policy: KoalaPolicy = field(default_factory=KoalaPolicy)  # THE policy (also koala sim's); a dict is validated
     wait_devices_s: float = 60.0
-    quorum_fraction: float | None = 0.5
     eval_samples: int | None = None
-    seed: int = 0
     torch_threads: int = 2
     device: str = "cpu"  # torch device of the large model (reverse KD, evaluation): cpu | cuda | cuda:N | auto
     start_orchestrator: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.policy, KoalaPolicy):
+            self.policy = KoalaPolicy.model_validate(self.policy)
 
 
 class ServerServices:
@@ -99,25 +97,15 @@ class ServerServices:
         """Map `server_app.config.Settings` onto ServerOptions (Settings is the server's one config)."""
         from urllib.parse import urlparse
 
-        b, p, pol = settings.broker, settings.paths, settings.policy
+        b, p = settings.broker, settings.paths
         u = urlparse(b.url)
-        options: dict[str, Any] = {
-            "temperature": pol.temperature, "local_epochs": pol.local_epochs, "lr": pol.lr,
-            "fkd_epochs": pol.kd_epochs, "rkd_epochs": pol.kd_epochs,
-        }  # fmt: skip
-        if pol.mode == "hetero" or pol.strategy.endswith("logits"):
-            options["fusion"] = pol.fusion
         opts = ServerOptions(
             db_url=settings.database.url, data_dir=str(p.artifacts_dir), proxy_path=str(p.proxy),
             test_path=str(p.test), broker_host=u.hostname or "127.0.0.1",
             broker_port=u.port or (8883 if u.scheme == "mqtts" else 1883), broker_username=b.username,
             broker_password=_secret(b.password), broker_tls=b.tls, broker_ca_file=b.tls_ca,
             client_id=b.client_id, shared_subscriptions=True if b.shared_group else None,
-            share_group=b.shared_group or SHARE_GROUP,
-            strategy=pol.strategy if pol.mode == "homo" or pol.strategy != "koala_homo" else "koala_hetero",
-            strategy_options=options, rounds=pol.rounds, round_timeout_s=pol.deadline_s,
-            min_devices=pol.min_devices, quorum_fraction=pol.quorum_fraction, seed=pol.seed,
-            device=settings.device,
+            share_group=b.shared_group or SHARE_GROUP, policy=settings.policy, device=settings.device,
         )  # fmt: skip
         return cls(opts, settings)
 
@@ -125,8 +113,8 @@ class ServerServices:
     def start(self) -> None:
         from server_app.ingest import Ingestor, Presence
         from server_app.ingest_worker import subscribe_results
-        from server_app.orchestrator import RegistryStore
         from server_app.registry import Registry
+        from server_app.rounds.orchestrator import RegistryStore
 
         o = self.options
         Path(o.data_dir).mkdir(parents=True, exist_ok=True)
@@ -183,27 +171,26 @@ class ServerServices:
         from device_firmware_py.runtime.manifest import format_input
         from device_firmware_py.runtime.small_model import SmallModel
         from server_app.engine.strategies import build_strategy
-        from server_app.models.large import accuracy, build_large, resolve_device
-        from server_app.orchestrator import RoundOrchestrator
-        from server_app.transport.mqtt_fleet import MqttFleet
+        from server_app.models.large import accuracy, build_large_model, resolve_device
+        from server_app.rounds.fleet import MqttFleet
+        from server_app.rounds.orchestrator import RoundOrchestrator
 
-        o = self.options
+        o, pol = self.options, self.options.policy
         torch.set_num_threads(o.torch_threads)
-        torch.manual_seed(o.seed)
+        torch.manual_seed(pol.seed)
         with np.load(o.proxy_path, allow_pickle=False) as z:
             proxy_x = np.asarray(z["x"], np.float32)
         with np.load(o.test_path, allow_pickle=False) as z:
             x_test, y_test = np.asarray(z["x"], np.float32), np.asarray(z["y"], np.int64)
         shape = tuple(int(s) for s in proxy_x.shape[1:])
         num_classes = int(max(int(y_test.max()) + 1, 10))
-        large = build_large(shape, num_classes, seed=o.seed, **o.large).to(resolve_device(o.device))
+        large = build_large_model(pol.large, shape, num_classes, pol.seed).to(resolve_device(o.device))
         factory = lambda arch: SmallModel(f"{arch}_{format_input(shape)}", num_threads=1)  # noqa: E731
-        strategy = build_strategy(o.strategy, large=large, proxy_x=proxy_x, small_factory=factory,
-                                  seed=o.seed, **o.strategy_options)  # fmt: skip
+        strategy = build_strategy(pol, large=large, proxy_x=proxy_x, small_factory=factory)
         from device_firmware_py.config import file_sha256
 
         proxy_digest = file_sha256(o.proxy_path)
-        rng = np.random.default_rng(o.seed + 1)
+        rng = np.random.default_rng(pol.seed + 1)
         sub = rng.permutation(len(y_test))[: o.eval_samples] if o.eval_samples else np.arange(len(y_test))
 
         def evaluate(round_id: int) -> dict[str, Any]:
@@ -211,16 +198,15 @@ class ServerServices:
 
         self.fleet = MqttFleet(
             self.link.publish, self.presence.online, self.store,
-            proxy_shape=(len(proxy_x), num_classes), proxy_digest=proxy_digest,
+            num_classes=num_classes, proxy_size=len(proxy_x), proxy_digest=proxy_digest,
             weight_shapes=lambda arch: [tuple(w.shape) for w in factory(arch).get_weights()],
-            default_timeout_s=o.round_timeout_s, quorum_fraction=o.quorum_fraction,
+            default_timeout_s=pol.deadline_s,
         )  # fmt: skip
         self.orchestrator = RoundOrchestrator(
-            strategy, self.fleet, self.store, self.link.publish, rounds=o.rounds, round_timeout_s=o.round_timeout_s,
-            models_dir=Path(o.data_dir) / "models", evaluate=evaluate, min_devices=o.min_devices,
-            wait_devices_s=o.wait_devices_s, strategy_name=o.strategy,
-            config={"strategy": o.strategy, "options": o.strategy_options, "proxy_sha256": proxy_digest,
-                    "proxy_size": len(proxy_x), "round_timeout_s": o.round_timeout_s},
+            strategy, self.fleet, self.store, self.link.publish, rounds=pol.rounds, round_timeout_s=pol.deadline_s,
+            models_dir=Path(o.data_dir) / "models", evaluate=evaluate, min_devices=pol.min_devices,
+            wait_devices_s=o.wait_devices_s, strategy_name=pol.strategy,
+            config={"policy": pol.model_dump(mode="json"), "proxy_sha256": proxy_digest, "proxy_size": len(proxy_x)},
         )  # fmt: skip
 
     # ------------------------------------------------------------------- stop

@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "run a whole KOALA deployment locally: embedded broker, server, N device agent processes, R rounds"
 
-# Defaults per data set for what the flags leave unset. Digits has 1,797 images in all: with the
-# Fashion-MNIST settings (1,000-image proxy, 2 local / 5 KD epochs) its large model stayed at chance
-# (0.09) for 2 rounds; 300 proxy images, 10 local and 20 KD epochs give 0.35 -> 0.55 -> 0.67 in
-# 3 rounds of ~4 s with 3 devices (measured 2026-11-25).
-DATASET_DEFAULTS = {
-    "digits": {"proxy_size": 300, "local_epochs": 10, "kd_epochs": 20, "lr": 3e-3, "rkd_lr": 3e-3, "fkd_epochs": 1},
-    None: {"proxy_size": 1000, "local_epochs": 2, "kd_epochs": 5, "lr": 3e-3, "rkd_lr": 2e-3, "fkd_epochs": 2},
-}
+# Data layout per data set where the flags leave it unset. Digits has 1,797 images in all: a
+# 300-image proxy set (the training policy is the same KoalaPolicy everywhere: --policy FILE).
+PROXY_SIZE = {"digits": 300, None: 1000}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int, default=5, help="device agent processes (default 5)")
-    p.add_argument("--rounds", type=int, default=5, help="KOALA rounds (default 5)")
+    p.add_argument("--policy", help="KOALA policy file (.toml/.yaml/.json: the [policy] of koala serve, or its "
+                   "fields at the top level); flags below override it. Default: the measured best policy")
+    p.add_argument("--rounds", type=int, default=None, help="KOALA rounds (default 5)")
     p.add_argument("--dataset", default="fashion-mnist", help="fashion-mnist (default) | digits (fast) | mnist | cifar10")
-    p.add_argument("--mode", choices=("homo", "hetero"), default="homo",
-                   help="homo: cnn_small everywhere; hetero: several small architectures, logits fused")
-    p.add_argument("--variant", choices=("paper", "logits"), default="logits",
-                   help="homo only: paper = FedAvg small weights then KD; logits = fuse device proxy logits")
+    p.add_argument("--mode", choices=("homo", "hetero"), default=None,
+                   help="homo: cnn_small on every device (koala_homo); hetero: mlp_tiny, cnn_small, mobilenet_tiny "
+                        "round-robin (koala_hetero)")
     p.add_argument("--broker", default="embedded", help="embedded (private Mosquitto, else amqtt) | amqtt | mqtt://host:port")
     p.add_argument("--db", help="database URL (default: SQLite in the run dir), e.g. postgresql://postgres@127.0.0.1/koala")
     p.add_argument("--run-dir", default="demo_run", help="where data partitions, DB, logs, results go")
@@ -31,9 +28,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--proxy-size", type=int, default=None, help="proxy images (default 1000; digits 300)")
     p.add_argument("--train-size", type=int, default=6000, help="device training samples in total (0: all)")
     p.add_argument("--test-size", type=int, default=2000, help="server test samples (0: all)")
-    p.add_argument("--local-epochs", type=int, default=None, help="device epochs per round (default 2; digits 10)")
-    p.add_argument("--kd-epochs", type=int, default=None, help="reverse-KD epochs on the server (default 5; digits 20)")
-    p.add_argument("--round-timeout", type=float, default=300.0, help="round deadline in seconds")
+    p.add_argument("--local-epochs", type=int, default=None, help="policy local_epochs (device epochs per round)")
+    p.add_argument("--rkd-epochs", type=int, default=None, help="policy rkd_epochs (reverse-KD epochs on the server)")
+    p.add_argument("--round-timeout", type=float, default=None, help="policy deadline_s (default 300 in the demo)")
     p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--keep-serving", action="store_true", help="keep server, broker and devices up after the rounds")
@@ -48,21 +45,23 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("koala.demo").setLevel(logging.INFO)
-    d = DATASET_DEFAULTS.get(args.dataset, DATASET_DEFAULTS[None])
-    pick = lambda flag, key: d[key] if flag is None else flag  # noqa: E731
-    options = {"local_epochs": pick(args.local_epochs, "local_epochs"), "lr": d["lr"],
-               "rkd_epochs": pick(args.kd_epochs, "kd_epochs"), "rkd_lr": d["rkd_lr"], "fkd_epochs": d["fkd_epochs"]}  # fmt: skip
-    if args.mode == "homo":
-        options["variant"] = args.variant
+    from server_app.policy import PolicyError
+
+    try:
+        policy = demo_policy(args)
+    except (ValueError, PolicyError) as exc:
+        print(f"koala demo: {exc}", file=sys.stderr)
+        return 2
     cfg = DemoConfig(
-        run_dir=args.run_dir, dataset=args.dataset, devices=args.devices, rounds=args.rounds, mode=args.mode,
-        alpha=args.alpha if args.alpha > 0 else None, proxy_size=pick(args.proxy_size, "proxy_size"),
+        run_dir=args.run_dir, dataset=args.dataset, devices=args.devices,
+        alpha=args.alpha if args.alpha > 0 else None,
+        proxy_size=args.proxy_size or PROXY_SIZE.get(args.dataset, PROXY_SIZE[None]),
         train_size=args.train_size or None, test_size=args.test_size or None, broker=args.broker, db=args.db,
-        round_timeout_s=args.round_timeout, http_port=args.port, seed=args.seed, strategy_options=options,
-        large={"width": 16, "fc": 256},
+        http_port=args.port, seed=args.seed, policy=policy,
     )  # fmt: skip
     demo = DemoRun(cfg)
-    print(f"KOALA demo: {cfg.devices} device processes, {cfg.rounds} rounds of {cfg.mode} KOALA on {cfg.dataset}")
+    print(f"KOALA demo: {cfg.devices} device processes, {policy.rounds} rounds of {policy.strategy} on {cfg.dataset} "
+          f"(policy: {', '.join(f'{k}={getattr(policy, k)}' for k in sorted(policy.explicit())) or 'defaults'})")
     try:
         stop_on_signals()  # Ctrl-C / SIGTERM stop the broker, server and agents it started
         demo.start()
@@ -87,3 +86,26 @@ def run(args: argparse.Namespace) -> int:
         return 130
     finally:
         demo.stop()
+
+
+def demo_policy(args: argparse.Namespace):
+    """The policy file (if any) + the flags; the demo's own defaults: 5 rounds, a 300 s deadline."""
+    from pydantic import ValidationError
+
+    from server_app.policy import KoalaPolicy, read_policy_file
+
+    data: dict = {"rounds": 5, "deadline_s": 300.0}
+    if args.policy:
+        data.update(read_policy_file(args.policy))
+    flags = {"rounds": args.rounds, "local_epochs": args.local_epochs, "rkd_epochs": args.rkd_epochs,
+             "deadline_s": args.round_timeout}  # fmt: skip
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.mode == "hetero":
+        archs = ["mlp_tiny", "cnn_small"] if args.dataset == "digits" else ["mlp_tiny", "cnn_small", "mobilenet_tiny"]
+        data.update(strategy="koala_hetero", archs=archs)  # mobilenet_tiny has no 8x8 (digits) artifact
+    elif args.mode == "homo":
+        data.update(strategy="koala_homo", archs=data.get("archs", ["cnn_small"])[:1])
+    try:
+        return KoalaPolicy.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError("invalid policy: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None

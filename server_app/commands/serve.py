@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 HELP = "run the KOALA server: REST API, SQL registry, MQTT ingestion and the round orchestrator"
 
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="settings file (.toml/.yaml/.json); KOALA_* env overrides it")
+    p.add_argument("--policy", help="KOALA policy file (the same file koala sim/demo --policy read); "
+                   "replaces the settings' [policy] section")
     p.add_argument("--host", help="API bind address (default: settings api.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="API port (default: settings api.port)")
     p.add_argument("--no-rounds", action="store_true", help="serve the API and ingest, but start no rounds")
@@ -24,12 +27,14 @@ def run(args: argparse.Namespace) -> int:
     from device_firmware_py.logs import configure_logging
     from server_app.api.app import create_app
     from server_app.config import ConfigError, load_settings
+    from server_app.policy import PolicyError, read_policy_file
     from server_app.services import ServerServices
 
     try:
-        settings = load_settings(args.config)
-    except ConfigError as exc:
-        print(exc)
+        overrides = {"policy": read_policy_file(args.policy)} if args.policy else {}
+        settings = load_settings(args.config, **overrides)
+    except (ConfigError, PolicyError) as exc:
+        print(f"koala serve: {exc}", file=sys.stderr)
         return 2
     if args.print_config:
         print(json.dumps(settings.redacted(), indent=1, default=str))

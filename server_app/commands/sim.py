@@ -11,6 +11,8 @@ HELP = "simulate KOALA / FedAvg baselines on a real data set with LiteRT devices
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="experiment file (.json, .toml, .yaml) with a `policy` section "
                    "(server_app.policy.KoalaPolicy, the same as koala serve's); flags override it")
+    p.add_argument("--policy", help="KOALA policy file (the same file koala serve/demo --policy read): the base "
+                   "policy of every method, over the config file's")
     p.add_argument("--dataset", help="digits | fashion-mnist | mnist | cifar10")
     p.add_argument("--data-dir")
     p.add_argument("--devices", type=int)
@@ -68,6 +70,10 @@ def run(args: argparse.Namespace) -> int:
     if over.get("proxy_per_round", 1) is None:  # explicit "all": load_config drops None overrides
         over.pop("proxy_per_round")
         over.setdefault("policy", {})["proxy_per_round"] = None
+    if args.policy:
+        from server_app.policy import read_policy_file
+
+        over["policy"] = {**read_policy_file(args.policy), **over.get("policy", {})}
     cfg = load_config(args.config, **over)
     if args.alpha is not None and args.alpha <= 0:
         cfg.alpha = None

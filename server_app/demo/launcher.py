@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from server_app.policy import KoalaPolicy
+
 log = logging.getLogger("koala.demo")
 
 
@@ -32,22 +34,15 @@ class DemoConfig:
     run_dir: str = "demo_run"
     dataset: str = "fashion-mnist"
     devices: int = 5
-    rounds: int = 5
-    mode: str = (
-        "homo"  # homo: cnn_small everywhere (FedAvg-small then KD, the paper); hetero: 3 archs, logits
-    )
     alpha: float | None = 0.5
     proxy_size: int = 1000
     train_size: int | None = 10000
     test_size: int | None = 2000
     broker: str = "embedded"  # embedded | mosquitto | amqtt | mqtt://host:port
     db: str | None = None  # default: SQLite in run_dir
-    round_timeout_s: float = 180.0
-    quorum_fraction: float = 0.5
     http_port: int = 0  # 0: a free port
-    seed: int = 0
-    strategy_options: dict[str, Any] = field(default_factory=dict)
-    large: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0  # data partition seed (the policy has its own, for training)
+    policy: KoalaPolicy = field(default_factory=KoalaPolicy)  # THE policy: rounds, archs, epochs, deadline...
     torch_threads: int = 2
     device_env: dict[str, str] = field(default_factory=dict)
     quiet_devices: bool = True
@@ -107,9 +102,7 @@ class DemoRun:
         from server_app.demo.fleet_data import prepare_fleet
 
         c = self.cfg
-        archs = ["cnn_small"] if c.mode == "homo" else ["cnn_small", "mlp_tiny", "mobilenet_tiny"]
-        if c.mode == "hetero" and c.dataset == "digits":
-            archs = ["cnn_small", "mlp_tiny"]  # mobilenet_tiny has no 8x8 artifact
+        archs = list(c.policy.archs)  # round-robin, as koala sim assigns them
         self.layout = prepare_fleet(
             self.run_dir, dataset=c.dataset, devices=c.devices, alpha=c.alpha, proxy_size=c.proxy_size,
             train_size=c.train_size, test_size=c.test_size, archs=archs, seed=c.seed, broker_url=self.broker_url,
@@ -124,14 +117,12 @@ class DemoRun:
 
         c = self.cfg
         host, port = _host_port(self.broker_url)
-        strategy = "koala_homo" if c.mode == "homo" else "koala_hetero"
         opts = ServerOptions(
             db_url=c.db or f"sqlite:///{self.run_dir / 'koala.db'}", data_dir=str(self.run_dir / "server"),
             proxy_path=self.layout.proxy_path, test_path=self.layout.test_path, broker_host=host, broker_port=port,
             shared_subscriptions=None if self.broker is None else self.broker.features.shared_subscriptions,
-            strategy=strategy, strategy_options=dict(c.strategy_options), large=dict(c.large), rounds=c.rounds,
-            round_timeout_s=c.round_timeout_s, min_devices=c.devices, wait_devices_s=60.0,
-            quorum_fraction=c.quorum_fraction, seed=c.seed, torch_threads=c.torch_threads,
+            policy=c.policy.with_overrides(min_devices=c.devices),  # the demo starts rounds once every agent is up
+            wait_devices_s=60.0, torch_threads=c.torch_threads,
         )  # fmt: skip
         self.services = ServerServices(opts)
         app = create_app(self.services)
@@ -244,7 +235,8 @@ class DemoRun:
                 "t_configure_s": m.get("t_configure_s"), "t_round_s": m.get("t_round_wall_s"),
             })  # fmt: skip
         out = {
-            "config": {k: v for k, v in self.cfg.__dict__.items()},
+            "config": {**{k: v for k, v in self.cfg.__dict__.items() if k != "policy"},
+                       "policy": self.cfg.policy.model_dump(mode="json")},
             "broker": getattr(self.broker, "name", self.broker_url), "shared_subscriptions": self.services.shared,
             "api": f"http://127.0.0.1:{self.http_port}", "rounds": rows,
             "peak_rss_kib": self.rss_kib, "wall_s": time.perf_counter() - self.t_start,
@@ -274,7 +266,7 @@ class DemoRun:
         ax.set_xticks([r["round"] for r in rows])
         ax.set_xlabel("round")
         ax.set_ylabel("test accuracy")
-        ax.set_title(f"KOALA over MQTT: {self.cfg.dataset}, {self.cfg.devices} devices, {self.cfg.mode}")
+        ax.set_title(f"KOALA over MQTT: {self.cfg.dataset}, {self.cfg.devices} devices, {self.cfg.policy.strategy}")
         ax.grid(alpha=0.3)
         ax.legend()
         path = self.run_dir / "accuracy.png"

@@ -2,8 +2,8 @@
 
 `devices()` = the devices currently online (presence from retained status + Last Will).
 `run_round(assignments, quorum, timeout_s)`:
-  1. open a `Collection` for the round (participants, deadline, expected shapes) and record the
-     assignments in the registry;
+  1. open a `Collection` for the round (what each participant's result must look like, derived
+     from its assignment; deadline) and record the assignments in the registry;
   2. publish one binary assignment frame per device (QoS 1);
   3. wait until every participant's result is in or the deadline passes — results arrive via
      `server_app.ingest.Ingestor`, which validates and hands accepted ones to the collection;
@@ -17,18 +17,16 @@ No KD math here and no DB schema knowledge: the registry is reached through `Rou
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
-from device_firmware_py.agent.wire import assignment_to_wire
 from device_firmware_py.contract import codec, topics
 from server_app.engine.types import Assignment, DeviceInfo, Result
+from server_app.rounds.collection import Collection, Expectation
 
 log = logging.getLogger("koala.fleet")
 
@@ -46,51 +44,12 @@ class RoundAborted(RuntimeError):
 
 
 class RoundStore(Protocol):
-    """What the fleet writes to the registry (implemented in server_app.orchestrator)."""
+    """What the fleet writes to the registry (implemented in server_app.rounds.orchestrator)."""
 
     def assignments_sent(self, round_id: int, sent: dict[str, int], deadline: float) -> None: ...
     def accepted_results(self, round_id: int) -> dict[str, Result]: ...
     def close_collection(self, round_id: int, missing: list[str]) -> None: ...
     def collection_closed(self, round_id: int) -> bool: ...
-
-
-@dataclass
-class Collection:
-    """Results of one round while it is being collected; shared by the fleet and the ingestor."""
-
-    round_id: int
-    participants: frozenset[str]
-    deadline: float  # unix time
-    logits_shape: tuple[int, int] | None  # expected proxy logits shape, when logits are uploaded
-    weight_shapes: dict[str, list[tuple[int, ...]]] | None  # arch -> shapes, when weights are uploaded
-    proxy_digest: str | None
-    sent_at: dict[str, float] = field(default_factory=dict)
-    results: dict[str, Result] = field(default_factory=dict)
-    received_at: dict[str, float] = field(default_factory=dict)
-    bytes_up: dict[str, int] = field(default_factory=dict)
-    received: int = 0
-    rejected: int = 0
-    closed: bool = False
-    cond: threading.Condition = field(default_factory=threading.Condition)
-
-    def expired(self, now: float | None = None) -> bool:
-        return (time.time() if now is None else now) > self.deadline
-
-    def add(self, result: Result, nbytes: int) -> bool:
-        """Fold in an accepted result; False when the collection already closed (-> late)."""
-        with self.cond:
-            if self.closed:
-                return False
-            self.results.setdefault(result.device_id, result)
-            self.received_at.setdefault(result.device_id, time.time())
-            self.bytes_up.setdefault(result.device_id, nbytes)
-            self.cond.notify_all()
-            return True
-
-    def complete(self) -> bool:
-        # Called on every wake-up of the waiting round (one per accepted result): the length test
-        # keeps it O(1) until the last results, instead of an O(N) set build each time (O(N^2)).
-        return len(self.results) >= len(self.participants) and self.participants <= self.results.keys()
 
 
 class MqttFleet:
@@ -107,22 +66,21 @@ class MqttFleet:
         online: Callable[[], list[DeviceInfo]],
         store: RoundStore,
         *,
-        proxy_shape: tuple[int, int],
+        num_classes: int,
+        proxy_size: int,
         proxy_digest: str | None,
         weight_shapes: Callable[[str], list[tuple[int, ...]]] | None = None,
         default_timeout_s: float = 120.0,
-        quorum_fraction: float | None = None,
         on_state: Callable[..., None] | None = None,
         max_devices: int | None = None,
     ):
         self._publish = publish
         self._online = online
         self.store = store
-        self.proxy_shape = proxy_shape
+        self.num_classes, self.proxy_size = num_classes, proxy_size
         self.proxy_digest = proxy_digest
         self._weight_shapes = weight_shapes
         self.default_timeout_s = default_timeout_s
-        self.quorum_fraction = quorum_fraction
         self._on_state = on_state or (lambda *a, **k: None)
         self.max_devices = max_devices
         self._lock = threading.Lock()
@@ -150,11 +108,6 @@ class MqttFleet:
             with c.cond:
                 c.cond.notify_all()
 
-    def effective_quorum(self, engine_quorum: int, n_assigned: int) -> int:
-        if self.quorum_fraction is None:
-            return min(engine_quorum, n_assigned)
-        return max(1, min(n_assigned, math.ceil(self.quorum_fraction * n_assigned)))
-
     def run_round(self, assignments: list[Assignment], quorum: int, timeout_s: float | None) -> list[Result]:
         if not assignments:
             raise QuorumNotMet(-1, 0, max(quorum, 1))
@@ -163,26 +116,25 @@ class MqttFleet:
         round_id = assignments[0].round_id
         timeout = float(timeout_s if timeout_s is not None else self.default_timeout_s)
         deadline = time.time() + timeout
-        uploads = {u for a in assignments for u in _upload(a)}
+        shapes: dict[str, list[tuple[int, ...]] | None] = {}
+        for a in assignments:
+            if "weights" in a.plan.upload and a.weights is None and a.arch not in shapes:
+                shapes[a.arch] = self._expected_weights(a)
         col = Collection(
             round_id=round_id,
-            participants=frozenset(a.device_id for a in assignments),
+            expect={a.device_id: Expectation.from_assignment(
+                a, num_classes=self.num_classes, proxy_size=self.proxy_size, proxy_digest=self.proxy_digest,
+                weight_shapes=shapes.get(a.arch)) for a in assignments},
             deadline=deadline,
-            logits_shape=self.proxy_shape if "logits" in uploads else None,
-            weight_shapes=(
-                {a.arch: self._expected_weights(a) for a in assignments} if "weights" in uploads else None
-            ),
-            proxy_digest=self.proxy_digest,
-        )
+        )  # fmt: skip
         # A resumed round keeps what was accepted before the restart (the tensors are on disk).
         for dev, res in self.store.accepted_results(round_id).items():
             col.results[dev] = res
             col.received_at[dev] = time.time()
         if self.store.collection_closed(round_id):
             # Resumed after the collection closed (server died while aggregating): re-aggregate.
-            q = self.effective_quorum(quorum, len(col.results))
-            if len(col.results) < max(q, 1):
-                raise QuorumNotMet(round_id, len(col.results), max(q, 1))
+            if len(col.results) < quorum:
+                raise QuorumNotMet(round_id, len(col.results), quorum)
             return [col.results[d] for d in sorted(col.results)]
         with self._lock:
             self._collection = col
@@ -209,7 +161,8 @@ class MqttFleet:
         for a in assignments:
             if a.device_id in col.results:
                 continue  # resumed round: this device already delivered
-            parts[a.device_id] = encoder.parts(assignment_to_wire(a, proxy_digest=self.proxy_digest, deadline=deadline))
+            a.deadline, a.proxy_digest = deadline, self.proxy_digest
+            parts[a.device_id] = encoder.parts(a)
         sizes = {dev: len(head) + len(body) for dev, (head, body) in parts.items()}
         t_encode = time.perf_counter() - t0
         self.store.assignments_sent(col.round_id, sizes, deadline)
@@ -231,9 +184,8 @@ class MqttFleet:
         missing = sorted(col.participants - set(col.results))
         self.store.close_collection(col.round_id, missing)
         self._stats(col, sizes, t_encode, time.perf_counter() - t0)
-        q = self.effective_quorum(quorum, len(col.participants))
-        if len(col.results) < q:
-            raise QuorumNotMet(col.round_id, len(col.results), q)
+        if len(col.results) < quorum:
+            raise QuorumNotMet(col.round_id, len(col.results), quorum)
         self._on_state(col.round_id, "aggregating")
         order = [a.device_id for a in assignments if a.device_id in col.results]
         order += sorted(set(col.results) - set(order))
@@ -271,13 +223,6 @@ def _bytes_down(n: int) -> None:
         metrics.bytes_down(n)
     except ImportError:
         pass
-
-
-def _upload(a: Assignment) -> set[str]:
-    from device_firmware_py.task import DEFAULT_HYPER
-
-    up = (a.hyper or {}).get("upload", DEFAULT_HYPER["upload"])
-    return set(up.split(",") if isinstance(up, str) else up)
 
 
 def _mean(xs: list[float] | list[int]) -> float:
