@@ -21,10 +21,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_firmware_py.agent.wire import assignment_to_wire
 from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
 from device_firmware_py.mqtt import MqttClient
+from device_firmware_py.contract.plan import TrainingPlan
 from device_firmware_py.task import Assignment
 
 pytestmark = pytest.mark.mosquitto
@@ -79,8 +79,9 @@ def _status(got: dict[str, list[bytes]]) -> cm.DeviceStatus | None:
 
 def _assignment(layout: Any, round_id: int) -> bytes:
     teacher = np.random.default_rng(round_id).normal(size=(layout.proxy_size, 10)).astype(np.float32)
-    a = Assignment(round_id, DEV, "cnn_small", hyper={"upload": ["logits"], "local_epochs": 1}, teacher_logits=teacher)
-    return codec.encode_frame(assignment_to_wire(a, proxy_digest=layout.proxy_sha256, deadline=time.time() + 120))
+    a = Assignment(round_id, DEV, "cnn_small", plan=TrainingPlan(upload=("logits",), local_epochs=1), teacher_logits=teacher,
+                   proxy_digest=layout.proxy_sha256, deadline=time.time() + 120)  # fmt: skip
+    return codec.encode_frame(a)
 
 
 def test_status_lastwill_and_no_torch(fleet):

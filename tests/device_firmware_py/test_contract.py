@@ -18,7 +18,7 @@ from device_firmware_py.contract import (
     Result,
     RoundStatus,
     ServerStatus,
-    check_result,
+    TrainingPlan,
     codec,
     decode,
     decode_for_topic,
@@ -43,8 +43,10 @@ def sample_messages() -> list:
         RoundStatus(5, "failed", error="quorum not reached"),
         ServerStatus("online", "0.1.0", 4, {"shared_subscriptions": True}),
         ServerStatus("offline"),
-        Assignment(4, "dev-1", "cnn_small", 3, "koala", {"lr": 1e-3, "local_epochs": 1, "upload": "logits"}, 1.7e9, digest, logits, None),
-        Assignment(4, "dev-1", "cnn_small", 3, "fedavg_small", {}, None, None, None, weights),
+        Assignment(4, "dev-1", "cnn_small", 3, TrainingPlan(lr=1e-3, local_epochs=1, upload=("logits",), seed=7), 1.7e9,
+                   digest, logits, np.arange(0, 100, 2), None),
+        Assignment(4, "dev-1", "cnn_small", 3, TrainingPlan(task="fedavg_small", upload=("weights",)), weights=weights),
+        Assignment(4, "dev-1", "cnn_small", 0, TrainingPlan(task="local_only", upload=())),
         Result(4, "dev-1", "cnn_small", 600, 3, [60] * 10, {"train_loss": 0.3}, digest, logits, weights),
         Result(4, "dev-1", "cnn_small", 600),
     ]
@@ -120,7 +122,7 @@ def test_acl_helpers_cover_own_topics_only():
     assert "koala/v1/devices/d1/down/#" in topics.acl_device_read("d1")
 
 
-def _frame(header: dict, body: bytes, magic=b"KOAL", version=1, kind=2) -> bytes:
+def _frame(header: dict, body: bytes, magic=b"KOAL", version=codec.FRAME_VERSION, kind=2) -> bytes:
     h = json.dumps(header).encode()
     return struct.pack(">4sBBHI", magic, version, kind, 0, len(h)) + h + body
 
@@ -145,6 +147,7 @@ def test_hand_built_frame_decodes():
     [
         (lambda b: _frame(_good_header(b), b, magic=b"XXXX"), "bad_json"),  # not a frame: parsed as JSON
         (lambda b: _frame(_good_header(b), b, version=9), "bad_version"),
+        (lambda b: _frame(_good_header(b), b, version=1), "bad_version"),  # frame v1 (free-form hyper) is refused
         (lambda b: _frame(_good_header(b), b, kind=7), "bad_kind"),
         (lambda b: _frame(_good_header(b, body_sha256="0" * 64), b), "bad_digest"),
         (lambda b: _frame(_good_header(b), b[:-1]), "bad_shape"),
@@ -229,19 +232,6 @@ def test_decode_for_topic_checks_spoofing_and_round():
     assert e.value.reason == "wrong_round"
 
 
-def test_check_result_semantics():
-    r = Result(4, "d1", "a", 1, proxy_logits=np.zeros((5, 10), np.float32))
-    check_result(r, round_id=4, participants={"d1"}, logits_shape=(5, 10))
-    for kwargs, reason in [
-        ({"round_id": 5}, "wrong_round"),
-        ({"round_id": 4, "participants": {"d2"}}, "unknown_device"),
-        ({"round_id": 4, "logits_shape": (5, 9)}, "bad_shape"),
-    ]:
-        with pytest.raises(ContractError) as e:
-            check_result(r, **kwargs)
-        assert e.value.reason == reason
-
-
 def test_payload_digest_is_idempotency_key():
     a = encode(Result(1, "d1", "a", 1))
     assert payload_digest(a) == payload_digest(bytes(a)) and len(payload_digest(a)) == 64
@@ -250,26 +240,95 @@ def test_payload_digest_is_idempotency_key():
 def test_reasons_are_stable():
     with pytest.raises(AssertionError):
         ContractError("no_such_reason")
-    assert {"bad_digest", "nan_or_inf", "oversize", "bad_shape", "wrong_round", "unknown_device", "spoofed_device"} <= REASONS
-    assert codec.WIRE_DTYPES == ("float32", "float16", "int8")
+    assert {"bad_digest", "nan_or_inf", "oversize", "bad_shape", "wrong_round", "unknown_device", "spoofed_device",
+            "stale_version", "plan_mismatch", "bad_histogram", "out_of_bounds"} <= REASONS
+    assert codec.WIRE_DTYPES == ("float32", "float16", "int8", "int32")
+    assert codec.FRAME_VERSION == 2
 
 
-def test_engine_mapping_one_to_one():
-    from device_firmware_py.contract import engine_map
-    from device_firmware_py.task import Assignment as EA
-    from device_firmware_py.task import DeviceResult as ER
+def test_one_message_model_engine_wire_device():
+    """The engine, the wire and the device share one Assignment/Result (no mirror types to map)."""
+    import device_firmware_py.task as task
+    from server_app.engine import types
 
+    assert task.Assignment is types.Assignment is Assignment
+    assert task.Result is types.Result is Result
+    assert not hasattr(task, "DeviceResult")
+
+
+def test_assignment_frame_round_trip_with_plan_and_proxy_indices():
     logits = RNG.standard_normal((20, 10)).astype(np.float32)
-    ea = EA(3, "d1", "cnn_small", 2, "koala", {"lr": 0.001}, logits, [np.ones(4, np.float32)], deadline_s=30.0)
-    wire = engine_map.assignment_from_engine(ea, now=1000.0)
-    assert wire.deadline == 1030.0
-    back = engine_map.assignment_to_engine(decode(encode(wire, logits_dtype="float32")), now=1010.0)
-    assert back.deadline_s == 20.0 and back.hyper == ea.hyper and np.array_equal(back.teacher_logits, logits)
-    assert [f for f in EA.__dataclass_fields__] == [f for f in vars(back)]
-    er = ER(3, "d1", "cnn_small", 50, logits, None, [5] * 10, {"train_loss": 0.1})
-    rb = engine_map.result_to_engine(decode(encode(engine_map.result_from_engine(er), logits_dtype="float32")))
-    assert rb.metrics == er.metrics and rb.label_histogram == er.label_histogram and np.array_equal(rb.proxy_logits, logits)
-    assert set(ER.__dataclass_fields__) == set(vars(rb))
+    idx = np.arange(3, 63, 3)  # 20 sorted rows of the proxy set
+    plan = TrainingPlan(task="koala", local_epochs=3, lr=2e-3, fkd_epochs=2, fkd_lr=5e-4, post_fkd_epochs=1,
+                        temperature=2.0, batch=16, upload=("logits", "weights"), seed=123)  # fmt: skip
+    a = Assignment(3, "d1", "cnn_small", 2, plan, deadline=1030.0, proxy_digest="ab" * 32, teacher_logits=logits,
+                   proxy_indices=idx, weights=[np.ones(4, np.float32)])  # fmt: skip
+    assert a.task == "koala"
+    data = encode(a, logits_dtype="float32")
+    hdr = codec.peek_header(data)
+    assert hdr["meta"]["plan"] == plan.to_wire() and "hyper" not in hdr["meta"] and "task" not in hdr["meta"]
+    assert {"name": "proxy_indices", "dtype": "int32", "shape": [20]} in hdr["tensors"]
+    back = decode(data, Assignment)
+    assert back.equals(a) and back.plan == plan and back.deadline == 1030.0
+    assert back.proxy_indices.dtype.kind == "i" and back.proxy_indices.tolist() == idx.tolist()
+    assert np.array_equal(back.teacher_logits, logits)
+    r = Result(3, "d1", "cnn_small", 50, 2, [5] * 10, {"train_loss": 0.1}, "ab" * 32, logits, [np.ones(4, np.float32)])
+    rb = decode(encode(r, logits_dtype="float32"), Result)
+    assert rb.equals(r) and rb.model_version == 2 and rb.label_histogram == [5] * 10
+
+
+def _assignment_frame_with_plan(plan: dict) -> bytes:
+    """A well-formed assignment frame whose header's plan is replaced by `plan` (digest still valid)."""
+    data = encode(Assignment(1, "d1", "cnn_small"))
+    hdr = codec.peek_header(data)
+    hdr["meta"]["plan"] = plan
+    return _frame(hdr, b"", kind=1)
+
+
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        ({"kd_epochs": 3}, "bad_field"),  # unknown key (an old/newer contract's name)
+        ({"version": 2}, "bad_version"),
+        ({"version": None}, "bad_version"),
+        ({"upload": "logits"}, "bad_field"),  # a string is not a list
+        ({"upload": ["logits", "gradients"]}, "bad_field"),
+        ({"upload": ["logits", "logits"]}, "bad_field"),
+        ({"task": "koala_v2"}, "bad_field"),
+        ({"lr": 0.0}, "bad_field"),
+        ({"local_epochs": -1}, "bad_field"),
+        ({"local_epochs": 1.5}, "bad_field"),
+        ({"local_epochs": True}, "bad_field"),
+    ],
+)
+def test_bad_plans_refused(change, reason):
+    plan = {**TrainingPlan().to_wire(), **change}
+    with pytest.raises(ContractError) as e:
+        decode(_assignment_frame_with_plan(plan))
+    assert e.value.reason == reason
+    with pytest.raises(ContractError) as e:
+        TrainingPlan.from_wire(plan)
+    assert e.value.reason == reason
+    assert decode(_assignment_frame_with_plan(TrainingPlan().to_wire())).plan == TrainingPlan()
+
+
+def test_assignment_field_checks():
+    with pytest.raises(ContractError) as e:  # teacher rows must match the proxy subset
+        Assignment(1, "d1", "a", teacher_logits=np.zeros((3, 10), np.float32), proxy_indices=np.arange(4))
+    assert e.value.reason == "bad_shape"
+    for bad in (np.array([3, 1, 2]), np.array([1, 1, 2]), np.array([-1, 2])):
+        with pytest.raises(ContractError) as e:
+            Assignment(1, "d1", "a", proxy_indices=bad)
+        assert e.value.reason == "bad_field"
+    with pytest.raises(ContractError) as e:
+        Assignment(1, "d1", "a", proxy_indices=np.array([0.5, 1.0]))
+    assert e.value.reason == "bad_dtype"
+    with pytest.raises(ContractError) as e:
+        Assignment(1, "d1", "a", plan={"task": "koala"})  # a plan dict needs its version
+    assert e.value.reason == "bad_version"
+    for removed in ("hyper", "deadline_s", "task"):
+        with pytest.raises(TypeError):
+            Assignment(1, "d1", "a", **{removed: None})
 
 
 def test_frame_digest_binds_header_and_body_and_peek_header_is_lenient():
