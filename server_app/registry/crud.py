@@ -28,6 +28,7 @@ from .models import (
     Metric,
     ModelVersion,
     Round,
+    ServerSetting,
     utcnow,
 )
 
@@ -629,3 +630,22 @@ def list_metrics(
     if name is not None:
         q = q.where(Metric.name == name)
     return list(s.scalars(q.limit(limit).offset(offset)))
+
+
+# ---- server settings (operator choices that survive a restart) -----------------------------------
+
+SCHEDULE_POLICY = "schedule_policy"
+
+
+def get_setting(s: Session, key: str) -> dict[str, Any] | None:
+    row = s.get(ServerSetting, key)
+    return dict(row.value) if row is not None else None
+
+
+def put_setting(s: Session, key: str, value: dict[str, Any]) -> None:
+    row = s.get(ServerSetting, key)
+    if row is None:
+        s.add(ServerSetting(key=key, value=dict(value)))
+    else:
+        row.value = dict(value)
+    s.flush()

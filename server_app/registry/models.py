@@ -161,3 +161,13 @@ class Event(Base):
     device_id: Mapped[str | None] = mapped_column(String(128), index=True)
     round_id: Mapped[int | None] = mapped_column(Integer, index=True)
     detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class ServerSetting(Base):
+    """Operator choices that must survive a restart (e.g. the round schedule policy), one JSON per key."""
+
+    __tablename__ = "server_settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    updated: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -89,15 +89,31 @@ def get_schedule(orch: Annotated[RoundControl, Depends(orchestrator)]) -> Schedu
     "/schedule",
     summary="Change the schedule policy",
     description="Only the fields given change; e.g. `{\"auto\": false}` pauses automatic rounds "
-    "(POST /rounds/start still runs one).",
+    "(POST /rounds/start still runs one). The resulting policy is stored in the registry and applied again "
+    "when the server restarts.",
     response_model=SchedulePolicy,
     dependencies=[Depends(require_write)],
     responses={**problems.WRITE_ERRORS, **problems.UNAVAILABLE},
 )
 def put_schedule(
-    policy: SchedulePolicyUpdate, orch: Annotated[RoundControl, Depends(orchestrator)]
+    policy: SchedulePolicyUpdate,
+    orch: Annotated[RoundControl, Depends(orchestrator)],
+    s: Annotated[Session, Depends(db)],
 ) -> SchedulePolicy:
-    return SchedulePolicy.model_validate(_call(orch, "set_schedule_policy", policy.model_dump(exclude_none=True)))
+    out = SchedulePolicy.model_validate(_call(orch, "set_schedule_policy", policy.model_dump(exclude_none=True)))
+    crud.put_setting(s, crud.SCHEDULE_POLICY, out.model_dump(mode="json"))
+    return out
+
+
+def restore_schedule_policy(registry: Any, orch: Any) -> dict[str, Any] | None:
+    """At server start: re-apply the policy last PUT (None when there is none). Called by ServerServices
+    once its orchestrator exists; an unknown key from an older server is dropped, not fatal."""
+    with registry.session() as s:
+        saved = crud.get_setting(s, crud.SCHEDULE_POLICY)
+    if not saved or orch is None:
+        return None
+    known = set(orch.schedule_policy())
+    return orch.set_schedule_policy({k: v for k, v in saved.items() if k in known})
 
 
 @router.post(
