@@ -197,7 +197,8 @@ def check_indices(name: str, v: object, *, optional: bool = True) -> np.ndarray 
             raise ContractError("bad_dtype", f"{name}: indices must be integers, got dtype {v.dtype}")
     if v.ndim != 1 or v.size == 0:
         raise ContractError("bad_shape", f"{name}: expected a non-empty 1-D array, got shape {v.shape}")
-    idx = v.astype(np.int64)
+    # no copy when already int64: the frame encoder shares one body per round by array identity
+    idx = v if v.dtype == np.int64 else v.astype(np.int64)
     if idx.min() < 0 or idx.max() >= MAX_PROXY:
         raise _bad(name, f"indices must lie in [0, {MAX_PROXY})")
     if idx.size > 1 and not bool(np.all(np.diff(idx) > 0)):

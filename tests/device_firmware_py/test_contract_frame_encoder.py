@@ -1,7 +1,8 @@
 """FrameEncoder (body encoded once per round) must produce exactly the bytes of the per-message encoder.
 
 `_reference_encode_frame` is a frozen copy of `codec.encode_frame` as it was before the body cache
-(commit 0f0168d): if the wire bytes ever drift from it, these tests say so. Frames are also decoded
+(commit 0f0168d), updated for frame version 2 (an assignment's `proxy_indices` travel as an int32
+tensor after the teacher logits): if the wire bytes ever drift from it, these tests say so. Frames are also decoded
 through the contract codec and compared field by field.
 """
 
@@ -14,10 +15,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from device_firmware_py.agent.wire import assignment_to_wire
-from device_firmware_py.contract import Assignment, ContractError, Result, codec
+from device_firmware_py.contract import Assignment, ContractError, Result, TrainingPlan, codec
 from device_firmware_py.contract.messages import FRAME_MESSAGES
-from device_firmware_py.task import Assignment as EngineAssignment
 
 
 def _reference_encode_frame(
@@ -33,6 +32,10 @@ def _reference_encode_frame(
     main = getattr(msg, main_name)
     if main is not None:
         d, b = codec._to_wire(main_name, main, logits_dtype)
+        tensors.append(d)
+        chunks.append(b)
+    if msg.TYPE == "assignment" and msg.proxy_indices is not None:
+        d, b = codec._to_wire("proxy_indices", msg.proxy_indices, "int32")
         tensors.append(d)
         chunks.append(b)
     for i, w in enumerate(msg.weights or []):
@@ -58,14 +61,18 @@ def _reference_encode_frame(
 RNG = np.random.default_rng(7)
 TEACHER = (RNG.standard_normal((500, 10)) * 3).astype(np.float32)
 WEIGHTS = [RNG.standard_normal((3, 3, 1, 8)).astype(np.float32), RNG.standard_normal(8).astype(np.float32)]
+IDX = np.sort(RNG.choice(2000, 500, replace=False))  # the round's proxy subset (rows of TEACHER)
 
 
-def _round(n: int, teacher: np.ndarray | None = TEACHER, weights: list[np.ndarray] | None = None) -> list[Assignment]:
-    """One round's assignments as the KOALA strategy builds them: one shared teacher array."""
+def _round(n: int, teacher: np.ndarray | None = TEACHER, weights: list[np.ndarray] | None = None,
+           idx: np.ndarray | None = IDX) -> list[Assignment]:  # fmt: skip
+    """One round's assignments as the KOALA strategy builds them: one shared teacher array and
+    one shared proxy subset."""
     return [
         Assignment(round_id=3, device_id=f"dev-{i:05d}", arch="cnn_small" if i % 2 else "mlp_tiny", model_version=2,
-                   hyper={"lr": 0.01, "seed": 1000 + i, "upload": "logits"}, deadline=1.8e9 + i,
-                   proxy_digest="ab" * 32 if i % 3 else None, teacher_logits=teacher, weights=weights)  # fmt: skip
+                   plan=TrainingPlan(lr=0.01, seed=1000 + i, upload=("logits",)), deadline=1.8e9 + i,
+                   proxy_digest="ab" * 32 if i % 3 else None, teacher_logits=teacher, proxy_indices=idx,
+                   weights=weights)  # fmt: skip
         for i in range(n)
     ]
 
@@ -120,12 +127,12 @@ def test_results_share_a_body_too():
 def test_encoder_rejects_what_encode_frame_rejects():
     enc = codec.FrameEncoder()
     bad = _round(1)[0]
-    bad.teacher_logits = np.full((4, 10), np.nan, dtype=np.float32)
+    bad.teacher_logits = np.full((len(IDX), 10), np.nan, dtype=np.float32)
     with pytest.raises(ContractError) as e:
         enc.encode(bad)
     assert e.value.reason == "nan_or_inf"
     overflow = _round(1)[0]
-    overflow.teacher_logits = np.full((4, 10), 1e6, dtype=np.float32)
+    overflow.teacher_logits = np.full((len(IDX), 10), 1e6, dtype=np.float32)
     with pytest.raises(ContractError) as e:
         enc.encode(overflow)
     assert e.value.reason == "nan_or_inf"  # float16 overflow, same as encode_frame
@@ -134,12 +141,23 @@ def test_encoder_rejects_what_encode_frame_rejects():
     assert e.value.reason == "oversize"
 
 
-def test_server_wire_assignments_encode_like_before():
-    """The fleet's path: engine Assignment -> assignment_to_wire -> encoder, shared teacher."""
-    engine = [EngineAssignment(round_id=5, device_id=f"dev-{i}", arch="cnn_small", hyper={"upload": ["logits"], "seed": i},
-                               teacher_logits=TEACHER) for i in range(5)]  # fmt: skip
+def test_server_assignments_encode_like_before():
+    """The fleet's path: the strategy's Assignments (the contract type; the fleet stamps deadline and
+    proxy digest) straight into the encoder, shared teacher and proxy subset encoded once."""
+    from server_app.engine.types import Assignment as EngineAssignment
+
+    assert EngineAssignment is Assignment
+    msgs = [Assignment(round_id=5, device_id=f"dev-{i}", arch="cnn_small", plan=TrainingPlan(upload=("logits",), seed=i),
+                       teacher_logits=TEACHER, proxy_indices=IDX) for i in range(5)]  # fmt: skip
     enc = codec.FrameEncoder()
-    for a in engine:
-        wire_a = assignment_to_wire(a, proxy_digest="cd" * 32, deadline=1.9e9)
-        wire_b = assignment_to_wire(a, proxy_digest="cd" * 32, deadline=1.9e9)
-        assert enc.encode(wire_a) == _reference_encode_frame(wire_b)
+    for a in msgs:
+        a.deadline, a.proxy_digest = 1.9e9, "cd" * 32
+        assert enc.encode(a) == _reference_encode_frame(a)
+    assert len(enc._bodies) == 1
+
+
+def test_assignment_without_proxy_subset_has_no_index_tensor():
+    (a,) = _round(1, idx=None)
+    hdr = codec.peek_header(codec.encode_frame(a))
+    assert [t["name"] for t in hdr["tensors"]] == ["teacher_logits"]
+    assert codec.encode_frame(a) == _reference_encode_frame(a)
