@@ -61,6 +61,9 @@ class BrokerSettings(_Section):
     # (default) = probe the broker at start: shared group `koala-server` where `$share` works,
     # plain subscriptions where it does not (amqtt SUBACKs `$share` but silently delivers nothing).
     shared_group: str | None = None
+    # `koala provision` output directory (dynamic-security file, admin credential): with it, a REST
+    # revoke also deletes the device's broker account live (its session is dropped in milliseconds).
+    provision_dir: Path | None = None
 
     @field_validator("url")
     @classmethod

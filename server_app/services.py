@@ -208,6 +208,9 @@ class ServerServices:
             wait_devices_s=o.wait_devices_s, strategy_name=pol.strategy,
             config={"policy": pol.model_dump(mode="json"), "proxy_sha256": proxy_digest, "proxy_size": len(proxy_x)},
         )  # fmt: skip
+        from server_app.api.routes.rounds import restore_schedule_policy
+
+        restore_schedule_policy(self.registry, self.orchestrator)  # a PUT /rounds/schedule survives restarts
 
     # ------------------------------------------------------------------- stop
     def stop(self) -> None:

@@ -32,7 +32,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rkd-epochs", type=int, default=None, help="policy rkd_epochs (reverse-KD epochs on the server)")
     p.add_argument("--round-timeout", type=float, default=None, help="policy deadline_s (default 300 in the demo)")
     p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="policy seed (training and the data partition; default 0)")
     p.add_argument("--keep-serving", action="store_true", help="keep server, broker and devices up after the rounds")
 
 
@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha if args.alpha > 0 else None,
         proxy_size=args.proxy_size or PROXY_SIZE.get(args.dataset, PROXY_SIZE[None]),
         train_size=args.train_size or None, test_size=args.test_size or None, broker=args.broker, db=args.db,
-        http_port=args.port, seed=args.seed, policy=policy,
+        http_port=args.port, policy=policy,
     )  # fmt: skip
     demo = DemoRun(cfg)
     print(f"KOALA demo: {cfg.devices} device processes, {policy.rounds} rounds of {policy.strategy} on {cfg.dataset} "
@@ -98,7 +98,7 @@ def demo_policy(args: argparse.Namespace):
     if args.policy:
         data.update(read_policy_file(args.policy))
     flags = {"rounds": args.rounds, "local_epochs": args.local_epochs, "rkd_epochs": args.rkd_epochs,
-             "deadline_s": args.round_timeout}  # fmt: skip
+             "deadline_s": args.round_timeout, "seed": args.seed}  # fmt: skip
     data.update({k: v for k, v in flags.items() if v is not None})
     if args.mode == "hetero":
         archs = ["mlp_tiny", "cnn_small"] if args.dataset == "digits" else ["mlp_tiny", "cnn_small", "mobilenet_tiny"]

@@ -41,7 +41,7 @@ class DemoConfig:
     broker: str = "embedded"  # embedded | mosquitto | amqtt | mqtt://host:port
     db: str | None = None  # default: SQLite in run_dir
     http_port: int = 0  # 0: a free port
-    seed: int = 0  # data partition seed (the policy has its own, for training)
+    seed: int | None = None  # data partition seed; None: the policy's seed (as koala sim partitions)
     policy: KoalaPolicy = field(default_factory=KoalaPolicy)  # THE policy: rounds, archs, epochs, deadline...
     torch_threads: int = 2
     device_env: dict[str, str] = field(default_factory=dict)
@@ -105,7 +105,7 @@ class DemoRun:
         archs = list(c.policy.archs)  # round-robin, as koala sim assigns them
         self.layout = prepare_fleet(
             self.run_dir, dataset=c.dataset, devices=c.devices, alpha=c.alpha, proxy_size=c.proxy_size,
-            train_size=c.train_size, test_size=c.test_size, archs=archs, seed=c.seed, broker_url=self.broker_url,
+            train_size=c.train_size, test_size=c.test_size, archs=archs, seed=c.policy.seed if c.seed is None else c.seed, broker_url=self.broker_url,
         )  # fmt: skip
 
     def _start_server(self) -> None:

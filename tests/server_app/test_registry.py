@@ -24,8 +24,8 @@ from server_app.registry.models import Base
 
 def test_migrations_create_the_model_schema(db_url):
     assert current_revision(db_url) is None
-    assert upgrade_to_head(db_url) == head_revision() == "0001"
-    assert upgrade_to_head(db_url) == "0001"  # idempotent on restart
+    assert upgrade_to_head(db_url) == head_revision() == "0002"
+    assert upgrade_to_head(db_url) == "0002"  # idempotent on restart
     reg = Registry(db_url)
     try:
         insp = inspect(reg.engine)
@@ -219,7 +219,7 @@ def test_koala_db_command(db_url, capsys):
     assert "none" in capsys.readouterr().out
     assert main(["db", "upgrade", "--database-url", db_url]) == 0
     assert main(["db", "current", "--database-url", db_url]) == 0
-    assert "0001 (head)" in capsys.readouterr().out
+    assert "0002 (head)" in capsys.readouterr().out
 
 
 def _assignment_rows(registry, round_id):
