@@ -23,8 +23,8 @@ import pytest
 
 from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
-from device_firmware_py.mqtt import MqttClient
 from device_firmware_py.contract.plan import TrainingPlan
+from device_firmware_py.mqtt import MqttClient
 from device_firmware_py.task import Assignment
 
 pytestmark = pytest.mark.mosquitto

@@ -8,11 +8,10 @@ import json
 
 import numpy as np
 
-from device_firmware_py.agent.wire import assignment_to_wire
 from device_firmware_py.contract import Assignment as WireAssignment
-from device_firmware_py.contract import codec, topics
-from server_app.engine.types import Assignment, DeviceResult
-from server_app.transport.mqtt_fleet import MqttFleet
+from device_firmware_py.contract import TrainingPlan, codec, topics
+from server_app.engine.types import Assignment, Result
+from server_app.rounds.fleet import MqttFleet
 
 
 class _Store:
@@ -22,7 +21,7 @@ class _Store:
     def assignments_sent(self, round_id: int, sent: dict[str, int], deadline: float) -> None:
         self.sent = dict(sent)
 
-    def accepted_results(self, round_id: int) -> dict[str, DeviceResult]:
+    def accepted_results(self, round_id: int) -> dict[str, Result]:
         return {}
 
     def close_collection(self, round_id: int, missing: list[str]) -> None:
@@ -33,33 +32,41 @@ class _Store:
 
 
 def test_published_frames_equal_the_per_device_encoding():
-    teacher = (np.random.default_rng(3).standard_normal((300, 10)) * 2).astype(np.float32)
+    assert Assignment is WireAssignment  # one message model: the engine's assignment IS the wire's
+    rng = np.random.default_rng(3)
+    teacher = (rng.standard_normal((300, 10)) * 2).astype(np.float32)
+    idx = np.sort(rng.choice(1000, 300, replace=False))
     assignments = [Assignment(round_id=4, device_id=f"dev-{i:05d}", arch="cnn_small", model_version=1,
-                              hyper={"upload": ["logits"], "seed": i, "lr": 0.01}, teacher_logits=teacher)
+                              plan=TrainingPlan(upload=("logits",), seed=i, lr=0.01), teacher_logits=teacher,
+                              proxy_indices=idx)
                    for i in range(12)]  # fmt: skip
     published: list[tuple[str, bytes]] = []
     store = _Store()
-    fleet = MqttFleet(lambda t, p, q, r: published.append((t, p)), list, store, proxy_shape=(300, 10),
+    fleet = MqttFleet(lambda t, p, q, r: published.append((t, p)), list, store, num_classes=10, proxy_size=1000,
                       proxy_digest="ef" * 32, default_timeout_s=0.05)  # fmt: skip
     assert fleet.run_round(assignments, quorum=0, timeout_s=0.05) == []  # nobody answers: quorum 0
     assert [t for t, _ in published] == [topics.device_assign(a.device_id) for a in assignments]
     for a, (_t, frame) in zip(assignments, published, strict=True):
         hlen = codec._PREFIX.unpack_from(frame)[4]
-        deadline = json.loads(frame[12 : 12 + hlen])["meta"]["deadline"]
-        assert frame == codec.encode_frame(assignment_to_wire(a, proxy_digest="ef" * 32, deadline=deadline))
-        assert codec.decode_frame(frame, WireAssignment).device_id == a.device_id
+        meta = json.loads(frame[12 : 12 + hlen])["meta"]
+        assert meta["deadline"] == a.deadline and meta["proxy_digest"] == "ef" * 32  # stamped by the fleet
+        assert frame == codec.encode_frame(a)
+        back = codec.decode_frame(frame, WireAssignment)
+        assert back.device_id == a.device_id and back.plan == a.plan and back.proxy_indices.tolist() == idx.tolist()
         assert store.sent[a.device_id] == len(frame)
     assert fleet.last_stats["bytes_down_total"] == sum(map(len, (f for _t, f in published)))
 
 
 def test_collection_complete_needs_every_participant():
-    from server_app.transport.mqtt_fleet import Collection
+    from server_app.rounds.collection import Collection, Expectation
 
-    def res(dev: str) -> DeviceResult:
-        return DeviceResult(round_id=1, device_id=dev, arch="cnn_small", num_samples=1)
+    def res(dev: str) -> Result:
+        return Result(round_id=1, device_id=dev, arch="cnn_small", num_samples=1)
 
-    col = Collection(round_id=1, participants=frozenset({"a", "b"}), deadline=2e9, logits_shape=None,
-                     weight_shapes=None, proxy_digest=None)  # fmt: skip
+    expect = {d: Expectation.from_assignment(Assignment(1, d, "cnn_small", plan=TrainingPlan(task="local_only", upload=())),
+                                             num_classes=10, proxy_size=0, proxy_digest=None) for d in ("a", "b")}  # fmt: skip
+    col = Collection(round_id=1, expect=expect, deadline=2e9)
+    assert col.participants == frozenset({"a", "b"})
     assert not col.complete()
     col.add(res("a"), 1)
     col.results["x"] = res("x")  # a stray non-participant must not count (resumed rounds set results directly)
