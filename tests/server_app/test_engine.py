@@ -4,10 +4,11 @@ runs 3 rounds and its model clearly beats chance (0.10)."""
 import numpy as np
 import pytest
 
+from device_firmware_py.contract.plan import TrainingPlan
 from device_firmware_py.runtime.small_model import SmallModel
 from device_firmware_py.task import Assignment, execute_assignment
 from server_app.data import load_dataset
-from server_app.engine.types import DeviceResult, payload_nbytes
+from server_app.engine.types import Result, payload_nbytes
 from server_app.sim.config import PRESETS, load_config
 from server_app.sim.runner import run_experiment
 
@@ -33,7 +34,7 @@ def test_strategy_learns_in_three_rounds(digits_run, method):
     row = rows[method]
     curve = res["curves"][method]
     assert len(curve) == 3
-    if PRESETS[method][0] in ("local_only", "fedavg_small"):
+    if PRESETS[method][0]["strategy"] in ("local_only", "fedavg_small"):
         assert row["large_test_acc"] is None
         assert row["small_test_acc_mean"] > 0.3
     else:
@@ -57,10 +58,11 @@ def test_execute_assignment_on_litert():
     proxy = ds.x_train[:64]
     w0 = m.get_weights()
     teacher = np.random.default_rng(0).normal(size=(32, 10)).astype(np.float32)
-    a = Assignment(0, "d0", "cnn_small", hyper={"upload": ["logits", "weights"], "proxy_indices": list(range(0, 64, 2))},
-                   teacher_logits=teacher, weights=w0)  # fmt: skip
-    r = execute_assignment(m, ds.x_train[100:200], ds.y_train[100:200], proxy, a.to_dict())
-    assert isinstance(r, DeviceResult) and r.num_samples == 100
+    a = Assignment(0, "d0", "cnn_small", 4, plan=TrainingPlan(upload=("logits", "weights")), proxy_digest="ab" * 32,
+                   teacher_logits=teacher, proxy_indices=np.arange(0, 64, 2), weights=w0)  # fmt: skip
+    r = execute_assignment(m, ds.x_train[100:200], ds.y_train[100:200], proxy, a)
+    assert isinstance(r, Result) and r.num_samples == 100
+    assert r.model_version == 4 and r.proxy_digest == "ab" * 32  # answers the assignment it ran
     assert r.proxy_logits.shape == (32, 10) and len(r.weights) == len(w0)
     assert {"distill_loss", "train_loss", "local_acc"} <= set(r.metrics)
     assert sum(r.label_histogram) == 100

@@ -18,6 +18,7 @@ import pytest
 
 from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
+from device_firmware_py.contract.plan import TrainingPlan
 from device_firmware_py.mqtt import MqttClient
 from server_app.engine.types import Assignment
 
@@ -36,19 +37,20 @@ def _wait(pred: Any, timeout_s: float = 20.0, what: str = "condition") -> None:
 def _result(round_id: int, device_id: str, seed: int = 0) -> bytes:
     logits = np.random.default_rng(seed).normal(size=(P, C)).astype(np.float32)
     return codec.encode_frame(cm.Result(round_id=round_id, device_id=device_id, arch="cnn_small", num_samples=10,
-                                        proxy_logits=logits))  # fmt: skip
+                                        label_histogram=[1] * C, proxy_logits=logits))  # fmt: skip
 
 
 @pytest.fixture
 def server(registry, mosquitto_broker, tmp_path):
     from server_app.ingest import Ingestor, Presence
-    from server_app.orchestrator import RegistryStore
-    from server_app.transport.mqtt_fleet import MqttFleet
+    from server_app.rounds.fleet import MqttFleet
+    from server_app.rounds.store import RegistryStore
 
     store = RegistryStore(registry, tmp_path)
     presence = Presence()
     link = MqttClient(f"srv-{secrets.token_hex(3)}", mosquitto_broker.host, mosquitto_broker.port, clean_session=True)
-    fleet = MqttFleet(link.publish, presence.online, store, proxy_shape=(P, C), proxy_digest=None, default_timeout_s=30)
+    fleet = MqttFleet(link.publish, presence.online, store, num_classes=C, proxy_size=P, proxy_digest=None,
+                      default_timeout_s=30)  # fmt: skip
     ingestor = Ingestor(store, presence, lambda: fleet.collection)
     link.subscribe(topics.shared("koala-server", topics.filter_results()), 1, ingestor.on_result)
     assert link.start(wait_s=10)
@@ -63,7 +65,7 @@ def server(registry, mosquitto_broker, tmp_path):
 
 def _run_round(store, fleet, round_id: int, quorum: int, timeout_s: float) -> dict[str, Any]:
     store.ensure_round(round_id, "test", {}, 0)
-    assigns = [Assignment(round_id, d, "cnn_small", hyper={"upload": ["logits"]}) for d in ("d1", "d2")]
+    assigns = [Assignment(round_id, d, "cnn_small", plan=TrainingPlan(upload=("logits",))) for d in ("d1", "d2")]
     out: dict[str, Any] = {}
 
     def go() -> None:
@@ -101,7 +103,7 @@ def test_duplicate_spoof_wrong_round_then_accept(server):
     # d2 speaks for d1 (its topic is d2's, which the broker ACL authenticated): spoofed
     dev["d2"].publish(topics.device_result("d2"), _result(0, "d1", seed=2), 1)
     dev["d2"].publish(topics.device_result("d2"), _result(99, "d2", seed=3), 1)  # a round that is not collecting
-    dev["d2"].publish(topics.device_result("d2"), b"KOAL\x01\x02garbage", 1)  # malformed frame: a reason, no crash
+    dev["d2"].publish(topics.device_result("d2"), b"KOAL" + bytes([codec.FRAME_VERSION]) + b"\x02garbage", 1)  # malformed frame: a reason, no crash
     dev["d2"].publish(topics.device_result("d2"), _result(0, "d2", seed=4), 1)
     run["thread"].join(30)
     assert "error" not in run, run.get("error")
@@ -119,7 +121,7 @@ def test_duplicate_spoof_wrong_round_then_accept(server):
 
 
 def test_straggler_is_late_and_quorum_failure(server):
-    from server_app.transport.mqtt_fleet import QuorumNotMet
+    from server_app.rounds.fleet import QuorumNotMet
 
     store, fleet, ingestor, dev, registry = server
     run = _run_round(store, fleet, 1, quorum=1, timeout_s=2.0)

@@ -30,21 +30,23 @@ DEVS = ["d1", "d2", "d3", "d4", "d5"]
 def _result(round_id: int, device_id: str, seed: int = 0, shape: tuple[int, int] = (P, C)) -> bytes:
     logits = np.random.default_rng(seed).normal(size=shape).astype(np.float32)
     return codec.encode_frame(cm.Result(round_id=round_id, device_id=device_id, arch="cnn_small", num_samples=10,
-                                        proxy_logits=logits))  # fmt: skip
+                                        label_histogram=[1] * C, proxy_logits=logits))  # fmt: skip
 
 
 def _env(registry: Any, data_dir: Any, devices: list[str]) -> tuple[Any, Any, Any]:
     """RegistryStore + Ingestor with round 0 collecting from `devices`; round 1 exists (closed here)."""
+    from device_firmware_py.contract.plan import TrainingPlan
     from server_app.ingest import Ingestor, Presence
-    from server_app.orchestrator import RegistryStore
-    from server_app.transport.mqtt_fleet import Collection
+    from server_app.rounds.collection import Collection, Expectation
+    from server_app.rounds.store import RegistryStore
 
     store = RegistryStore(registry, data_dir)
     for r in (0, 1):
         store.ensure_round(r, "test", {}, 0)
         store.assignments_sent(r, dict.fromkeys(devices, 1), time.time() + 3600)
-    col = Collection(round_id=0, participants=frozenset(devices), deadline=time.time() + 3600, logits_shape=(P, C),
-                     weight_shapes=None, proxy_digest=None)  # fmt: skip
+    expect = {d: Expectation.from_assignment(cm.Assignment(0, d, "cnn_small", plan=TrainingPlan(upload=("logits",))),
+                                             num_classes=C, proxy_size=P, proxy_digest=None) for d in devices}  # fmt: skip
+    col = Collection(round_id=0, expect=expect, deadline=time.time() + 3600)
     return store, col, Ingestor(store, Presence(), lambda: col)
 
 
@@ -57,7 +59,7 @@ def _mixed() -> list[tuple[str, bytes]]:
         (t("d2"), _result(0, "d1", seed=2)),  # spoofed: d2's topic, d1's payload
         (t("d3"), _result(0, "d3", seed=3, shape=(P + 1, C))),  # bad shape: rejected ...
         (t("d3"), _result(0, "d3", seed=4)),  # ... then its valid result is still taken
-        (t("d4"), b"KOAL\x01\x02garbage"),  # malformed frame
+        (t("d4"), b"KOAL" + bytes([codec.FRAME_VERSION]) + b"\x02garbage"),  # malformed frame
         (t("d5"), _result(1, "d5", seed=5)),  # round 1 is not collecting: late
         (t("d1"), _result(0, "d1", seed=6)),  # a different second submission: rejected duplicate
         (t("zz"), _result(0, "zz", seed=7)),  # never assigned in the collecting round: unknown_device

@@ -120,7 +120,7 @@ def _grafana_exprs() -> list[str]:
 def _ingesting_app(reg: Registry, tmp_path: Path) -> tuple[RegistryServices, object]:
     """The API around a registry plus a real Ingestor: what ServerServices exposes to /metrics."""
     from server_app.ingest import Ingestor, Presence
-    from server_app.orchestrator import RegistryStore
+    from server_app.rounds.orchestrator import RegistryStore
 
     services = RegistryServices(reg)
     services.ingestor = Ingestor(RegistryStore(reg, tmp_path), Presence(), lambda: None)  # type: ignore[attr-defined]
