@@ -82,6 +82,18 @@ def _finite_f32(v: np.ndarray) -> np.ndarray:
     return np.clip(v, -big, big).astype(np.float32)
 
 
+def cap_sample_counts(num_samples: Sequence[float], factor: float = 2.0) -> np.ndarray:
+    """Self-reported sample counts capped at `factor` x their median (float64).
+
+    Sample-weighted rules (FedAvg, "weighted" fusion) trust each device's count; one device claiming
+    10^9 samples owns the result. Capped, its weight is at most factor x median / sum — about
+    factor / D. Honest counts above the cap lose a little weight; counts below are unchanged."""
+    n = np.asarray(num_samples, np.float64)
+    if n.size == 0:
+        return n
+    return np.minimum(n, float(factor) * float(np.median(n)))
+
+
 def magnitude_bound(reference: Sequence[np.ndarray], factor: float = 100.0) -> float:
     """Largest |value| a device's weights may hold, derived from the current global weights:
     max(1, factor * max|reference|). Honest training moves weights by a few x at most in a round;

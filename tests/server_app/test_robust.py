@@ -17,6 +17,7 @@ import pytest
 from server_app.engine.fusion import ROBUST_RULES, fuse_logits
 from server_app.engine.robust import (
     aggregate_weights,
+    cap_sample_counts,
     coordinate_median,
     coordinate_trimmed_mean,
     krum_select,
@@ -231,3 +232,15 @@ def test_validation_helpers():
     inf = [w.copy() for w in HONEST_W[0]]
     inf[1][0] = np.inf
     assert weights_violation(inf, REF, bound=bound) == "non_finite"
+
+
+def test_capped_sample_counts_bound_a_count_liar():
+    n = cap_sample_counts([*[10] * H, 10_000])
+    assert n.tolist() == [10, 10, 10, 10, 20]  # 2 x median
+    q = fuse_logits([*HONEST, LOGIT_ATTACKS["wrong_class"]], "weighted", num_samples=[*[10] * H, 10_000])
+    q_cap = fuse_logits([*HONEST, LOGIT_ATTACKS["wrong_class"]], "weighted", num_samples=n)
+    assert _acc(q) < 0.1 and _acc(q_cap) > _acc(q)  # capped, the liar has 1/3 of the vote, not all of it
+    out = aggregate_weights(
+        [*HONEST_W, WEIGHT_ATTACKS["sign_flip"]], cap_sample_counts([*HONEST_N, 10**9]), "multi_krum"
+    )
+    assert _dist(out, HONEST_AVG) <= 2 * SPREAD
