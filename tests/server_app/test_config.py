@@ -23,7 +23,9 @@ def test_defaults_are_loopback_and_sqlite():
     assert s.broker.url == "mqtt://127.0.0.1:1883" and s.broker.protocol == "3.1.1" and s.broker.shared_group is None
     assert s.database.url == "sqlite:///./koala.db"
     assert s.api.host == "127.0.0.1" and s.api.bearer_token is None
-    assert s.policy.mode == "homo" and s.policy.temperature == 1.0
+    assert s.policy.strategy == "koala_homo" and s.policy.temperature == 1.0
+    # the policy's defaults are the best measured setting (server_app/policy.py)
+    assert (s.policy.local_epochs, s.policy.fkd_epochs, s.policy.rkd_epochs, s.policy.proxy_per_round) == (5, 1, 4, 1000)
     assert s.db_url == s.database.url and s.broker_url == s.broker.url  # flat aliases
 
 
@@ -38,10 +40,10 @@ protocol = "5"
 [database]
 url = "postgresql+psycopg://postgres@127.0.0.1:5432/koala"
 [policy]
-mode = "hetero"
+strategy = "koala_hetero"
 archs = ["cnn_small", "mlp_tiny"]
 fusion = "class_aware"
-T = 2.0
+temperature = 2.0
 [api]
 port = 9000
 bearer_token = "tok"
@@ -56,12 +58,15 @@ def test_toml_file_and_env_precedence(tmp_path, monkeypatch):
     assert s.broker.url == "mqtts://broker.local:8884" and s.broker.tls and s.broker.protocol == "5"
     assert s.broker.password.get_secret_value() == "hunter2" and "hunter2" not in repr(s)
     assert s.policy.archs == ["cnn_small", "mlp_tiny"] and s.policy.temperature == 2.0
+    assert s.policy.fusion == "class_aware" and s.policy.explicit() == {"strategy", "archs", "fusion", "temperature"}
     assert s.api.bearer_token.get_secret_value() == "tok" and s.open_reads_localhost
     assert s.log_level == "DEBUG"
     monkeypatch.setenv("KOALA_API__PORT", "9100")
     monkeypatch.setenv("KOALA_CONFIG", str(f))
     s2 = load_settings()  # file from KOALA_CONFIG, env wins over it
-    assert s2.api.port == 9100 and s2.policy.mode == "hetero"
+    assert s2.api.port == 9100 and s2.policy.strategy == "koala_hetero"
+    monkeypatch.setenv("KOALA_POLICY__LOCAL_EPOCHS", "2")
+    assert load_settings().policy.local_epochs == 2
     assert load_settings(f, log_level="ERROR").log_level == "ERROR"  # kwargs win over everything
 
 
@@ -93,7 +98,9 @@ def test_nested_and_legacy_env(monkeypatch):
         ({"KOALA_DATABASE__URL": "mysql://x/y"}, "database.url"),
         ({"KOALA_DATABASE__URL": "not a url"}, "database.url"),
         ({"KOALA_POLICY__QUORUM_FRACTION": "1.5"}, "policy.quorum_fraction"),
-        ({"KOALA_POLICY__FUSION": "median"}, "policy.fusion"),
+        ({"KOALA_POLICY__FUSION": "no_such_rule"}, "policy.fusion"),
+        ({"KOALA_POLICY__STRATEGY": "koala"}, "policy.strategy"),
+        ({"KOALA_POLICY__LOCAL_EPOCHS": "-1"}, "policy.local_epochs"),
         ({"KOALA_POLICY__ARCHS": '["a", "b"]'}, "policy"),  # homo needs one arch
         ({"KOALA_API__PORT": "70000"}, "api.port"),
         ({"KOALA_DEVICE": "gpu"}, "device"),
@@ -118,6 +125,10 @@ def test_bad_files(tmp_path):
     (tmp_path / "typo.toml").write_text("[brokr]\nurl='mqtt://h'\n")
     with pytest.raises(ConfigError, match="brokr: unknown setting"):
         load_settings(tmp_path / "typo.toml")
+    for legacy in ("mode = 'hetero'", "T = 2.0", "kd_epochs = 3"):  # the old RoundPolicy names are gone
+        (tmp_path / "legacy.toml").write_text(f"[policy]\n{legacy}\n")
+        with pytest.raises(ConfigError, match=f"policy.{legacy.split()[0]}: unknown setting"):
+            load_settings(tmp_path / "legacy.toml")
     (tmp_path / "broken.toml").write_text("[broker\n")
     with pytest.raises(ConfigError, match="broken.toml"):
         load_settings(tmp_path / "broken.toml")

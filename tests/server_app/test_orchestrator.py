@@ -55,10 +55,11 @@ class ScriptedDevice:
 
     def _reply(self, a: cm.Assignment) -> None:
         self.answer.wait()
-        logits = np.random.default_rng(a.round_id).normal(size=a.teacher_logits.shape if a.teacher_logits is not None
-                                                         else (self.p, 10)).astype(np.float32)  # fmt: skip
+        rows = len(a.proxy_indices) if a.proxy_indices is not None else self.p  # type: ignore[attr-defined]
+        logits = np.random.default_rng(a.round_id).normal(size=(rows, 10)).astype(np.float32)
         r = cm.Result(round_id=a.round_id, device_id=self.id, arch=a.arch, num_samples=50, model_version=a.model_version,
-                      proxy_digest=a.proxy_digest, proxy_logits=logits, metrics={"t_device_s": 0.01})  # fmt: skip
+                      label_histogram=[5] * 10, proxy_digest=a.proxy_digest, proxy_logits=logits,
+                      metrics={"t_device_s": 0.01})  # fmt: skip
         self.link.publish(topics.device_result(self.id), codec.encode_frame(r), 1)
 
     def close(self) -> None:
@@ -76,9 +77,11 @@ def test_restarted_server_resumes_collecting_round(db_url, mosquitto_broker, tmp
     layout = prepare_fleet(tmp_path, dataset="digits", devices=1, proxy_size=64, broker_url=mosquitto_broker.url,
                            device_overrides={"quantize": False, "client_id": f"koala-dev-{secrets.token_hex(3)}"})  # fmt: skip
     opts = dict(db_url=db_url, data_dir=str(tmp_path / "server"), proxy_path=layout.proxy_path, test_path=layout.test_path,
-                broker_host=mosquitto_broker.host, broker_port=mosquitto_broker.port, strategy="koala_homo",
-                strategy_options={"variant": "logits", "rkd_epochs": 2}, large={"width": 8, "fc": 64}, rounds=2,
-                round_timeout_s=120.0, min_devices=2, quorum_fraction=1.0, eval_samples=100, torch_threads=1)  # fmt: skip
+                broker_host=mosquitto_broker.host, broker_port=mosquitto_broker.port,
+                policy={"strategy": "koala_homo", "teacher": "device_logits", "rkd_epochs": 2,
+                        "large": {"width": 8, "options": {"fc": 64}}, "rounds": 2, "deadline_s": 120.0,
+                        "min_devices": 2, "quorum_fraction": 1.0},
+                eval_samples=100, torch_threads=1)  # fmt: skip
     agent = DeviceAgent(DeviceConfig.load(layout.devices[0]["config_path"]))
     agent_thread = threading.Thread(target=agent.run, daemon=True)
     agent_thread.start()

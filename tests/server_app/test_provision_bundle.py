@@ -168,8 +168,7 @@ def test_flashed_bundle_installs_offline_and_submits_a_round(tmp_path) -> None:
             round_id=1,
             device_id=DEV,
             arch="cnn_small",
-            task="koala",
-            hyper={"local_epochs": 1, "kd_epochs": 1, "batch": 32},
+            plan=cm.TrainingPlan(task="koala", local_epochs=1, fkd_epochs=1, batch=32, upload=("logits",)),
             teacher_logits=teacher,
         )
         srv.publish(topics.device_assign(DEV), codec.encode(assignment), qos=1).wait_for_publish(10)
