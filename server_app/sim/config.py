@@ -16,8 +16,10 @@ from typing import Any
 
 from server_app.policy import KoalaPolicy
 
-# name -> (policy overrides, which archs: "homo" -> [homo_arch] | "hetero" -> hetero_archs)
+# name -> (policy overrides, which archs: "homo" -> [homo_arch] | "hetero" -> hetero_archs | "policy":
+# the policy's own). "policy" runs the base policy as it is (what koala serve would run).
 PRESETS: dict[str, tuple[dict[str, Any], str]] = {
+    "policy": ({}, "policy"),
     "fedavg_large": ({"strategy": "fedavg_large"}, "homo"),
     "fedavg_small": ({"strategy": "fedavg_small"}, "homo"),
     "local_only": ({"strategy": "local_only"}, "homo"),
@@ -35,11 +37,11 @@ PRESETS: dict[str, tuple[dict[str, Any], str]] = {
 class MethodSpec:
     name: str
     overrides: dict[str, Any] = field(default_factory=dict)  # policy fields, strategy included
-    archs: str = "homo"  # "homo": every device runs `homo_arch`; "hetero": round-robin `hetero_archs`
+    archs: str = "homo"  # "homo": every device runs `homo_arch`; "hetero": round-robin `hetero_archs`; "policy"
 
     @property
-    def strategy(self) -> str:
-        return str(self.overrides.get("strategy", "koala_homo"))
+    def strategy(self) -> str | None:
+        return self.overrides.get("strategy")
 
     @classmethod
     def parse(cls, item: str | dict[str, Any]) -> MethodSpec:
@@ -61,6 +63,8 @@ class MethodSpec:
         return cls(item["name"], overrides, archs)
 
     def policy(self, base: KoalaPolicy, homo_arch: str, hetero_archs: list[str]) -> KoalaPolicy:
+        if self.archs == "policy":
+            return base.with_overrides(**self.overrides)
         archs = [homo_arch] if self.archs == "homo" else list(hetero_archs)
         return base.with_overrides(archs=archs, **self.overrides)
 
@@ -74,7 +78,7 @@ class SimConfig:
     proxy_size: int = 300
     train_size: int | None = None  # cap on device training samples (all the rest if None)
     min_samples: int = 10
-    methods: list[Any] = field(default_factory=lambda: ["koala_homo"])
+    methods: list[Any] = field(default_factory=lambda: ["policy"])  # default: the policy as koala serve runs it
     homo_arch: str = "cnn_small"
     hetero_archs: list[str] = field(default_factory=lambda: ["mlp_tiny", "cnn_small", "mobilenet_tiny"])
     policy: KoalaPolicy = field(default_factory=KoalaPolicy)

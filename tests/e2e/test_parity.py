@@ -50,10 +50,10 @@ def test_sim_and_deployed_agree_per_round(policy_file: Path, tmp_path: Path) -> 
 
     policy = KoalaPolicy.model_validate(read_policy_file(policy_file))
     # --- simulation
-    cfg = load_config(None, dataset="digits", devices=DEVICES, proxy_size=300, alpha=0.5, methods=["koala_homo"],
+    cfg = load_config(None, dataset="digits", devices=DEVICES, proxy_size=300, alpha=0.5, methods=["policy"],
                       out=str(tmp_path / "sim"), torch_threads=1, policy=read_policy_file(policy_file))  # fmt: skip
     sim = run_experiment(cfg, progress=False, write=False)
-    sim_acc = [c["large_test_acc"] for c in sim["curves"]["koala_homo"]]
+    sim_acc = [c["large_test_acc"] for c in sim["curves"]["policy"]]
     # --- deployment: same data layout (koala demo writes what koala sim partitions), same policy file
     demo = DemoRun(DemoConfig(run_dir=str(tmp_path / "run"), dataset="digits", devices=DEVICES, proxy_size=300,
                               alpha=0.5, train_size=None, test_size=None, policy=policy, torch_threads=1))  # fmt: skip
