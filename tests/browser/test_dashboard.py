@@ -33,9 +33,10 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright i
 def live_server(tmp_path_factory: pytest.TempPathFactory):
     from server_app.api.auth import AuthConfig
     from server_app.demo.launcher import DemoConfig, DemoRun
+    from server_app.policy import KoalaPolicy
 
-    cfg = DemoConfig(run_dir=str(tmp_path_factory.mktemp("browser-demo")), dataset="digits", devices=2, rounds=1,
-                     proxy_size=200, train_size=600, test_size=300, round_timeout_s=90)  # fmt: skip
+    cfg = DemoConfig(run_dir=str(tmp_path_factory.mktemp("browser-demo")), dataset="digits", devices=2,
+                     proxy_size=200, train_size=600, test_size=300, policy=KoalaPolicy(rounds=1, deadline_s=90))  # fmt: skip
     for attempt in (1, 2):  # DemoRun picks a free port, then binds it: another process can win that race once
         demo = DemoRun(cfg)
         try:

@@ -24,12 +24,13 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 def live(tmp_path_factory: pytest.TempPathFactory):
     from server_app.api.auth import AuthConfig
     from server_app.demo.launcher import DemoConfig, DemoRun
+    from server_app.policy import KoalaPolicy
     from server_app.transport.broker import find_mosquitto_binary
 
     if find_mosquitto_binary() is None:
         pytest.skip("mosquitto binary not installed")
-    cfg = DemoConfig(run_dir=str(tmp_path_factory.mktemp("api-live")), dataset="digits", devices=2, rounds=1,
-                     proxy_size=200, train_size=600, test_size=300, round_timeout_s=90)  # fmt: skip
+    cfg = DemoConfig(run_dir=str(tmp_path_factory.mktemp("api-live")), dataset="digits", devices=2,
+                     proxy_size=200, train_size=600, test_size=300, policy=KoalaPolicy(rounds=1, deadline_s=90))  # fmt: skip
     demo = start_demo(DemoRun, cfg)
     try:
         demo.server.config.app.state.auth = AuthConfig(token=TOKEN, open_reads_localhost=False)
