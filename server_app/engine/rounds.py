@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from server_app.engine.fleet import Fleet
-from server_app.engine.strategy import Strategy
+from server_app.engine.strategy import RoundRejected, Strategy
 from server_app.engine.types import RoundReport, payload_nbytes
 
 
@@ -19,8 +19,13 @@ def run_rounds(
     progress: Callable[[RoundReport], None] | None = None,
     timeout_s: float | None = None,
     start_round: int = 0,
+    record_rejected: bool = False,
 ) -> list[RoundReport]:
     """sample -> configure -> fleet.run_round -> aggregate -> evaluate, `rounds` times.
+
+    A round whose aggregation the strategy rejects (`RoundRejected`: the model gate rolled it
+    back) raises, so the deployed orchestrator fails it with the reason; with `record_rejected`
+    (the simulator) it is reported as `rejected` and the loop goes on.
 
     Adds transport-independent accounting to each report: tensor bytes down/up per device and
     wall time per phase. `evaluate(round_id)` returns test metrics merged into the report.
@@ -33,7 +38,12 @@ def run_rounds(
         t1 = time.perf_counter()
         results = fleet.run_round(assignments, strategy.quorum(len(assignments)), timeout_s)
         t2 = time.perf_counter()
-        report = strategy.aggregate(r, results)
+        try:
+            report = strategy.aggregate(r, results)
+        except RoundRejected as exc:
+            if not record_rejected:
+                raise
+            report = RoundReport(r, {"rejected": str(exc)}, len(results))
         t3 = time.perf_counter()
         m = report.metrics
         n_a, n_r = max(len(assignments), 1), max(len(results), 1)

@@ -34,6 +34,10 @@ def device_seed(base: int, round_id: int, index: int) -> int:
     return int(base) * 1_000_003 + round_id * 1009 + index
 
 
+class RoundRejected(RuntimeError):
+    """A round's aggregate was refused (e.g. the model gate): the previous model stays current."""
+
+
 class ParticipantSampler:
     """Picks a round's participants: seeded, and fair across rounds (least often picked first,
     ties broken by a per-round random order), like Flower's client sampling but with a memory, so

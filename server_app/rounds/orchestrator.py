@@ -109,6 +109,7 @@ class RoundOrchestrator:
         self.on_report = on_report
         self.model_version = 0
         self.reports: list[RoundReport] = []
+        self.consecutive_failures = 0  # failed rounds in a row: the schedule backs off
         self.current_round: int | None = None
         self.state = "idle"  # idle | waiting_devices | running | finished | stopped | crashed
         self.next_round = 0
@@ -191,6 +192,11 @@ class RoundOrchestrator:
                     continue
                 self._requested = max(0, self._requested - 1)
                 self.next_round += 1
+                if self.consecutive_failures:
+                    # back off instead of spinning: 1, 2, 4 ... s, at most 60 s, after failed rounds
+                    delay = min(60.0, 2.0 ** (self.consecutive_failures - 1))
+                    log.info("backing off after failed rounds failures=%d delay_s=%.0f", self.consecutive_failures, delay)
+                    self._stop.wait(delay)
                 if self.policy["interval_s"] > 0:
                     self._stop.wait(self.policy["interval_s"])
             self.state = "stopped"
@@ -304,6 +310,7 @@ class RoundOrchestrator:
 
     def _completed(self, report: RoundReport) -> None:
         """run_rounds' progress hook: the round aggregated and evaluated -> persist, then announce."""
+        self.consecutive_failures = 0
         n = report.round_id
         m = report.metrics
         m.update(self.fleet.last_stats)
@@ -332,6 +339,7 @@ class RoundOrchestrator:
             self.on_report(report)
 
     def _fail(self, n: int, error: str) -> None:
+        self.consecutive_failures += 1
         log.warning("round failed round=%d error=%s", n, error)
         self.store.transition(n, "failed", error=error, metrics=_scalars(self.fleet.last_stats))
         self._announce(n, "failed", error=error)

@@ -86,7 +86,7 @@ def run_method(cfg: SimConfig, spec: MethodSpec, ds, split, progress: bool = Tru
             bar.set_postfix(round=rep.round_id, acc=f"{acc:.4f}")
 
     t0 = time.perf_counter()
-    reports = run_rounds(strategy, fleet, cfg.rounds, evaluate=evaluate, progress=on_report)
+    reports = run_rounds(strategy, fleet, cfg.rounds, evaluate=evaluate, progress=on_report, record_rejected=True)
     wall = time.perf_counter() - t0
     if bar is not None:
         bar.close()

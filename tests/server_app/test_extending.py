@@ -10,7 +10,7 @@ import pytest
 POLICY = {
     "strategy": "examples.my_koala:ConfidentKoala", "teacher": "device_logits",
     "fusion": "examples.my_koala:top2_fusion", "large": {"factory": "examples.my_koala:tiny_mlp", "options": {"hidden": 32}},
-    "plugin_options": {"keep_fraction": 0.5}, "rounds": 2, "local_epochs": 2, "rkd_epochs": 5, "lr": 3e-3,
+    "plugin_options": {"keep_fraction": 0.75}, "rounds": 2, "local_epochs": 2, "rkd_epochs": 5, "lr": 3e-3,
 }  # fmt: skip
 
 
@@ -24,7 +24,7 @@ def test_example_plugins_run_in_koala_sim(tmp_path):
                  "--out", str(out), "--no-progress"]) == 0  # fmt: skip
     curves = json.loads((out / "curves.json").read_text())["curves"]
     (curve,) = curves.values()
-    assert [c["kept_devices"] for c in curve] == [2, 2]  # the plugin strategy ran (keeps half of 4)
+    assert [c.get("kept_devices") for c in curve] == [3, 3], curve  # the plugin strategy ran (keeps 3 of 4)
     assert all(c["large_test_acc"] is not None for c in curve)
     rows = json.loads((out / "results.json").read_text())
     assert rows[0]["policy"]["large"]["factory"] == "examples.my_koala:tiny_mlp"

@@ -8,7 +8,6 @@ the LiteRT `set_weights` reset)."""
 from __future__ import annotations
 
 import copy
-from typing import Any
 
 import numpy as np
 import torch

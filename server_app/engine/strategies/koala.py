@@ -28,7 +28,7 @@ from torch import nn
 from server_app.engine.distill import reverse_distill
 from server_app.engine.fusion import fuse_logits
 from server_app.engine.strategies.common import fedavg
-from server_app.engine.strategy import Strategy
+from server_app.engine.strategy import RoundRejected, Strategy
 from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
 from server_app.models.large import get_weights, predict_logits, set_weights
 from server_app.policy import KoalaPolicy
@@ -135,6 +135,34 @@ class KoalaStrategy(Strategy):
                            label_histograms=hists, groups=groups)  # fmt: skip
 
     def aggregate(self, round_id: int, results: list[Result]) -> RoundReport:
+        """Teachers -> fusion -> reverse KD, then the model gate: a round whose new large model
+        fails it (non-finite, collapsed) is rolled back whole and raises RoundRejected, so one
+        round's bad data never becomes the published model."""
+        from server_app.engine.gate import ModelGate, restore, snapshot
+
+        snap, small_before = snapshot(self.large_model), dict(self._global)
+        x_eval = self._gate_slice()
+        before = predict_logits(self.large_model, x_eval)
+        report = self._aggregate(round_id, results)
+        # label-free and lenient on purpose: honest early rounds of a non-IID fleet may change the
+        # model a lot or favour a class; what must never pass is a non-finite or fully collapsed model
+        gate = ModelGate(min_agreement=0.0, collapse_frac=0.995, temperature=self.policy.temperature)
+        decision = gate.evaluate(before, self.large_model, x_eval)
+        report.metrics.update({f"gate_{k}": v for k, v in decision.metrics.items() if isinstance(v, (int, float))})
+        if not decision.ok:
+            restore(self.large_model, snap)
+            self._global = small_before
+            raise RoundRejected(f"model gate: {decision.reason} (large model rolled back to version {self.version})")
+        if report.metrics.get("teachers"):
+            self.version += 1  # a new large-model version exists
+        return report
+
+    def _gate_slice(self, n: int = 256) -> np.ndarray:
+        """A fixed slice of the proxy set the gate scores every round's new model on."""
+        idx = np.random.default_rng([self.policy.seed, 99]).permutation(len(self.proxy_x))[:n]
+        return self.proxy_x[np.sort(idx)]
+
+    def _aggregate(self, round_id: int, results: list[Result]) -> RoundReport:
         p = self.policy
         logits, ns, hists, groups = self._teachers(results)
         metrics: dict[str, Any] = {"teachers": len(logits)}
@@ -159,6 +187,5 @@ class KoalaStrategy(Strategy):
             q = self._fuse(logits, ns, hists, groups)
             metrics["rkd_loss"] = reverse_distill(self.large_model, self._px(), q, **kd)
             metrics["teacher_agreement"] = float(np.mean(q.argmax(1) == self.teacher_logits().argmax(1)))
-        self.version += 1
         dm = {r.device_id: dict(r.metrics) for r in results}
         return RoundReport(round_id, metrics, len(results), dm)
