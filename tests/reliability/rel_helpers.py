@@ -21,7 +21,10 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-SMALL_LARGE = {"width": 8, "fc": 32}  # LargeCNN kwargs: a few thousand parameters on 8x8 inputs
+SMALL_LARGE = {"width": 8, "options": {"fc": 32}}  # LargeCNN: a few thousand parameters on 8x8 inputs
+# The reliability server's policy: logits-only KOALA (simulated devices can answer it), small and quick.
+POLICY: dict[str, Any] = {"strategy": "koala_homo", "teacher": "device_logits", "large": SMALL_LARGE, "rounds": 3,
+                          "deadline_s": 30.0, "min_devices": 1, "quorum_fraction": 0.5}  # fmt: skip
 
 
 def wait_for(cond: Callable[[], Any], timeout_s: float, what: str = "condition", step: float = 0.1) -> Any:
@@ -37,17 +40,27 @@ def wait_for(cond: Callable[[], Any], timeout_s: float, what: str = "condition",
 
 
 def server_options(db_url: str, data_dir: Path, files: dict[str, str], port: int, **kw: Any) -> Any:
-    """ServerOptions for a logits-only KOALA server on digits (simulated devices can answer it)."""
+    """ServerOptions for a logits-only KOALA server on digits (simulated devices can answer it).
+    Keyword arguments that are KoalaPolicy fields (rounds, deadline_s, min_devices, ...) change the
+    policy; the others are ServerOptions fields."""
+    from server_app.policy import KoalaPolicy
     from server_app.services import ServerOptions
 
+    policy = {**POLICY, **{k: kw.pop(k) for k in list(kw) if k in KoalaPolicy.model_fields}}
     base: dict[str, Any] = dict(
-        db_url=db_url, data_dir=str(data_dir), broker_port=port, shared_subscriptions=True,
-        strategy="koala_homo", strategy_options={"variant": "logits"}, large=dict(SMALL_LARGE), rounds=3,
-        round_timeout_s=30.0, min_devices=1, wait_devices_s=30.0, quorum_fraction=0.5, eval_samples=100,
-        torch_threads=1, **files,
+        db_url=db_url, data_dir=str(data_dir), broker_port=port, shared_subscriptions=True, policy=policy,
+        wait_devices_s=30.0, eval_samples=100, torch_threads=1, **files,
     )  # fmt: skip
     base.update(kw)
     return ServerOptions(**base)
+
+
+def options_json(options: Any) -> str:
+    """ServerOptions as JSON for rel_server.py. The policy keeps only its explicitly set fields, so
+    the child's policy is the same (a field set explicitly but unused by the strategy is an error)."""
+    d = asdict(options)
+    d["policy"] = options.policy.model_dump(mode="json", exclude_unset=True)
+    return json.dumps(d)
 
 
 class ServerProcess:
@@ -66,7 +79,7 @@ class ServerProcess:
     def start(self, timeout_s: float = 120.0) -> ServerProcess:
         self.starts += 1
         opts = self.workdir / "server_options.json"
-        opts.write_text(json.dumps(asdict(self.options)))
+        opts.write_text(options_json(self.options))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         log = open(self.log_path, "wb")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen([sys.executable, str(HERE / "rel_server.py"), str(opts)], stdout=subprocess.PIPE,

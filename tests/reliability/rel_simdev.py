@@ -40,9 +40,15 @@ def canned_logits(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
 
 def result_frame(dev: str, asg: cm.Assignment, *, arch: str = "cnn_small", seed: int = 0,
                  logits_shape: tuple[int, int] = (200, 10)) -> bytes:
-    """The valid answer to an assignment: logits of the teacher's shape (or the proxy set's, in a
-    first round without a teacher), the assignment's proxy digest echoed."""
-    shape = tuple(asg.teacher_logits.shape) if asg.teacher_logits is not None else logits_shape
+    """The valid answer to an assignment: logits on the assignment's proxy rows (the teacher's
+    shape, or `proxy_indices` rows, or the whole proxy set's `logits_shape` in a first round without
+    a teacher), the assignment's model version and proxy digest echoed."""
+    if asg.teacher_logits is not None:
+        shape = tuple(asg.teacher_logits.shape)
+    elif asg.proxy_indices is not None:
+        shape = (len(asg.proxy_indices), logits_shape[1])
+    else:
+        shape = logits_shape
     msg = cm.Result(round_id=asg.round_id, device_id=dev, arch=arch, num_samples=100,
                     model_version=asg.model_version, label_histogram=[10] * shape[1],
                     metrics={"t_device_s": 0.0, "train_loss": 1.0}, proxy_digest=asg.proxy_digest,

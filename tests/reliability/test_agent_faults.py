@@ -25,6 +25,7 @@ from rel_helpers import wait_for
 
 from device_firmware_py.runtime.small_model import SmallModel
 from server_app.demo.launcher import DemoConfig, DemoRun
+from server_app.policy import KoalaPolicy
 
 DEADLINE_S = 45.0
 
@@ -38,9 +39,10 @@ def round_json(run: DemoRun, dev: str) -> dict:
 
 
 def test_broker_restart_device_restart_and_vanishing_devices(tmp_path, db_reader):
-    cfg = DemoConfig(run_dir=str(tmp_path / "demo"), dataset="digits", devices=3, rounds=3, proxy_size=200,
-                     train_size=None, test_size=200, round_timeout_s=DEADLINE_S, quorum_fraction=0.5,
-                     strategy_options={"local_epochs": 8}, large={"width": 8, "fc": 32}, torch_threads=1)  # fmt: skip
+    policy = KoalaPolicy(rounds=3, deadline_s=DEADLINE_S, quorum_fraction=0.5, local_epochs=8,
+                         large={"width": 8, "options": {"fc": 32}})  # fmt: skip
+    cfg = DemoConfig(run_dir=str(tmp_path / "demo"), dataset="digits", devices=3, proxy_size=200, train_size=None,
+                     test_size=200, policy=policy, torch_threads=1)  # fmt: skip
     run = DemoRun(cfg)
     try:
         run.start()

@@ -37,7 +37,7 @@ def reframe(frame: bytes, edit_header=None, body: bytes | None = None, fix_diges
     if fix_digest:
         header["body_sha256"] = hashlib.sha256(body).hexdigest()
     h = json.dumps(header).encode()
-    return struct.pack(">4sBBHI", b"KOAL", 1, 2, 0, len(h)) + h + body
+    return struct.pack(">4sBBHI", b"KOAL", codec.FRAME_VERSION, 2, 0, len(h)) + h + body
 
 
 def bad_payloads(valid: cm.Assignment, dev: str) -> list[tuple[str, str, bytes, set[str]]]:
@@ -57,8 +57,13 @@ def bad_payloads(valid: cm.Assignment, dev: str) -> list[tuple[str, str, bytes, 
         return result_frame(dev, cm.Assignment(**{**{k: getattr(valid, k) for k in ("round_id", "device_id", "arch",
                                                   "model_version", "proxy_digest")}, **kw}))  # fmt: skip
 
-    wrong_shape = codec.encode_frame(cm.Result(round_id=valid.round_id, device_id=dev, arch="cnn_small", num_samples=10,
-                                               proxy_digest=valid.proxy_digest, proxy_logits=canned_logits((p, c - 1))))
+    def result(**kw):  # a well-formed result of `dev` for `valid`, with `kw` changed
+        return codec.encode_frame(cm.Result(**{"round_id": valid.round_id, "device_id": dev, "arch": "cnn_small",
+                                               "num_samples": 10, "model_version": valid.model_version,
+                                               "label_histogram": [1] * c, "proxy_digest": valid.proxy_digest,
+                                               "proxy_logits": canned_logits((p, c)), **kw}))  # fmt: skip
+
+    wrong_shape = result(proxy_logits=canned_logits((p, c - 1)))
     spoof = result_frame("good1", valid)  # payload says good1, topic says `dev`
     return [
         ("truncated", t, good[: len(good) // 2], {"bad_shape", "bad_header", "bad_digest"}),
@@ -77,6 +82,10 @@ def bad_payloads(valid: cm.Assignment, dev: str) -> list[tuple[str, str, bytes, 
         ("inf", t, reframe(good, f32, body=inf_body.tobytes()), {"nan_or_inf"}),
         ("wrong-round", t, other(round_id=valid.round_id + 7), {"wrong_round"}),
         ("wrong-proxy", t, other(proxy_digest="0" * 64), {"bad_digest"}),
+        ("stale-version", t, other(model_version=valid.model_version + 5), {"stale_version"}),
+        ("bad-histogram", t, result(label_histogram=[2] * c), {"bad_histogram"}),  # sums to 20, num_samples 10
+        ("unasked-weights", t, result(weights=[np.zeros(4, np.float32)]), {"plan_mismatch"}),
+        ("huge-logits", t, result(proxy_logits=canned_logits((p, c)) * 500), {"out_of_bounds"}),
         ("spoofed-device-id", t, spoof, {"spoofed_device"}),
         ("unknown-device", topics.device_result("intruder"), result_frame("intruder", valid), {"wrong_round",
                                                                                                 "unknown_device"}),
@@ -97,8 +106,8 @@ def test_raw_bad_publishes_are_rejected_recorded_and_never_folded_in(broker, dig
     fleet = SimFleet("127.0.0.1", broker.port, DEVS, behaviour=lambda d, r: "silent" if hold["on"] else "answer")
     fleet.start()
     services = inproc_server(server_options(db_url, tmp_path / "server", digits_files, broker.port, rounds=1,
-                                            min_devices=3, round_timeout_s=300.0, quorum_fraction=1.0))  # fmt: skip
-    services.ingestor.max_results_per_round = 100  # this test spends 15 bad messages on good0's topic
+                                            min_devices=3, deadline_s=300.0, quorum_fraction=1.0))  # fmt: skip
+    services.ingestor.max_results_per_round = 100  # this test spends 19 bad messages on good0's topic
     db = db_reader(db_url)
     raw = RawPublisher("127.0.0.1", broker.port)
     try:

@@ -36,7 +36,7 @@ def test_postgres_cut_mid_round_loses_nothing(broker, digits_files, tmp_path, se
 
     fleet = SimFleet("127.0.0.1", broker.port, DEVS, behaviour=behaviour).start()
     opts = server_options(via_proxy, tmp_path / "server", digits_files, broker.port, rounds=2, min_devices=4,
-                          round_timeout_s=120.0, quorum_fraction=1.0)  # fmt: skip
+                          deadline_s=120.0, quorum_fraction=1.0)  # fmt: skip
     db = db_reader(direct)
     server = server_process(opts)
     try:

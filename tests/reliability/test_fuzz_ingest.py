@@ -28,9 +28,9 @@ STATUSES = {"accepted", "duplicate", "rejected", "late", "ignored", "deferred"}
 @pytest.fixture(scope="module")
 def ingest_env(tmp_path_factory):
     from server_app.ingest import Ingestor, Presence
-    from server_app.orchestrator import RegistryStore
     from server_app.registry import Registry
-    from server_app.transport.mqtt_fleet import Collection
+    from server_app.rounds.collection import Collection
+    from server_app.rounds.store import RegistryStore
 
     d = tmp_path_factory.mktemp("fuzz")
     reg = Registry(f"sqlite:///{d / 'koala.db'}")
@@ -38,12 +38,17 @@ def ingest_env(tmp_path_factory):
     store = RegistryStore(reg, d)
     store.ensure_round(0, "fuzz", {}, 0)
     store.assignments_sent(0, {"fz0": 100}, time.time() + 3600)
-    col = Collection(round_id=0, participants=frozenset({"fz0"}), deadline=time.time() + 3600,
-                     logits_shape=(200, 10), weight_shapes=None, proxy_digest=None)  # fmt: skip
-    ing = Ingestor(store, Presence(), lambda: col, max_results_per_round=10**9)
     asg = cm.Assignment(round_id=0, device_id="fz0", arch="cnn_small")
+    col = Collection(round_id=0, expect={"fz0": _expect(asg)}, deadline=time.time() + 3600)
+    ing = Ingestor(store, Presence(), lambda: col, max_results_per_round=10**9)
     yield ing, result_frame("fz0", asg), reg
     reg.dispose()
+
+
+def _expect(asg):
+    from server_app.rounds.collection import Expectation
+
+    return Expectation.from_assignment(asg, num_classes=10, proxy_size=200, proxy_digest=None)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -67,7 +72,10 @@ def test_ingest_never_raises_and_only_the_valid_frame_is_accepted(ingest_env, fl
         # the header is not under the body digest: a mutation that leaves a *valid* result (e.g. a
         # metric digit) is a legitimate message; anything accepted must pass the full contract check
         _, msg = codec.decode_for_topic(topic, bytes(data))
-        codec.check_result(msg, round_id=0, participants={"fz0"}, logits_shape=(200, 10))
+        from server_app.rounds.collection import check_result
+
+        assert msg.round_id == 0
+        check_result(msg, _expect(cm.Assignment(round_id=0, device_id="fz0", arch="cnn_small")))
         assert topic_dev == "fz0" and np.isfinite(msg.proxy_logits).all()
 
 

@@ -24,7 +24,7 @@ ROUNDS = 5
 def test_200_devices_5_rounds_rows_equal_sent(broker, digits_files, tmp_path, server_process, db_reader):
     db_url = f"sqlite:///{tmp_path / 'koala.db'}"
     opts = server_options(db_url, tmp_path / "server", digits_files, broker.port, rounds=ROUNDS,
-                          min_devices=N_DEVICES, round_timeout_s=120.0, quorum_fraction=1.0)  # fmt: skip
+                          min_devices=N_DEVICES, deadline_s=120.0, quorum_fraction=1.0)  # fmt: skip
     ids = [f"load{i:03d}" for i in range(N_DEVICES)]
     fleet = SimFleet("127.0.0.1", broker.port, ids).start(timeout_s=120)
     server = server_process(opts).start()

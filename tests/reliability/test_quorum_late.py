@@ -26,7 +26,7 @@ def test_below_quorum_fails_cleanly_next_round_runs_straggler_late(broker, digit
     db_url = f"sqlite:///{tmp_path / 'koala.db'}"
     fleet = SimFleet("127.0.0.1", broker.port, ["q0", "q1", "q2", "q3"], behaviour=behaviour).start()
     opts = server_options(db_url, tmp_path / "server", digits_files, broker.port, rounds=2, min_devices=4,
-                          round_timeout_s=DEADLINE_S, quorum_fraction=0.5)  # fmt: skip
+                          deadline_s=DEADLINE_S, quorum_fraction=0.5)  # fmt: skip
     db = db_reader(db_url)
     server = server_process(opts).start()
     try:

@@ -33,7 +33,7 @@ def test_result_flood_from_one_device_is_rate_limited(broker, digits_files, tmp_
     db_url = f"sqlite:///{tmp_path / 'koala.db'}"
     fleet = SimFleet("127.0.0.1", broker.port, ["f0", "f1"], behaviour=lambda d, r: "silent").start()
     services = inproc_server(server_options(db_url, tmp_path / "server", digits_files, broker.port, rounds=1,
-                                            min_devices=2, round_timeout_s=300.0))  # fmt: skip
+                                            min_devices=2, deadline_s=300.0))  # fmt: skip
     db = db_reader(db_url)
     raw = RawPublisher("127.0.0.1", broker.port, "rel-flood")
     try:

@@ -39,7 +39,7 @@ def test_sigkill_mid_round_resumes_from_the_database(broker, digits_files, tmp_p
     fleet = SimFleet("127.0.0.1", broker.port, DEVS,
                      behaviour=lambda d, r: "silent" if r == 1 and d in hold else "answer").start()  # fmt: skip
     opts = server_options(db_url, tmp_path / "server", digits_files, broker.port, rounds=3, min_devices=4,
-                          round_timeout_s=300.0, quorum_fraction=1.0)  # fmt: skip
+                          deadline_s=300.0, quorum_fraction=1.0)  # fmt: skip
     db = db_reader(db_url)
     first = server_process(opts).start()
     try:
