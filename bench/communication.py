@@ -31,7 +31,10 @@ def _frame_bytes(kind: str, *, logits: np.ndarray | None, weights: list[np.ndarr
     from device_firmware_py.contract import messages as cm
 
     if kind == "down":
-        msg: Any = cm.Assignment(round_id=1, device_id="dev-00001", arch="cnn_small", hyper={"upload": "logits"},
+        from device_firmware_py.contract.plan import TrainingPlan
+
+        plan = TrainingPlan(upload=("logits",) if weights is None else ("weights",))
+        msg: Any = cm.Assignment(round_id=1, device_id="dev-00001", arch="cnn_small", plan=plan,
                                  deadline=time.time() + 60, proxy_digest="0" * 64, teacher_logits=logits, weights=weights)  # fmt: skip
     else:
         msg = cm.Result(round_id=1, device_id="dev-00001", arch="cnn_small", num_samples=600, label_histogram=[60] * 10,

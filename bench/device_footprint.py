@@ -38,8 +38,9 @@ def worker(arch: str, shape: str, proxy: int, private: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     import paho.mqtt.client  # noqa: F401  (the agent's transport, part of its footprint)
 
+    from device_firmware_py.contract.plan import TrainingPlan
     from device_firmware_py.runtime.small_model import SmallModel
-    from device_firmware_py.task import execute_assignment
+    from device_firmware_py.task import Assignment, execute_assignment
 
     t_import = time.perf_counter() - t0
     m = SmallModel(f"{arch}_{shape}", num_threads=2)
@@ -55,8 +56,9 @@ def worker(arch: str, shape: str, proxy: int, private: int) -> dict[str, Any]:
     px = rng.random((proxy, h, w, c), dtype=np.float32)
     teacher = rng.standard_normal((proxy, m.num_classes)).astype(np.float32)
     t1 = time.perf_counter()
-    execute_assignment(m, xp, yp, px, {"round_id": 1, "device_id": "dev-00001", "arch": arch, "task": "koala",
-                                       "hyper": {"upload": ["logits"]}, "teacher_logits": teacher})  # fmt: skip
+    a = Assignment(round_id=1, device_id="dev-00001", arch=arch, plan=TrainingPlan(task="koala", upload=("logits",)),
+                   teacher_logits=teacher)  # fmt: skip
+    execute_assignment(m, xp, yp, px, a)
     t_round = time.perf_counter() - t1
     t2 = time.perf_counter()
     int8 = m.quantize_int8(px)

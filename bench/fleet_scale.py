@@ -40,8 +40,8 @@ def role_raw(a: argparse.Namespace) -> dict[str, Any]:
 
     from bench.common import peak_rss_mib
     from bench.swarm import device_id
-    from device_firmware_py.agent.wire import assignment_to_wire
     from device_firmware_py.contract import codec, topics
+    from device_firmware_py.contract.plan import TrainingPlan
     from device_firmware_py.task import Assignment
 
     rss0 = peak_rss_mib()
@@ -71,9 +71,9 @@ def role_raw(a: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         encoder = codec.FrameEncoder()  # the teacher body once per round, as the server does
         for d in devices:
-            asg = Assignment(round_id=r, device_id=d, arch="cnn_small", hyper={"upload": ["logits"]}, teacher_logits=teacher)
-            c.publish(topics.device_assign(d), encoder.encode(assignment_to_wire(asg, proxy_digest=None,
-                      deadline=time.time() + 300)), qos=1)  # fmt: skip
+            asg = Assignment(round_id=r, device_id=d, arch="cnn_small", plan=TrainingPlan(upload=("logits",)),
+                             deadline=time.time() + 300, teacher_logits=teacher)  # fmt: skip
+            c.publish(topics.device_assign(d), encoder.encode(asg), qos=1)
         with cond:
             ok = cond.wait_for(lambda r=r: got.get(r, 0) >= a.n, timeout=a.timeout)
         rounds.append({"round_id": r, "wall_s": time.perf_counter() - t0, "received": got.get(r, 0), "complete": ok})

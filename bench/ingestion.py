@@ -156,18 +156,22 @@ def stage_breakdown(db_url: str, port: int, m: int, proxy: int, classes: int, dt
     decode + checks, and the fsync'd segment write RegistryStore.commit does). DB time = the rest."""
     from bench.server_side import ServerSide
     from bench.swarm import canned_logits, device_id, result_frame
-    from device_firmware_py.contract import codec
+    from device_firmware_py.contract import Assignment, TrainingPlan, codec
     from server_app.ingest_worker import MAX_BATCH
+    from server_app.rounds.collection import Collection, Expectation
     from server_app.submission_log import write_segment
 
     lg = canned_logits(proxy, classes, 0)
     devices = [device_id(i) for i in range(m)]
     frames = [(topics.device_result(d), result_frame(d, 1, lg, dtype=dtype)) for d in devices]
+    asg = Assignment(round_id=1, device_id=devices[0], arch="cnn_small", plan=TrainingPlan(upload=("logits",)))
+    expect = Expectation.from_assignment(asg, num_classes=classes, proxy_size=proxy, proxy_digest=None)
+    col = Collection(round_id=1, expect=dict.fromkeys(devices, expect), deadline=time.time() + 3600)
     t0 = time.perf_counter()
     for t, p in frames:
         _, msg = codec.decode_for_topic(t, p)
         codec.frame_digest(p)
-        codec.check_result(msg, round_id=1, participants=frozenset(devices), logits_shape=(proxy, classes))
+        col.check(msg)  # the accept decision the ingestor makes
     decode_s = (time.perf_counter() - t0) / m
     with tempfile.TemporaryDirectory(prefix="koala-bench-stage-") as tmp:
         t0 = time.perf_counter()

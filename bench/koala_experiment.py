@@ -27,27 +27,27 @@ BASE = {
 
 PARTS = {
     "large": ["fedavg_large"],  # does not use the proxy set
-    "a": ["koala_homo", "koala_homo_logits", "koala_hetero", "fedavg_small", "local_only"],
+    "a": ["koala_homo", "koala_homo_logits", "koala_hetero_class_aware", "fedavg_small", "local_only"],
     # b: the other fusion / reverse-KD variants, then gap-closing ideas, one change at a time from
     # koala_homo_logits (naive ensemble distillation)
     "b": [
         "koala_hetero_mean",
-        {"name": "homo_logits+class_aware", "preset": "koala_homo_logits", "options": {"fusion": "class_aware"}},
+        {"name": "homo_logits+class_aware", "preset": "koala_homo_logits", "policy": {"fusion": "class_aware"}},
         "koala_hetero_group",
-        {"name": "homo_logits+T3", "preset": "koala_homo_logits", "options": {"temperature": 3.0}},
-        {"name": "homo_logits+rkd4", "preset": "koala_homo_logits", "options": {"rkd_epochs": 4}},
-        {"name": "homo_logits+post_kd", "preset": "koala_homo_logits", "options": {"post_kd_epochs": 1}},
+        {"name": "homo_logits+T3", "preset": "koala_homo_logits", "policy": {"temperature": 3.0}},
+        {"name": "homo_logits+rkd4", "preset": "koala_homo_logits", "policy": {"rkd_epochs": 4}},
+        {"name": "homo_logits+post_kd", "preset": "koala_homo_logits", "policy": {"post_fkd_epochs": 1}},
     ],
     # compute-matched devices: a small model costs ~50x fewer FLOPs than the large one, so 5 local
     # epochs still cost devices ~10x less than FedAvg-large's single epoch
     "c": [
         {"name": "homo_logits+class_aware+local5", "preset": "koala_homo_logits",
-         "options": {"fusion": "class_aware", "local_epochs": 5}},
-        {"name": "koala_homo+local5", "preset": "koala_homo", "options": {"local_epochs": 5}},
+         "policy": {"fusion": "class_aware", "local_epochs": 5}},
+        {"name": "koala_homo+local5", "preset": "koala_homo", "policy": {"local_epochs": 5}},
     ],
     "d": [
-        {"name": "koala_homo+local5+rkd4", "preset": "koala_homo", "options": {"local_epochs": 5, "rkd_epochs": 4}},
-        {"name": "koala_hetero+local5", "preset": "koala_hetero", "options": {"local_epochs": 5}},
+        {"name": "koala_homo+local5+rkd4", "preset": "koala_homo", "policy": {"local_epochs": 5, "rkd_epochs": 4}},
+        {"name": "koala_hetero_class_aware+local5", "preset": "koala_hetero_class_aware", "policy": {"local_epochs": 5}},
     ],
     # the paper-faithful settings (same local epochs as FedAvg-large) and the small baseline, for longer runs
     "same": ["koala_homo", "koala_homo_logits", "fedavg_small"],
@@ -56,18 +56,18 @@ PARTS = {
     "same_rest": ["koala_homo_logits", "fedavg_small"],
     "best_hetero": [
         {"name": "koala_hetero_mean+local5+rkd4", "preset": "koala_hetero_mean",
-         "options": {"local_epochs": 5, "rkd_epochs": 4}},
+         "policy": {"local_epochs": 5, "rkd_epochs": 4}},
     ],
     # a candidate for the heterogeneous gap: confidence (entropy) weighted fusion, compute-matched
     "hetero_entropy": [
-        {"name": "koala_hetero_entropy+local5+rkd4", "preset": "koala_hetero_entropy",
-         "options": {"local_epochs": 5, "rkd_epochs": 4}},
+        {"name": "koala_hetero_entropy+local5+rkd4", "preset": "koala_hetero",  # entropy: the policy default
+         "policy": {"local_epochs": 5, "rkd_epochs": 4}},
     ],
     # the best settings of a-d, for longer runs (`--rounds 10`)
     "best": [
-        {"name": "koala_homo+local5+rkd4", "preset": "koala_homo", "options": {"local_epochs": 5, "rkd_epochs": 4}},
+        {"name": "koala_homo+local5+rkd4", "preset": "koala_homo", "policy": {"local_epochs": 5, "rkd_epochs": 4}},
         {"name": "koala_hetero_mean+local5+rkd4", "preset": "koala_hetero_mean",
-         "options": {"local_epochs": 5, "rkd_epochs": 4}},
+         "policy": {"local_epochs": 5, "rkd_epochs": 4}},
     ],
 }
 

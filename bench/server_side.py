@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from device_firmware_py.contract import topics
+from device_firmware_py.contract.plan import TrainingPlan
 from device_firmware_py.mqtt import MqttClient
 from device_firmware_py.task import Assignment
 
@@ -41,9 +42,9 @@ class ServerSide:
     def start(self) -> ServerSide:
         from server_app.ingest import Ingestor, Presence
         from server_app.ingest_worker import subscribe_results
-        from server_app.orchestrator import RegistryStore
         from server_app.registry import Registry
-        from server_app.transport.mqtt_fleet import MqttFleet
+        from server_app.rounds.fleet import MqttFleet
+        from server_app.rounds.store import RegistryStore
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.registry = Registry(self.db_url)
@@ -58,8 +59,10 @@ class ServerSide:
         results = topics.shared(SHARE_GROUP, topics.filter_results()) if self.shared else topics.filter_results()
         self.link.subscribe(topics.filter_device_status(), 1, self.ingestor.on_status)
         self.worker = subscribe_results(self.link, results, self.ingestor, on_outcomes=self._on_outcomes)
-        self.fleet = MqttFleet(self.link.publish, self.presence.online, self.store, proxy_shape=self.proxy_shape,
-                               proxy_digest=None, default_timeout_s=300.0, on_state=self._on_state)  # fmt: skip
+        proxy, classes = self.proxy_shape
+        self.fleet = MqttFleet(self.link.publish, self.presence.online, self.store, num_classes=classes,
+                               proxy_size=proxy, proxy_digest=None, default_timeout_s=300.0,
+                               on_state=self._on_state)  # fmt: skip
         return self
 
     def _on_outcomes(self, outs: list[Any]) -> None:
@@ -90,7 +93,7 @@ class ServerSide:
         self.store.ensure_round(round_id, "bench", {"bench": True}, 0)
 
     def assignments(self, round_id: int, device_ids: list[str], teacher: np.ndarray | None) -> list[Assignment]:
-        return [Assignment(round_id=round_id, device_id=d, arch="cnn_small", hyper={"upload": ["logits"]},
+        return [Assignment(round_id=round_id, device_id=d, arch="cnn_small", plan=TrainingPlan(upload=("logits",)),
                            teacher_logits=teacher) for d in device_ids]  # fmt: skip
 
     def run_round(self, round_id: int, device_ids: list[str], teacher: np.ndarray | None,

@@ -44,8 +44,10 @@ def canned_logits(p: int, c: int, seed: int) -> np.ndarray:
 
 def result_frame(dev: str, round_id: int, logits: np.ndarray, *, model_version: int = 0,
                  dtype: str = "float16", proxy_digest: str | None = None, t_device_s: float = 0.0) -> bytes:
+    hist = np.bincount(np.arange(100) % logits.shape[1], minlength=logits.shape[1]).tolist()  # 100 samples
     msg = cm.Result(round_id=round_id, device_id=dev, arch=ARCH, num_samples=100, model_version=model_version,
-                    metrics={"t_device_s": t_device_s}, proxy_digest=proxy_digest, proxy_logits=logits)  # fmt: skip
+                    label_histogram=hist, metrics={"t_device_s": t_device_s}, proxy_digest=proxy_digest,
+                    proxy_logits=logits)  # fmt: skip
     return codec.encode_frame(msg, logits_dtype=dtype)
 
 
