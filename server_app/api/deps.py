@@ -22,7 +22,7 @@ from server_app.registry import Registry
 
 @runtime_checkable
 class RoundControl(Protocol):
-    """The orchestrator operations the API calls (server_app.orchestrator.RoundOrchestrator).
+    """The orchestrator operations the API calls (server_app.rounds.orchestrator.RoundOrchestrator).
 
     start_round: run one more round now; returns its id. Raises ``RuntimeError`` (-> 409) when a
         round is already running or no device is online.
