@@ -23,12 +23,13 @@ DEVICES, ROUNDS = 5, 3
 FAST = {"local_epochs": 3, "lr": 3e-3, "rkd_epochs": 10, "rkd_lr": 3e-3, "fkd_epochs": 1}
 
 
-def _demo(tmp_path: Path, **kw):
+def _demo(tmp_path: Path, policy: dict, **kw):
     from server_app.demo.launcher import DemoConfig, DemoRun
+    from server_app.policy import KoalaPolicy
 
-    cfg = DemoConfig(run_dir=str(tmp_path / "run"), dataset="digits", devices=DEVICES, rounds=ROUNDS, proxy_size=200,
-                     train_size=None, test_size=None, round_timeout_s=120, large={"width": 8, "fc": 128},
-                     torch_threads=1, **kw)  # fmt: skip
+    pol = KoalaPolicy(rounds=ROUNDS, deadline_s=120, large={"width": 8, "options": {"fc": 128}}, **FAST, **policy)
+    cfg = DemoConfig(run_dir=str(tmp_path / "run"), dataset="digits", devices=DEVICES, proxy_size=200,
+                     train_size=None, test_size=None, policy=pol, torch_threads=1, **kw)  # fmt: skip
     for attempt in (1, 2):  # DemoRun picks a free HTTP port, then binds it: another process can win that race once
         demo = DemoRun(cfg)
         try:
@@ -104,8 +105,8 @@ def test_mosquitto_postgres_homo(tmp_path, pg_database_url):
 
     if find_mosquitto_binary() is None:
         pytest.skip("mosquitto binary not installed")
-    demo = _demo(tmp_path, broker="mosquitto", db=pg_database_url, mode="homo",
-                 strategy_options={**FAST, "variant": "logits"})  # fmt: skip
+    demo = _demo(tmp_path, {"strategy": "koala_homo", "teacher": "device_logits"}, broker="mosquitto",
+                 db=pg_database_url)  # fmt: skip
     try:
         _check(demo, expect_shared=True)
     finally:
@@ -113,7 +114,8 @@ def test_mosquitto_postgres_homo(tmp_path, pg_database_url):
 
 
 def test_embedded_amqtt_sqlite_hetero(tmp_path):
-    demo = _demo(tmp_path, broker="amqtt", mode="hetero", strategy_options=dict(FAST))
+    # two small architectures (mobilenet_tiny has no 8x8 artifact), their logits fused
+    demo = _demo(tmp_path, {"strategy": "koala_hetero", "archs": ["cnn_small", "mlp_tiny"]}, broker="amqtt")
     try:
         _check(demo, expect_shared=False)
     finally:
