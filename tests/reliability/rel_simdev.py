@@ -38,21 +38,37 @@ def canned_logits(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
     return (np.random.default_rng(seed).standard_normal(shape) * 2.0).astype(np.float32)
 
 
+_PROXY_Y: list[np.ndarray] = []
+
+
+def honest_logits(rows: np.ndarray, classes: int, seed: int = 0) -> np.ndarray:
+    """Logits of a small model that learned something: the true class of each proxy row (the
+    reliability fixture's proxy is digits x_train[:200]) plus noise. Pure noise would be no honest
+    device's output, and reverse KD from it collapses the large model, which the model gate refuses."""
+    if not _PROXY_Y:
+        from server_app.data.datasets import load_dataset
+
+        _PROXY_Y.append(load_dataset("digits", seed=0).y_train[:200])
+    y = _PROXY_Y[0]
+    out = canned_logits((len(rows), classes), seed) * 0.5
+    known = rows < len(y)
+    out[np.flatnonzero(known), y[rows[known]] % classes] += 4.0
+    return out
+
+
 def result_frame(dev: str, asg: cm.Assignment, *, arch: str = "cnn_small", seed: int = 0,
                  logits_shape: tuple[int, int] = (200, 10)) -> bytes:
     """The valid answer to an assignment: logits on the assignment's proxy rows (the teacher's
     shape, or `proxy_indices` rows, or the whole proxy set's `logits_shape` in a first round without
     a teacher), the assignment's model version and proxy digest echoed."""
-    if asg.teacher_logits is not None:
-        shape = tuple(asg.teacher_logits.shape)
-    elif asg.proxy_indices is not None:
-        shape = (len(asg.proxy_indices), logits_shape[1])
-    else:
-        shape = logits_shape
+    classes = asg.teacher_logits.shape[1] if asg.teacher_logits is not None else logits_shape[1]
+    rows = asg.proxy_indices if asg.proxy_indices is not None else np.arange(
+        len(asg.teacher_logits) if asg.teacher_logits is not None else logits_shape[0])
+    shape = (len(rows), classes)
     msg = cm.Result(round_id=asg.round_id, device_id=dev, arch=arch, num_samples=100,
                     model_version=asg.model_version, label_histogram=[10] * shape[1],
                     metrics={"t_device_s": 0.0, "train_loss": 1.0}, proxy_digest=asg.proxy_digest,
-                    proxy_logits=canned_logits(shape, seed))  # fmt: skip
+                    proxy_logits=honest_logits(rows, classes, seed))  # fmt: skip
     return codec.encode_frame(msg)
 
 
