@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from . import codec, messages, plan, topics
 from .codec import (
-    check_result,
     decode,
     decode_control,
     decode_for_topic,
@@ -18,7 +17,6 @@ from .codec import (
     payload_digest,
 )
 from .errors import REASONS, ContractError
-from .plan import PLAN_VERSION, TrainingPlan
 from .messages import (
     ROUND_STATES,
     TERMINAL_ROUND_STATES,
@@ -30,6 +28,7 @@ from .messages import (
     RoundStatus,
     ServerStatus,
 )
+from .plan import PLAN_VERSION, TrainingPlan
 
 __all__ = [
     "REASONS",
@@ -44,8 +43,8 @@ __all__ = [
     "RoundStatus",
     "ServerStatus",
     "PLAN_VERSION",
+    "plan",
     "TrainingPlan",
-    "check_result",
     "codec",
     "decode",
     "decode_control",

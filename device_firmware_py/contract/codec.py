@@ -390,32 +390,6 @@ def decode_for_topic(
     return parsed, msg
 
 
-def check_result(
-    result: Result,
-    *,
-    round_id: int,
-    participants: set[str] | frozenset[str] | None = None,
-    logits_shape: tuple[int, int] | None = None,
-    proxy_digest: str | None = None,
-    weight_shapes: list[tuple[int, ...]] | None = None,
-) -> None:
-    """Server-side semantic checks a schema cannot know: right round, participant, shapes."""
-    if result.round_id != round_id:
-        raise ContractError("wrong_round", f"result for round {result.round_id}, collecting round {round_id}")
-    if participants is not None and result.device_id not in participants:
-        raise ContractError("unknown_device", f"{result.device_id} is not a participant of round {round_id}")
-    if logits_shape is not None:
-        got = None if result.proxy_logits is None else tuple(result.proxy_logits.shape)
-        if got != tuple(logits_shape):
-            raise ContractError("bad_shape", f"proxy_logits shape {got} != expected {tuple(logits_shape)}")
-    if proxy_digest is not None and result.proxy_digest is not None and result.proxy_digest != proxy_digest:
-        raise ContractError("bad_digest", "result computed on a different proxy set")
-    if weight_shapes is not None:
-        got_w = [tuple(w.shape) for w in result.weights or []]
-        if got_w != [tuple(s) for s in weight_shapes]:
-            raise ContractError("bad_shape", "weight shapes differ from the model's")
-
-
 def payload_digest(payload: bytes) -> str:
     """sha256 of a whole payload (QoS 1 duplicates are identical)."""
     return hashlib.sha256(payload).hexdigest()

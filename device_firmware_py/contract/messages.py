@@ -192,9 +192,10 @@ def check_indices(name: str, v: object, *, optional: bool = True) -> np.ndarray 
         return None
     if not isinstance(v, np.ndarray):
         raise _bad(name, f"expected numpy array, got {type(v).__name__}")
-    if v.dtype.kind not in "iu":
-        if v.dtype.kind != "f" or not np.isfinite(v).all() or not np.array_equal(v, np.rint(v)):
-            raise ContractError("bad_dtype", f"{name}: indices must be integers, got dtype {v.dtype}")
+    if v.dtype.kind not in "iu" and (
+        v.dtype.kind != "f" or not np.isfinite(v).all() or not np.array_equal(v, np.rint(v))
+    ):
+        raise ContractError("bad_dtype", f"{name}: indices must be integers, got dtype {v.dtype}")
     if v.ndim != 1 or v.size == 0:
         raise ContractError("bad_shape", f"{name}: expected a non-empty 1-D array, got shape {v.shape}")
     # no copy when already int64: the frame encoder shares one body per round by array identity
@@ -394,10 +395,10 @@ class Assignment(Message):
         self.teacher_logits = check_tensor("teacher_logits", self.teacher_logits, 2)
         self.proxy_indices = check_indices("proxy_indices", self.proxy_indices)
         self.weights = check_weights("weights", self.weights)
-        if self.teacher_logits is not None and self.proxy_indices is not None:
-            if len(self.teacher_logits) != len(self.proxy_indices):
-                raise ContractError("bad_shape", f"teacher_logits has {len(self.teacher_logits)} rows for "
-                                                 f"{len(self.proxy_indices)} proxy_indices")
+        if (self.teacher_logits is not None and self.proxy_indices is not None
+                and len(self.teacher_logits) != len(self.proxy_indices)):  # fmt: skip
+            raise ContractError("bad_shape", f"teacher_logits has {len(self.teacher_logits)} rows for "
+                                             f"{len(self.proxy_indices)} proxy_indices")
 
     @property
     def task(self) -> str:

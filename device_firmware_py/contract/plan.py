@@ -26,7 +26,7 @@ MAX_EPOCHS = 1000
 
 
 def _int(name: str, v: object, lo: int, hi: int) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) and not (hasattr(v, "dtype") and getattr(v, "dtype").kind in "iu"):
+    if isinstance(v, bool) or not isinstance(v, int) and not (hasattr(v, "dtype") and v.dtype.kind in "iu"):
         raise ContractError("bad_field", f"plan.{name}: expected int, got {type(v).__name__}")
     if not lo <= int(v) <= hi:  # type: ignore[arg-type]
         raise ContractError("bad_field", f"plan.{name}: {v} not in [{lo}, {hi}]")
