@@ -27,7 +27,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-FUSION_RULES = ("mean", "weighted", "entropy", "class_aware", "group", "median", "trimmed_mean")
+FUSION_RULES = ("mean", "weighted", "entropy", "class_aware", "group", "median", "trimmed_mean", "agreement")
+WEIGHT_RULES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
 BUILTIN_STRATEGIES = ("koala_homo", "koala_hetero", "fedavg_small", "fedavg_large", "local_only")
 KNOWN_ARCHS = ("mlp_tiny", "cnn_small", "mobilenet_tiny")
 _STRATEGY_REF = re.compile(r"[a-z][a-z0-9_]{0,63}|[A-Za-z_][\w.]*:[A-Za-z_]\w*")
@@ -80,6 +81,10 @@ class KoalaPolicy(BaseModel):
                           "logits is a teacher. None: koala_homo -> avg_model, koala_hetero -> device_logits")
     fusion: str = Field("entropy", description=f"how teachers' logits are fused: {', '.join(FUSION_RULES)}")
     rkd: Literal["fused", "per_group"] = "fused"
+    weight_rule: str = Field("fedavg", description=f"how uploaded small weights are averaged: {', '.join(WEIGHT_RULES)} "
+                                                   "(median, trimmed_mean, krum bound one device's influence)")
+    clip_factor: float | None = Field(None, gt=0.0, description="clip each device's weight update to this x the median "
+                                                                "update norm before averaging (None: no clipping)")
     anchor_lambda: float = Field(0.0, ge=0.0, description="L2 anchor of reverse KD to the pre-round large model")
     # --- rounds
     rounds: int = Field(10, ge=1, le=1_000_000)
@@ -107,6 +112,13 @@ class KoalaPolicy(BaseModel):
     def _fusion(cls, v: str) -> str:
         if v not in FUSION_RULES and ":" not in v:
             raise ValueError(f"{v!r} is not one of {FUSION_RULES} (or module:attr)")
+        return v
+
+    @field_validator("weight_rule")
+    @classmethod
+    def _weight_rule(cls, v: str) -> str:
+        if v not in WEIGHT_RULES:
+            raise ValueError(f"{v!r} is not one of {WEIGHT_RULES}")
         return v
 
     @field_validator("archs")

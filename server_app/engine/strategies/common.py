@@ -17,3 +17,15 @@ def fedavg(weight_sets: Sequence[list[np.ndarray]], num_samples: Sequence[int]) 
         np.sum([wi * np.asarray(ws[k], np.float64) for wi, ws in zip(n, weight_sets, strict=True)], axis=0).astype(np.float32)
         for k in range(len(weight_sets[0]))
     ]
+
+
+def average_weights(policy, weight_sets: Sequence[list[np.ndarray]], num_samples: Sequence[int],
+                    reference: list[np.ndarray] | None = None) -> list[np.ndarray]:  # fmt: skip
+    """The policy's weight rule (`weight_rule`, `clip_factor`): plain FedAvg by default; median,
+    trimmed mean or Krum bound any one device's influence (server_app.engine.robust)."""
+    if policy.weight_rule == "fedavg" and policy.clip_factor is None:
+        return fedavg(weight_sets, num_samples)
+    from server_app.engine.robust import aggregate_weights
+
+    return aggregate_weights(weight_sets, num_samples, policy.weight_rule, reference=reference,
+                             clip_factor=policy.clip_factor)  # fmt: skip

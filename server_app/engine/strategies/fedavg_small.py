@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from server_app.engine.strategies.common import fedavg
+from server_app.engine.strategies.common import average_weights
 from server_app.engine.strategy import Strategy
 from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
 from server_app.policy import KoalaPolicy
@@ -15,7 +15,7 @@ class FedAvgSmall(Strategy):
     name = "fedavg_small"
     mode = "baseline"
 
-    USES = frozenset({"local_epochs", "lr"})
+    USES = frozenset({"local_epochs", "lr", "weight_rule", "clip_factor"})
 
     def __init__(self, small_factory: Callable[[str], Any], policy: KoalaPolicy | None = None):
         super().__init__(policy)
@@ -41,6 +41,7 @@ class FedAvgSmall(Strategy):
         for arch in {r.arch for r in results}:
             rs = [r for r in results if r.arch == arch and r.weights is not None]
             if rs:
-                self._global[arch] = fedavg([r.weights for r in rs], [r.num_samples for r in rs])
+                self._global[arch] = average_weights(self.policy, [r.weights for r in rs], [r.num_samples for r in rs],
+                                                     reference=self._global.get(arch))  # fmt: skip
         self.version += 1
         return RoundReport(round_id, {}, len(results), {r.device_id: dict(r.metrics) for r in results})

@@ -27,7 +27,7 @@ from torch import nn
 
 from server_app.engine.distill import reverse_distill
 from server_app.engine.fusion import fuse_logits
-from server_app.engine.strategies.common import fedavg
+from server_app.engine.strategies.common import average_weights, fedavg
 from server_app.engine.strategy import RoundRejected, Strategy
 from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
 from server_app.models.large import get_weights, predict_logits, set_weights
@@ -56,7 +56,8 @@ class KoalaStrategy(Strategy):
     @classmethod
     def policy_fields(cls, policy: KoalaPolicy) -> frozenset[str]:
         fused_many = policy.resolved_teacher() == "device_logits" or len(set(policy.archs)) > 1
-        return _KOALA_FIELDS | ({"fusion"} if fused_many else set())
+        averages = policy.resolved_teacher() == "avg_model"
+        return _KOALA_FIELDS | ({"fusion"} if fused_many else set()) | ({"weight_rule", "clip_factor"} if averages else set())
 
     def _px(self) -> np.ndarray:
         return self.proxy_x if self._idx is None else self.proxy_x[self._idx]
@@ -115,7 +116,8 @@ class KoalaStrategy(Strategy):
             rs = [r for r in results if r.arch == arch and r.weights is not None]
             if not rs:
                 continue
-            self._global[arch] = fedavg([r.weights for r in rs], [r.num_samples for r in rs])
+            self._global[arch] = average_weights(self.policy, [r.weights for r in rs], [r.num_samples for r in rs],
+                                                 reference=self._global.get(arch))  # fmt: skip
             m = self._small(arch)
             m.set_weights(self._global[arch])
             logits.append(m.logits(self._px()))
