@@ -160,24 +160,12 @@ def shared(group: str | None, topic_filter: str) -> str:
     return f"$share/{group}/{topic_filter}"
 
 
-def device_subscriptions(device_id: str) -> list[tuple[str, int]]:
-    """What a device subscribes to: its own downlink, round broadcasts, server status."""
-    return [(filter_device_down(device_id), 1), (filter_rounds(), 1), (server_status(), 1)]
 
 
-def server_ingest_subscriptions(group: str | None = None) -> list[tuple[str, int]]:
-    """Load-splittable uplink (results, progress) — shared when the broker supports it."""
-    return [(shared(group, filter_results()), 1), (shared(group, filter_progress()), 0)]
 
 
-def server_state_subscriptions() -> list[tuple[str, int]]:
-    """Device status is retained state every server worker needs in full: never shared."""
-    return [(filter_device_status(), 1)]
 
 
-def monitor_subscriptions() -> list[tuple[str, int]]:
-    """What an operator's monitor reads: everything retained plus progress."""
-    return [(filter_device_status(), 1), (filter_rounds(), 1), (server_status(), 1), (filter_progress(), 0)]
 
 
 # ---- ACL grants (used by server_app.provisioning) ----------------------------------------------------
@@ -209,14 +197,6 @@ class ParsedTopic:
     round_id: int | None = None
 
 
-def strip_share(topic: str) -> str:
-    """`$share/g/koala/v1/...` -> `koala/v1/...` (filters only; delivered topics never carry it)."""
-    if topic.startswith("$share/"):
-        parts = topic.split("/", 2)
-        if len(parts) < 3 or not parts[1]:
-            raise ContractError("bad_topic", f"malformed shared subscription {topic!r}")
-        return parts[2]
-    return topic
 
 
 def parse_topic(topic: object) -> ParsedTopic:

@@ -152,11 +152,6 @@ def list_devices(
     return list(s.scalars(q.limit(limit).offset(offset)))
 
 
-def count_devices(s: Session, *, status: str | None = None) -> int:
-    q = select(func.count()).select_from(Device)
-    if status is not None:
-        q = q.where(Device.status == status)
-    return int(s.scalar(q) or 0)
 
 
 # ---- rounds -------------------------------------------------------------------------------------
@@ -239,10 +234,6 @@ def list_rounds(s: Session, *, state: str | None = None, limit: int = 100, offse
     return list(s.scalars(q.limit(limit).offset(offset)))
 
 
-def unfinished_rounds(s: Session) -> list[Round]:
-    """Rounds a restarted server must resume or fail (oldest first)."""
-    q = select(Round).where(Round.state.not_in(TERMINAL_ROUND_STATES)).order_by(Round.id)
-    return list(s.scalars(q))
 
 
 def current_round(s: Session) -> Round | None:
@@ -620,16 +611,6 @@ def record_metrics(s: Session, values: dict[str, float], *, round_id: int | None
     return rows
 
 
-def list_metrics(
-    s: Session, *, round_id: int | None = None, name: str | None = None, limit: int = 1000, offset: int = 0
-) -> list[Metric]:
-    limit, offset = _page(limit, offset)
-    q = select(Metric).order_by(Metric.id)
-    if round_id is not None:
-        q = q.where(Metric.round_id == round_id)
-    if name is not None:
-        q = q.where(Metric.name == name)
-    return list(s.scalars(q.limit(limit).offset(offset)))
 
 
 # ---- server settings (operator choices that survive a restart) -----------------------------------

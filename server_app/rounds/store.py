@@ -162,10 +162,6 @@ class RegistryStore:
     def mark(self, round_id: int, device_id: str, status: str, reason: str | None, nbytes: int, digest: str | None) -> None:
         self.reg.run(_mark, round_id, device_id, status, reason, nbytes, digest)
 
-    def reject_event(self, device_id: str | None, round_id: int | None, reason: str, detail: str) -> None:
-        self.reg.run(lambda s: crud.record_event(s, "rejected", level="warning", device_id=device_id, round_id=round_id,
-                                                 detail={"reason": reason, "detail": detail[:2000]}))  # fmt: skip
-
     def device_status(self, status: cm.DeviceStatus) -> None:
         self.reg.run(crud.upsert_device_status_msg, status)
 
