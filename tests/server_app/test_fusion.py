@@ -60,6 +60,6 @@ def test_temperature_softens_and_rows_sum_to_one():
 
 def test_unknown_rule_and_missing_inputs():
     with pytest.raises(ValueError):
-        fuse_logits([A, B], "median")
+        fuse_logits([A, B], "no_such_rule")  # (median is a robust rule now)
     with pytest.raises(ValueError):
         fuse_logits([A, B], "class_aware")
