@@ -14,7 +14,8 @@ import os
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
+
+from device_firmware_py.mqtt import parse_broker_url
 
 ENV_PREFIX = "KOALA_DEVICE_"
 
@@ -49,16 +50,15 @@ class DeviceConfig:
     # ------------------------------------------------------------------ derived
     @property
     def host(self) -> str:
-        return urlparse(self.broker_url).hostname or "127.0.0.1"
+        return parse_broker_url(self.broker_url).host
 
     @property
     def port(self) -> int:
-        u = urlparse(self.broker_url)
-        return u.port or (8883 if u.scheme == "mqtts" else 1883)
+        return parse_broker_url(self.broker_url).port
 
     @property
     def tls(self) -> bool:
-        return urlparse(self.broker_url).scheme == "mqtts"
+        return parse_broker_url(self.broker_url).tls
 
     @property
     def mqtt_client_id(self) -> str:
@@ -105,8 +105,10 @@ class DeviceConfig:
             validate_device_id(self.device_id)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if urlparse(self.broker_url).scheme not in ("mqtt", "mqtts", "tcp"):
-            raise ConfigError(f"broker_url must be mqtt://host:port or mqtts://host:port, got {self.broker_url!r}")
+        try:
+            parse_broker_url(self.broker_url)
+        except ValueError:
+            raise ConfigError(f"broker_url must be mqtt://host:port or mqtts://host:port, got {self.broker_url!r}") from None
         if self.num_threads < 1 or self.keepalive_s < 1:
             raise ConfigError("num_threads and keepalive_s must be >= 1")
         if self.log_format not in ("text", "json"):

@@ -86,6 +86,9 @@ class KoalaPolicy(BaseModel):
     clip_factor: float | None = Field(None, gt=0.0, description="clip each device's weight update to this x the median "
                                                                 "update norm before averaging (None: no clipping)")
     anchor_lambda: float = Field(0.0, ge=0.0, description="L2 anchor of reverse KD to the pre-round large model")
+    gate_collapse_frac: float | None = Field(
+        None, gt=0.5, le=1.0, description="model gate: also refuse a new large model predicting one class for more "
+                                          "than this share of a held-out proxy slice (None: refuse only non-finite models)")
     # --- rounds
     rounds: int = Field(10, ge=1, le=1_000_000)
     participants: float | None = Field(

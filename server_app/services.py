@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from device_firmware_py.cli import CommandError
 from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
 from device_firmware_py.mqtt import MqttClient, Will
@@ -42,6 +43,7 @@ from server_app.policy import KoalaPolicy
 
 log = logging.getLogger("koala.services")
 SHARE_GROUP = "koala-server"
+BROKER_WAIT_S = 15.0  # how long start() waits for the broker before it gives up
 
 
 @dataclass
@@ -95,14 +97,14 @@ class ServerServices:
     @classmethod
     def from_settings(cls, settings: Any) -> ServerServices:
         """Map `server_app.config.Settings` onto ServerOptions (Settings is the server's one config)."""
-        from urllib.parse import urlparse
+        from device_firmware_py.mqtt import parse_broker_url
 
         b, p = settings.broker, settings.paths
-        u = urlparse(b.url)
+        addr = parse_broker_url(b.url)
         opts = ServerOptions(
             db_url=settings.database.url, data_dir=str(p.artifacts_dir), proxy_path=str(p.proxy),
-            test_path=str(p.test), broker_host=u.hostname or "127.0.0.1",
-            broker_port=u.port or (8883 if u.scheme == "mqtts" else 1883), broker_username=b.username,
+            test_path=str(p.test), broker_host=addr.host,
+            broker_port=addr.port, broker_username=b.username,
             broker_password=_secret(b.password), broker_tls=b.tls, broker_ca_file=b.tls_ca,
             client_id=b.client_id, shared_subscriptions=True if b.shared_group else None,
             share_group=b.shared_group or SHARE_GROUP, policy=settings.policy, device=settings.device,
@@ -111,16 +113,40 @@ class ServerServices:
 
     # ------------------------------------------------------------------ start
     def start(self) -> None:
+        """Start everything; a no-op when started. A failure the operator can fix (missing data file,
+        unreachable database or broker) raises CommandError naming it and what to do, after
+        undoing what was started."""
+        if self.started:
+            return
+        try:
+            self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         from server_app.ingest import Ingestor, Presence
         from server_app.ingest_worker import subscribe_results
-        from server_app.registry import Registry
+        from server_app.registry import Registry, RegistryUnavailable
         from server_app.rounds.orchestrator import RegistryStore
 
         o = self.options
+        for what, path, setting in (("proxy set", o.proxy_path, "paths.proxy_path"), ("test set", o.test_path, "paths.test_path")):
+            if not Path(path).is_file():
+                raise CommandError(
+                    f"{what} {path} not found\n  set {setting} (env KOALA_{setting.upper().replace('.', '__')}) or "
+                    f"paths.data_dir to where the .npz is; `koala demo` writes one per run")  # fmt: skip
         Path(o.data_dir).mkdir(parents=True, exist_ok=True)
-        self.registry = Registry(o.db_url)
-        rev = self.registry.upgrade()
-        log.info("registry migrated url=%s revision=%s", _redact(o.db_url), rev)
+        try:
+            self.registry = Registry(o.db_url)
+            rev = self.registry.upgrade()
+        except (RegistryUnavailable, ImportError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CommandError(
+                f"database {_redact(o.db_url)} not usable: {reason.removeprefix('database unavailable: ')}\n"
+                f"  check database.url (env KOALA_DATABASE__URL, flag --database-url) and that the database "
+                f"server is up and reachable") from exc  # fmt: skip
+        log.debug("registry migrated url=%s revision=%s", _redact(o.db_url), rev)
         self.store = RegistryStore(self.registry, o.data_dir)
         self.presence = Presence()
         self.ingestor = Ingestor(self.store, self.presence, lambda: self.fleet.collection if self.fleet else None)
@@ -131,15 +157,19 @@ class ServerServices:
             clean_session=True, will=Will(topics.server_status(), offline, 1, True),
             on_connect=self._on_connect, manual_ack=True,
         )  # fmt: skip
-        if not self.link.start(wait_s=15):
-            raise RuntimeError(f"MQTT broker {o.broker_host}:{o.broker_port} not reachable")
+        if not self.link.start(wait_s=BROKER_WAIT_S):
+            raise CommandError(
+                f"MQTT broker {o.broker_host}:{o.broker_port} not reachable within {BROKER_WAIT_S:.0f} s: "
+                f"{self.link.last_error or 'no answer'}\n  check broker.url (env KOALA_BROKER__URL) and that "
+                f"the broker is running and reachable from here")  # fmt: skip
         self.shared = o.shared_subscriptions if o.shared_subscriptions is not None else self._probe_shared()
         results = topics.shared(o.share_group, topics.filter_results()) if self.shared else topics.filter_results()
         self.link.subscribe(topics.filter_device_status(), 1, self.ingestor.on_status)
         self.link.subscribe(topics.filter_progress(), 0, self.ingestor.on_progress)
         self.ingest_worker = subscribe_results(self.link, results, self.ingestor)
         self.results_filter = results
-        log.info("ingestion subscribed results=%s shared=%s", results, self.shared)
+        log.info("registry %s at revision %s; ingestion subscribed results=%s shared=%s", _redact(o.db_url), rev,
+                 results, self.shared)  # fmt: skip
         self._build_round_machinery()
         self.started = True
         if o.start_orchestrator:
@@ -225,8 +255,9 @@ class ServerServices:
             if self.orchestrator is not None:
                 self.orchestrator.stop()
             if self.link is not None:
-                offline = codec.encode_control(cm.ServerStatus(state="offline"))
-                self.link.publish(topics.server_status(), offline, 1, True, wait_s=2.0)
+                if self.link.connected.is_set():
+                    offline = codec.encode_control(cm.ServerStatus(state="offline"))
+                    self.link.publish(topics.server_status(), offline, 1, True, wait_s=2.0)
                 self.link.stop()
                 self.link = None
             if self.registry is not None:

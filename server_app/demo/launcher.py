@@ -303,10 +303,10 @@ class DemoRun:
 
 
 def _host_port(url: str) -> tuple[str, int]:
-    from urllib.parse import urlparse
+    from device_firmware_py.mqtt import parse_broker_url
 
-    u = urlparse(url)
-    return u.hostname or "127.0.0.1", u.port or 1883
+    a = parse_broker_url(url)
+    return a.host, a.port
 
 
 def format_table(results: dict[str, Any]) -> str:

@@ -44,17 +44,15 @@ def _utc(ts: float) -> dt.datetime:
 
 
 def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Flat JSON scalars (finite) for the DB round row and the RoundStatus message."""
-    out: dict[str, Any] = {}
+    """Flat JSON scalars (finite) for the DB round row and the RoundStatus message: the contract's
+    one finite-scalar cleaner, with nested {arch: acc} dicts flattened to `key.arch`."""
+    flat: dict[str, Any] = {}
     for k, v in metrics.items():
-        if isinstance(v, (bool, str)) or v is None:
-            out[k] = v
-        elif isinstance(v, (int, float, np.integer, np.floating)):
-            f = float(v)
-            out[k] = (int(v) if isinstance(v, (int, np.integer)) else f) if np.isfinite(f) else None
-        elif isinstance(v, dict):  # e.g. global_small_test_acc {arch: acc}
-            out.update({f"{k}.{a}": float(b) for a, b in v.items() if isinstance(b, (int, float))})
-    return out
+        if isinstance(v, dict):  # e.g. global_small_test_acc {arch: acc}
+            flat.update({f"{k}.{a}": b for a, b in v.items()})
+        else:
+            flat[k] = v
+    return cm.metrics_clean(flat)
 
 
 def _prom(name: str, *args: Any, **kw: Any) -> None:

