@@ -7,7 +7,6 @@ touches /etc/mosquitto: the binary is started with `-c` on a config rendered int
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import time
@@ -16,21 +15,10 @@ from pathlib import Path
 
 from server_app.provisioning.broker_conf import BrokerConf, local_user
 from server_app.provisioning.broker_files import BrokerFiles, DeviceCredential, write_broker_files
+from server_app.transport.broker import MosquittoBroker, find_mosquitto_binary, free_port
 
-MOSQUITTO_CANDIDATES = ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto")
-
-
-def find_mosquitto() -> str | None:
-    for path in (shutil.which("mosquitto"), *MOSQUITTO_CANDIDATES):
-        if path and Path(path).is_file():
-            return path
-    return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# One launcher: the process management is server_app.transport.broker.MosquittoBroker's.
+find_mosquitto = find_mosquitto_binary
 
 
 def wait_listening(port: int, timeout_s: float = 10.0, proc: subprocess.Popen | None = None) -> None:
@@ -56,8 +44,8 @@ class PrivateMosquitto:
     tls_port: int = field(default_factory=free_port)
     plain_port: int = field(default_factory=free_port)
     binary: str | None = None
-    proc: subprocess.Popen | None = None
     files: BrokerFiles | None = None
+    broker: MosquittoBroker | None = None
 
     @property
     def pid_file(self) -> Path:
@@ -86,22 +74,19 @@ class PrivateMosquitto:
         if not binary:
             raise FileNotFoundError("mosquitto binary not found (apt-get install mosquitto)")
         assert self.files and self.files.conf, "call write_files() first"
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(self.files.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        self.pid_file.write_text(f"{self.proc.pid}\n")
-        wait_listening(self.tls_port, proc=self.proc)
-        wait_listening(self.plain_port, proc=self.proc)
+        self.broker = MosquittoBroker(port=self.plain_port, workdir=self.broker_dir, binary=binary,
+                                      config_file=self.files.conf, ready_ports=(self.tls_port, self.plain_port))  # fmt: skip
+        self.broker.start()
+        self.pid_file.write_text(f"{self.broker.pid}\n")
         return self
 
+    @property
+    def pid(self) -> int | None:
+        return None if self.broker is None else self.broker.pid
+
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.broker is not None:
+            self.broker.stop(timeout=10.0)
 
     def __enter__(self) -> PrivateMosquitto:
         return self.start()

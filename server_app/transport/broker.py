@@ -120,8 +120,14 @@ class MosquittoBroker(EmbeddedBroker):
         max_inflight_messages: int = MAX_INFLIGHT_MESSAGES,
         max_queued_messages: int = MAX_QUEUED_MESSAGES,
         extra_config: str = "",
+        config_file: str | Path | None = None,
+        ready_ports: tuple[int, ...] = (),
     ) -> None:
         self.binary = binary or find_mosquitto_binary()
+        # a config written by someone else (the hardened production config of `koala provision`):
+        # started as is, ready when every port in `ready_ports` accepts connections
+        self.config_file = Path(config_file) if config_file else None
+        self.ready_ports = tuple(ready_ports)
         self.port = port or 0
         self._fixed_port = port is not None
         self._own_workdir = workdir is None
@@ -183,13 +189,14 @@ class MosquittoBroker(EmbeddedBroker):
         if self.binary is None:
             raise BrokerError("mosquitto binary not found (install mosquitto or set KOALA_MOSQUITTO)")
         self.workdir.mkdir(parents=True, exist_ok=True)
-        attempts = 1 if self._fixed_port else 3
+        attempts = 1 if self._fixed_port or self.config_file else 3
         for attempt in range(attempts):
-            if not self._fixed_port:
+            if not self._fixed_port and not self.config_file:
                 self.port = free_port()
-            self.config_path.write_text(self.render_config())
+            if self.config_file is None:
+                self.config_path.write_text(self.render_config())
             self._proc = subprocess.Popen(
-                [self.binary, "-c", str(self.config_path)],
+                [self.binary, "-c", str(self.config_file or self.config_path)],
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
                 start_new_session=True,  # Ctrl-C in a terminal goes to us; we stop it in order
@@ -203,11 +210,14 @@ class MosquittoBroker(EmbeddedBroker):
 
     def _wait_ready(self, timeout: float = 10.0) -> bool:
         deadline = time.monotonic() + timeout
+        pending = list(self.ready_ports or (self.port,))
         while time.monotonic() < deadline:
             if self._proc is None or self._proc.poll() is not None:
                 return False
-            if wait_for_port(LOOPBACK, self.port, timeout=0.2):
-                return True
+            if wait_for_port(LOOPBACK, pending[0], timeout=0.2):
+                pending.pop(0)
+                if not pending:
+                    return True
         return False
 
     def _reap(self) -> str:
