@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -32,12 +32,11 @@ from server_app.registry.errors import RegistryUnavailable
 
 log = logging.getLogger("koala.ingest")
 MAX_RESULTS_PER_ROUND = 8  # result messages one device may send per round (QoS 1 redeliveries included)
-MAX_DEFERRED = 10_000  # results held in memory while the registry is unreachable
 
 
 @dataclass(frozen=True)
 class Outcome:
-    status: str  # "accepted" | "duplicate" | "rejected" | "late" | "ignored" | "deferred" (registry down: retried)
+    status: str  # "accepted" | "duplicate" | "rejected" | "late" | "ignored"
     reason: str | None = None
     round_id: int | None = None
     device_id: str | None = None
@@ -153,25 +152,8 @@ class Ingestor:
         self._attempts_lock = threading.Lock()
         self.max_results_per_round = max_results_per_round
         self._attempts: Counter[tuple[str | None, int | None]] = Counter()  # result messages per (device, round)
-        self._pending: deque[tuple[str, bytes]] = deque()  # results parked while the registry is down
-        self._pending_lock = threading.Lock()
-        self._retry_thread: threading.Thread | None = None
 
     # ------------------------------------------------------------- results
-    def on_result(self, topic: str, payload: bytes) -> Outcome:
-        """One message, synchronously (a batch of one). If the registry is unreachable the result is
-        parked in memory and retried off-thread ("deferred"): for callers that cannot leave the
-        message unacknowledged. The server's MQTT path uses ingest_worker instead, which leaves it
-        unacknowledged at the broker."""
-        try:
-            return self.ingest_batch([(topic, payload)])[0]
-        except RegistryUnavailable as exc:
-            self._defer(topic, bytes(payload), exc)
-            out = Outcome("deferred")
-            self.counts[out.status] += 1
-            _metrics(out, len(payload), 0.0)
-            return out
-
     def ingest_batch(self, items: Sequence[tuple[str, bytes]]) -> list[Outcome]:
         """Validate and persist a batch of result messages; one outcome per item, in order.
 
@@ -322,36 +304,6 @@ class Ingestor:
             for key in counted:
                 if self._attempts.get(key, 0) > 0:
                     self._attempts[key] -= 1
-
-    def _defer(self, topic: str, payload: bytes, exc: Exception) -> None:
-        """Queue a result the registry could not take; one daemon thread re-ingests the queue."""
-        with self._pending_lock:
-            if len(self._pending) >= MAX_DEFERRED:
-                dropped = self._pending.popleft()
-                log.error("deferred queue full, dropping oldest result topic=%s", dropped[0])
-            self._pending.append((topic, payload))
-            if self._retry_thread is None or not self._retry_thread.is_alive():
-                self._retry_thread = threading.Thread(target=self._retry_deferred, name="ingest-retry", daemon=True)
-                self._retry_thread.start()
-        log.warning("registry unavailable, result deferred topic=%s pending=%d error=%s", topic, len(self._pending), exc)
-
-    def _retry_deferred(self) -> None:
-        delay = 0.5
-        while True:
-            with self._pending_lock:
-                if not self._pending:
-                    return
-                topic, payload = self._pending[0]
-            try:
-                out = self.ingest_batch([(topic, payload)])[0]
-            except RegistryUnavailable:
-                time.sleep(delay)
-                delay = min(5.0, delay * 2)
-                continue
-            delay = 0.5
-            with self._pending_lock:
-                self._pending.popleft()
-            log.info("deferred result ingested topic=%s status=%s", topic, out.status)
 
     def _rejection(self, dev: str | None, rnd: int | None, reason: str, detail: str,
                    mark: bool = True) -> tuple[Outcome, list[Any]]:

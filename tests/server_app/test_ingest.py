@@ -48,11 +48,14 @@ def server(registry, mosquitto_broker, tmp_path):
 
     store = RegistryStore(registry, tmp_path)
     presence = Presence()
-    link = MqttClient(f"srv-{secrets.token_hex(3)}", mosquitto_broker.host, mosquitto_broker.port, clean_session=True)
+    link = MqttClient(f"srv-{secrets.token_hex(3)}", mosquitto_broker.host, mosquitto_broker.port, clean_session=True,
+                      manual_ack=True)
     fleet = MqttFleet(link.publish, presence.online, store, num_classes=C, proxy_size=P, proxy_digest=None,
                       default_timeout_s=30)  # fmt: skip
     ingestor = Ingestor(store, presence, lambda: fleet.collection)
-    link.subscribe(topics.shared("koala-server", topics.filter_results()), 1, ingestor.on_result)
+    from server_app.ingest_worker import subscribe_results
+
+    worker = subscribe_results(link, topics.shared("koala-server", topics.filter_results()), ingestor)
     assert link.start(wait_s=10)
     devices = {}
     for d in ("d1", "d2"):
@@ -61,6 +64,7 @@ def server(registry, mosquitto_broker, tmp_path):
     yield store, fleet, ingestor, devices, registry
     for c in (link, *devices.values()):
         c.stop()
+    worker.stop(timeout_s=5.0)
 
 
 def _run_round(store, fleet, round_id: int, quorum: int, timeout_s: float) -> dict[str, Any]:

@@ -90,7 +90,7 @@ def test_batch_gives_the_outcomes_of_one_by_one(registry, tmp_path):
     ref_reg.upgrade()
     try:
         _, col_s, single = _env(ref_reg, tmp_path / "single", DEVS)
-        outs_s = [single.on_result(t, p) for t, p in items]
+        outs_s = [single.ingest_batch([(t, p)])[0] for t, p in items]
         assert [(o.status, o.reason, o.device_id) for o in outs_b] == [(o.status, o.reason, o.device_id) for o in outs_s]
         assert _rows(registry) == _rows(ref_reg)
         assert _reasons(registry) == _reasons(ref_reg)

@@ -163,8 +163,8 @@ def test_ingestion_outcomes_are_exported_from_the_real_ingestor(tmp_path):
     with TestClient(app, client=("127.0.0.1", 1)) as c, TestClient(create_app(RegistryServices(reg))) as other:
         s0 = scrape(c)
         assert val(s0, "koala_ingest_outcomes_total", outcome="accepted", reason="") == 0
-        out1 = services.ingestor.on_result(topics.device_result("d1"), codec.encode(res))
-        out2 = services.ingestor.on_result(topics.device_result("d2"), codec.encode(res))  # spoofed
+        out1 = services.ingestor.ingest_batch([(topics.device_result("d1"), codec.encode(res))])[0]
+        out2 = services.ingestor.ingest_batch([(topics.device_result("d2"), codec.encode(res))])[0]  # spoofed
         s1 = scrape(c)
         assert out2.reason == "spoofed_device"
         assert val(s1, "koala_ingest_outcomes_total", outcome="rejected", reason="spoofed_device") == 1
