@@ -131,7 +131,7 @@ def build_large_model(spec: Any, input_shape: tuple[int, ...], num_classes: int,
     """The policy's large model (`server_app.policy.LargeModelSpec`): the built-in LargeCNN, or a
     user's `module:attr` factory called as factory(input_shape, num_classes, seed=seed, **options)."""
     if spec.factory:
-        from server_app.engine.strategies import load_ref
+        from server_app.plugins import load_ref
 
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(seed)

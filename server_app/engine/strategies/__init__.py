@@ -8,12 +8,12 @@ docs/extending.md); a `fusion` of the form `module:attr` plugs in a user's fusio
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
+from server_app import plugins
 from server_app.engine.strategies.fedavg_large import FedAvgLarge
 from server_app.engine.strategies.fedavg_small import FedAvgSmall
 from server_app.engine.strategies.koala import KoalaStrategy
@@ -33,15 +33,11 @@ STRATEGIES: dict[str, type[Strategy]] = {
 
 
 def load_ref(ref: str, what: str) -> Any:
-    """`package.module:attr` -> the object; PolicyError with the reason when it cannot be loaded."""
-    mod_name, _, attr = ref.partition(":")
+    """`module:attr` -> the object; PolicyError with the reason when it cannot be loaded."""
     try:
-        obj: Any = importlib.import_module(mod_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as exc:
-        raise PolicyError(f"{what} {ref!r} cannot be loaded: {exc}") from None
-    return obj
+        return plugins.load_ref(ref, what)
+    except plugins.PluginError as exc:
+        raise PolicyError(str(exc)) from None
 
 
 def strategy_class(policy: KoalaPolicy) -> type[Strategy]:
