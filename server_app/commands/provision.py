@@ -105,8 +105,8 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 def _refresh(args: argparse.Namespace, secret: str | None = None) -> None:
     """Regenerate the broker files, then apply the change to the running broker if there is one."""
-    from server_app.provisioning.broker_files import write_broker_files
-    from server_app.provisioning.dynsec import BrokerControl, ControlEndpoint, cut_off
+    from server_app.provisioning.broker_files import cut_off, write_broker_files
+    from server_app.provisioning.dynsec import BrokerControl, ControlEndpoint
     from server_app.provisioning.registry_link import active_credentials
 
     broker_dir: Path | None = args.broker_dir

@@ -17,6 +17,7 @@ so both are 0644 (Mosquitto may read them after dropping root).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Iterable
@@ -120,3 +121,13 @@ def reload_broker(pid_file: Path) -> int:
     pid = int(pid_file.read_text().split()[0])
     os.kill(pid, signal.SIGHUP)
     return pid
+
+
+def cut_off(control: dynsec.BrokerControl, broker_dir: Path | None, device_id: str, active: list[DeviceCredential]) -> None:
+    """Delete the device on the live broker (its sessions are dropped at once) and, when the broker
+    files live here, regenerate them from `active` (DeviceCredential list) so a restart agrees."""
+    control.delete_client(device_id)
+    with contextlib.suppress(dynsec.ControlError):  # no such role: nothing to tidy
+        control.run([{"command": "deleteRole", "rolename": dynsec.device_role_name(device_id)}])
+    if broker_dir is not None:
+        write_broker_files(broker_dir, active)

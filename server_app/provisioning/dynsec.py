@@ -21,7 +21,6 @@ password-file hash in the registry is, so the registry's hash converts without t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import queue
 import ssl
@@ -295,15 +294,3 @@ def server_control(settings: Any) -> tuple[BrokerControl, Path] | None:
     broker_dir = Path(raw)
     endpoint = ControlEndpoint.from_url(broker.url, getattr(broker, "tls_ca", None))
     return BrokerControl(endpoint, ADMIN_ACCOUNT, read_secret(broker_dir, ADMIN_ACCOUNT)), broker_dir
-
-
-def cut_off(control: BrokerControl, broker_dir: Path | None, device_id: str, active: list[Any]) -> None:
-    """Delete the device on the live broker (its sessions are dropped at once) and, when the broker
-    files live here, regenerate them from `active` (DeviceCredential list) so a restart agrees."""
-    control.delete_client(device_id)
-    with contextlib.suppress(ControlError):  # no such role: nothing to tidy
-        control.run([{"command": "deleteRole", "rolename": device_role_name(device_id)}])
-    if broker_dir is not None:
-        from server_app.provisioning.broker_files import write_broker_files
-
-        write_broker_files(broker_dir, active)

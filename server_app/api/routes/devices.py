@@ -85,8 +85,8 @@ def revoke_device(
 
 def _cut_off_at_broker(request: Request, s: Session, device_id: str) -> None:
     """Delete the broker account; on failure raise 503 so the registry change rolls back too (retry)."""
-    from server_app.provisioning.broker_files import DeviceCredential
-    from server_app.provisioning.dynsec import ControlError, cut_off, server_control
+    from server_app.provisioning.broker_files import DeviceCredential, cut_off
+    from server_app.provisioning.dynsec import ControlError, server_control
 
     svc = getattr(request.app.state, "services", None)
     control = getattr(svc, "broker_control", None)  # injected (tests, embedded), else from settings
