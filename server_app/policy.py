@@ -81,7 +81,7 @@ class KoalaPolicy(BaseModel):
                           "logits is a teacher. None: koala_homo -> avg_model, koala_hetero -> device_logits")
     fusion: str = Field("entropy", description=f"how teachers' logits are fused: {', '.join(FUSION_RULES)}")
     rkd: Literal["fused", "per_group"] = "fused"
-    weight_rule: str = Field("fedavg", description=f"how uploaded small weights are averaged: {', '.join(WEIGHT_RULES)} "
+    weight_rule: str = Field("trimmed_mean", description=f"how uploaded small weights are averaged: {', '.join(WEIGHT_RULES)} "
                                                    "(median, trimmed_mean, krum bound one device's influence)")
     clip_factor: float | None = Field(None, gt=0.0, description="clip each device's weight update to this x the median "
                                                                 "update norm before averaging (None: no clipping)")
@@ -177,37 +177,34 @@ def check_fields_used(policy: KoalaPolicy, used: frozenset[str] | set[str]) -> N
         )
 
 
+def read_mapping_file(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A .toml / .yaml / .json file holding a mapping; PolicyError (one line) when it cannot be read."""
+    p = Path(path)
+    if not p.is_file():
+        raise PolicyError(f"{what} {p} does not exist")
+    loaders = {".json": "json", ".toml": "tomllib", ".yaml": "yaml", ".yml": "yaml"}
+    if p.suffix not in loaders:
+        raise PolicyError(f"{what} {p.name}: use .toml, .yaml/.yml or .json")
+    try:
+        import importlib
+
+        mod = importlib.import_module(loaders[p.suffix])
+        text = p.read_text()
+        data = (mod.safe_load(text) or {}) if p.suffix in (".yaml", ".yml") else mod.loads(text)
+    except Exception as exc:  # parse errors of any of the three formats
+        raise PolicyError(f"{what} {p} cannot be parsed: {exc}") from None
+    if not isinstance(data, dict):
+        raise PolicyError(f"{what} {p} must hold a mapping")
+    return data
+
+
 def read_policy_file(path: str | Path) -> dict[str, Any]:
     """A policy file (.toml / .yaml / .json): its `policy` section, or its fields at the top level.
 
     The same file works for `koala sim --policy`, `koala demo --policy` and `koala serve --policy`
     (and as the `[policy]` section of the server's settings file)."""
-    p = Path(path)
-    if not p.is_file():
-        raise PolicyError(f"policy file {p} does not exist")
-    text = p.read_text()
-    try:
-        if p.suffix == ".json":
-            import json
-
-            data = json.loads(text)
-        elif p.suffix == ".toml":
-            import tomllib
-
-            data = tomllib.loads(text)
-        elif p.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text) or {}
-        else:
-            raise PolicyError(f"policy file {p.name}: use .toml, .yaml/.yml or .json")
-    except PolicyError:
-        raise
-    except Exception as exc:  # parse errors of any of the three formats
-        raise PolicyError(f"policy file {p} cannot be parsed: {exc}") from None
-    if not isinstance(data, dict):
-        raise PolicyError(f"policy file {p} must hold a mapping")
+    data = read_mapping_file(path, "policy file")
     section = data.get("policy", data)
     if not isinstance(section, dict):
-        raise PolicyError(f"policy file {p}: `policy` must be a mapping")
+        raise PolicyError(f"policy file {path}: `policy` must be a mapping")
     return dict(section)

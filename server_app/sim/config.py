@@ -9,12 +9,11 @@ are accepted too, as a shorthand). Each entry of `methods` is a preset name (see
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from server_app.policy import KoalaPolicy
+from server_app.policy import KoalaPolicy, read_mapping_file
 
 # name -> (policy overrides, which archs: "homo" -> [homo_arch] | "hetero" -> hetero_archs | "policy":
 # the policy's own). "policy" runs the base policy as it is (what koala serve would run).
@@ -105,27 +104,10 @@ class SimConfig:
         return d
 
 
-def read_file(path: str | Path) -> dict[str, Any]:
-    """JSON / TOML / YAML (by suffix) -> dict."""
-    p = Path(path)
-    text = p.read_text()
-    if p.suffix == ".json":
-        return json.loads(text)
-    if p.suffix == ".toml":
-        import tomllib
-
-        return tomllib.loads(text)
-    if p.suffix in (".yaml", ".yml"):
-        import yaml
-
-        return yaml.safe_load(text) or {}
-    raise ValueError(f"config must be .json, .toml or .yaml, got {p.name}")
-
-
 def load_config(path: str | Path | None = None, **overrides: Any) -> SimConfig:
     """Read the file, then apply non-None overrides (CLI flags). Policy keys may be given at the
     top level or under `policy`; unknown keys are an error."""
-    data: dict[str, Any] = read_file(path) if path else {}
+    data: dict[str, Any] = read_mapping_file(path, "experiment file") if path else {}
     policy = dict(data.pop("policy", None) or {})
     policy.update(overrides.pop("policy", None) or {})
     data.update({k: v for k, v in overrides.items() if v is not None})
