@@ -81,7 +81,7 @@ class KoalaPolicy(BaseModel):
                           "logits is a teacher. None: koala_homo -> avg_model, koala_hetero -> device_logits")
     fusion: str = Field("entropy", description=f"how teachers' logits are fused: {', '.join(FUSION_RULES)}")
     rkd: Literal["fused", "per_group"] = "fused"
-    weight_rule: str = Field("trimmed_mean", description=f"how uploaded small weights are averaged: {', '.join(WEIGHT_RULES)} "
+    weight_rule: str = Field("fedavg", description=f"how uploaded small weights are averaged: {', '.join(WEIGHT_RULES)} "
                                                    "(median, trimmed_mean, krum bound one device's influence)")
     clip_factor: float | None = Field(None, gt=0.0, description="clip each device's weight update to this x the median "
                                                                 "update norm before averaging (None: no clipping)")

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 HELP = "run benchmarks (ingestion, fleet_scale, device_footprint, communication, reverse_kd) -> bench/results"
-NAMES = ("ingestion", "fleet_scale", "device_footprint", "communication", "reverse_kd", "parity")
+NAMES = ("ingestion", "fleet_scale", "device_footprint", "communication", "reverse_kd", "parity", "attacks")
 _REPO = Path(__file__).resolve().parents[2]
 
 

@@ -20,8 +20,12 @@ def _small_factory(input_shape: tuple[int, int, int]):
     return lambda arch: SmallModel(f"{arch}_{format_input(input_shape)}", num_threads=1)
 
 
-def run_method(cfg: SimConfig, spec: MethodSpec, ds, split, progress: bool = True) -> dict[str, Any]:
-    """One method end to end; returns {"row": summary, "curve": per-round metrics}."""
+def run_method(cfg: SimConfig, spec: MethodSpec, ds, split, progress: bool = True,
+               fleet_factory: Any = None) -> dict[str, Any]:
+    """One method end to end; returns {"row": summary, "curve": per-round metrics}.
+
+    `fleet_factory`: called like `InMemoryFleet(devices, proxy_x, model_factory=, simulators=,
+    progress=)` instead of it (bench/attacks.py makes chosen devices malicious this way)."""
     import torch
 
     from server_app.engine.fleet import InMemoryFleet, SimDevice
@@ -51,7 +55,7 @@ def run_method(cfg: SimConfig, spec: MethodSpec, ds, split, progress: bool = Tru
 
         per_round = strategy.sampler.count(len(devices))
         bar = tqdm(total=cfg.rounds * per_round, desc=spec.name, unit="dev", leave=True)
-    fleet = InMemoryFleet(devices, proxy_x if uses_proxy else None, model_factory=lambda a, s: factory(a),
+    fleet = (fleet_factory or InMemoryFleet)(devices, proxy_x if uses_proxy else None, model_factory=lambda a, s: factory(a),
                           simulators=strategy.device_simulators(), progress=(bar.update if bar else None))  # fmt: skip
     rng = np.random.default_rng(cfg.seed + 1)
     n_test = len(ds.y_test)
@@ -64,6 +68,9 @@ def run_method(cfg: SimConfig, spec: MethodSpec, ds, split, progress: bool = Tru
         # full test set (`large_test_acc_full`, the number tables report)
         out: dict[str, Any] = {"round": r}
         out["large_test_acc"] = accuracy(strategy.large_model, ds.x_test[sub], ds.y_test[sub]) if has_large else None
+        if has_large:
+            out["large_finite"] = bool(all(torch.isfinite(q).all() for q in strategy.large_model.state_dict().values()
+                                           if q.is_floating_point()))  # fmt: skip
         if has_large and r == cfg.rounds - 1:
             out["large_test_acc_full"] = (out["large_test_acc"] if len(sub) == n_test
                                           else accuracy(strategy.large_model, ds.x_test, ds.y_test))  # fmt: skip
