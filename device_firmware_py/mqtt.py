@@ -14,6 +14,7 @@ Device-safe: stdlib + paho only.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
 import time
@@ -69,6 +70,42 @@ def parse_broker_url(url: str) -> BrokerAddress:
     )
 
 
+def connect_error_reason(exc: BaseException) -> str:
+    """Why a TCP/TLS connect failed, in words an operator can act on."""
+    if isinstance(exc, socket.gaierror):
+        return f"host name not resolved (DNS: {exc.strerror or exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused (nothing listens on that port: broker down or wrong port?)"
+    if isinstance(exc, (TimeoutError, socket.timeout)):
+        return "timed out (host unreachable or a firewall drops the packets?)"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({exc.reason or exc}): check the CA file and mqtts:// port"
+    return f"{type(exc).__name__}: {exc.strerror or exc}" if isinstance(exc, OSError) else f"{type(exc).__name__}: {exc}"
+
+
+class _PahoClient(mqtt.Client):
+    """paho's client, telling us why a (re)connect attempt failed: paho's own loop swallows the
+    OSError and then logs only `Client is not connected. Socket: None` on every retry."""
+
+    on_connect_error: Callable[[BaseException], None] | None = None
+
+    def reconnect(self) -> Any:
+        try:
+            return super().reconnect()
+        except OSError as exc:
+            if self.on_connect_error is not None:
+                self.on_connect_error(exc)
+            raise
+
+
+class _NoSocketNoise(logging.Filter):
+    """Drop paho's `Client is not connected. Socket: None` (logged at ERROR on every retry while the
+    broker is unreachable); MqttClient logs the actual reason instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
 def _strip_share(f: str) -> str:
     """`$share/group/a/+/b` -> `a/+/b`: delivered topics never carry the share prefix."""
     return f.split("/", 2)[2] if f.startswith("$share/") and f.count("/") >= 2 else f
@@ -122,12 +159,16 @@ class MqttClient:
         self.connected = threading.Event()
         self.connect_count = 0  # how many successful (re)connects: tests and metrics
         self.last_error: str | None = None
+        self.connect_failures = 0  # failed connect attempts since the last successful connect
+        self._reconnect_min_s, self._reconnect_max_s = reconnect_min_s, reconnect_max_s
+        self._quiet_failures = False  # while start(wait_s) waits, the caller reports a failure
         proto = mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311
         if self.v5:  # v5 has clean_start/session expiry instead of clean_session
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, manual_ack=manual_ack)
+            c = _PahoClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=proto, manual_ack=manual_ack)
         else:
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
+            c = _PahoClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                             protocol=proto, manual_ack=manual_ack)  # fmt: skip
+        c.on_connect_error = self._on_connect_error
         if username:
             c.username_pw_set(username, password)
         if tls or ca_file or cert_file:
@@ -141,7 +182,10 @@ class MqttClient:
         c.on_disconnect = self._on_disconnect
         c.on_message = self._on_message
         c.on_unsubscribe = self._on_unsubscribe
-        c.enable_logger(logging.getLogger("koala.mqtt.paho"))
+        paho_log = logging.getLogger("koala.mqtt.paho")
+        if not any(isinstance(f, _NoSocketNoise) for f in paho_log.filters):
+            paho_log.addFilter(_NoSocketNoise())
+        c.enable_logger(paho_log)
         self.client = c
 
     @classmethod
@@ -163,8 +207,15 @@ class MqttClient:
             self.client.connect_async(self.host, self.port, keepalive=self.keepalive, clean_start=self.clean_session, properties=props)
         else:
             self.client.connect_async(self.host, self.port, keepalive=self.keepalive)
-        self.client.loop_start()
-        return self.wait_connected(wait_s) if wait_s else self.connected.is_set()
+        if not wait_s:
+            self.client.loop_start()
+            return self.connected.is_set()
+        self._quiet_failures = True  # the caller reports (with last_error) if this wait fails
+        try:
+            self.client.loop_start()
+            return self.wait_connected(wait_s)
+        finally:
+            self._quiet_failures = False
 
     def wait_connected(self, timeout: float) -> bool:
         return self.connected.wait(timeout)
@@ -249,6 +300,7 @@ class MqttClient:
         with self._lock:
             self._conn_gen += 1
         self.connect_count += 1
+        self.connect_failures = 0
         self.connected.set()
         log.info(
             "mqtt connected %s:%d client=%s session_present=%s subs=%d",
@@ -259,6 +311,21 @@ class MqttClient:
                 self._on_connect_cb()
             except Exception:
                 log.exception("on_connect callback failed")
+
+    def _on_connect_error(self, exc: BaseException) -> None:
+        """A connect attempt failed (paho retries with backoff, min..max doubling): say where and why.
+        Logged as a warning on the first failure, when the reason changes, and then at attempts
+        1, 2, 4, 8, ... (debug in between), so a long outage does not flood the log."""
+        reason = connect_error_reason(exc)
+        changed = reason != self.last_error
+        self.last_error = reason
+        self.connect_failures += 1
+        n = self.connect_failures
+        delay = min(self._reconnect_min_s * 2 ** (n - 1), self._reconnect_max_s)
+        loud = (changed or n & (n - 1) == 0) and not self._quiet_failures
+        log.log(logging.WARNING if loud else logging.DEBUG,
+                "mqtt cannot connect to %s:%d: %s; attempt %d, retrying in %.1f s (backoff up to %.0f s)",
+                self.host, self.port, reason, n, delay, self._reconnect_max_s)  # fmt: skip
 
     def _on_disconnect(self, _c: Any, _ud: Any, _flags: Any, reason_code: Any, _props: Any = None) -> None:
         self.connected.clear()

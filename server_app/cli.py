@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from device_firmware_py.cli import command_parser, dispatch
+from device_firmware_py.cli import add_debug_flag, command_parser, dispatch
 
 # name -> module; order is the order shown in --help.
 COMMANDS: dict[str, str] = {
@@ -28,11 +28,33 @@ COMMANDS: dict[str, str] = {
 }
 
 
+# Option spellings accepted as one another everywhere (canonical first): a command that defines
+# either name answers to both.
+ALIASES: tuple[tuple[str, str], ...] = (("--database-url", "--db"),)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    return command_parser(
+    parser = command_parser(
         "koala", "KOALA Edge: train a large server model from a fleet of small IoT devices over MQTT.", COMMANDS,
         version="koala-edge 0.1.0",
     )
+    add_debug_flag(parser)
+    _add_aliases(parser)
+    return parser
+
+
+def _add_aliases(parser: argparse.ArgumentParser) -> None:
+    """Give every option spelled one way in ALIASES the other spelling too, in every subcommand."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _add_aliases(sub)
+            continue
+        for a, b in ALIASES:
+            for have, add in ((a, b), (b, a)):
+                if have in action.option_strings and add not in parser._option_string_actions:
+                    action.option_strings.append(add)
+                    parser._option_string_actions[add] = action
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -264,7 +264,18 @@ async function action(path, label) {
   }
 }
 
+// `koala demo` prints the dashboard URL as /dashboard/#token=...: the fragment never reaches the
+// server (nor its logs); take the token from it, keep it like a typed one, and clear the address bar.
+function tokenFromFragment() {
+  const m = /(?:^#|&)token=([^&]+)/.exec(location.hash);
+  if (!m) return;
+  S.token = decodeURIComponent(m[1]);
+  localStorage.setItem(TOKEN_KEY, S.token);
+  history.replaceState(null, "", location.pathname + location.search);
+}
+
 function init() {
+  tokenFromFragment();
   $("#token").value = S.token;
   $("#token-form").addEventListener("submit", (ev) => {
     ev.preventDefault();

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from fastapi import APIRouter, FastAPI
 
 from server_app import __version__
+from server_app.api.docs import mount_docs
 from server_app.api.problems import install_problem_handlers
 from server_app.api.routes import health, prometheus
 from server_app.api.static import mount_dashboard
@@ -59,6 +60,8 @@ def create_app(services: Services | None = None) -> FastAPI:
         version=__version__,
         description="Registry, rounds and models of a KOALA federated-distillation fleet.",
         lifespan=lifespan,
+        docs_url=None,  # /docs and /redoc from vendored assets (server_app.api.docs): they work offline
+        redoc_url=None,
     )
     app.state.services = services
     install_problem_handlers(app)
@@ -66,5 +69,6 @@ def create_app(services: Services | None = None) -> FastAPI:
     app.include_router(prometheus.router)
     for router in _api_routers():
         app.include_router(router, prefix="/api/v1")
+    mount_docs(app)
     mount_dashboard(app)
     return app

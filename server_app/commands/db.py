@@ -9,7 +9,8 @@ HELP = "migrate the registry database (upgrade) or show its revision (current)"
 
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["upgrade", "current"])
-    p.add_argument("--database-url", help="SQLAlchemy URL (default: KOALA_DATABASE_URL / config file / sqlite:///./koala.db)")
+    p.add_argument("--database-url", "--db", dest="database_url",
+                   help="SQLAlchemy URL (default: KOALA_DATABASE__URL / config file / sqlite:///./koala.db)")
     p.add_argument("--config", help="KOALA config file (TOML/YAML/JSON)")
 
 
@@ -32,8 +33,10 @@ def run(args: argparse.Namespace) -> int:
             return 0
         rev = current_revision(url)
     except RegistryUnavailable as exc:
-        print(f"error: {exc}")
-        return 1
+        from device_firmware_py.cli import CommandError
+
+        raise CommandError(f"{exc}\n  check --database-url (or database.url / KOALA_DATABASE__URL) and that the "
+                           "database server is up") from None  # fmt: skip
     head = head_revision()
     print(f"{rev or 'none (empty database)'}{' (head)' if rev == head else f' (head is {head})'}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 HELP = "run a whole KOALA deployment locally: embedded broker, server, N device agent processes, R rounds"
 
@@ -22,8 +23,14 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="homo: cnn_small on every device (koala_homo); hetero: mlp_tiny, cnn_small, mobilenet_tiny "
                         "round-robin (koala_hetero)")
     p.add_argument("--broker", default="embedded", help="embedded (private Mosquitto, else amqtt) | amqtt | mqtt://host:port")
-    p.add_argument("--db", help="database URL (default: SQLite in the run dir), e.g. postgresql://postgres@127.0.0.1/koala")
-    p.add_argument("--run-dir", default="demo_run", help="where data partitions, DB, logs, results go")
+    p.add_argument("--database-url", "--db", dest="db",
+                   help="database URL (default: SQLite in the run dir), e.g. postgresql://postgres@127.0.0.1/koala")
+    p.add_argument("--run-dir", help="where data partitions, DB, logs, results go (default: a fresh "
+                   "demo_runs/<timestamp> per run; a directory holding an earlier run needs --resume)")
+    p.add_argument("--resume", metavar="DIR", help="continue the earlier run in DIR (its registry, model and "
+                   "devices) for --rounds more rounds; its results and plot are kept (new ones get a .2, .3 ... name)")
+    p.add_argument("--token", help="API bearer token (default: KOALA_API__BEARER_TOKEN, else a random one per "
+                   "run, printed and saved as <run dir>/api_token); reads from this machine need none")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of the label skew (<=0: IID)")
     p.add_argument("--proxy-size", type=int, default=None, help="proxy images (default 1000; digits 300)")
     p.add_argument("--train-size", type=int, default=6000, help="device training samples in total (0: all)")
@@ -40,8 +47,10 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import time
 
+    from device_firmware_py.cli import CommandError
     from server_app.commands import stop_on_signals
-    from server_app.demo.launcher import DemoConfig, DemoRun, format_table
+    from server_app.data.datasets import DATASETS
+    from server_app.demo.launcher import DemoConfig, DemoRun, format_table, new_run_dir
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("koala.demo").setLevel(logging.INFO)
@@ -52,20 +61,37 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, PolicyError) as exc:
         print(f"koala demo: {exc}", file=sys.stderr)
         return 2
+    if args.dataset not in DATASETS:
+        raise CommandError(f"unknown dataset {args.dataset!r}\n  use one of: {', '.join(DATASETS)} (--dataset)")
+    if args.resume and args.run_dir and Path(args.resume).resolve() != Path(args.run_dir).resolve():
+        raise CommandError(f"--resume {args.resume} and --run-dir {args.run_dir} name different directories\n"
+                           "  give one of them (--resume DIR is the run dir)")  # fmt: skip
+    run_dir = args.resume or args.run_dir or str(new_run_dir())
     cfg = DemoConfig(
-        run_dir=args.run_dir, dataset=args.dataset, devices=args.devices,
+        run_dir=run_dir, resume=bool(args.resume), api_token=args.token, dataset=args.dataset, devices=args.devices,
         alpha=args.alpha if args.alpha > 0 else None,
         proxy_size=args.proxy_size or PROXY_SIZE.get(args.dataset, PROXY_SIZE[None]),
         train_size=args.train_size or None, test_size=args.test_size or None, broker=args.broker, db=args.db,
         http_port=args.port, policy=policy,
     )  # fmt: skip
     demo = DemoRun(cfg)
+    demo.check_run_dir()
+    print(f"run dir {demo.run_dir}" + ("  (resumed)" if cfg.resume else ""))
     print(f"KOALA demo: {cfg.devices} device processes, {policy.rounds} rounds of {policy.strategy} on {cfg.dataset} "
           f"(policy: {', '.join(f'{k}={getattr(policy, k)}' for k in sorted(policy.explicit())) or 'defaults'})")
     try:
         stop_on_signals()  # Ctrl-C / SIGTERM stop the broker, server and agents it started
-        demo.start()
-        print(f"broker {demo.broker_url}   API http://127.0.0.1:{demo.http_port}/docs   run dir {demo.run_dir}")
+        try:
+            demo.start()
+        except FileNotFoundError as exc:  # a data set that is not installed
+            raise CommandError(f"data set {cfg.dataset}: {exc}\n  install it (scripts/setup.sh as root: apt-get "
+                               "install dataset-fashion-mnist) or run with --dataset digits") from None  # fmt: skip
+        base = f"http://127.0.0.1:{demo.http_port}"
+        print(f"broker {demo.broker_url}   API {base}/docs   run dir {demo.run_dir}"
+              + (f"   resuming after round {demo.resumed_from_round - 1}" if demo.resumed_from_round else ""))
+        print(f"dashboard {base}/dashboard/#token={demo.api_token}\n"
+              f"  reads from this machine need no token; start/stop rounds and other changes need "
+              f"Authorization: Bearer {demo.api_token}  (saved in {demo.run_dir / 'api_token'})")  # fmt: skip
         ok = demo.wait()
         res = demo.results()
         print()
@@ -75,8 +101,8 @@ def run(args: argparse.Namespace) -> int:
         agents = [v for k, v in rss.items() if k != "server" and v]
         print(f"\npeak RSS: server {rss.get('server', 0) / 1024:.0f} MiB, device agent "
               f"{(max(agents) if agents else 0) / 1024:.0f} MiB (max of {len(agents)})")  # fmt: skip
-        print(f"results {demo.run_dir / 'results.json'}" + (f"   plot {png}" if png else ""))
-        print(f"dashboard/API http://127.0.0.1:{demo.http_port}/   (docs at /docs)")
+        print(f"results {demo.results_path}" + (f"   plot {png}" if png else ""))
+        print(f"dashboard {base}/dashboard/#token={demo.api_token}   API {base}/docs")
         if args.keep_serving:
             print("--keep-serving: Ctrl-C to stop")
             while True:

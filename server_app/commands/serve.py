@@ -14,6 +14,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "replaces the settings' [policy] section")
     p.add_argument("--host", help="API bind address (default: settings api.host, 127.0.0.1)")
     p.add_argument("--port", type=int, help="API port (default: settings api.port)")
+    p.add_argument("--database-url", "--db", dest="database_url",
+                   help="registry database URL (default: settings database.url / KOALA_DATABASE__URL)")
+    p.add_argument("--broker", help="broker URL mqtt://host:port (default: settings broker.url / KOALA_BROKER__URL)")
     p.add_argument("--no-rounds", action="store_true", help="serve the API and ingest, but start no rounds")
     p.add_argument("--print-config", action="store_true", help="print the effective settings (secrets hidden) and exit")
 
@@ -31,7 +34,11 @@ def run(args: argparse.Namespace) -> int:
     from server_app.services import ServerServices
 
     try:
-        overrides = {"policy": read_policy_file(args.policy)} if args.policy else {}
+        overrides: dict = {"policy": read_policy_file(args.policy)} if args.policy else {}
+        if args.database_url:
+            overrides["database"] = {"url": args.database_url}
+        if args.broker:
+            overrides["broker"] = {"url": args.broker}
         settings = load_settings(args.config, **overrides)
     except (ConfigError, PolicyError) as exc:
         print(f"koala serve: {exc}", file=sys.stderr)
@@ -40,16 +47,41 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(settings.redacted(), indent=1, default=str))
         return 0
     configure_logging(settings.log_level, settings.log_format)
+    if settings.log_level != "DEBUG":  # alembic's INFO lines (plugins, "Context impl") are noise here
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+    host = args.host or settings.api.host
+    port = args.port or settings.api.port
+    _check_listen(host, port)
     services = ServerServices.from_settings(settings)
     if args.no_rounds:
         services.options.start_orchestrator = False
-    app = create_app(services)
-    host = args.host or settings.api.host
-    port = args.port or settings.api.port
-    logging.getLogger("koala.serve").info("serving api=http://%s:%d broker=%s db=%s", host, port, settings.broker.url,
-                                          services.options.db_url.split("@")[-1])
-    # Bounded graceful shutdown: open dashboard SSE streams must not hold a Ctrl-C for long.
-    # log_config=None: uvicorn's access/error loggers go through our root handler (same format)
-    uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5,
-                log_config=None)
+    # Start before uvicorn (its lifespan start is then a no-op): a wrong broker, database or data
+    # path is one CommandError line here instead of uvicorn's "Application startup failed" traceback.
+    services.start()
+    try:
+        app = create_app(services)
+        logging.getLogger("koala.serve").info("serving api=http://%s:%d broker=%s db=%s", host, port,
+                                              settings.broker.url, services.options.db_url.split("@")[-1])  # fmt: skip
+        # Bounded graceful shutdown: open dashboard SSE streams must not hold a Ctrl-C for long.
+        # log_config=None: uvicorn's access/error loggers go through our root handler (same format)
+        uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5,
+                    log_config=None)
+    finally:
+        services.stop()
     return 0
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Fail with one line when the API address cannot be bound (port taken, address not local)."""
+    import socket
+
+    from device_firmware_py.cli import CommandError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(infos[0][4])
+    except OSError as exc:
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}\n"
+                           f"  choose another --port / --host (settings api.port, api.host)") from None

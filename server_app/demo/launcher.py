@@ -8,6 +8,12 @@ runs is exactly what CI checks. Steps:
      orchestrator) inside the FastAPI app, served by uvicorn on a free loopback port;
   4. start every device agent as its own OS process (`koala-device run --config ...`);
   5. wait for the rounds, then build the result table and the accuracy plot.
+
+Every run gets its own directory (`new_run_dir`: demo_runs/<timestamp>); a directory that holds
+an earlier run is refused unless `resume=True`, which continues its registry for `policy.rounds`
+more rounds and writes results/plot under fresh names, so nothing of an earlier run is overwritten.
+The API's bearer token is generated per run (or KOALA_API__BEARER_TOKEN), written to
+`<run dir>/api_token`; reads from this machine (loopback) need no token, mutations do.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -24,14 +31,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from device_firmware_py.cli import CommandError
 from server_app.policy import KoalaPolicy
 
 log = logging.getLogger("koala.demo")
+RUNS_DIR = "demo_runs"
+EARLIER_RUN = ("koala.db", "results.json", "fleet.json", "server")  # any of these: the dir holds a run
+
+
+def new_run_dir(base: str | Path = RUNS_DIR) -> Path:
+    """A directory no earlier run used: base/<YYYYmmdd-HHMMSS>[-N]."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        p = Path(base) / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            p.mkdir(parents=True, exist_ok=False)
+            return p
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run directory under {base}")
+
+
+def holds_run(run_dir: str | Path) -> bool:
+    return any((Path(run_dir) / name).exists() for name in EARLIER_RUN)
+
+
+def _fresh(path: Path) -> Path:
+    """`path`, or `stem.2.suffix`, `stem.3.suffix`, ... : the first that does not exist yet."""
+    n = 2
+    out = path
+    while out.exists():
+        out = path.with_name(f"{path.stem}.{n}{path.suffix}")
+        n += 1
+    return out
+
+
+@dataclass(frozen=True)
+class DemoApiSettings:
+    """What server_app.api.auth reads from the services' settings: the token and the loopback switch."""
+
+    api_token: str | None
+    open_reads_localhost: bool = True
 
 
 @dataclass
 class DemoConfig:
-    run_dir: str = "demo_run"
+    run_dir: str = "demo_run"  # `koala demo` passes new_run_dir() unless --run-dir/--resume
     dataset: str = "fashion-mnist"
     devices: int = 5
     alpha: float | None = 0.5
@@ -46,6 +91,9 @@ class DemoConfig:
     torch_threads: int = 2
     device_env: dict[str, str] = field(default_factory=dict)
     quiet_devices: bool = True
+    resume: bool = False  # continue the run in run_dir (its registry) instead of refusing it
+    api_token: str | None = None  # None: KOALA_API__BEARER_TOKEN, else a fresh random one per run
+    open_reads_localhost: bool = True  # GETs from 127.0.0.1/::1 need no token (dashboard, curl)
 
 
 def _vm_hwm_kib(pid: int) -> int | None:
@@ -74,16 +122,35 @@ class DemoRun:
         self.layout: Any = None
         self.t_start = 0.0
         self.rss_kib: dict[str, int | None] = {}
+        saved = self.run_dir / "api_token"
+        earlier = saved.read_text().strip() if cfg.resume and saved.is_file() else None  # a resumed run keeps it
+        self.api_token = (cfg.api_token or os.environ.get("KOALA_API__BEARER_TOKEN") or earlier
+                          or secrets.token_urlsafe(18))  # fmt: skip
+        self.resumed_from_round = 0  # rounds the registry held at start (resume)
+        self.results_path = self.run_dir / "results.json"
 
     # ----------------------------------------------------------------- start
     def start(self) -> DemoRun:
         self.t_start = time.perf_counter()
+        self.check_run_dir()
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        token_file = self.run_dir / "api_token"
+        token_file.write_text(self.api_token + "\n")
+        token_file.chmod(0o600)
         self._start_broker()
         self._write_fleet()
         self._start_server()
         self._start_agents()
         return self
+
+    def check_run_dir(self) -> None:
+        """CommandError unless the run dir is new (or, with resume, holds an earlier run)."""
+        if holds_run(self.run_dir) and not self.cfg.resume:
+            raise CommandError(f"run dir {self.run_dir} holds an earlier run\n"
+                               f"  continue it with --resume {self.run_dir}, or omit --run-dir for a fresh one")  # fmt: skip
+        if self.cfg.resume and not holds_run(self.run_dir):
+            raise CommandError(f"nothing to resume in {self.run_dir}: no earlier run there\n"
+                               f"  give the directory of an earlier run (ls {RUNS_DIR}/), or omit --resume")  # fmt: skip
 
     def _start_broker(self) -> None:
         b = self.cfg.broker
@@ -109,34 +176,54 @@ class DemoRun:
         )  # fmt: skip
 
     def _start_server(self) -> None:
+        import socket
+
         import uvicorn
 
         from server_app.api.app import create_app
         from server_app.services import ServerOptions, ServerServices
-        from server_app.transport.broker import free_port
 
         c = self.cfg
+        # bind first (port 0: the kernel picks a free one, no race with other processes), then hand
+        # the socket to uvicorn
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", c.http_port))
+        except OSError as exc:
+            sock.close()
+            raise CommandError(f"cannot listen on 127.0.0.1:{c.http_port}: {exc.strerror or exc}\n"
+                               "  choose another --port, or 0 for a free one") from None  # fmt: skip
+        self.http_port = sock.getsockname()[1]
         host, port = _host_port(self.broker_url)
         opts = ServerOptions(
             db_url=c.db or f"sqlite:///{self.run_dir / 'koala.db'}", data_dir=str(self.run_dir / "server"),
             proxy_path=self.layout.proxy_path, test_path=self.layout.test_path, broker_host=host, broker_port=port,
             shared_subscriptions=None if self.broker is None else self.broker.features.shared_subscriptions,
             policy=c.policy.with_overrides(min_devices=c.devices),  # the demo starts rounds once every agent is up
-            wait_devices_s=60.0, torch_threads=c.torch_threads,
+            wait_devices_s=60.0, torch_threads=c.torch_threads, start_orchestrator=False,
         )  # fmt: skip
-        self.services = ServerServices(opts)
+        self.services = ServerServices(opts, settings=DemoApiSettings(self.api_token, c.open_reads_localhost))
+        # started here, not by uvicorn's lifespan (start() is then a no-op): a failure (database,
+        # broker) is the CommandError itself, not "server did not start"
+        try:
+            self.services.start()
+        except BaseException:
+            sock.close()
+            raise
+        orch = self.services.orchestrator
+        last = self.services.store.last_round()
+        if last is not None:  # resume: the policy's rounds are rounds *more*
+            from device_firmware_py.contract.messages import TERMINAL_ROUND_STATES
+
+            self.resumed_from_round = last[0] + 1 if last[1] in TERMINAL_ROUND_STATES else last[0]
+            orch.set_schedule_policy({"rounds": self.resumed_from_round + c.policy.rounds})
+        orch.start()
         app = create_app(self.services)
-        self.http_port = c.http_port or free_port()
-        config = uvicorn.Config(
-            app,
-            host="127.0.0.1",
-            port=self.http_port,
-            log_level="warning",
-            lifespan="on",
-            timeout_graceful_shutdown=5,
-        )
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
         self.server = uvicorn.Server(config)
-        self._server_thread = threading.Thread(target=self.server.run, name="uvicorn", daemon=True)
+        self._server_thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="uvicorn",
+                                               daemon=True)  # fmt: skip
         self._server_thread.start()
         t_end = time.monotonic() + 60
         while not (self.server.started and self.services.started):
@@ -241,7 +328,9 @@ class DemoRun:
             "api": f"http://127.0.0.1:{self.http_port}", "rounds": rows,
             "peak_rss_kib": self.rss_kib, "wall_s": time.perf_counter() - self.t_start,
         }  # fmt: skip
-        (self.run_dir / "results.json").write_text(json.dumps(out, indent=1, default=str))
+        out["resumed_from_round"] = self.resumed_from_round
+        self.results_path = _fresh(self.run_dir / "results.json")  # a resumed run keeps the earlier ones
+        self.results_path.write_text(json.dumps(out, indent=1, default=str))
         return out
 
     def plot(self, results: dict[str, Any]) -> Path | None:
@@ -269,7 +358,7 @@ class DemoRun:
         ax.set_title(f"KOALA over MQTT: {self.cfg.dataset}, {self.cfg.devices} devices, {self.cfg.policy.strategy}")
         ax.grid(alpha=0.3)
         ax.legend()
-        path = self.run_dir / "accuracy.png"
+        path = _fresh(self.run_dir / "accuracy.png")
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -291,6 +380,8 @@ class DemoRun:
             self.server.should_exit = True
             self._server_thread.join(30)
             self.server = None
+        if self.services is not None and self.services.started:  # started, but uvicorn never ran its lifespan
+            self.services.stop()
         if self.broker is not None:
             self.broker.stop()
             self.broker = None

@@ -31,12 +31,11 @@ playwright_api = pytest.importorskip("playwright.sync_api", reason="playwright i
 
 @pytest.fixture(scope="module")
 def live_server(tmp_path_factory: pytest.TempPathFactory):
-    from server_app.api.auth import AuthConfig
     from server_app.demo.launcher import DemoConfig, DemoRun
     from server_app.policy import KoalaPolicy
 
-    cfg = DemoConfig(run_dir=str(tmp_path_factory.mktemp("browser-demo")), dataset="digits", devices=2,
-                     proxy_size=200, train_size=600, test_size=300, policy=KoalaPolicy(rounds=1, deadline_s=90))  # fmt: skip
+    cfg = DemoConfig(run_dir=str(tmp_path_factory.mktemp("browser-demo")), dataset="digits", devices=2, proxy_size=200,
+                     train_size=600, test_size=300, policy=KoalaPolicy(rounds=1, deadline_s=90), api_token=TOKEN)  # fmt: skip
     for attempt in (1, 2):  # DemoRun picks a free port, then binds it: another process can win that race once
         demo = DemoRun(cfg)
         try:
@@ -47,7 +46,8 @@ def live_server(tmp_path_factory: pytest.TempPathFactory):
             if attempt == 2:
                 raise
     try:
-        demo.server.config.app.state.auth = AuthConfig(token=TOKEN, open_reads_localhost=True)
+        # the demo's own access settings (no override): its token, reads open on loopback
+        assert demo.api_token == TOKEN and (demo.run_dir / "api_token").read_text().strip() == TOKEN
         assert demo.wait(240, progress=False), "the first round did not finish"
         yield demo, f"http://127.0.0.1:{demo.http_port}"
     finally:
@@ -103,3 +103,38 @@ def test_dashboard_shows_fleet_and_rounds_and_starts_a_round(live_server):
     r1 = demo.services.registry.run(crud.get_round, 1)
     assert r1.state == "completed" and set(r1.participants) == {"dev000", "dev001"}
     assert (ARTIFACTS / "dashboard.png").stat().st_size > 10_000
+
+
+def test_docs_and_redoc_render_offline(live_server):
+    """Swagger UI and ReDoc render from this server alone: every request the page makes goes to it."""
+    _demo, base = live_server
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page()
+            elsewhere: list[str] = []
+            page.on("request", lambda r: None if r.url.startswith((base, "data:", "blob:")) else elsewhere.append(r.url))
+            expect = playwright_api.expect
+            page.goto(base + "/docs")
+            expect(page.locator(".swagger-ui .info .title")).to_contain_text("KOALA Edge server", timeout=20_000)
+            expect(page.locator(".opblock").first).to_be_visible(timeout=10_000)
+            page.goto(base + "/redoc")
+            expect(page.locator("h1").first).to_contain_text("KOALA Edge server", timeout=20_000)
+            assert not elsewhere, elsewhere
+        finally:
+            browser.close()
+
+
+def test_dashboard_takes_the_token_from_the_printed_url(live_server):
+    """`koala demo` prints /dashboard/#token=...: the page keeps the token and clears the address bar."""
+    _demo, base = live_server
+    with playwright_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{base}/dashboard/#token={TOKEN}")
+            playwright_api.expect(page.locator("#token")).to_have_value(TOKEN, timeout=10_000)
+            assert page.evaluate("localStorage.getItem('koala.token')") == TOKEN
+            assert "#token" not in page.url
+        finally:
+            browser.close()
