@@ -27,8 +27,8 @@ class ConfigError(ValueError):
 @dataclass
 class DeviceConfig:
     device_id: str
-    data_path: str  # .npz with x [N,H,W,C] float32 and y [N] int
-    proxy_path: str  # .npz with x [P,H,W,C] float32: the unlabeled proxy inputs (same as the server's)
+    data_path: str  # .npz with x [N,H,W,C] float32 and y [N] int (memory-mapped via a cache in state_dir)
+    proxy_path: str  # .npz with x [P,H,W,C] float32, or .npy of x: the unlabeled proxy inputs (same as the server's)
     state_dir: str  # model weights, round state, int8 model: survives restarts
     arch: str = "cnn_small"
     test_path: str = ""  # optional labeled .npz (x, y) the device reports its held-out accuracy on
@@ -42,6 +42,11 @@ class DeviceConfig:
     keepalive_s: int = 15
     num_threads: int = 1
     quantize: bool = True  # re-quantize the int8 inference model after each round
+    quantize_isolated: bool = True  # ...in a short-lived child process (its memory peak is not the agent's)
+    # free the training interpreter while the quantizer child runs (a small-memory device class: their
+    # peaks do not add up; Adam moments restart each round, as after a device restart)
+    release_before_quantize: bool = False
+    progress_interval_s: float = 1.0  # progress messages during training: at most one per interval
     calibration_samples: int = 128
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one object per line, for journald/log shippers)
@@ -109,6 +114,8 @@ class DeviceConfig:
             parse_broker_url(self.broker_url)
         except ValueError:
             raise ConfigError(f"broker_url must be mqtt://host:port or mqtts://host:port, got {self.broker_url!r}") from None
+        if self.progress_interval_s < 0:
+            raise ConfigError("progress_interval_s must be >= 0")
         if self.num_threads < 1 or self.keepalive_s < 1:
             raise ConfigError("num_threads and keepalive_s must be >= 1")
         if self.log_format not in ("text", "json"):
@@ -156,6 +163,8 @@ def _coerce(name: str, typ: Any, raw: str) -> Any:
     try:
         if t == "int":
             return int(raw)
+        if t == "float":
+            return float(raw)
         if t == "bool":
             if raw.lower() in ("1", "true", "yes", "on"):
                 return True

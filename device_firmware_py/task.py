@@ -13,13 +13,18 @@ on private data -> optional forward KD again -> upload proxy logits and/or weigh
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from device_firmware_py.contract.messages import Assignment, Result, metrics_clean
 
-__all__ = ["Assignment", "Result", "execute_assignment", "label_histogram"]
+__all__ = ["Assignment", "Result", "Progress", "execute_assignment", "label_histogram"]
+
+# progress(phase, step, total, loss): called after every training step and at each phase change
+# (phases "distill", "train", "post_distill", "logits"); the caller decides how often to report.
+Progress = Callable[[str, int, int, "float | None"], None]
 
 
 def label_histogram(y: np.ndarray, num_classes: int) -> list[int]:
@@ -35,6 +40,7 @@ def execute_assignment(
     *,
     model_version: int | None = None,
     proxy_digest: str | None = None,
+    progress: Progress | None = None,
 ) -> Result:
     """Run one round on a device's SmallModel; returns what the device uploads.
 
@@ -44,6 +50,12 @@ def execute_assignment(
     """
     a, plan = assignment, assignment.plan
     seed = plan.seed
+
+    def steps(phase: str) -> Any:
+        if progress is None:
+            return None
+        return lambda step, total, loss: progress(phase, step, total, loss)
+
     metrics: dict[str, Any] = {}
     if proxy_x is not None and a.proxy_indices is not None:
         if int(a.proxy_indices[-1]) >= len(proxy_x):
@@ -57,22 +69,25 @@ def execute_assignment(
         t0 = time.perf_counter()
         metrics["distill_loss"] = model.distill(
             proxy_x, a.teacher_logits, temperature=plan.temperature,
-            epochs=plan.fkd_epochs, lr=plan.fkd_lr, seed=seed,
+            epochs=plan.fkd_epochs, lr=plan.fkd_lr, seed=seed, on_step=steps("distill"),
         )  # fmt: skip
         metrics["t_distill_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     if plan.local_epochs > 0 and len(y_private):
-        metrics["train_loss"] = model.train(x_private, y_private, epochs=plan.local_epochs, lr=plan.lr, seed=seed + 1)
+        metrics["train_loss"] = model.train(x_private, y_private, epochs=plan.local_epochs, lr=plan.lr, seed=seed + 1,
+                                            on_step=steps("train"))  # fmt: skip
     metrics["t_train_s"] = time.perf_counter() - t0
     if a.teacher_logits is not None and plan.post_fkd_epochs > 0:
         model.distill(
             proxy_x, a.teacher_logits, temperature=plan.temperature,
-            epochs=plan.post_fkd_epochs, lr=plan.fkd_lr, seed=seed + 2,
+            epochs=plan.post_fkd_epochs, lr=plan.fkd_lr, seed=seed + 2, on_step=steps("post_distill"),
         )  # fmt: skip
     proxy_logits = weights = None
     if "logits" in plan.upload:
         if proxy_x is None:
             raise ValueError("logits upload asked but the device has no proxy inputs")
+        if progress is not None:
+            progress("logits", 0, len(proxy_x), None)
         t0 = time.perf_counter()
         proxy_logits = model.logits(proxy_x).astype(np.float32)
         metrics["t_logits_s"] = time.perf_counter() - t0

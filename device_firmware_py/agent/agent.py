@@ -31,10 +31,23 @@ from device_firmware_py.config import DeviceConfig, file_sha256
 from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
 from device_firmware_py.contract.errors import ContractError
+from device_firmware_py.datafiles import load_small, open_array
 from device_firmware_py.mqtt import MqttClient, Will
 from device_firmware_py.task import execute_assignment, label_histogram
 
 log = logging.getLogger("koala.agent")
+
+
+def peak_rss_mib() -> float | None:
+    """This process's peak resident set (VmHWM) in MiB; None where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
 
 
 def _kv(**kw: Any) -> str:
@@ -65,15 +78,15 @@ class DeviceAgent:
 
         cfg = self.cfg
         cfg.check_files()
-        with np.load(cfg.data_path, allow_pickle=False) as z:
-            self.x, self.y = np.asarray(z["x"], np.float32), np.asarray(z["y"], np.int64)
-        with np.load(cfg.proxy_path, allow_pickle=False) as z:
-            self.proxy_x = np.asarray(z["x"], np.float32)
+        # Inputs stay on disk, memory-mapped: training reads a batch's rows, not a copy of the set.
+        cache = self.state.cache_dir
+        self.x = open_array(cfg.data_path, "x", cache, float32=True)
+        self.y = load_small(cfg.data_path, "y").astype(np.int64)
+        self.proxy_x = open_array(cfg.proxy_path, "x", cache, float32=True)
         self.proxy_digest = cfg.proxy_sha256 or file_sha256(cfg.proxy_path)
         self.test: tuple[np.ndarray, np.ndarray] | None = None
         if cfg.test_path:
-            with np.load(cfg.test_path, allow_pickle=False) as z:
-                self.test = (np.asarray(z["x"], np.float32), np.asarray(z["y"], np.int64))
+            self.test = (open_array(cfg.test_path, "x", cache, float32=True), load_small(cfg.test_path, "y").astype(np.int64))
         shape = tuple(int(s) for s in (self.x.shape[1:] if self.x.ndim == 4 else (*self.x.shape[1:], 1)))
         self.model = SmallModel(f"{cfg.arch}_{format_input(shape)}", num_threads=cfg.num_threads)
         if self.state.model_path.is_file():
@@ -101,6 +114,9 @@ class DeviceAgent:
             "pid": os.getpid(),
             "torch_loaded": "torch" in sys.modules,
         }
+        rss = peak_rss_mib()
+        if rss is not None:
+            caps["peak_rss_mib"] = round(rss, 1)
         if self.int8_info:
             caps.update({f"int8_{k}": v for k, v in self.int8_info.items()})
         msg = cm.DeviceStatus(
@@ -222,6 +238,22 @@ class DeviceAgent:
         msg = cm.Progress(device_id=self.cfg.device_id, round_id=round_id, phase=phase, step=step, total=total, loss=loss)
         self._client.publish(topics.device_progress(self.cfg.device_id), codec.encode_control(msg), qos=0)
 
+    def _step_progress(self, round_id: int) -> Any:
+        """progress(phase, step, total, loss) for execute_assignment: at most one message per
+        `progress_interval_s` (QoS 0), so a slow device is told from a dead one without flooding
+        the link. The agent's own milestones (start, uploaded, quantize, done) are sent besides."""
+        interval = self.cfg.progress_interval_s
+        last = [time.monotonic()]  # the "start" milestone was just sent
+
+        def report(phase: str, step: int, total: int, loss: float | None) -> None:
+            now = time.monotonic()
+            if now - last[0] < interval:
+                return
+            last[0] = now
+            self._progress(round_id, phase, step, total, loss)
+
+        return report
+
     def _execute(self, msg: cm.Assignment) -> None:
         a = msg
         log.info("assignment %s", _kv(round=a.round_id, task=a.plan.task, teacher=a.teacher_logits is not None,
@@ -229,7 +261,8 @@ class DeviceAgent:
                                       proxy_rows="all" if a.proxy_indices is None else len(a.proxy_indices)))
         self._progress(a.round_id, "start", 0, 3)
         t0 = time.perf_counter()
-        result = execute_assignment(self.model, self.x, self.y, self.proxy_x, a, proxy_digest=self.proxy_digest)
+        result = execute_assignment(self.model, self.x, self.y, self.proxy_x, a, proxy_digest=self.proxy_digest,
+                                    progress=self._step_progress(a.round_id))  # fmt: skip
         result.metrics["t_device_s"] = time.perf_counter() - t0
         if self.test is not None:  # held-out accuracy of the float model, for the operator's table
             result.metrics["test_acc"] = self.model.evaluate(*self.test)
@@ -246,6 +279,7 @@ class DeviceAgent:
         log.info("result published %s", _kv(round=a.round_id, bytes=len(frame), t_device_s=round(result.metrics["t_device_s"], 3),
                                             local_acc=result.metrics.get("local_acc")))
         if self.cfg.quantize:
+            self._progress(a.round_id, "quantize", 2, 3)
             self._requantize()
         self._progress(a.round_id, "done", 3, 3)
         self._client.publish(topics.device_status(self.cfg.device_id), self._status(), qos=1, retain=True)
@@ -255,19 +289,31 @@ class DeviceAgent:
     def _requantize(self) -> None:
         """Re-quantize the int8 inference model from the trained weights, then serve with it."""
         t0 = time.perf_counter()
+        child: dict[str, Any] = {}
         try:
-            blob = self.model.quantize_int8(self.x, max_samples=self.cfg.calibration_samples)
+            if self.cfg.quantize_isolated:  # ai-edge-quantizer's import + calibration peak lives in a child
+                weights = self.model.release() if self.cfg.release_before_quantize else None
+                try:
+                    blob, child = self.model.quantize_int8_isolated(self.x, self.state.dir, max_samples=self.cfg.calibration_samples,
+                                                                    weights=weights)  # fmt: skip
+                finally:
+                    if weights is not None:
+                        self.model.reopen(weights)
+            else:
+                blob = self.model.quantize_int8(self.x, max_samples=self.cfg.calibration_samples)
         except Exception as exc:  # quantizer failure must not kill the device: keep the old model
             log.error("int8 re-quantization failed %s", _kv(error=repr(exc)))
             return
         self.state.save_int8(blob)
         self._serve_int8(blob)
         self.int8_info["t_quantize_s"] = round(time.perf_counter() - t0, 3)
+        if child.get("child_peak_rss_mib") is not None:
+            self.int8_info["child_peak_rss_mib"] = round(float(child["child_peak_rss_mib"]), 1)
 
     def _serve_int8(self, blob: bytes) -> None:
         from device_firmware_py.runtime.quantize import TFLiteLogits
 
-        self.int8 = TFLiteLogits(blob, num_threads=self.cfg.num_threads)
+        self.int8 = TFLiteLogits(blob, num_threads=self.cfg.num_threads, batch=64)
         x, y = self.test if self.test is not None else (self.x[:512], self.y[:512])
         acc = float(np.mean(self.int8(x).argmax(1) == y)) if len(y) else 0.0
         self.int8_info = {"bytes": len(blob), "test_acc" if self.test is not None else "local_acc": round(acc, 4)}

@@ -8,6 +8,7 @@ Layout of `state_dir`:
                       round closes: the server's ingestion is idempotent)
   model_int8.tflite   the int8 inference model the device serves with
   modules.json        modules loaded by this process (proves no torch/tensorflow on the device)
+  cache/              .npy copies of the .npz data members, memory-mapped by the agent (datafiles)
 
 Every file is written tmp + fsync + os.replace: a crash leaves the old or the new file, never half.
 """
@@ -50,6 +51,10 @@ class AgentState:
     @property
     def int8_path(self) -> Path:
         return self.dir / "model_int8.tflite"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.dir / "cache"
 
     @property
     def modules_path(self) -> Path:

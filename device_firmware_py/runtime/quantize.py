@@ -12,7 +12,11 @@ imports neither TensorFlow nor torch, so this is all device-side.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
+import subprocess
+import sys
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -68,6 +72,58 @@ def quantize_int8_bytes(
     return bytes(result.quantized_model)
 
 
+def quantize_int8_isolated(
+    manifest: dict[str, Any], base: bytes, weights: list[np.ndarray], calibration_x: np.ndarray, workdir: str | Path,
+    timeout_s: float = 900.0,
+) -> tuple[bytes, dict[str, Any]]:
+    """`quantize_int8_bytes` in a short-lived child process; returns (int8 model, child report).
+
+    Why: importing ai-edge-quantizer alone costs ~38 MiB of RSS and calibration more; in the
+    agent's process that peak would stack on top of the training interpreters'. The child holds
+    only numpy + the quantizer, and its memory is returned to the device when it exits. The
+    float model is patched here (numpy only), the child gets it and the calibration rows as files.
+    """
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    float_path, calib_path, out_path = work / "int8_in.tflite", work / "int8_calib.npy", work / "int8_out.tflite"
+    float_path.write_bytes(patch_inference_model(manifest, base, weights))
+    np.save(calib_path, np.ascontiguousarray(calibration_x, np.float32))
+    out_path.unlink(missing_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "device_firmware_py.runtime.quantize", str(float_path), str(calib_path), str(out_path)],
+            capture_output=True, text=True, timeout=timeout_s, env=env,
+        )  # fmt: skip
+        if proc.returncode != 0 or not out_path.is_file():
+            raise RuntimeError(f"int8 quantizer child failed rc={proc.returncode}: {proc.stderr[-800:]}")
+        report = next((json.loads(ln) for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), {})
+        return out_path.read_bytes(), report
+    finally:
+        for p in (float_path, calib_path, out_path):
+            p.unlink(missing_ok=True)
+
+
+def _quantize_child(float_path: str, calib_path: str, out_path: str) -> dict[str, Any]:
+    from ai_edge_quantizer import quantizer, recipe
+
+    qt = quantizer.Quantizer(bytearray(Path(float_path).read_bytes()))
+    qt.load_quantization_recipe(recipe.static_wi8_ai8())
+    x = np.load(calib_path, allow_pickle=False)
+    data = {"logits": [{"x": x[i : i + CALIBRATION_BATCH]} for i in range(0, len(x), CALIBRATION_BATCH)]}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        calib = qt.calibrate(data, num_threads=1)
+        result = qt.quantize(calib, enable_progress_report=False)
+    blob = bytes(result.quantized_model)
+    from device_firmware_py.fileio import atomic_write
+
+    atomic_write(out_path, blob)
+    hwm = next((int(ln.split()[1]) / 1024 for ln in Path("/proc/self/status").read_text().splitlines()
+                if ln.startswith("VmHWM:")), None) if Path("/proc/self/status").exists() else None  # fmt: skip
+    return {"bytes": len(blob), "child_peak_rss_mib": hwm}
+
+
 class TFLiteLogits:
     """Batched logits of any single-input LiteRT model (float or int8 inference model)."""
 
@@ -84,7 +140,15 @@ class TFLiteLogits:
         self._in_q = inp["quantization"]
         self._out_q = out["quantization"] if out["dtype"] != np.float32 else None
         self._interp.resize_tensor_input(self._in_index, [batch, *inp["shape"][1:]])
-        self._interp.allocate_tensors()
+        try:
+            self._interp.allocate_tensors()
+        except RuntimeError as exc:
+            # XNNPACK refuses some int8 layers (seen on mlp_tiny after training on 5,000 random-teacher
+            # proxy rows: "failed to create XNNPACK runtime ... failed to prepare"): builtin kernels instead
+            log.warning("int8 model: XNNPACK refused it, using the builtin kernels (%s)", str(exc).splitlines()[0][:120])
+            self._interp = make_interpreter(model_content=content, num_threads=num_threads, delegates=False)
+            self._interp.resize_tensor_input(self._in_index, [batch, *inp["shape"][1:]])
+            self._interp.allocate_tensors()
         self.input_shape = tuple(int(d) for d in inp["shape"][1:])
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -154,3 +218,7 @@ def int8_report(
         calibration_samples=min(max_samples, len(calibration_x)),
     )
     return report, q
+
+
+if __name__ == "__main__":  # the child of quantize_int8_isolated: FLOAT_MODEL CALIBRATION_NPY OUT
+    print(json.dumps(_quantize_child(*sys.argv[1:4])))

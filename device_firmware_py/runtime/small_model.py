@@ -10,6 +10,7 @@ last partial batch around rather than drop or pad with junk.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,12 @@ import numpy as np
 from device_firmware_py.fileio import atomic_write
 from device_firmware_py.runtime.interpreter import make_interpreter
 from device_firmware_py.runtime.manifest import ArtifactManifest, load_manifest
+
+# Rows per `logits` invoke. Each signature keeps its own activation arena sized by its batch: 512
+# rows cost mobilenet_tiny 116 MiB and cnn_small 45 MiB of RSS; 64 rows cost a few MiB at about
+# the same speed per sample (measured on 28x28x1, bench/device_class.py).
+LOGITS_BATCH = 64
+StepCallback = Callable[[int, int, float], None]  # (step done, total steps, loss of that step)
 
 
 def _resolve(artifact: str | Path) -> Path:
@@ -34,12 +41,31 @@ class SmallModel:
         self.path = _resolve(artifact)
         self.manifest: ArtifactManifest = load_manifest(self.path)
         self.num_threads = num_threads
-        self._interp = make_interpreter(model_path=str(self.path), num_threads=num_threads)
-        self._runners = {k: self._interp.get_signature_runner(k) for k in self.manifest.raw["signatures"]}
-        self._logits_batch = 0
+        self._open()
         # Initial values are baked into the file; re-set them so variables and Adam state are
         # in a defined state whichever signature runs first.
         self.set_weights(self.get_weights())
+
+    def _open(self) -> None:
+        self._interp = make_interpreter(model_path=str(self.path), num_threads=self.num_threads)
+        self._runners = {k: self._interp.get_signature_runner(k) for k in self.manifest.raw["signatures"]}
+        self._logits_batch = 0
+
+    def release(self) -> list[np.ndarray]:
+        """Free the interpreter (each signature's activation arena: ~90 MiB for mobilenet_tiny's
+        train + distill) and return the weights; `reopen(weights)` brings the model back. The Adam
+        moments restart then, as after a device restart."""
+        import gc
+
+        weights = self.get_weights()
+        self._runners.clear()
+        del self._interp
+        gc.collect()
+        return weights
+
+    def reopen(self, weights: list[np.ndarray]) -> None:
+        self._open()
+        self.set_weights(weights)
 
     # ----------------------------------------------------------------- weights
     @property
@@ -93,16 +119,23 @@ class SmallModel:
             epoch += 1
         return out[:steps] if steps is not None else out
 
-    def _run_steps(self, sig: str, batches: list[np.ndarray], feeds: dict[str, Any]) -> float:
+    def _run_steps(
+        self, sig: str, batches: list[np.ndarray], feeds: dict[str, Any], on_step: StepCallback | None = None
+    ) -> float:
+        """One signature call per index batch. Inputs may be memory-mapped: only a batch's rows are read."""
         runner = self._runners[sig]
         losses = []
-        for idx in batches:
+        total = len(batches)
+        for i, idx in enumerate(batches):
             args = {k: (v[idx] if isinstance(v, np.ndarray) and v.ndim > 0 else v) for k, v in feeds.items()}
             losses.append(float(runner(**args)["loss"]))
+            if on_step is not None:
+                on_step(i + 1, total, losses[-1])
         return float(np.mean(losses)) if losses else float("nan")
 
     def train(
-        self, x: np.ndarray, y: np.ndarray, epochs: int = 1, lr: float = 1e-3, seed: int = 0, steps: int | None = None
+        self, x: np.ndarray, y: np.ndarray, epochs: int = 1, lr: float = 1e-3, seed: int = 0, steps: int | None = None,
+        on_step: StepCallback | None = None,
     ) -> float:
         """Cross-entropy Adam steps on (x, y); `steps` overrides `epochs`. Returns the mean loss."""
         x = self._x(x)
@@ -110,7 +143,7 @@ class SmallModel:
         if len(y) != len(x):
             raise ValueError("x and y lengths differ")
         feeds = {"x": x, "y": y, "lr": np.array(lr, np.float32)}
-        return self._run_steps("train", self._batches(len(x), epochs, seed, steps), feeds)
+        return self._run_steps("train", self._batches(len(x), epochs, seed, steps), feeds, on_step)
 
     def distill(
         self,
@@ -121,6 +154,7 @@ class SmallModel:
         lr: float = 1e-3,
         seed: int = 0,
         steps: int | None = None,
+        on_step: StepCallback | None = None,
     ) -> float:
         """Adam steps on KL(softmax(teacher/T) || softmax(student/T)) * T^2. Returns the mean loss."""
         x = self._x(x)
@@ -133,10 +167,10 @@ class SmallModel:
             "temperature": np.array(temperature, np.float32),
             "lr": np.array(lr, np.float32),
         }
-        return self._run_steps("distill", self._batches(len(x), epochs, seed, steps), feeds)
+        return self._run_steps("distill", self._batches(len(x), epochs, seed, steps), feeds, on_step)
 
     # --------------------------------------------------------------- inference
-    def logits(self, x: np.ndarray, batch: int = 512) -> np.ndarray:
+    def logits(self, x: np.ndarray, batch: int = LOGITS_BATCH) -> np.ndarray:
         """Float logits [N, K]. Chunks are padded to one fixed size so the runner never re-allocates."""
         x = self._x(x)
         n = len(x)
@@ -168,6 +202,17 @@ class SmallModel:
         x = self._x(calibration_x)[:max_samples]
         base = self.manifest.inference_path.read_bytes()
         return quantize_int8_bytes(self.manifest.raw, base, self.get_weights(), x)
+
+    def quantize_int8_isolated(
+        self, calibration_x: np.ndarray, workdir: str | Path, max_samples: int = 256, weights: list[np.ndarray] | None = None
+    ) -> tuple[bytes, dict[str, Any]]:
+        """`quantize_int8` run in a short-lived child process (its memory peak is not this process's).
+        `weights`: the ones `release()` returned (the interpreter is closed then)."""
+        from device_firmware_py.runtime.quantize import quantize_int8_isolated
+
+        x = self._x(calibration_x)[:max_samples]
+        base = self.manifest.inference_path.read_bytes()
+        return quantize_int8_isolated(self.manifest.raw, base, self.get_weights() if weights is None else weights, x, workdir)
 
     def float_inference_model(self) -> bytes:
         """Float inference-only .tflite with the current weights baked in as constants."""

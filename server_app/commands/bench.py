@@ -11,8 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-HELP = "run benchmarks (ingestion, fleet_scale, device_footprint, communication, reverse_kd) -> bench/results"
-NAMES = ("ingestion", "fleet_scale", "device_footprint", "communication", "reverse_kd", "parity", "attacks")
+HELP = "run benchmarks (ingestion, fleet_scale, device_footprint, communication, reverse_kd, parity, device_class) -> bench/results"
+NAMES = ("ingestion", "fleet_scale", "device_footprint", "communication", "reverse_kd", "parity", "attacks", "device_class")
 _REPO = Path(__file__).resolve().parents[2]
 
 

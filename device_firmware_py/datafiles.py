@@ -1,0 +1,90 @@
+"""Device data files read as memory-mapped arrays, so a device holds batches, not copies.
+
+A device's private data and the proxy inputs arrive as `.npz` (what `koala demo` and provisioning
+write) or `.npy` (proxy inputs only: one array `x`). An `.npz` member cannot be memory-mapped in
+place, so on first use each member is streamed (1 MiB at a time, never the whole array in memory)
+into a plain `.npy` in the device's cache directory, then opened with `np.load(mmap_mode="r")`.
+Training reads only the rows of each batch from the mapping; the kernel drops those clean pages
+again under memory pressure. The cache name carries the source's size and mtime, so a replaced
+data file is converted again; float inputs other than float32 are converted chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from device_firmware_py.fileio import atomic_write
+
+CHUNK_ROWS = 1024
+
+
+def _cache_name(src: Path, key: str) -> str:
+    st = src.stat()
+    tag = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return f"{src.stem}-{tag}.{key}.npy"
+
+
+def _copy_member(src: Path, key: str, dst: Path) -> None:
+    with zipfile.ZipFile(src) as z:
+        name = f"{key}.npy"
+        if name not in z.namelist():
+            raise KeyError(f"{src}: no array {key!r}")
+
+        def write(f: object) -> None:
+            with z.open(name) as member:
+                shutil.copyfileobj(member, f, 1 << 20)  # type: ignore[arg-type]
+
+        atomic_write(dst, write)
+
+
+def _to_float32(src: Path, dst: Path) -> None:
+    a = np.load(src, mmap_mode="r")
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=a.shape)
+    for i in range(0, len(a), CHUNK_ROWS):
+        out[i : i + CHUNK_ROWS] = a[i : i + CHUNK_ROWS]
+    out.flush()
+    del out, a
+    os.replace(tmp, dst)
+
+
+def open_array(path: str | Path, key: str, cache_dir: str | Path, *, float32: bool = False) -> np.ndarray:
+    """Array `key` of an `.npz` (via an mmap-able cache file) or the array of an `.npy`, read-only mapped."""
+    src = Path(path)
+    if src.suffix == ".npy":
+        if key != "x":
+            raise KeyError(f"{src}: a .npy file holds one array (x), asked for {key!r}")
+        arr = np.load(src, mmap_mode="r", allow_pickle=False)
+        if float32 and arr.dtype != np.float32:
+            cached = Path(cache_dir) / _cache_name(src, "x.f32")
+            if not cached.is_file():
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                _to_float32(src, cached)
+            arr = np.load(cached, mmap_mode="r", allow_pickle=False)
+        return arr
+    cache = Path(cache_dir)
+    cached = cache / _cache_name(src, key)
+    if not cached.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        for old in cache.glob(f"{src.stem}-*.{key}.npy"):  # an older version of the same file
+            old.unlink(missing_ok=True)
+        _copy_member(src, key, cached)
+    arr = np.load(cached, mmap_mode="r", allow_pickle=False)
+    if float32 and arr.dtype != np.float32:
+        f32 = cached.with_name(cached.name.replace(f".{key}.npy", f".{key}.f32.npy"))
+        if not f32.is_file():
+            _to_float32(cached, f32)
+        arr = np.load(f32, mmap_mode="r", allow_pickle=False)
+    return arr
+
+
+def load_small(path: str | Path, key: str) -> np.ndarray:
+    """A small member (labels) read into memory."""
+    with np.load(path, allow_pickle=False) as z:
+        return np.asarray(z[key])
