@@ -61,7 +61,8 @@ def test_demo_runs_to_the_result_table(tmp_path):
             os.killpg(p.pid, signal.SIGKILL)
     assert p.returncode == 0, out[-3000:]
     assert "| round" in out or "round" in out.lower()
-    assert "peak RSS" in out and "dashboard/API http://127.0.0.1:" in out, out[-2000:]
+    assert "peak RSS" in out and "dashboard http://127.0.0.1:" in out and "/dashboard/#token=" in out, out[-2000:]
+    assert out.startswith(f"run dir {run_dir}"), out[:300]
     rounds = json.loads((run_dir / "results.json").read_text())["rounds"]
     accs = [r["large_test_acc"] for r in rounds]
     assert len(accs) == 2 and accs[-1] > 0.3, accs  # digits defaults learn: chance is 0.1
