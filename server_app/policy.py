@@ -83,6 +83,11 @@ class KoalaPolicy(BaseModel):
     rkd: Literal["fused", "per_group"] = "fused"
     weight_rule: str = Field("fedavg", description=f"how uploaded small weights are averaged: {', '.join(WEIGHT_RULES)} "
                                                    "(median, trimmed_mean, krum bound one device's influence)")
+    agreement_filter: float | None = Field(
+        0.3, gt=0.0, le=1.0, description="drop a device whose model agrees with the ensemble's median consensus on the "
+                                         "proxy rows less than this x the median device does (None: keep all)")
+    count_cap: float | None = Field(2.0, gt=0.0, description="self-reported sample counts are capped at this x their "
+                                    "median before any sample-weighted average (None: trusted as sent)")
     clip_factor: float | None = Field(None, gt=0.0, description="clip each device's weight update to this x the median "
                                                                 "update norm before averaging (None: no clipping)")
     anchor_lambda: float = Field(0.0, ge=0.0, description="L2 anchor of reverse KD to the pre-round large model")
@@ -175,6 +180,14 @@ def check_fields_used(policy: KoalaPolicy, used: frozenset[str] | set[str]) -> N
             f"{' with teacher ' + policy.resolved_teacher() if policy.strategy.startswith('koala') else ''}; "
             f"remove them (it uses: {', '.join(sorted(set(used) - ROUND_FIELDS))})"
         )
+
+
+def bundled_policy(dataset: str | None) -> Path | None:
+    """The policy file shipped for a data set the defaults do not fit (server_app/policies/NAME.toml)."""
+    if not dataset:
+        return None
+    p = Path(__file__).resolve().parent / "policies" / f"{dataset}.toml"
+    return p if p.is_file() else None
 
 
 def read_mapping_file(path: str | Path, what: str = "config file") -> dict[str, Any]:

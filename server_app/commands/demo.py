@@ -115,14 +115,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def demo_policy(args: argparse.Namespace):
-    """The policy file (if any) + the flags; the demo's own defaults: 5 rounds, a 300 s deadline."""
+    """The policy file (--policy, else the data set's bundled one in server_app/policies/, else the
+    defaults) + the flags; the demo's own defaults: 5 rounds, a 300 s deadline."""
     from pydantic import ValidationError
 
-    from server_app.policy import KoalaPolicy, read_policy_file
+    from server_app.policy import KoalaPolicy, bundled_policy, read_policy_file
 
     data: dict = {"rounds": 5, "deadline_s": 300.0}
-    if args.policy:
-        data.update(read_policy_file(args.policy))
+    source = args.policy or bundled_policy(args.dataset)  # digits: its own tuned policy file
+    if source:
+        data.update(read_policy_file(source))
     flags = {"rounds": args.rounds, "local_epochs": args.local_epochs, "rkd_epochs": args.rkd_epochs,
              "deadline_s": args.round_timeout, "seed": args.seed}  # fmt: skip
     data.update({k: v for k, v in flags.items() if v is not None})

@@ -247,3 +247,30 @@ def aggregate_weights(
     if info is not None:
         info.update(diag)
     return [_finite_f32(t) for t in _unflat(out, like)]
+
+
+# --------------------------------------------------------------------------- agreement filter
+def agreement_filter(logits: Sequence[np.ndarray], factor: float = 0.5, min_devices: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Which devices to keep, judged by what their models say on the shared proxy set.
+
+    Each device's predictions (argmax of its logits on the round's proxy rows) are compared with
+    the ensemble's consensus, the argmax of the coordinate-wise median of all devices'
+    probabilities (a majority cannot be moved by a minority). A device agreeing on fewer than
+    `factor` x the median device's agreement is dropped: sign-flipped, random, one-hot, constant
+    or label-flipped models land near chance (~1/C) while honest non-IID devices stay near the
+    median. With fewer than `min_devices` devices there is no majority: everyone is kept.
+    Returns (keep mask [D] bool, agreements [D])."""
+    from server_app.engine.fusion import sanitize_logits, softmax
+
+    d = len(logits)
+    if d == 0:
+        return np.zeros(0, bool), np.zeros(0)
+    p = np.stack([softmax(sanitize_logits(np.asarray(z))) for z in logits])  # [D, P, C]
+    consensus = np.median(p, axis=0).argmax(-1)  # [P]
+    agree = (p.argmax(-1) == consensus[None, :]).mean(axis=1)  # [D]
+    if d < min_devices:
+        return np.ones(d, bool), agree
+    keep = agree >= float(factor) * float(np.median(agree))
+    if not keep.any():  # cannot happen with factor <= 1 (the median device passes); be safe anyway
+        keep[:] = True
+    return keep, agree

@@ -244,3 +244,26 @@ def test_capped_sample_counts_bound_a_count_liar():
         [*HONEST_W, WEIGHT_ATTACKS["sign_flip"]], cap_sample_counts([*HONEST_N, 10**9]), "multi_krum"
     )
     assert _dist(out, HONEST_AVG) <= 2 * SPREAD
+
+
+def test_agreement_filter_drops_models_that_disagree_with_the_ensemble():
+    from server_app.engine.robust import agreement_filter
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 10, 500)
+    honest = []
+    for _ in range(6):  # weak, noisy honest teachers (~70 % right)
+        z = rng.normal(0, 1, (500, 10))
+        right = rng.random(500) < 0.7
+        z[np.arange(500)[right], y[right]] += 4.0
+        honest.append(z)
+    onehot = np.zeros((500, 10))
+    onehot[:, 3] = 50.0
+    flipped = np.zeros((500, 10))
+    flipped[np.arange(500), 9 - y] = 8.0
+    attackers = [onehot, rng.normal(0, 50, (500, 10)), np.zeros((500, 10)), flipped, -honest[0] * 1e3]
+    keep, agree = agreement_filter(honest + attackers, factor=0.3)
+    assert keep[:6].all(), agree  # every honest device kept
+    assert not keep[6:].any(), agree  # every attacker dropped
+    keep2, _ = agreement_filter([honest[0], onehot], factor=0.3)  # no majority with 2 devices: keep all
+    assert keep2.all()

@@ -21,11 +21,22 @@ def fedavg(weight_sets: Sequence[list[np.ndarray]], num_samples: Sequence[int]) 
 
 def average_weights(policy, weight_sets: Sequence[list[np.ndarray]], num_samples: Sequence[int],
                     reference: list[np.ndarray] | None = None) -> list[np.ndarray]:  # fmt: skip
-    """The policy's weight rule (`weight_rule`, `clip_factor`): plain FedAvg by default; median,
-    trimmed mean or Krum bound any one device's influence (server_app.engine.robust)."""
+    """The policy's weight rule (`weight_rule`, `clip_factor`, `count_cap`): sample-weighted FedAvg
+    on capped counts by default (one device claiming 10^6 samples must not own the average);
+    median, trimmed mean or Krum bound any one device's influence (server_app.engine.robust)."""
+    ns = capped_counts(policy, num_samples)
     if policy.weight_rule == "fedavg" and policy.clip_factor is None:
-        return fedavg(weight_sets, num_samples)
+        return fedavg(weight_sets, ns)
     from server_app.engine.robust import aggregate_weights
 
-    return aggregate_weights(weight_sets, num_samples, policy.weight_rule, reference=reference,
+    return aggregate_weights(weight_sets, ns, policy.weight_rule, reference=reference,
                              clip_factor=policy.clip_factor)  # fmt: skip
+
+
+def capped_counts(policy, num_samples: Sequence[int]) -> list[float]:
+    """Sample counts as the policy trusts them (`count_cap` x median at most)."""
+    if policy.count_cap is None or not len(num_samples):
+        return [float(n) for n in num_samples]
+    from server_app.engine.robust import cap_sample_counts
+
+    return cap_sample_counts(num_samples, policy.count_cap).tolist()

@@ -15,7 +15,7 @@ class FedAvgSmall(Strategy):
     name = "fedavg_small"
     mode = "baseline"
 
-    USES = frozenset({"local_epochs", "lr", "weight_rule", "clip_factor"})
+    USES = frozenset({"local_epochs", "lr", "weight_rule", "clip_factor", "count_cap"})
 
     def __init__(self, small_factory: Callable[[str], Any], policy: KoalaPolicy | None = None):
         super().__init__(policy)

@@ -27,7 +27,8 @@ from torch import nn
 
 from server_app.engine.distill import reverse_distill
 from server_app.engine.fusion import fuse_logits
-from server_app.engine.strategies.common import average_weights, fedavg
+from server_app.engine.robust import agreement_filter
+from server_app.engine.strategies.common import average_weights, capped_counts, fedavg
 from server_app.engine.strategy import RoundRejected, Strategy
 from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
 from server_app.models.large import get_weights, predict_logits, set_weights
@@ -36,6 +37,7 @@ from server_app.policy import KoalaPolicy
 _KOALA_FIELDS = frozenset({
     "local_epochs", "lr", "fkd_epochs", "fkd_lr", "post_fkd_epochs", "fkd_from_round", "temperature",
     "proxy_per_round", "rkd_epochs", "rkd_lr", "rkd_batch", "teacher", "rkd", "anchor_lambda", "gate_collapse_frac",
+    "count_cap", "agreement_filter",
 })  # fmt: skip
 
 
@@ -52,12 +54,14 @@ class KoalaStrategy(Strategy):
         self._global: dict[str, list[np.ndarray]] = {}
         self._server_small: dict[str, Any] = {}
         self._idx: np.ndarray | None = None  # this round's proxy subset
+        self._dropped: list[str] = []  # devices the agreement filter left out this round
 
     @classmethod
     def policy_fields(cls, policy: KoalaPolicy) -> frozenset[str]:
         fused_many = policy.resolved_teacher() == "device_logits" or len(set(policy.archs)) > 1
         averages = policy.resolved_teacher() == "avg_model"
-        return _KOALA_FIELDS | ({"fusion"} if fused_many else set()) | ({"weight_rule", "clip_factor"} if averages else set())
+        return (_KOALA_FIELDS | ({"fusion"} if fused_many else set())
+                | ({"weight_rule", "clip_factor"} if averages else set()))  # fmt: skip
 
     def _px(self) -> np.ndarray:
         return self.proxy_x if self._idx is None else self.proxy_x[self._idx]
@@ -108,7 +112,8 @@ class KoalaStrategy(Strategy):
     def _teachers(self, results: list[Result]) -> tuple[list[np.ndarray], list[int], list[list[int]], list[str]]:
         """(logits, sample counts, label histograms, group) per teacher."""
         if self.teacher == "device_logits":
-            ok = [r for r in results if r.proxy_logits is not None]
+            ok = self._agreeing([r for r in results if r.proxy_logits is not None], [r.proxy_logits for r in results
+                                                                                    if r.proxy_logits is not None])
             return ([r.proxy_logits for r in ok], [r.num_samples for r in ok],
                     [r.label_histogram for r in ok], [r.arch for r in ok])  # fmt: skip
         logits, ns, hists, groups = [], [], [], []
@@ -116,6 +121,13 @@ class KoalaStrategy(Strategy):
             rs = [r for r in results if r.arch == arch and r.weights is not None]
             if not rs:
                 continue
+            if self.policy.agreement_filter is not None and len(rs) >= 3:
+                m = self._small(arch)
+                own = []
+                for r in rs:  # each device's model on this round's proxy rows (server-side LiteRT)
+                    m.set_weights(r.weights)
+                    own.append(m.logits(self._px()))
+                rs = self._agreeing(rs, own)
             self._global[arch] = average_weights(self.policy, [r.weights for r in rs], [r.num_samples for r in rs],
                                                  reference=self._global.get(arch))  # fmt: skip
             m = self._small(arch)
@@ -126,6 +138,14 @@ class KoalaStrategy(Strategy):
             groups.append(arch)
         return logits, ns, hists, groups
 
+    def _agreeing(self, results: list[Result], logits: list[np.ndarray]) -> list[Result]:
+        """The results whose models agree with the ensemble (policy `agreement_filter`)."""
+        if self.policy.agreement_filter is None or len(results) < 3:
+            return results
+        keep, agree = agreement_filter(logits, self.policy.agreement_filter)
+        self._dropped += [r.device_id for r, k in zip(results, keep, strict=True) if not k]
+        return [r for r, k in zip(results, keep, strict=True) if k]
+
     def _fuse(self, logits, ns, hists, groups) -> np.ndarray:
         rule = self.policy.fusion
         if ":" in rule:  # a user's rule: same signature as fuse_logits minus `rule`
@@ -133,7 +153,7 @@ class KoalaStrategy(Strategy):
 
             return np.asarray(load_ref(rule, "fusion")(logits, temperature=self.policy.temperature, num_samples=ns,
                                                        label_histograms=hists, groups=groups), np.float64)  # fmt: skip
-        return fuse_logits(logits, rule, self.policy.temperature, num_samples=ns,
+        return fuse_logits(logits, rule, self.policy.temperature, num_samples=capped_counts(self.policy, ns),
                            label_histograms=hists, groups=groups)  # fmt: skip
 
     def aggregate(self, round_id: int, results: list[Result]) -> RoundReport:
@@ -169,8 +189,9 @@ class KoalaStrategy(Strategy):
 
     def _aggregate(self, round_id: int, results: list[Result]) -> RoundReport:
         p = self.policy
+        self._dropped: list[str] = []
         logits, ns, hists, groups = self._teachers(results)
-        metrics: dict[str, Any] = {"teachers": len(logits)}
+        metrics: dict[str, Any] = {"teachers": len(logits), "dropped_disagreeing": len(self._dropped)}
         if not logits:
             return RoundReport(round_id, metrics)
         anchor = [q.detach().clone() for q in self.large_model.parameters()] if p.anchor_lambda > 0 else None
