@@ -93,10 +93,17 @@ class Presence:
         self._seen: dict[str, float] = {}
         self._online = 0  # kept incrementally: a fleet coming online must not cost O(N) per status
         self.progress: dict[str, dict[str, Any]] = {}
+        self.revoked: set[str] = set()  # registry-revoked devices: never online, their results refused
 
-    @staticmethod
-    def _counts(s: cm.DeviceStatus | None) -> bool:
-        return s is not None and s.state == "online" and bool(s.arch)
+    def _counts(self, s: cm.DeviceStatus | None) -> bool:
+        return s is not None and s.state == "online" and bool(s.arch) and s.device_id not in self.revoked
+
+    def set_revoked(self, device_id: str, revoked: bool = True) -> None:
+        """Take a device out of (or back into) every later round, whatever its status says."""
+        with self._lock:
+            was = self._counts(self._status.get(device_id))
+            (self.revoked.add if revoked else self.revoked.discard)(device_id)
+            self._online += int(self._counts(self._status.get(device_id))) - int(was)
 
     def update(self, status: cm.DeviceStatus) -> None:
         with self._lock:
@@ -119,7 +126,7 @@ class Presence:
             return [
                 DeviceInfo(s.device_id, s.arch, s.num_samples or 0, s.label_histogram)
                 for s in self._status.values()
-                if s.state == "online" and s.arch
+                if self._counts(s)
             ]
 
     def snapshot(self) -> dict[str, dict[str, Any]]:
@@ -223,6 +230,9 @@ class Ingestor:
             nbytes = len(payload)
             dev, rnd = msg.device_id, msg.round_id
             prior = state.get((rnd, dev))
+            if dev in self.presence.revoked:
+                outs[i], ops[i] = self._rejection(dev, rnd, "revoked_device", f"{dev} is revoked in the registry")
+                continue
             if prior is None:
                 reason = "wrong_round" if col is None or rnd != col.round_id else "unknown_device"
                 outs[i], ops[i] = self._rejection(dev, rnd, reason, f"no assignment of round {rnd} to {dev}")

@@ -149,6 +149,10 @@ class ServerServices:
         log.debug("registry migrated url=%s revision=%s", _redact(o.db_url), rev)
         self.store = RegistryStore(self.registry, o.data_dir)
         self.presence = Presence()
+        from server_app.registry import crud
+
+        for dev in self.registry.run(crud.revoked_device_ids):  # revoked before this start: never online
+            self.presence.set_revoked(dev)
         self.ingestor = Ingestor(self.store, self.presence, lambda: self.fleet.collection if self.fleet else None)
         offline = codec.encode_control(cm.ServerStatus(state="offline"))
         self.link = MqttClient(

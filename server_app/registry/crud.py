@@ -132,6 +132,11 @@ def revoke_device(s: Session, device_id: str, revoked: bool = True) -> Device:
     return d
 
 
+def revoked_device_ids(s: Session) -> list[str]:
+    """Every device revoked in the registry (the server keeps them out of rounds from the start)."""
+    return list(s.scalars(select(Device.id).where(Device.revoked.is_(True))))
+
+
 def list_devices(
     s: Session,
     *,

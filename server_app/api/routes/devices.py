@@ -80,6 +80,9 @@ def revoke_device(
     crud.record_event(s, "device_revoked" if revoked else "device_readmitted", level="warning", device_id=device_id)
     if revoked:
         _cut_off_at_broker(request, s, device_id)
+    presence = getattr(getattr(request.app.state, "services", None), "presence", None)
+    if presence is not None:  # out of every later round and its results refused, at once
+        presence.set_revoked(device_id, revoked)
     return _out(d)
 
 
