@@ -40,10 +40,12 @@ ACCEPTED = {"weights": ("sign_flip", "random_weights", "label_flip", "inflated_c
             "logits": ("random_logits", "onehot_logits", "constant_logits", "label_flip", "inflated_count")}  # fmt: skip
 # robust settings compared per family (name -> policy overrides)
 SETTINGS = {
-    "weights": {"fedavg": {"weight_rule": "fedavg"}, "fedavg_clip2": {"weight_rule": "fedavg", "clip_factor": 2.0},
+    "weights": {"undefended": {"weight_rule": "fedavg", "clip_factor": None, "count_cap": None, "agreement_filter": None},
+                "default": {},
                 "median": {"weight_rule": "median"},
                 "trimmed_mean": {"weight_rule": "trimmed_mean"}},
-    "logits": {"entropy": {"fusion": "entropy"}, "median": {"fusion": "median"},
+    "logits": {"undefended": {"fusion": "entropy", "count_cap": None, "agreement_filter": None},
+               "default": {},
                "trimmed_mean": {"fusion": "trimmed_mean"}, "agreement": {"fusion": "agreement"}},
 }  # fmt: skip
 FAMILY = {"weights": {}, "logits": {"teacher": "device_logits"}}
@@ -166,16 +168,12 @@ def run_one(ds: Any, split: Any, family: str, setting: str, attack: str, n_mal: 
             "nonfinite_models": sum(1 for c in curve if c.get("large_finite") is False),
             "failed_rounds": sum(1 for c in curve if c.get("rejected")),
             "rejections": dict(log), "wall_s": round(time.perf_counter() - t0, 2),
-            "policy": {k: v for k, v in res["row"]["policy"].items() if k in ("teacher", "fusion", "weight_rule", "clip_factor")}}  # fmt: skip
+            "policy": {k: v for k, v in res["row"]["policy"].items() if k in ("teacher", "fusion", "weight_rule", "clip_factor", "count_cap", "agreement_filter")}}  # fmt: skip
 
 
 def policy_defaults() -> dict[str, str]:
-    """The setting of each family that KoalaPolicy's defaults run."""
-    from server_app.policy import KoalaPolicy
-
-    p0 = KoalaPolicy()
-    w = "fedavg_clip2" if p0.clip_factor == 2.0 and p0.weight_rule == "fedavg" else p0.weight_rule
-    return {"weights": w, "logits": p0.fusion}
+    """The setting of each family that KoalaPolicy's defaults run ("default": no overrides)."""
+    return {"weights": "default", "logits": "default"}
 
 
 def run(quick: bool = False, out: Path | None = None, defaults: dict[str, str] | None = None) -> dict[str, Any]:
@@ -200,7 +198,8 @@ def run(quick: bool = False, out: Path | None = None, defaults: dict[str, str] |
             for family in ("weights", "logits"):
                 settings = [dflt[family]] if quick else list(SETTINGS[family])
                 for setting in settings:
-                    for attack in ("none", *ACCEPTED[family], *REJECTED):
+                    rejected = REJECTED if setting == dflt[family] else ()  # a check drops them whatever the rule
+                    for attack in ("none", *ACCEPTED[family], *rejected):
                         row = run_one(ds, split, family, setting, attack, n_mal, seed)
                         raw.append(row)
                         print(f"seed {seed} {n_mal}/{n_dev} {family}/{setting} {attack}: acc {row['acc']:.4f} "

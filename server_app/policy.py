@@ -88,7 +88,7 @@ class KoalaPolicy(BaseModel):
                                          "proxy rows less than this x the median device does (None: keep all)")
     count_cap: float | None = Field(2.0, gt=0.0, description="self-reported sample counts are capped at this x their "
                                     "median before any sample-weighted average (None: trusted as sent)")
-    clip_factor: float | None = Field(None, gt=0.0, description="clip each device's weight update to this x the median "
+    clip_factor: float | None = Field(2.0, gt=0.0, description="clip each device's weight update to this x the median "
                                                                 "update norm before averaging (None: no clipping)")
     anchor_lambda: float = Field(0.0, ge=0.0, description="L2 anchor of reverse KD to the pre-round large model")
     gate_collapse_frac: float | None = Field(
