@@ -250,7 +250,8 @@ def aggregate_weights(
 
 
 # --------------------------------------------------------------------------- agreement filter
-def agreement_filter(logits: Sequence[np.ndarray], factor: float = 0.5, min_devices: int = 3) -> tuple[np.ndarray, np.ndarray]:
+def agreement_filter(logits: Sequence[np.ndarray], factor: float = 0.5, min_devices: int = 3,
+                     min_consensus: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """Which devices to keep, judged by what their models say on the shared proxy set.
 
     Each device's predictions (argmax of its logits on the round's proxy rows) are compared with
@@ -268,9 +269,12 @@ def agreement_filter(logits: Sequence[np.ndarray], factor: float = 0.5, min_devi
     p = np.stack([softmax(sanitize_logits(np.asarray(z))) for z in logits])  # [D, P, C]
     consensus = np.median(p, axis=0).argmax(-1)  # [P]
     agree = (p.argmax(-1) == consensus[None, :]).mean(axis=1)  # [D]
-    if d < min_devices:
+    med = float(np.median(agree))
+    if d < min_devices or med < min_consensus:
+        # no majority, or honest devices do not agree among themselves yet (early rounds of a
+        # strongly non-IID fleet): there is no consensus to call anyone an outlier against
         return np.ones(d, bool), agree
-    keep = agree >= float(factor) * float(np.median(agree))
+    keep = agree >= float(factor) * med
     if not keep.any():  # cannot happen with factor <= 1 (the median device passes); be safe anyway
         keep[:] = True
     return keep, agree
