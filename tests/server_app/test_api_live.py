@@ -99,7 +99,9 @@ def test_round_control_and_metrics_over_live_rounds(live):
     pol = c.get("/api/v1/rounds/schedule", headers=AUTH).json()
     assert set(pol) == {"auto", "rounds", "min_devices", "interval_s"}
     assert c.put("/api/v1/rounds/schedule", json={"auto": False}).status_code == 401
-    new = c.put("/api/v1/rounds/schedule", headers=AUTH, json={"auto": False, "interval_s": 1.5}).json()
+    resp = c.put("/api/v1/rounds/schedule", headers=AUTH, json={"auto": False, "interval_s": 1.5})
+    assert resp.status_code == 200, resp.text
+    new = resp.json()
     assert new["auto"] is False and new["interval_s"] == 1.5 and new["rounds"] == pol["rounds"]
     assert c.put("/api/v1/rounds/schedule", headers=AUTH, json={"min_devices": 0}).status_code == 422
     assert c.put("/api/v1/rounds/schedule", headers=AUTH, json={"speed": "fast"}).status_code == 422

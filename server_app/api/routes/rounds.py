@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from server_app.api import problems
 from server_app.api.auth import require_read, require_write
-from server_app.api.deps import RoundControl, db, orchestrator
+from server_app.api.deps import RoundControl, db, get_registry, orchestrator
 from server_app.api.queries import round_counts_many
 from server_app.api.schemas import (
     EventOut,
@@ -98,10 +98,12 @@ def get_schedule(orch: Annotated[RoundControl, Depends(orchestrator)]) -> Schedu
 def put_schedule(
     policy: SchedulePolicyUpdate,
     orch: Annotated[RoundControl, Depends(orchestrator)],
-    s: Annotated[Session, Depends(db)],
+    request: Request,
 ) -> SchedulePolicy:
     out = SchedulePolicy.model_validate(_call(orch, "set_schedule_policy", policy.model_dump(exclude_none=True)))
-    crud.put_setting(s, crud.SCHEDULE_POLICY, out.model_dump(mode="json"))
+    # its own short write transaction, retried as a whole: under SQLite a request session that read
+    # first cannot upgrade to a write while the orchestrator commits ("database is locked")
+    get_registry(request).run(crud.put_setting, crud.SCHEDULE_POLICY, out.model_dump(mode="json"))
     return out
 
 
