@@ -21,6 +21,8 @@ COMMANDS: dict[str, str] = {
     "device": "server_app.commands.device",
     "provision": "server_app.commands.provision",
     "monitor": "server_app.commands.monitor",
+    "rounds": "server_app.commands.rounds",
+    "devices": "server_app.commands.devices",
     "bench": "server_app.commands.bench",
     "data": "server_app.commands.data",
     "zoo": "server_app.commands.zoo",
