@@ -12,7 +12,10 @@ file (`[policy]` section) and `KOALA_POLICY__*` env vars, the simulator from its
 **Defaults are the best measured setting** (README "Results"; `bench/koala_experiment.py`,
 Fashion-MNIST, 20 devices): homogeneous KOALA with 5 local epochs, 1 forward-KD epoch, 4 reverse-KD
 epochs, 1,000 of the proxy images per round; heterogeneous fleets fuse device logits by
-entropy. A field that the chosen strategy cannot use, set explicitly, is an error — never ignored.
+entropy. The robustness defaults (`count_cap`, `clip_factor`, `agreement_filter`) were chosen by
+`bench/attacks.py` against their clean cost (docs/security.md). A field that the chosen strategy
+cannot use, set explicitly, is an error — never ignored. Data sets the defaults do not fit ship
+their own policy file (`server_app/policies/`, e.g. digits).
 
 Names (one per concept, used everywhere): `local_epochs`/`lr` (device, private data),
 `fkd_*` (forward KD: large -> small, on the devices), `rkd_*` (reverse KD: small -> large, on
