@@ -5,6 +5,7 @@
     koala provision revoke DEV --broker-dir DIR         device can no longer connect
     koala provision rotate DEV --secret-file F          new secret, old one stops working
     koala provision bundle DEV --out DIR --broker-url mqtts://host:8883 --broker-dir DIR
+    koala provision fleet MANIFEST.yml [--out DIR] [--rotate]   all of the above for a whole fleet
 
 Commands that change who may connect regenerate the broker files when `--broker-dir` is given
 (the broker loads them at its next start) and, when `--pid-file` or `--control-url` says a broker
@@ -94,6 +95,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     n.add_argument("--pid-file", type=Path)
     n.add_argument("--prefix", default="/", help="root the device sees its files under (default /)")
     n.add_argument("--data", type=Path, help="ship this private-data .npz (demos)")
+    n.add_argument("--data-path", default="", help="private-data .npz path on the device (default under --prefix)")
     n.add_argument("--proxy", type=Path, help="ship the proxy-inputs .npz")
     n.add_argument("--proxy-sha256", default="", help="or only its digest ...")
     n.add_argument("--proxy-url", default="", help="... and where the device fetches it")
@@ -101,6 +103,22 @@ def configure(p: argparse.ArgumentParser) -> None:
     n.add_argument("--wheelhouse", type=Path, help="reuse a wheel dir built by an earlier bundle")
     n.add_argument("--platform", help="wheels for another target, e.g. manylinux2014_aarch64")
     n.add_argument("--python-version", help="target Python, e.g. 3.11")
+
+    f = sub.add_parser(
+        "fleet", help="provision every device of a fleet manifest: credentials, broker files, bundles"
+    )
+    f.add_argument("manifest", type=Path, help="fleet YAML (see deploy/fleet.example.yml)")
+    f.add_argument(
+        "--out",
+        type=Path,
+        default=Path("koala-fleet"),
+        help="workspace for relative broker.dir / bundles.out (default ./koala-fleet)",
+    )
+    f.add_argument(
+        "--rotate",
+        action="store_true",
+        help="also issue new secrets + bundles for devices already provisioned (default: skip them)",
+    )
 
 
 def _refresh(args: argparse.Namespace, secret: str | None = None) -> None:
@@ -192,6 +210,7 @@ def _bundle(args: argparse.Namespace) -> int:
         ca_cert_pem=ca_crt.read_bytes(),
         prefix=args.prefix,
         data=args.data,
+        data_path=getattr(args, "data_path", ""),
         proxy=args.proxy,
         proxy_sha256=args.proxy_sha256,
         proxy_url=args.proxy_url,
@@ -235,6 +254,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.action == "broker-files":
         return _broker_files(args)
+    if args.action == "fleet":
+        return _fleet(args)
     check_device_id(args.device_id)
     if args.action == "add" and args.arch not in known_archs():
         raise ValueError(f"unknown architecture {args.arch!r}; known: {', '.join(known_archs())}")
@@ -257,4 +278,97 @@ def _run(args: argparse.Namespace) -> int:
         revoke_device(args.db, args.device_id)
         print(f"[provision] revoked {args.device_id}")
     _refresh(args, secret)
+    return 0
+
+
+def _fleet(args: argparse.Namespace) -> int:
+    """`add` + `broker-files` + `bundle` for every device of a manifest, through the same functions.
+
+    Idempotent: a device that is registered, active, has credentials and a bundle under the bundle
+    directory is skipped (its secret is not rotated) unless --rotate; a revoked device is never
+    re-admitted here (`koala provision add` does that deliberately). A registered device with no
+    bundle here (provisioned by hand) is also skipped: a new bundle would rotate its secret.
+    """
+    from server_app.provisioning.manifest import load_manifest
+    from server_app.provisioning.passwords import mosquitto_hash, new_secret
+    from server_app.provisioning.registry_link import UnknownDevice, get_device, register_device
+
+    m = load_manifest(args.manifest)
+    db = m.database.url if m.database is not None else args.db
+    work = args.out
+    broker_dir = work / m.broker.dir
+    out = work / m.bundles.out
+    b = m.bundles
+
+    todo, rows = [], []
+    for d in m.devices:
+        try:
+            rec = get_device(db, d.id)
+        except UnknownDevice:
+            rec = None
+        tarball = out / f"koala-bundle-{d.id}.tar.gz"
+        if rec is None:
+            register_device(db, d.id, d.arch, mosquitto_hash(new_secret()))  # as `add`; bundle issues the real one
+            print(f"[provision] add: {d.id} registered ({d.arch})")
+            todo.append(d)
+        elif rec.revoked:
+            rows.append((d.id, d.arch, "skipped: revoked (re-admit with `koala provision add`)"))
+        elif args.rotate:
+            todo.append(d)
+        elif rec.has_credentials and tarball.exists():
+            rows.append((d.id, rec.arch or d.arch, f"{tarball} (unchanged)"))
+        else:
+            rows.append((d.id, rec.arch or d.arch, "skipped: registered, no bundle here (--rotate issues one)"))
+        if rec is not None and rec.arch and rec.arch != d.arch:
+            print(f"[provision] warning: {d.id} is registered as {rec.arch}, manifest says {d.arch}")
+
+    common = {"db": db, "pid_file": None}
+    _broker_files(
+        argparse.Namespace(
+            **common,
+            action="broker-files",
+            out=broker_dir,
+            profile=m.broker.profile,
+            tls_host=list(m.broker.tls_hosts),
+            tls_port=m.broker.tls_port,
+            tls_bind=m.broker.tls_bind,
+            plain_port=m.broker.plain_port,
+            max_connections=m.broker.max_connections,
+        )
+    )
+    wheelhouse = b.wheelhouse
+    for d in todo:
+        ns = argparse.Namespace(
+            **common,
+            action="bundle",
+            device_id=d.id,
+            out=out,
+            broker_url=m.broker.url,
+            broker_dir=broker_dir.resolve(),
+            control_url=None,
+            prefix=b.prefix,
+            data=d.ship_data,
+            data_path=d.data or "",
+            proxy=b.proxy,
+            proxy_sha256=b.proxy_sha256,
+            proxy_url=b.proxy_url,
+            client_cert=b.client_cert,
+            wheelhouse=wheelhouse,
+            platform=b.platform,
+            python_version=b.python_version,
+        )
+        if _bundle(ns) != 0:
+            return 1
+        # Wheels are the same for every device: build them once, copy them for the others.
+        wheelhouse = wheelhouse or out / f"koala-bundle-{d.id}" / "opt" / "koala" / "wheels"
+        rows.append((d.id, d.arch, str(out / f"koala-bundle-{d.id}.tar.gz")))
+
+    order = {d.id: i for i, d in enumerate(m.devices)}
+    rows.sort(key=lambda r: order[r[0]])
+    w_id = max(len("device"), *(len(r[0]) for r in rows))
+    w_arch = max(len("arch"), *(len(r[1]) for r in rows))
+    print(f"[provision] fleet {m.name}: {len(todo)} bundled, {len(rows) - len(todo)} unchanged/skipped")
+    print(f"{'device':<{w_id}}  {'arch':<{w_arch}}  bundle")
+    for dev, arch, where in rows:
+        print(f"{dev:<{w_id}}  {arch:<{w_arch}}  {where}")
     return 0

@@ -49,6 +49,7 @@ class BundleSpec:
     ca_cert_pem: bytes
     prefix: str = "/"
     data: Path | None = None  # ship private data (demo); else the device has its own
+    data_path: str = ""  # where the device reads its private data; default under prefix
     proxy: Path | None = None  # ship the proxy npz ...
     proxy_sha256: str = ""  # ... or only its digest
     proxy_url: str = ""  # ... and where to fetch it
@@ -105,7 +106,7 @@ def device_config(spec: BundleSpec) -> dict:
         "username": spec.device_id,
         "password_file": _device_path(p, "etc/koala/device.secret"),
         "ca_file": _device_path(p, "etc/koala/ca.crt"),
-        "data_path": _device_path(p, "var/lib/koala/data.npz"),
+        "data_path": spec.data_path or _device_path(p, "var/lib/koala/data.npz"),
         "proxy_path": _device_path(p, "opt/koala/proxy/proxy.npz"),
         "proxy_sha256": spec.proxy_sha256,
         "state_dir": _device_path(p, "var/lib/koala/state"),
