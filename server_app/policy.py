@@ -33,7 +33,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 FUSION_RULES = ("mean", "weighted", "entropy", "class_aware", "group", "median", "trimmed_mean", "agreement")
 WEIGHT_RULES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
 BUILTIN_STRATEGIES = ("koala_homo", "koala_hetero", "fedavg_small", "fedavg_large", "local_only")
-KNOWN_ARCHS = ("mlp_tiny", "cnn_small", "mobilenet_tiny")
 _STRATEGY_REF = re.compile(r"[a-z][a-z0-9_]{0,63}|[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 # Fields every strategy uses (round machinery), whatever it is.
@@ -135,9 +134,11 @@ class KoalaPolicy(BaseModel):
     @field_validator("archs")
     @classmethod
     def _archs(cls, v: list[str]) -> list[str]:
-        bad = [a for a in v if a not in KNOWN_ARCHS]
+        from server_app.zoo.archs import ARCHS  # the zoo's list: the one source of architecture names
+
+        bad = [a for a in v if a not in ARCHS]
         if bad:
-            raise ValueError(f"unknown architectures {bad}; known: {', '.join(KNOWN_ARCHS)}")
+            raise ValueError(f"unknown architectures {bad}; known: {', '.join(ARCHS)}")
         return v
 
     @field_validator("participants")
