@@ -38,7 +38,6 @@ def execute_assignment(
     proxy_x: np.ndarray | None,
     assignment: Assignment,
     *,
-    model_version: int | None = None,
     proxy_digest: str | None = None,
     progress: Progress | None = None,
 ) -> Result:
@@ -46,7 +45,7 @@ def execute_assignment(
 
     `model` is a `device_firmware_py.runtime.small_model.SmallModel` (duck-typed so tests of the
     agent can pass the real runtime without importing it here). The result answers the
-    assignment's model version and echoes its proxy digest unless told otherwise.
+    assignment's model version and echoes its proxy digest unless `proxy_digest` is given.
     """
     a, plan = assignment, assignment.plan
     seed = plan.seed
@@ -97,7 +96,7 @@ def execute_assignment(
         metrics["local_acc"] = model.evaluate(x_private, y_private)
     return Result(
         round_id=a.round_id, device_id=a.device_id, arch=a.arch, num_samples=int(len(y_private)),
-        model_version=a.model_version if model_version is None else model_version,
+        model_version=a.model_version,
         label_histogram=label_histogram(y_private, model.num_classes), metrics=metrics_clean(metrics),
         proxy_digest=a.proxy_digest if proxy_digest is None else proxy_digest,
         proxy_logits=proxy_logits, weights=weights,
