@@ -250,7 +250,10 @@ def aggregate_weights(
 
 
 # --------------------------------------------------------------------------- agreement filter
-def agreement_filter(logits: Sequence[np.ndarray], factor: float = 0.5, min_devices: int = 3,
+AGREEMENT_MIN_DEVICES = 3  # fewer devices: no majority to call anyone an outlier against
+
+
+def agreement_filter(logits: Sequence[np.ndarray], factor: float = 0.5, min_devices: int = AGREEMENT_MIN_DEVICES,
                      min_consensus: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """Which devices to keep, judged by what their models say on the shared proxy set.
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from server_app.engine.distill import reverse_distill
 from server_app.engine.fusion import fuse_logits
-from server_app.engine.robust import agreement_filter
+from server_app.engine.robust import AGREEMENT_MIN_DEVICES, agreement_filter
 from server_app.engine.strategies.common import average_weights, capped_counts, fedavg
 from server_app.engine.strategy import RoundRejected, Strategy
 from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
@@ -112,8 +112,8 @@ class KoalaStrategy(Strategy):
     def _teachers(self, results: list[Result]) -> tuple[list[np.ndarray], list[int], list[list[int]], list[str]]:
         """(logits, sample counts, label histograms, group) per teacher."""
         if self.teacher == "device_logits":
-            ok = self._agreeing([r for r in results if r.proxy_logits is not None], [r.proxy_logits for r in results
-                                                                                    if r.proxy_logits is not None])
+            with_logits = [r for r in results if r.proxy_logits is not None]
+            ok = self._agreeing(with_logits, [r.proxy_logits for r in with_logits])
             return ([r.proxy_logits for r in ok], [r.num_samples for r in ok],
                     [r.label_histogram for r in ok], [r.arch for r in ok])  # fmt: skip
         logits, ns, hists, groups = [], [], [], []
@@ -121,7 +121,7 @@ class KoalaStrategy(Strategy):
             rs = [r for r in results if r.arch == arch and r.weights is not None]
             if not rs:
                 continue
-            if self.policy.agreement_filter is not None and len(rs) >= 3:
+            if self.policy.agreement_filter is not None and len(rs) >= AGREEMENT_MIN_DEVICES:  # else nothing to judge
                 m = self._small(arch)
                 own = []
                 for r in rs:  # each device's model on this round's proxy rows (server-side LiteRT)
@@ -140,7 +140,7 @@ class KoalaStrategy(Strategy):
 
     def _agreeing(self, results: list[Result], logits: list[np.ndarray]) -> list[Result]:
         """The results whose models agree with the ensemble (policy `agreement_filter`)."""
-        if self.policy.agreement_filter is None or len(results) < 3:
+        if self.policy.agreement_filter is None:
             return results
         keep, agree = agreement_filter(logits, self.policy.agreement_filter)
         self._dropped += [r.device_id for r, k in zip(results, keep, strict=True) if not k]
