@@ -167,7 +167,7 @@ class KoalaPolicy(BaseModel):
     def with_overrides(self, **changes: Any) -> KoalaPolicy:
         """A validated copy with `changes` applied (they count as explicitly set)."""
         data = {k: getattr(self, k) for k in self.model_fields_set}
-        data.update({k: v for k, v in changes.items()})
+        data.update(changes)
         return KoalaPolicy.model_validate(data)
 
 
@@ -175,9 +175,11 @@ class PolicyError(ValueError):
     """The policy asks for something the chosen strategy cannot do."""
 
 
-def check_fields_used(policy: KoalaPolicy, used: frozenset[str] | set[str]) -> None:
-    """Raise PolicyError naming every explicitly set field the strategy would ignore."""
-    unused = sorted(policy.explicit() - set(used) - ROUND_FIELDS)
+def check_fields_used(policy: KoalaPolicy, used: frozenset[str] | set[str], only: set[str] | None = None) -> None:
+    """Raise PolicyError naming every explicitly set field (of `only`, when given) the strategy
+    would ignore."""
+    explicit = policy.explicit() if only is None else policy.explicit() & set(only)
+    unused = sorted(explicit - set(used) - ROUND_FIELDS)
     if unused:
         raise PolicyError(
             f"policy fields {unused} are not used by strategy {policy.strategy!r}"

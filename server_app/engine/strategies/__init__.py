@@ -66,12 +66,7 @@ def build_strategy(
     """
     cls = strategy_class(policy)
     used = cls.policy_fields(policy)
-    if strict_fields is None:
-        check_fields_used(policy, used)
-    else:
-        narrowed = policy.model_copy()
-        object.__setattr__(narrowed, "__pydantic_fields_set__", set(strict_fields) & policy.explicit())
-        check_fields_used(narrowed, used)
+    check_fields_used(policy, used, only=strict_fields)
     resources = {"large": large, "proxy_x": proxy_x, "small_factory": small_factory, "policy": policy}
     import inspect
 
