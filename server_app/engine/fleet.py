@@ -75,13 +75,14 @@ class InMemoryFleet:
         self, assignments: list[Assignment], quorum: int | None = None, timeout_s: float | None = None
     ) -> list[Result]:
         out = []
+        encoder = codec.FrameEncoder()  # the round's shared teacher body converted and hashed once, as MqttFleet does
         for a in assignments:
             d = self._devices[a.device_id]
             if a.task in self.simulators:
                 out.append(self.simulators[a.task](a, d.x, d.y))
             else:
                 if self.wire:
-                    a = codec.decode_frame(codec.encode_frame(a), Assignment)  # type: ignore[assignment]
+                    a = codec.decode_frame(encoder.encode(a), Assignment)  # type: ignore[assignment]
                 r = execute_assignment(self.model(a.device_id), d.x, d.y, self.proxy_x, a)
                 out.append(codec.decode_frame(codec.encode_frame(r), Result) if self.wire else r)
             if self.progress:
