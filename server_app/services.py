@@ -38,6 +38,7 @@ import numpy as np
 from device_firmware_py.cli import CommandError
 from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
+from device_firmware_py.contract.errors import ContractError
 from device_firmware_py.mqtt import MqttClient, Will
 from server_app.policy import KoalaPolicy
 
@@ -170,7 +171,7 @@ class ServerServices:
         results = topics.shared(o.share_group, topics.filter_results()) if self.shared else topics.filter_results()
         self.link.subscribe(topics.filter_device_status(), 1, self.ingestor.on_status)
         self.link.subscribe(topics.filter_progress(), 0, self.ingestor.on_progress)
-        self.ingest_worker = subscribe_results(self.link, results, self.ingestor)
+        self.ingest_worker = subscribe_results(self.link, results, self.ingestor, on_outcomes=self._send_verdicts)
         self.results_filter = results
         log.info("registry %s at revision %s; ingestion subscribed results=%s shared=%s", _redact(o.db_url), rev,
                  results, self.shared)  # fmt: skip
@@ -183,6 +184,21 @@ class ServerServices:
         if self.link is not None:
             online = codec.encode_control(cm.ServerStatus(state="online", capabilities={"shared_subscriptions": self.shared}))
             self.link.publish(topics.server_status(), online, 1, True)
+
+    def _send_verdicts(self, outcomes: list[Any]) -> None:
+        """Tell each device what became of its result (after the batch is committed): a device that
+        follows only the contract learns why a result was refused. QoS 1, never retained."""
+        if self.link is None:
+            return
+        for o in outcomes:
+            if o.device_id is None:  # not even the topic named a device: nobody to tell
+                continue
+            rid = o.round_id if isinstance(o.round_id, int) and 0 <= o.round_id <= topics.MAX_ROUND_ID else None
+            try:
+                msg = cm.ResultVerdict(device_id=o.device_id, status=o.status, round_id=rid, reason=o.reason)
+                self.link.publish(topics.device_verdict(o.device_id), codec.encode_control(msg), 1, False)
+            except (ContractError, RuntimeError, ValueError) as exc:  # a verdict is advice: never fail ingestion
+                log.debug("verdict not sent device=%s error=%s", o.device_id, exc)
 
     def _probe_shared(self, timeout_s: float = 2.0) -> bool:
         """Does the broker deliver `$share/...`? (amqtt: SUBACK ok, nothing delivered.)"""

@@ -68,6 +68,7 @@ class DeviceAgent:
         self.int8: Any = None  # TFLiteLogits of the served int8 model
         self.int8_info: dict[str, Any] = {}
         self.model: Any = None
+        self.last_verdict: dict[str, Any] | None = None  # the server's last ResultVerdict for us
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
@@ -145,6 +146,7 @@ class DeviceAgent:
         )
         self._client.subscribe(topics.device_assign(cfg.device_id), 1, lambda t, p: self.events.put(("assign", (t, p))))
         self._client.subscribe(topics.rounds_current(), 1, lambda t, p: self.events.put(("round", (t, p))))
+        self._client.subscribe(topics.device_verdict(cfg.device_id), 1, lambda t, p: self.events.put(("verdict", (t, p))))
         self._client.start()
 
     # ------------------------------------------------------------------ loop
@@ -192,6 +194,8 @@ class DeviceAgent:
             self._on_assign(*data)
         elif kind == "round":
             self._on_round(*data)
+        elif kind == "verdict":
+            self._on_verdict(*data)
 
     # -------------------------------------------------------------- handlers
     def _on_round(self, topic: str, payload: bytes) -> None:
@@ -201,6 +205,15 @@ class DeviceAgent:
         rs = self._round
         if rs is not None and rs.phase == PHASE_DONE and msg.round_id == rs.round_id and msg.state == "collecting":
             self._republish_result("round still collecting")
+
+    def _on_verdict(self, topic: str, payload: bytes) -> None:
+        """The server's decision on a result we sent: logged (a refusal with its reason)."""
+        _, v = codec.decode_for_topic(topic, payload)
+        self.last_verdict = {"round": v.round_id, "status": v.status, "reason": v.reason}
+        if v.status in ("rejected", "late"):
+            log.warning("result refused by the server %s", _kv(round=v.round_id, status=v.status, reason=v.reason))
+        else:
+            log.info("result verdict %s", _kv(round=v.round_id, status=v.status))
 
     def _republish_result(self, why: str) -> None:
         rs = self._round

@@ -25,6 +25,7 @@ from .messages import (
     Message,
     Progress,
     Result,
+    ResultVerdict,
     RoundStatus,
     ServerStatus,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "Message",
     "Progress",
     "Result",
+    "ResultVerdict",
     "RoundStatus",
     "ServerStatus",
     "PLAN_VERSION",

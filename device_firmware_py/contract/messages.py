@@ -281,6 +281,38 @@ class Progress(Message):
         return isinstance(other, Progress) and self.scalar_fields() == other.scalar_fields()
 
 
+VERDICTS = ("accepted", "duplicate", "rejected", "late", "ignored")
+
+
+@dataclass(eq=False)
+class ResultVerdict(Message):
+    """Server -> device: the server's decision on one result message, so a device learns why a
+    result was refused (`reason` is one of the contract's reject reasons) instead of guessing.
+    Sent for every result whose device the server can tell from the topic; a `duplicate` is a QoS 1
+    redelivery or re-publish of an accepted result and needs no action."""
+
+    TYPE: ClassVar[str] = "result_verdict"
+    device_id: str
+    status: str  # accepted | duplicate | rejected | late | ignored
+    round_id: int | None = None  # None when the payload could not be decoded far enough
+    reason: str | None = None  # set when status is rejected (or late: "late")
+    ts: float = field(default_factory=time.time)
+
+    def validate(self) -> None:
+        from .errors import REASONS
+
+        validate_device_id(self.device_id)
+        check_choice("status", self.status, VERDICTS)
+        if self.round_id is not None:
+            validate_round_id(self.round_id)
+        if self.reason is not None:
+            check_choice("reason", self.reason, tuple(sorted(REASONS)))
+        self.ts = check_float("ts", self.ts, 0.0)  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ResultVerdict) and self.scalar_fields() == other.scalar_fields()
+
+
 @dataclass(eq=False)
 class RoundStatus(Message):
     """Retained round state for monitors (rounds/{n}/status and rounds/current)."""
@@ -467,7 +499,7 @@ def _weights_equal(a: list[np.ndarray] | None, b: list[np.ndarray] | None, atol:
 
 
 CONTROL_MESSAGES: dict[str, type[Message]] = {
-    c.TYPE: c for c in (DeviceStatus, Progress, RoundStatus, ServerStatus)
+    c.TYPE: c for c in (DeviceStatus, Progress, RoundStatus, ServerStatus, ResultVerdict)
 }
 FRAME_MESSAGES: dict[str, type[Message]] = {c.TYPE: c for c in (Assignment, Result)}
 ALL_MESSAGES: dict[str, type[Message]] = {**CONTROL_MESSAGES, **FRAME_MESSAGES}

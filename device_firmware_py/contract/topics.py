@@ -42,6 +42,7 @@ SPECS: dict[str, TopicSpec] = {
     for s in (
         TopicSpec("device_status", "devices/{device_id}/status", "device->server", 1, True, "DeviceStatus"),
         TopicSpec("assign", "devices/{device_id}/down/assign", "server->device", 1, False, "Assignment"),
+        TopicSpec("verdict", "devices/{device_id}/down/verdict", "server->device", 1, False, "ResultVerdict"),
         TopicSpec("result", "devices/{device_id}/up/result", "device->server", 1, False, "Result"),
         TopicSpec("progress", "devices/{device_id}/up/progress", "device->server", 0, False, "Progress"),
         TopicSpec("round_status", "rounds/{round_id}/status", "server->all", 1, True, "RoundStatus"),
@@ -86,6 +87,11 @@ def device_result(device_id: str) -> str:
     return _t("result", device_id=validate_device_id(device_id))
 
 
+def device_verdict(device_id: str) -> str:
+    """Server -> device: what became of each result it sent (accepted, or refused with the reason)."""
+    return _t("verdict", device_id=validate_device_id(device_id))
+
+
 def device_progress(device_id: str) -> str:
     """Device -> server progress (QoS 0, best effort)."""
     return _t("progress", device_id=validate_device_id(device_id))
@@ -111,6 +117,7 @@ BUILDERS = {
     "assign": device_assign,
     "result": device_result,
     "progress": device_progress,
+    "verdict": device_verdict,
     "round_status": round_status,
     "round_current": rounds_current,
     "server_status": server_status,
@@ -226,7 +233,8 @@ def parse_topic(topic: object) -> ParsedTopic:
             raise ContractError("bad_topic", exc.detail) from None
     if len(rest) >= 3 and rest[0] == "devices":
         tail = "/".join(rest[2:])
-        kind = {"status": "device_status", "down/assign": "assign", "up/result": "result", "up/progress": "progress"}.get(tail)
+        kind = {"status": "device_status", "down/assign": "assign", "down/verdict": "verdict", "up/result": "result",
+                "up/progress": "progress"}.get(tail)
         if kind is None:
             raise ContractError("bad_topic", f"unknown device topic {topic!r}")
         return ParsedTopic(kind, device_id=validate_device_id(rest[1]))

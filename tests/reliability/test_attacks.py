@@ -133,6 +133,14 @@ def test_poisoned_logits_are_rejected_or_bounded(broker, digits_files, tmp_path,
                                             min_devices=8, deadline_s=5.0, quorum_fraction=0.5))  # fmt: skip
     db = db_reader(db_url)
     finite = []
+    # what the devices are told: every verdict the server publishes on devices/+/down/verdict
+    from device_firmware_py.mqtt import MqttClient
+
+    verdicts: list[cm.ResultVerdict] = []
+    watcher = MqttClient("verdict-watcher", "127.0.0.1", broker.port, clean_session=True)
+    watcher.subscribe(f"{topics.PREFIX}/devices/+/down/verdict", 1,
+                      lambda t, p: verdicts.append(codec.decode_for_topic(t, p)[1]))  # fmt: skip
+    assert watcher.start(wait_s=10)
     try:
         for r in range(ROUNDS):
             wait_for(lambda r=r: (rs := db.rounds()) and r in rs and rs[r].state in ("completed", "failed"), 120,
@@ -140,6 +148,7 @@ def test_poisoned_logits_are_rejected_or_bounded(broker, digits_files, tmp_path,
             finite.append(large_finite(services))
     finally:
         fleet.stop()
+        watcher.stop()
     rounds = db.rounds()
     rej = db.rejections()
     assert all(finite), finite
@@ -161,6 +170,13 @@ def test_poisoned_logits_are_rejected_or_bounded(broker, digits_files, tmp_path,
             else:
                 assert not got and rows[dev].status == "accepted", (r, dev, attack, got, rows[dev].status)
             table.append((r, dev, attack, got[0] if got else "accepted"))
+            # the device itself was told, with the same reason the registry recorded
+            told = {(v.status, v.reason) for v in verdicts if v.device_id == dev
+                    and v.round_id == (None if attack == "oversize" else r)}  # fmt: skip
+            if reasons and reasons != {"duplicate"}:
+                assert {("rejected", g) for g in got} <= told, (r, dev, attack, told)
+            elif not reasons:
+                assert ("accepted", None) in told, (r, dev, attack, told)
     last = {a.device_id: a.status for a in db.assignments(ROUNDS - 1)}
     assert last == dict.fromkeys(HONEST + BAD, "accepted"), last
     # bounded influence: fused teachers are probabilities whatever a device sends, so the large model's
