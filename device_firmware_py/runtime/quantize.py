@@ -17,6 +17,7 @@ import logging
 import os
 import subprocess
 import sys
+import types
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,11 +51,37 @@ def patch_inference_model(manifest: dict[str, Any], base: bytes, weights: list[n
     return bytes(buf)
 
 
+def import_quantizer() -> tuple[Any, Any]:
+    """ai-edge-quantizer's (quantizer, recipe) modules, importable on a device without scipy.
+
+    Why: the quantizer imports `scipy.linalg` at import time for one algorithm (GPTQ) this agent
+    never runs; scipy would be the largest package of a device install (113 MB). A slim install
+    (server_app.provisioning.wheels.DEVICE_EXCLUDED) leaves it out, and a stand-in module takes its
+    place here: any attribute lookup on it raises, so a path that did need scipy fails loudly.
+    The int8 models are byte-identical with and without scipy (tests/device_firmware_py).
+    """
+    try:
+        import scipy.linalg  # noqa: F401
+    except ImportError:
+        scipy_mod, linalg = types.ModuleType("scipy"), types.ModuleType("scipy.linalg")
+
+        def _absent(name: str) -> Any:
+            raise AttributeError(f"scipy.linalg.{name}: scipy is not installed on this device (GPTQ needs it)")
+
+        linalg.__getattr__ = _absent  # type: ignore[method-assign]
+        scipy_mod.linalg = linalg  # type: ignore[attr-defined]
+        sys.modules.setdefault("scipy", scipy_mod)
+        sys.modules.setdefault("scipy.linalg", linalg)
+    from ai_edge_quantizer import quantizer, recipe
+
+    return quantizer, recipe
+
+
 def quantize_int8_bytes(
     manifest: dict[str, Any], base: bytes, weights: list[np.ndarray], calibration_x: np.ndarray
 ) -> bytes:
     """Full-int8 (weights + activations) LiteRT model of `weights`, calibrated on `calibration_x`."""
-    from ai_edge_quantizer import quantizer, recipe
+    quantizer, recipe = import_quantizer()
 
     float_model = patch_inference_model(manifest, base, weights)
     qt = quantizer.Quantizer(bytearray(float_model))
@@ -105,7 +132,7 @@ def quantize_int8_isolated(
 
 
 def _quantize_child(float_path: str, calib_path: str, out_path: str) -> dict[str, Any]:
-    from ai_edge_quantizer import quantizer, recipe
+    quantizer, recipe = import_quantizer()
 
     qt = quantizer.Quantizer(bytearray(Path(float_path).read_bytes()))
     qt.load_quantization_recipe(recipe.static_wi8_ai8())

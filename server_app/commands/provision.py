@@ -93,9 +93,8 @@ def configure(p: argparse.ArgumentParser) -> None:
         "--broker-dir", type=Path, required=True, help="broker files dir (its CA signs the broker)"
     )
     n.add_argument("--pid-file", type=Path)
-    n.add_argument("--prefix", default="/", help="root the device sees its files under (default /)")
     n.add_argument("--data", type=Path, help="ship this private-data .npz (demos)")
-    n.add_argument("--data-path", default="", help="private-data .npz path on the device (default under --prefix)")
+    n.add_argument("--data-path", default="", help="private-data .npz path on the device (default /var/lib/koala/data.npz under its root)")
     n.add_argument("--proxy", type=Path, help="ship the proxy-inputs .npz")
     n.add_argument("--proxy-sha256", default="", help="or only its digest ...")
     n.add_argument("--proxy-url", default="", help="... and where the device fetches it")
@@ -208,7 +207,6 @@ def _bundle(args: argparse.Namespace) -> int:
         secret=secret,
         broker_url=args.broker_url,
         ca_cert_pem=ca_crt.read_bytes(),
-        prefix=args.prefix,
         data=args.data,
         data_path=getattr(args, "data_path", ""),
         proxy=args.proxy,
@@ -346,7 +344,6 @@ def _fleet(args: argparse.Namespace) -> int:
             broker_url=m.broker.url,
             broker_dir=broker_dir.resolve(),
             control_url=None,
-            prefix=b.prefix,
             data=d.ship_data,
             data_path=d.data or "",
             proxy=b.proxy,

@@ -10,13 +10,15 @@ plus a tarball of it.
       etc/koala/client.{crt,key}     optional TLS client certificate
       etc/systemd/system/koala-device.service
       opt/koala/install-venv.sh      offline venv creation (flash.sh --install-venv, or first boot)
-      opt/koala/wheels/*.whl         the agent wheel + device extra wheels + requirements.lock
-      opt/koala/models/<arch>_*      the small-model artifact(s) the device starts from
+      opt/koala/wheels/*.whl         the device-only agent wheel (with the small-model artifacts)
+                                     + its dependencies, slimmed, + requirements.lock
       opt/koala/proxy/proxy.npz      proxy inputs (or only their sha256 + URL in device.json)
       var/lib/koala/data.npz         optional private data (demos and tests)
 
-Paths inside device.json and the unit are those the running device sees: `/` + the layout, or
-`prefix` + the layout to run a device in place from a directory (tests, containers).
+The bundle is relocatable: device.json and the unit hold `@ROOT@` where the device's root goes,
+and `flash.sh` fills it in at install time: empty for a device's own root (`--host`, or
+`--target-root /mnt/sdcard`), the target directory itself with `--in-place` (a staging root, a
+container, a test, where the agent runs from that directory).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from pathlib import Path
 from server_app.provisioning.identity import check_device_id
 from server_app.provisioning.passwords import write_secret_file
 from server_app.provisioning.tls import CertPair, write_pair
-from server_app.provisioning.wheels import Target, build_project_wheel, download_device_wheels, write_lock
+from server_app.provisioning.wheels import Target, build_device_wheelhouse
 
 TEMPLATES = Path(__file__).with_name("templates")
 ARTIFACTS = Path(__file__).resolve().parents[2] / "device_firmware_py" / "artifacts"
@@ -47,9 +49,8 @@ class BundleSpec:
     secret: str
     broker_url: str  # mqtts://broker.example:8883
     ca_cert_pem: bytes
-    prefix: str = "/"
     data: Path | None = None  # ship private data (demo); else the device has its own
-    data_path: str = ""  # where the device reads its private data; default under prefix
+    data_path: str = ""  # where the device reads its private data; default @ROOT@/var/lib/koala/data.npz
     proxy: Path | None = None  # ship the proxy npz ...
     proxy_sha256: str = ""  # ... or only its digest
     proxy_url: str = ""  # ... and where to fetch it
@@ -59,15 +60,18 @@ class BundleSpec:
     artifacts_dir: Path = ARTIFACTS
 
 
-def _device_path(prefix: str, rel: str) -> str:
-    return str(Path(prefix) / rel)
+ROOT_MARK = "@ROOT@"  # flash.sh replaces it with the device's root ("" or the --in-place target)
+
+
+def _device_path(rel: str) -> str:
+    return f"{ROOT_MARK}/{rel}"
 
 
 def _render(template: str, values: dict[str, str]) -> str:
     text = (TEMPLATES / template).read_text()
     for key, val in values.items():
         text = text.replace(f"@{key}@", val)
-    if "@DEVICE_ID@" in text or "@OPT_DIR@" in text or "@ETC_DIR@" in text:
+    if "@DEVICE_ID@" in text:
         raise ValueError(f"unrendered placeholder left in {template}")
     return text
 
@@ -80,36 +84,32 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _model_files(spec: BundleSpec) -> list[Path]:
-    files = sorted(spec.artifacts_dir.glob(f"{spec.arch}_*.tflite"))
-    if not files:
+def _check_arch(spec: BundleSpec) -> None:
+    """The agent wheel carries every artifact; refuse an arch that has none before building."""
+    if not any(spec.artifacts_dir.glob(f"{spec.arch}_*.tflite")):
         raise FileNotFoundError(f"no small-model artifact {spec.arch}_*.tflite in {spec.artifacts_dir}")
-    return files + [f.with_suffix(".json") for f in files if f.with_suffix(".json").exists()]
 
 
 def _wheels(spec: BundleSpec, dest: Path) -> None:
     if spec.wheelhouse and (spec.wheelhouse / "requirements.lock").exists():
         shutil.copytree(spec.wheelhouse, dest, dirs_exist_ok=True)
         return
-    deps = download_device_wheels(dest, spec.target)
-    write_lock(deps, dest / "requirements.lock")
-    build_project_wheel(dest)
+    build_device_wheelhouse(dest, spec.target)
 
 
 def device_config(spec: BundleSpec) -> dict:
-    """The DeviceConfig JSON (device_firmware_py.config) with paths as the device sees them."""
-    p = spec.prefix
+    """The DeviceConfig JSON (device_firmware_py.config); `@ROOT@` marks where flash.sh puts the root."""
     cfg = {
         "device_id": spec.device_id,
         "arch": spec.arch,
         "broker_url": spec.broker_url,
         "username": spec.device_id,
-        "password_file": _device_path(p, "etc/koala/device.secret"),
-        "ca_file": _device_path(p, "etc/koala/ca.crt"),
-        "data_path": spec.data_path or _device_path(p, "var/lib/koala/data.npz"),
-        "proxy_path": _device_path(p, "opt/koala/proxy/proxy.npz"),
+        "password_file": _device_path("etc/koala/device.secret"),
+        "ca_file": _device_path("etc/koala/ca.crt"),
+        "data_path": spec.data_path or _device_path("var/lib/koala/data.npz"),
+        "proxy_path": _device_path("opt/koala/proxy/proxy.npz"),
         "proxy_sha256": spec.proxy_sha256,
-        "state_dir": _device_path(p, "var/lib/koala/state"),
+        "state_dir": _device_path("var/lib/koala/state"),
         "extra": {"proxy_url": spec.proxy_url} if spec.proxy_url else {},
     }
     return cfg
@@ -118,11 +118,12 @@ def device_config(spec: BundleSpec) -> dict:
 def build_bundle(spec: BundleSpec, out: Path) -> Path:
     """Write the bundle directory `out/koala-bundle-<id>` and its .tar.gz; return the tarball."""
     check_device_id(spec.device_id)
+    _check_arch(spec)
     root = out / f"koala-bundle-{spec.device_id}"
     if root.exists():
         shutil.rmtree(root)
     etc, opt = root / "etc" / "koala", root / "opt" / "koala"
-    for d in (etc, opt / "models", opt / "proxy", root / "etc" / "systemd" / "system"):
+    for d in (etc, opt / "proxy", root / "etc" / "systemd" / "system"):
         d.mkdir(parents=True, exist_ok=True)
 
     if spec.proxy is not None:
@@ -131,8 +132,6 @@ def build_bundle(spec: BundleSpec, out: Path) -> Path:
     if spec.data is not None:
         (root / "var" / "lib" / "koala").mkdir(parents=True, exist_ok=True)
         shutil.copy2(spec.data, root / "var" / "lib" / "koala" / "data.npz")
-    for f in _model_files(spec):
-        shutil.copy2(f, opt / "models" / f.name)
     _wheels(spec, opt / "wheels")
 
     (etc / "device.json").write_text(json.dumps(device_config(spec), indent=2) + "\n")
@@ -140,11 +139,7 @@ def build_bundle(spec: BundleSpec, out: Path) -> Path:
     (etc / "ca.crt").write_bytes(spec.ca_cert_pem)
     if spec.client_cert is not None:
         write_pair(spec.client_cert, etc / "client.crt", etc / "client.key")
-    values = {
-        "DEVICE_ID": spec.device_id,
-        "OPT_DIR": _device_path(spec.prefix, "opt/koala"),
-        "ETC_DIR": _device_path(spec.prefix, "etc/koala"),
-    }
+    values = {"DEVICE_ID": spec.device_id}
     unit = root / "etc" / "systemd" / "system" / "koala-device.service"
     unit.write_text(_render("koala-device.service", values))
     for name, dest in (("flash.sh", root / "flash.sh"), ("install-venv.sh", opt / "install-venv.sh")):

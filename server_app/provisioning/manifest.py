@@ -50,7 +50,6 @@ class BrokerSpec(_Strict):
 
 class BundlesSpec(_Strict):
     out: Path = Path("bundles")
-    prefix: str = "/"
     proxy: Path | None = None
     proxy_sha256: str = ""
     proxy_url: str = ""

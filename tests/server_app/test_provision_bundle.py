@@ -13,6 +13,7 @@ private sshd on a loopback port, into a staging `--remote-root`) where sshd is i
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import queue
 import shutil
@@ -105,8 +106,6 @@ def test_flashed_bundle_installs_offline_and_submits_a_round(tmp_path) -> None:
                     str(pid_file),
                     "--broker-url",
                     f"mqtts://127.0.0.1:{tls_port}",
-                    "--prefix",
-                    str(root),
                     "--data",
                     str(data),
                     "--proxy",
@@ -118,13 +117,16 @@ def test_flashed_bundle_installs_offline_and_submits_a_round(tmp_path) -> None:
         bundle = out / f"koala-bundle-{DEV}"
         assert (out / f"koala-bundle-{DEV}.tar.gz").is_file()
         assert (bundle / "etc/koala/device.secret").stat().st_mode & 0o077 == 0
-        assert list((bundle / "opt/koala/wheels").glob("koala_edge-*.whl"))
+        wheels = sorted(w.name for w in (bundle / "opt/koala/wheels").glob("*.whl"))
+        assert any(w.startswith("koala_edge_device-") for w in wheels), wheels
+        assert not any(w.startswith(("koala_edge-", "scipy-", "torch-")) for w in wheels), wheels
+        assert "@ROOT@/etc/koala/device.secret" in (bundle / "etc/koala/device.json").read_text()
 
-        root.mkdir()
+        assert not root.exists()  # flash.sh creates its target
         env = dict(os.environ, PIP_CONFIG_FILE=os.devnull, PIP_NO_INDEX="1", PYTHON=sys.executable)
         env.pop("PIP_FIND_LINKS", None)
         flash = subprocess.run(
-            ["bash", str(bundle / "flash.sh"), "--target-root", str(root), "--install-venv"],
+            ["bash", str(bundle / "flash.sh"), "--target-root", str(root), "--in-place", "--install-venv"],
             capture_output=True,
             text=True,
             env=env,
@@ -139,6 +141,11 @@ def test_flashed_bundle_installs_offline_and_submits_a_round(tmp_path) -> None:
             "var/lib/koala/data.npz",
         ):
             assert (root / p).exists(), p
+        cfg = json.loads((root / "etc/koala/device.json").read_text())
+        assert cfg["password_file"] == f"{root}/etc/koala/device.secret"  # paths fixed at install
+        site = next((root / "opt/koala/venv/lib").glob("python3*/site-packages"))
+        assert not (site / "server_app").exists() and not (site / "scipy").exists()
+        assert not (site / "pip").exists()
         _systemd_verifies(root, tmp_path)
         if Path("/usr/sbin/sshd").exists() and os.geteuid() == 0:
             _flash_over_ssh(bundle, tmp_path)
@@ -194,7 +201,7 @@ def test_flashed_bundle_installs_offline_and_submits_a_round(tmp_path) -> None:
 
 def _systemd_verifies(root: Path, tmp_path: Path) -> None:
     """The flashed unit passes `systemd-analyze verify` (directives, sections, executables). The
-    bundle was built with `--prefix ROOT`, so its paths already point into the flashed root."""
+    bundle was flashed `--in-place`, so its paths point into the flashed root."""
     if shutil.which("systemd-analyze") is None:
         warnings.warn("systemd-analyze not installed: unit not verified", stacklevel=1)
         return

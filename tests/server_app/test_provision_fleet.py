@@ -25,7 +25,7 @@ def _manifest(tmp_path: Path, db: str, devices=DEVICES, extra: str = "") -> Path
     wheels = tmp_path / "wheels"
     wheels.mkdir(exist_ok=True)
     (wheels / "requirements.lock").write_text("numpy==2.0.0\n")
-    (wheels / "koala_edge-0.1.0-py3-none-any.whl").write_bytes(b"stand-in")
+    (wheels / "koala_edge_device-0.1.0-py3-none-any.whl").write_bytes(b"stand-in")
     lines = [
         "name: test-fleet",
         f"database: {{url: '{db}'}}",
