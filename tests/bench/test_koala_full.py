@@ -1,0 +1,83 @@
+"""bench/koala_full.py (issue 15's full-scale driver) and its candidate plugin, on digits: the
+plugin with its options off is exactly koala_homo; with the device ensemble on it teaches other
+soft labels at the same uplink; merge turns per-(method, seed) part files into the table shape."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+PLUS = "bench.koala_candidates:KoalaHomoPlus"
+
+
+def _run(methods: list) -> dict:
+    from server_app.sim import load_config, run_experiment
+
+    cfg = load_config(None, dataset="digits", devices=4, proxy_size=200, rounds=2, torch_threads=1, small_eval_samples=200,
+                      methods=methods, policy={"large": {"width": 4}, "proxy_per_round": None, "local_epochs": 1})  # fmt: skip
+    res = run_experiment(cfg, progress=False, write=False)
+    return {r["method"]: (r, res["curves"][r["method"]]) for r in res["rows"]}
+
+
+def test_plus_without_options_is_koala_homo_and_ensemble_changes_teacher_not_uplink() -> None:
+    out = _run([
+        {"name": "homo", "preset": "koala_homo"},
+        {"name": "plus", "policy": {"strategy": PLUS, "teacher": "avg_model"}},
+        {"name": "ens", "policy": {"strategy": PLUS, "teacher": "avg_model", "plugin_options": {"device_ensemble": 1.0}}},
+        {"name": "ema", "policy": {"strategy": PLUS, "teacher": "avg_model", "plugin_options": {"teacher_ema": 0.5}}},
+    ])  # fmt: skip
+    homo, plus, ens, ema = (out[k] for k in ("homo", "plus", "ens", "ema"))
+    assert plus[0]["mode"] == "homo"
+    assert [c["rkd_loss"] for c in plus[1]] == [c["rkd_loss"] for c in homo[1]]
+    assert plus[0]["large_test_acc"] == homo[0]["large_test_acc"]
+    assert ens[1][0]["rkd_loss"] != homo[1][0]["rkd_loss"]  # another soft label from round 0
+    assert ema[1][0]["rkd_loss"] == homo[1][0]["rkd_loss"]  # nothing to average in round 0...
+    assert ema[1][1]["rkd_loss"] != homo[1][1]["rkd_loss"]  # ...then the previous round's teacher counts
+    assert ens[0]["bytes_up_per_device_round"] == homo[0]["bytes_up_per_device_round"]  # weights only
+
+
+def test_plus_rejects_unknown_options() -> None:
+    with pytest.raises(ValueError, match="unknown plugin_options"):
+        _run([{"name": "bad", "policy": {"strategy": PLUS, "teacher": "avg_model", "plugin_options": {"nope": 1}}}])
+
+
+def test_merge_builds_rows_with_gaps_and_reductions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.koala_full as kf
+
+    monkeypatch.setattr(kf, "RESULTS", tmp_path)
+    monkeypatch.setattr(kf, "PARTS_DIR", tmp_path / "parts")
+    res = {"fedavg_large": {0: 0.86, 1: 0.84}, "koala_homo": {0: 0.83, 1: 0.82, 2: 0.80}}
+    for method, by_seed in res.items():
+        for seed, acc in by_seed.items():
+            large = method == "fedavg_large"
+            row = {"method": method, "mode": "baseline" if large else "homo", "strategy": method, "policy": {},
+                   "archs": ["cnn_small"], "large_test_acc": acc, "small_test_acc_mean": None if large else 0.7,
+                   "device_param_count": 100 if large else 2, "device_param_bytes": 400 if large else 8,
+                   "device_train_flops_per_sample": 1000 if large else 10, "large_param_bytes": 400,
+                   "large_train_flops_per_sample": 1000, "bytes_up_per_device_round": 400.0 if large else 4.0,
+                   "bytes_down_per_device_round": 400.0, "wall_s": 1.0}  # fmt: skip
+            curve = [{"round": r, "large_test_acc": acc - 0.1 * (1 - r), **({} if large else {
+                "global_small_test_acc": {"cnn_small": 0.81}, "teacher_agreement": 0.9})} for r in range(2)]  # fmt: skip
+            p = kf.part_path(method, 0.5, seed)
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps({"method": method, "alpha": 0.5, "seed": seed, "row": row, "curve": curve,
+                                     "partition": {"device_sizes": [10, 20], "proxy": 5}}))  # fmt: skip
+    doc = kf.merge()
+    assert doc["config"]["alpha"] == [0.5] and doc["config"]["seeds"] == [0, 1, 2] and doc["config"]["train_size"] == 30
+    rows = {r["method"]: r for r in doc["rows"]}
+    k = rows["koala_homo"]
+    assert k["large_test_acc"] == [0.83, 0.82, 0.80] and k["mean"] == pytest.approx(0.8166666, abs=1e-6)
+    assert k["gap_vs_fedavg_large"] == pytest.approx(-0.025)  # on the seeds both ran (0, 1)
+    assert k["teacher_test_acc"] == [0.81] * 3
+    assert k["storage_reduction_vs_fedavg_large"] == pytest.approx(0.98)
+    assert k["flops_reduction_vs_fedavg_large"] == pytest.approx(0.99)
+    assert k["uplink_reduction_vs_fedavg_large"] == pytest.approx(0.99)
+    assert rows["fedavg_large"]["gap_vs_fedavg_large"] == 0.0
+    assert (tmp_path / "koala_fmnist_full.png").exists() and (tmp_path / "koala_fmnist_full_curves.json").exists()
