@@ -89,3 +89,58 @@ def test_federated_split_proxy_disjoint():
     assert len(dev) + 300 == len(ds.y_train)
     capped = make_federated_split(ds.y_train, 5, 300, seed=0, alpha=None, train_size=500)
     assert sum(len(i) for i in capped.device_indices) == 500
+
+
+def test_koala_data_prepare_writes_a_fleets_files(tmp_path, capsys):
+    """`koala data prepare`: proxy (x only), test (x, y), one private file per manifest device;
+    disjoint, the proxy digest recorded, every training image in at most one place."""
+    import json
+
+    from device_firmware_py.config import file_sha256
+    from server_app.cli import main as koala
+
+    manifest = tmp_path / "fleet.yml"
+    manifest.write_text("broker: {url: 'mqtts://b:8883'}\ndevices:\n  - {id: pi-01, arch: cnn_small}\n"
+                        "  - {id: pi-02, arch: mlp_tiny}\n  - {id: jet-01, arch: cnn_small}\n")  # fmt: skip
+    out = tmp_path / "data"
+    rc = koala(["data", "prepare", "--dataset", "digits", "--manifest", str(manifest), "--proxy-size", "200",
+                "--alpha", "0.5", "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "pi-02" in printed and "paths.data_dir" in printed
+    info = json.loads((out / "data.json").read_text())
+    assert [d["device_id"] for d in info["devices"]] == ["pi-01", "pi-02", "jet-01"]
+    assert info["proxy_sha256"] == file_sha256(out / "proxy.npz")
+    with np.load(out / "proxy.npz") as z:
+        assert list(z.keys()) == ["x"] and z["x"].shape == (200, 8, 8, 1)
+    rows = [np.load(out / "proxy.npz")["x"].reshape(200, -1)]
+    for d in info["devices"]:
+        with np.load(out / "devices" / f"{d['device_id']}.npz") as z:
+            assert len(z["y"]) == d["n"] == sum(d["label_counts"]) and len(z["x"]) == d["n"]
+            rows.append(z["x"].reshape(d["n"], -1))
+    with np.load(out / "test.npz") as z:
+        assert set(z.keys()) == {"x", "y"} and len(z["y"]) == info["test_size"]
+    train = np.concatenate(rows)
+    ds = load_dataset("digits")
+    assert len(train) <= len(ds.y_train)
+    # the same seed gives the same files (a re-run does not reshuffle a fleet's data)
+    assert koala(["data", "prepare", "--dataset", "digits", "--manifest", str(manifest), "--proxy-size", "200",
+                  "--out", str(tmp_path / "again")]) == 0  # fmt: skip
+    assert file_sha256(tmp_path / "again" / "proxy.npz") == info["proxy_sha256"]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--dataset", "nope", "--devices", "2"], "unknown data set"),
+        (["--dataset", "digits", "--devices", "bad id!"], "device id"),
+        (["--dataset", "digits", "--devices", "a,a"], "unique"),
+        (["--dataset", "digits", "--manifest", "/nonexistent/fleet.yml"], "No such file"),
+    ],
+)
+def test_koala_data_prepare_bad_input_is_one_line(tmp_path, capsys, argv, needle):
+    from server_app.cli import main as koala
+
+    assert koala(["data", "prepare", *argv, "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
