@@ -47,10 +47,24 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+def _read_secret_file(path: Path, field: str) -> str:
+    """A secret kept in a file (a systemd credential, a provisioning output), stripped; never empty."""
+    try:
+        secret = path.read_text().strip()
+    except OSError as exc:
+        raise ValueError(f"{field} {path}: {exc.strerror or exc}") from None
+    if not secret:
+        raise ValueError(f"{field} {path} is empty")
+    return secret
+
+
 class BrokerSettings(_Section):
     url: str = "mqtt://127.0.0.1:1883"
     username: str | None = None
     password: SecretStr | None = None
+    # or read it from this file (`koala provision` writes broker/secrets/koala-server.password;
+    # systemd passes it as a credential): settings files then hold no secret
+    password_file: Path | None = None
     client_id: str = "koala-server"
     keepalive: int = Field(30, ge=5, le=3600)
     tls_ca: str | None = None
@@ -97,6 +111,12 @@ class BrokerSettings(_Section):
             raise ValueError("tls_cert and tls_key must be given together")
         return self
 
+    @model_validator(mode="after")
+    def _read_password_file(self) -> BrokerSettings:
+        if self.password is None and self.password_file is not None:
+            self.password = SecretStr(_read_secret_file(self.password_file, "password_file"))
+        return self
+
     @property
     def tls(self) -> bool:
         return self.url.startswith("mqtts://") or self.tls_ca is not None
@@ -140,7 +160,14 @@ class ApiSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     bearer_token: SecretStr | None = None
+    bearer_token_file: Path | None = None  # or read the token from this file (0600; settings hold no secret)
     open_reads_localhost: bool = False  # GETs from 127.0.0.1/::1 need no token (dashboard on the box)
+
+    @model_validator(mode="after")
+    def _read_token_file(self) -> ApiSettings:
+        if self.bearer_token is None and self.bearer_token_file is not None:
+            self.bearer_token = SecretStr(_read_secret_file(self.bearer_token_file, "bearer_token_file"))
+        return self
 
 
 class Settings(BaseSettings):

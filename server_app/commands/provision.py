@@ -334,6 +334,9 @@ def _fleet(args: argparse.Namespace) -> int:
             max_connections=m.broker.max_connections,
         )
     )
+    from server_app.provisioning.server_settings import write_server_settings
+
+    settings = write_server_settings(m, work, db)
     wheelhouse = b.wheelhouse
     for d in todo:
         ns = argparse.Namespace(
@@ -368,4 +371,5 @@ def _fleet(args: argparse.Namespace) -> int:
     print(f"{'device':<{w_id}}  {'arch':<{w_arch}}  bundle")
     for dev, arch, where in rows:
         print(f"{dev:<{w_id}}  {arch:<{w_arch}}  {where}")
+    print(f"[provision] server settings: {settings} (koala serve --config {settings})")
     return 0

@@ -1,8 +1,9 @@
-"""`koala rounds ls|show|current|start|stop|schedule`: steer rounds of a running server (REST)."""
+"""`koala rounds ls|show|current|wait|start|stop|schedule`: steer rounds of a running server (REST)."""
 
 from __future__ import annotations
 
 import argparse
+import time
 
 from server_app.commands.admin_client import add_api_options, emit, request
 
@@ -18,6 +19,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     show = sub.add_parser("show", help="one round with its per-device submissions")
     show.add_argument("round_id", type=int)
     sub.add_parser("current", help="the round running now (or the last one)")
+    wait = sub.add_parser("wait", help="wait until rounds reach a state (scripts, CI), then list them")
+    wait.add_argument("--state", default="completed", help="the state to wait for (default completed)")
+    wait.add_argument("--count", type=int, default=1, help="how many rounds in that state (default 1)")
+    wait.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds (exit 1)")
     start = sub.add_parser("start", help="run one more round now")
     start.add_argument("--reason", help="recorded with the request")
     stop = sub.add_parser("stop", help="abort the running round")
@@ -28,7 +33,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     sched.add_argument("--rounds", type=int, help="how many rounds the automatic schedule runs")
     sched.add_argument("--min-devices", type=int, help="online devices needed before a round starts")
     sched.add_argument("--interval", type=float, dest="interval_s", help="seconds between rounds")
-    for sp in (ls, show, sub.choices["current"], start, stop, sched):
+    for sp in (ls, show, sub.choices["current"], wait, start, stop, sched):
         add_api_options(sp)
 
 
@@ -41,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         q = f"?limit={args.limit}" + (f"&state={args.state}" if args.state else "")
         page = request(args, "GET", f"/rounds{q}")
         emit(args, page, COLUMNS, [_row(r) for r in page["items"]])
+    elif args.action == "wait":
+        return _wait(args)
     elif args.action in ("show", "current"):
         r = request(args, "GET", "/rounds/current" if args.action == "current" else f"/rounds/{args.round_id}")
         emit(args, r, COLUMNS, [_row(r)])
@@ -58,3 +65,27 @@ def run(args: argparse.Namespace) -> int:
         pol = request(args, "PUT", "/rounds/schedule", change) if change else request(args, "GET", "/rounds/schedule")
         emit(args, pol, list(pol), [pol])
     return 0
+
+
+def _wait(args: argparse.Namespace) -> int:
+    """Poll until `--count` rounds are in `--state`. A server that is not up yet, or restarting,
+    is waited for too (until the timeout): a script can start `koala serve` and wait right away."""
+    from device_firmware_py.cli import CommandError
+
+    deadline = time.monotonic() + args.timeout
+    last_error = ""
+    while True:
+        try:
+            page = request(args, "GET", f"/rounds?state={args.state}&limit={max(args.count, 1)}")
+            if len(page["items"]) >= args.count:
+                emit(args, page, COLUMNS, [_row(r) for r in page["items"]])
+                return 0
+            last_error = ""
+        except CommandError as exc:
+            if "bearer token" in str(exc):
+                raise
+            last_error = str(exc).splitlines()[0]
+        if time.monotonic() > deadline:
+            why = f" (last error: {last_error})" if last_error else ""
+            raise CommandError(f"no {args.count} round(s) {args.state} within {args.timeout:.0f} s{why}")
+        time.sleep(2.0)

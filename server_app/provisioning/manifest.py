@@ -7,7 +7,8 @@ The file is validated here, strictly: an unknown key, an unsafe device id, an un
 or a duplicate id is a `ManifestError` with a one-line message (the command prints it and exits 2).
 
 Relative paths to *inputs* (proxy, wheelhouse, shipped data) are taken from the manifest's own
-directory; relative *output* directories (broker.dir, bundles.out) from the `--out` workspace.
+directory; relative *output* directories (broker.dir, bundles.out, server.data_dir) from the
+`--out` workspace.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class BundlesSpec(_Strict):
     python_version: str | None = None
 
 
+class ServerSpec(_Strict):
+    data_dir: Path = Field(Path("data"), description="where `koala data prepare --out` wrote proxy/test (under --out)")
+
+
 class DeviceSpec(_Strict):
     id: str
     arch: str
@@ -87,6 +92,7 @@ class FleetManifest(_Strict):
     database: DatabaseSpec | None = None
     broker: BrokerSpec
     bundles: BundlesSpec = BundlesSpec()
+    server: ServerSpec = ServerSpec()
     devices: list[DeviceSpec] = Field(min_length=1)
 
     @model_validator(mode="after")

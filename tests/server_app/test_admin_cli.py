@@ -106,3 +106,16 @@ def test_failures_are_one_line(api, capsys, tmp_path):
     assert rc != 0 and "bearer token" in err and len(err.strip().splitlines()) <= 2
     rc, _, err = _koala(capsys, "rounds", "ls", "--api", "http://127.0.0.1:1", "--token-file", token)
     assert rc != 0 and "cannot reach" in err and len(err.strip().splitlines()) <= 2
+
+
+def test_rounds_wait(api, capsys):
+    """`koala rounds wait`: returns with the table once enough rounds are in the state; a timeout
+    (or a server that never answers) is exit 1 with one line naming what it waited for."""
+    url, token, _ = api
+    opts = ("--api", url, "--token-file", token)
+    rc, out, _ = _koala(capsys, "rounds", "wait", *opts, "--timeout", "10")
+    assert rc == 0 and any(line.split()[:2] == ["0", "completed"] for line in out.splitlines())
+    rc, _, err = _koala(capsys, "rounds", "wait", *opts, "--state", "failed", "--timeout", "1")
+    assert rc == 1 and "no 1 round(s) failed within 1 s" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = _koala(capsys, "rounds", "wait", "--api", "http://127.0.0.1:1", "--token-file", token, "--timeout", "1")
+    assert rc == 1 and "cannot reach" in err and len(err.strip().splitlines()) == 1

@@ -72,6 +72,17 @@ def test_one_command_provisions_the_fleet_and_is_idempotent(tmp_path, capsys) ->
         assert (etc / "ca.crt").read_bytes() == (broker / "certs/ca.crt").read_bytes()
         assert re.search(rf"^{dev}\s+{arch}\s+\S*koala-bundle-{dev}\.tar\.gz$", out, re.M), out
 
+    # the server's settings for this fleet: loadable, pointing at the files just written, no secret inside
+    from server_app.config import load_settings
+
+    settings = load_settings(work / "server.toml")
+    assert settings.database.url == db and settings.broker.username == "koala-server"
+    assert settings.broker.password.get_secret_value() == (broker / "secrets/koala-server.password").read_text().strip()
+    assert settings.api.bearer_token.get_secret_value() == (work / "api.token").read_text().strip()
+    assert settings.broker.provision_dir == (broker).resolve() and settings.paths.data_dir == (work / "data").resolve()
+    text_ = (work / "server.toml").read_text()
+    assert settings.broker.password.get_secret_value() not in text_ and settings.api.bearer_token.get_secret_value() not in text_
+
     before = _snapshot(work)
     assert koala(["provision", "fleet", str(manifest), "--out", str(work)]) == 0
     out2 = capsys.readouterr().out
