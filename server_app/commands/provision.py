@@ -100,7 +100,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     n.add_argument("--proxy-url", default="", help="... and where the device fetches it")
     n.add_argument("--client-cert", action="store_true", help="also issue a TLS client certificate")
     n.add_argument("--wheelhouse", type=Path, help="reuse a wheel dir built by an earlier bundle")
-    n.add_argument("--platform", help="wheels for another target, e.g. manylinux2014_aarch64")
+    n.add_argument("--platform", help="wheels for another target, e.g. manylinux_2_36_aarch64")
     n.add_argument("--python-version", help="target Python, e.g. 3.11")
 
     f = sub.add_parser(

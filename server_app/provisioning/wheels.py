@@ -39,15 +39,30 @@ _WHEEL_NAME = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)-")
 class Target:
     """Which interpreter/CPU the wheels are for; all None = this host."""
 
-    platform: str | None = None  # e.g. manylinux2014_aarch64
+    platform: str | None = None  # e.g. manylinux_2_36_aarch64 (the device's glibc 2.36, arm64)
     python_version: str | None = None  # e.g. 3.11
+
+    def platform_tags(self) -> list[str]:
+        """`platform` and every older manylinux tag its glibc runs: pip's --platform matches tags
+        exactly, so `manylinux_2_36_aarch64` (Raspberry Pi OS bookworm) alone would not find a
+        wheel tagged `manylinux_2_27_aarch64` that the device can run."""
+        if not self.platform:
+            return []
+        m = re.fullmatch(r"manylinux_(\d+)_(\d+)_(\w+)", self.platform)
+        if not m:
+            return [self.platform]
+        major, minor, arch = int(m[1]), int(m[2]), m[3]
+        tags = [f"manylinux_{major}_{y}_{arch}" for y in range(minor, 16, -1)]
+        if major == 2 and minor >= 17:
+            tags.append(f"manylinux2014_{arch}")
+        return tags
 
     def pip_args(self) -> list[str]:
         if not (self.platform or self.python_version):
             return []
         args = ["--only-binary=:all:"]
-        if self.platform:
-            args += ["--platform", self.platform]
+        for tag in self.platform_tags():
+            args += ["--platform", tag]
         if self.python_version:
             args += ["--python-version", self.python_version, "--implementation", "cp"]
         return args

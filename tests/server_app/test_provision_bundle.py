@@ -253,3 +253,28 @@ def _flash_over_ssh(bundle: Path, tmp_path: Path) -> None:
     finally:
         sshd.terminate()
         sshd.wait(10)
+
+
+def test_target_platform_tags_cover_older_glibc() -> None:
+    from server_app.provisioning.wheels import Target
+
+    tags = Target("manylinux_2_36_aarch64", "3.11").platform_tags()
+    assert tags[0] == "manylinux_2_36_aarch64" and "manylinux_2_27_aarch64" in tags
+    assert tags[-2:] == ["manylinux_2_17_aarch64", "manylinux2014_aarch64"]
+    assert Target("manylinux2014_aarch64").platform_tags() == ["manylinux2014_aarch64"]
+    assert Target().pip_args() == []
+
+
+def test_arm64_wheelhouse_for_a_raspberry_pi(tmp_path) -> None:
+    """The wheels a Raspberry Pi (arm64, glibc 2.36, Python 3.11) installs: all aarch64 or pure,
+    LiteRT included, scipy left out, the device-only agent wheel."""
+    from server_app.provisioning.wheels import Target, build_device_wheelhouse
+
+    lock = build_device_wheelhouse(tmp_path, Target("manylinux_2_36_aarch64", "3.11"))
+    wheels = sorted(w.name for w in tmp_path.glob("*.whl"))
+    binary = [w for w in wheels if not w.endswith("-none-any.whl")]
+    assert binary and all("aarch64" in w for w in binary), binary
+    assert any(w.startswith("ai_edge_litert-") for w in wheels) and any(w.startswith("numpy-") for w in wheels)
+    assert not any(w.startswith(("scipy-", "litert_lm_builder-", "koala_edge-")) for w in wheels), wheels
+    assert any(w.startswith("koala_edge_device-") for w in wheels)
+    assert "ai-edge-litert==" in lock.read_text() and "scipy" not in lock.read_text()
