@@ -45,6 +45,9 @@ class LinkProfile:
     half_open_mid_upload: bool = False  # ... or goes silent without closing (keepalive must notice)
     flap_period_s: float | None = None  # the link is cut every period ...
     flap_down_s: float = 2.0  # ... and stays down this long
+    rounds: int | None = (
+        None  # rounds to run instead of the caller's (flapping: enough to span several flaps)
+    )
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
@@ -63,21 +66,22 @@ PROFILES: dict[str, LinkProfile] = {
             "150 ms +- 50 ms one way, 1 Mbit/s; a 30 s outage begins 1,000 bytes into the first "
             "result upload",
             outage_mid_upload_s=30.0,
-        ),  # fmt: skip
+        ),
         LinkProfile(
             "flapping",
             LinkShape(delay_s=0.020, rate_bps=10e6),
             "Wi-Fi shape, cut every 20 s and down 2 s each time",
             flap_period_s=20.0,
             flap_down_s=2.0,
-        ),  # fmt: skip
+            rounds=10,
+        ),
         LinkProfile(
             "half_open",
             LinkShape(delay_s=0.020, rate_bps=10e6),
             "Wi-Fi shape; the first result upload goes silent midway without a close "
             "(only MQTT keepalive can tell)",
             half_open_mid_upload=True,
-        ),  # fmt: skip
+        ),
     )
 }
 
@@ -162,6 +166,7 @@ class ProfileResult:
     duplicates: int
     redeliveries: int
     seconds_per_round: float | None
+    round_seconds: list[float]  # each round's t_round_wall_s, in round order
     bytes_per_round: float | None
     wall_s: float
     assignments: dict[str, dict[str, str]] = field(default_factory=dict)  # round -> device -> status
@@ -183,7 +188,9 @@ def measure(run: Any, wall_s: float) -> ProfileResult:
     accepted_rows = sum(1 for a in rows if a.status == "accepted")
     counts = run.services.ingestor.counts
     walls = [
-        float(r.metrics["t_round_wall_s"]) for r in rounds.values() if (r.metrics or {}).get("t_round_wall_s")
+        float(r.metrics["t_round_wall_s"])
+        for _, r in sorted(rounds.items())
+        if (r.metrics or {}).get("t_round_wall_s")
     ]
     stats = {dev: link.stats() for dev, link in run.links.items()}
     total_bytes = sum(s.bytes_up + s.bytes_down for s in stats.values())
@@ -201,7 +208,7 @@ def measure(run: Any, wall_s: float) -> ProfileResult:
         name=run.profile.name, rounds=len(rounds), rounds_completed=done,
         results_lost=sum(1 for a in rows if a.status != "accepted"),
         duplicates=int(counts.get("accepted", 0)) - accepted_rows, redeliveries=int(counts.get("duplicate", 0)),
-        seconds_per_round=sum(walls) / len(walls) if walls else None,
+        seconds_per_round=sum(walls) / len(walls) if walls else None, round_seconds=walls,
         bytes_per_round=total_bytes / len(rounds) if rounds else None, wall_s=wall_s, assignments=statuses,
         link=link_doc, agent_republishes=republish, profile=run.profile.summary(),
     )  # fmt: skip
@@ -209,6 +216,8 @@ def measure(run: Any, wall_s: float) -> ProfileResult:
 
 def run_profile(profile: LinkProfile, run_dir: Path, *, timeout_s: float = 900.0, **kw: Any) -> ProfileResult:
     """Start the fleet behind `profile`'s links, run its rounds, measure, stop."""
+    if profile.rounds is not None:
+        kw["rounds"] = profile.rounds
     run = make_field_run(profile, run_dir, **kw)
     t0 = time.monotonic()
     try:

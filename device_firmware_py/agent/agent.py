@@ -207,17 +207,30 @@ class DeviceAgent:
             self._republish_result("round still collecting")
 
     def _on_verdict(self, topic: str, payload: bytes) -> None:
-        """The server's decision on a result we sent: logged (a refusal with its reason)."""
+        """The server's decision on a result we sent: logged (a refusal with its reason). When it
+        says the server holds our result (accepted / duplicate), the round is marked confirmed so
+        that reconnects stop re-uploading it: on a flapping link every reconnect used to send the
+        whole result again until the round closed, and past the server's per-round message limit
+        an accepted result drew `rate_limited` rejections."""
         _, v = codec.decode_for_topic(topic, payload)
         self.last_verdict = {"round": v.round_id, "status": v.status, "reason": v.reason}
         if v.status in ("rejected", "late"):
             log.warning("result refused by the server %s", _kv(round=v.round_id, status=v.status, reason=v.reason))
         else:
             log.info("result verdict %s", _kv(round=v.round_id, status=v.status))
+        rs = self._round
+        if (v.status in ("accepted", "duplicate") and rs is not None and rs.phase == PHASE_DONE
+                and v.round_id == rs.round_id and not rs.confirmed):  # fmt: skip
+            rs.confirmed = True
+            self.state.save_round(rs)
 
     def _republish_result(self, why: str) -> None:
         rs = self._round
         if rs is None or self._published_result_for == rs.round_id:
+            return
+        if rs.confirmed:
+            log.info("result not re-published %s", _kv(round=rs.round_id, why="server_confirmed_it"))
+            self._published_result_for = rs.round_id  # once per connection is enough to say so
             return
         frame = self.state.load_result()
         if frame is None:
@@ -231,6 +244,9 @@ class DeviceAgent:
         rs = self._round
         if rs is not None and msg.round_id == rs.round_id and rs.phase == PHASE_DONE:
             self._published_result_for = None
+            if rs.confirmed:  # the server asks again: whatever it said before, it wants the result
+                rs.confirmed = False
+                self.state.save_round(rs)
             self._republish_result("assignment repeated")  # server restarted or lost our result
             return
         if rs is not None and msg.round_id < rs.round_id:

@@ -2,7 +2,7 @@
 
 Layout of `state_dir`:
   model.npz           small-model weights (SmallModel.save_state, atomic)
-  round.json          {"round_id", "phase": "assigned" | "done", "model_version", ...}
+  round.json          {"round_id", "phase": "assigned" | "done", "model_version", "confirmed", ...}
   assignment.bin      the raw assignment frame being worked on (redo it after a crash)
   result.bin          the encoded result frame of the finished round (re-publish until the
                       round closes: the server's ingestion is idempotent)
@@ -34,6 +34,9 @@ class RoundState:
     phase: str  # PHASE_ASSIGNED | PHASE_DONE
     model_version: int = 0
     rounds_done: int = 0
+    # The server's verdict said it holds this round's result (accepted, or a duplicate of what it
+    # accepted): reconnects stop re-publishing it. Only a repeated assignment asks for it again.
+    confirmed: bool = False
 
 
 class AgentState:

@@ -122,6 +122,43 @@ def test_result_republished_after_crash_without_retraining(fleet):
     assert log.count("assignment round=0") == 1 and "re-publishing result round=0" in log
 
 
+def test_confirmed_result_not_reuploaded_on_reconnect(fleet, mosquitto_broker):
+    """Once the server's verdict says it holds the result, a reconnect (link cut) while the round
+    still collects no longer re-uploads it (a flapping link used to send it again on every
+    reconnect, and past 8 messages an accepted result drew `rate_limited` rejections); a repeated
+    assignment -- the server asking again -- still gets the same bytes."""
+    from bench.link_fault import LinkFaultProxy
+
+    layout, cfg, mon, got, start = fleet
+    link = LinkFaultProxy(mosquitto_broker.host, mosquitto_broker.port).start()
+    try:
+        c = json.loads(cfg.read_text())
+        c["broker_url"] = link.url
+        cfg.write_text(json.dumps(c))
+        collecting = codec.encode_control(cm.RoundStatus(round_id=0, state="collecting"))
+        mon.publish(topics.rounds_current(), collecting, 1, retain=True)
+        start()
+        _wait(lambda: _status(got) is not None and _status(got).state == "online", what="online status")
+        mon.publish(topics.device_assign(DEV), _assignment(layout, 0), 1)
+        rt = topics.device_result(DEV)
+        _wait(lambda: len(got.get(rt, [])) >= 1, what="result")
+        verdict = cm.ResultVerdict(device_id=DEV, status="accepted", round_id=0)
+        mon.publish(topics.device_verdict(DEV), codec.encode_control(verdict), 1)
+        round_file = cfg.parent / "state" / "round.json"
+        _wait(lambda: json.loads(round_file.read_text()).get("confirmed") is True, what="round confirmed on disk")
+        log_path = cfg.parents[2] / "agent.log"
+        assert link.cut() == 1
+        decided = ("result not re-published round=0 why=server_confirmed_it", "re-publishing result round=0")
+        _wait(lambda: any(d in log_path.read_text() for d in decided), what="the reconnected agent's decision")
+        assert decided[0] in log_path.read_text() and decided[1] not in log_path.read_text()
+        assert len(got[rt]) == 1 and link.stats().connections == 2
+        mon.publish(topics.device_assign(DEV), _assignment(layout, 0), 1)  # the server asks again
+        _wait(lambda: len(got.get(rt, [])) >= 2, what="result re-sent on a repeated assignment")
+        assert got[rt][1] == got[rt][0]
+    finally:
+        link.close()
+
+
 def test_unfinished_assignment_redone_and_garbage_refused(fleet):
     from device_firmware_py.agent.state import AgentState, RoundState
 

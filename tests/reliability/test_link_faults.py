@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,7 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.link_fault import LinkFaultProxy, LinkShape, Trigger  # noqa: E402
-from bench.link_profiles import PROFILES, LinkProfile, run_profile  # noqa: E402
+from bench.link_profiles import PROFILES, LinkProfile, make_field_run, measure, run_profile  # noqa: E402
 
 pytestmark = pytest.mark.mosquitto
 
@@ -162,6 +163,37 @@ def test_half_open_mid_upload_found_by_keepalive(tmp_path):
 
 @pytest.mark.slow
 def test_flapping_link(tmp_path):
-    r = _digits_profile("flapping", tmp_path, rounds=3)
-    _assert_clean(r, rounds=3)
-    assert all(link["outages"] >= 1 for link in r.link.values())
+    """The flapping profile with a shorter period, so that several flaps land inside digits rounds."""
+    _need_mosquitto()
+    prof = replace(PROFILES["flapping"], flap_period_s=7.0, flap_down_s=2.0, rounds=6)
+    r = run_profile(prof, tmp_path / "flap", dataset="digits", devices=2, proxy_size=200, train_size=None,
+                    test_size=200, deadline_s=90, timeout_s=400)  # fmt: skip
+    _assert_clean(r, rounds=6)
+    assert all(link["outages"] >= 2 and link["connections"] >= 3 for link in r.link.values()), r.link
+
+
+@pytest.mark.slow
+def test_flapping_device_does_not_reupload_a_confirmed_result(tmp_path):
+    """dev001's link is down for 30 s from 1,000 bytes into its upload, so round 0 keeps
+    collecting; meanwhile dev000's link flaps every 2 s. Before the agent remembered the server's
+    verdict, dev000 re-uploaded its whole result on each of ~15 reconnects and, past 8 messages,
+    the server recorded `rate_limited` rejections of a result it had accepted."""
+    from device_firmware_py.contract import topics
+
+    _need_mosquitto()
+    run = make_field_run(LinkProfile("storm"), tmp_path / "storm", dataset="digits", devices=2, rounds=1,
+                         proxy_size=200, train_size=None, test_size=200, deadline_s=90)  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        run.start()
+        pattern = topics.device_result("dev001").encode()
+        run.links["dev001"].arm(Trigger(pattern, "outage", after_bytes=1000, seconds=30))
+        run.links["dev000"].flap(2.0, 0.3)
+        assert run.wait(timeout_s=200, progress=False)
+        r = measure(run, time.monotonic() - t0)
+        counts = dict(run.services.ingestor.counts)
+    finally:
+        run.stop()
+    _assert_clean(r, rounds=1)
+    assert r.link["dev000"]["connections"] >= 8, r.link["dev000"]  # it really reconnected many times
+    assert r.agent_republishes["dev000"] <= 1 and not any(k.startswith("rejected") for k in counts), counts
