@@ -17,6 +17,12 @@ Measured per architecture:
   progress            progress messages received during the round (phase, step/total)
 install_mb: the device extra's installed dependency closure (bench.device_footprint.closure_size).
 
+Link profiles (raw.profiles; bench/link_profiles.py): the demo's stack (server, private Mosquitto,
+two agents) with each agent behind its own LinkFaultProxy -- loopback (the baseline, same run),
+wifi, cellular (with a 30 s outage mid-upload), flapping, half_open -- and per profile the rounds
+completed, results lost, duplicates, seconds and bytes per round. `--profiles-only` runs just these
+and merges them into the existing device_class.json (the architecture rounds are kept as they are).
+
 Needs root and cgroup v1 (/sys/fs/cgroup/memory, /sys/fs/cgroup/cpu); without them the rounds run
 unconstrained and the result says so.
 """
@@ -24,6 +30,7 @@ unconstrained and the result says so.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import secrets
@@ -306,12 +313,14 @@ def _max_rate(ts: list[float]) -> int:
 
 
 # ---------------------------------------------------------------------------------------- run
-def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
+def run(quick: bool = False, out: Path | None = None, profiles_only: bool = False) -> dict[str, Any]:
     from bench.common import DEFAULT_OUT, table, write_result
     from bench.device_footprint import closure_size
 
     started, load0 = time.time(), os.getloadavg()
     out = out or DEFAULT_OUT
+    if profiles_only:
+        return merge_profiles(out, quick=quick)
     archs = ("cnn_small",) if quick else ARCHS
     proxies = (1000,) if quick else (1000, 5000)
     base = baseline_rss_mib()
@@ -340,21 +349,113 @@ def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
                  "within_rss_budget", "quantizer_peak_mib", "round_s", "t_done_s", "within_deadline")} for r in rows}  # fmt: skip
     ratios = {f"rss/{k}/over_baseline_mib": v["rss_over_baseline_mib"] for k, v in archs_doc.items()}
     ratios.update({f"time/{k}/round_s_quarter_core": v["round_s"] for k, v in archs_doc.items()})
+    profiles = run_profiles(quick)
+    ratios.update(profile_ratios(profiles))
     return write_result(NAME, out, quick=quick,
                         params={"archs": archs, "proxies": proxies, "shape": list(SHAPE), "private": 600,
                                 "memory_limit_mib": MEMORY_LIMIT_MIB if limited else None,
                                 "cpu_quota": CPU_QUOTA if limited else None, "deadline_s": DEADLINE_S,
                                 "rss_budget_over_numpy_mib": RSS_BUDGET_OVER_NUMPY_MIB,
-                                "plan": {"fkd_epochs": 1, "local_epochs": 5, "upload": ["logits"]}},
+                                "plan": {"fkd_epochs": 1, "local_epochs": 5, "upload": ["logits"]},
+                                "profiles": profile_params(quick)},
                         raw={"architectures": archs_doc, "rounds": rows, "install_mb": install_mb, "install": install,
-                             "baseline_rss_mib": base, "profiles": []},
+                             "baseline_rss_mib": base, "profiles": profiles},
                         ratios=ratios,
                         notes=["peak_rss_mib: the agent process's VmHWM (memory-mapped data pages it touched count)",
                                "quantizer_peak_mib: the int8 re-quantization child (ai-edge-quantizer), a separate "
                                "short-lived process; both ran inside the same memory cgroup",
-                               "profiles (link faults, issue 17 part 3) not measured in this bench yet"],
+                               *PROFILE_NOTES],
                         started=started, load_start=load0)  # fmt: skip
 
 
+# ------------------------------------------------------------------------------ link profiles
+PROFILE_NAMES = ("loopback", "wifi", "cellular", "flapping", "half_open")
+PROFILE_FLEET: dict[str, Any] = {"dataset": "fashion-mnist", "devices": 2, "rounds": 3, "proxy_size": 1000,
+                                 "train_size": 1200, "test_size": 500, "deadline_s": 120.0}  # fmt: skip
+# --quick: digits (8x8x1), one round, the two profiles without long faults
+PROFILE_FLEET_QUICK: dict[str, Any] = {"dataset": "digits", "devices": 2, "rounds": 1, "proxy_size": 200,
+                                       "train_size": None, "test_size": 200, "deadline_s": 60.0}  # fmt: skip
+PROFILE_NOTES = (
+    "profiles: the demo's stack (real server + Mosquitto, agents as OS processes), each agent behind its own "
+    "LinkFaultProxy (bench/link_fault.py); delay is one way (round trip twice it); cellular's outage and half_open's "
+    "silence begin 1,000 bytes into each device's first result upload",
+    "profiles: results_lost = participants without an accepted result; duplicates = results accepted more than "
+    "once; redeliveries = copies the server recognised as the same bytes (QoS 1 resend, agent re-publish)",
+    "profiles: bytes_per_round = bytes the device links carried both ways (all devices, MQTT overhead, status and "
+    "progress included); seconds_per_round = mean t_round_wall_s (assignment -> aggregated and evaluated)",
+)
+
+
+def profile_params(quick: bool) -> dict[str, Any]:
+    from bench.link_profiles import PROFILES
+
+    names = PROFILE_NAMES[:2] if quick else PROFILE_NAMES
+    return {"fleet": PROFILE_FLEET_QUICK if quick else PROFILE_FLEET,
+            "links": {n: PROFILES[n].summary() for n in names}}  # fmt: skip
+
+
+def run_profiles(quick: bool = False, names: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
+    """Each link profile's rounds (bench/link_profiles.py), as the rows of raw.profiles."""
+    from dataclasses import asdict
+
+    from bench.common import table
+    from bench.link_profiles import PROFILES, run_profile
+
+    names = names or (PROFILE_NAMES[:2] if quick else PROFILE_NAMES)
+    fleet = PROFILE_FLEET_QUICK if quick else PROFILE_FLEET
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="koala-bench-links-") as tmp:
+        for name in names:
+            r = asdict(run_profile(PROFILES[name], Path(tmp) / name, **fleet))
+            r["description"] = PROFILES[name].description
+            rows.append(r)
+            print(f"link {name}: {r['rounds_completed']}/{r['rounds']} rounds, lost {r['results_lost']}, "
+                  f"duplicates {r['duplicates']}, redeliveries {r['redeliveries']}, "
+                  f"{r['seconds_per_round'] or 0:.1f} s and {(r['bytes_per_round'] or 0) / 1e3:.0f} kB per round", flush=True)  # fmt: skip
+    print(table(["profile", "rounds completed", "results lost", "duplicates", "redeliveries", "s / round",
+                 "kB / round", "link"],
+                [[r["name"], f"{r['rounds_completed']}/{r['rounds']}", r["results_lost"], r["duplicates"],
+                  r["redeliveries"], r["seconds_per_round"], (r["bytes_per_round"] or 0) / 1e3, r["description"]]
+                 for r in rows]))  # fmt: skip
+    return rows
+
+
+def profile_ratios(profiles: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for r in profiles:
+        out[f"link/{r['name']}/seconds_per_round"] = r["seconds_per_round"]
+        out[f"link/{r['name']}/bytes_per_round"] = r["bytes_per_round"]
+        out[f"link/{r['name']}/results_lost"] = r["results_lost"]
+        out[f"link/{r['name']}/duplicates"] = r["duplicates"]
+    return out
+
+
+def merge_profiles(out: Path, quick: bool = False) -> dict[str, Any]:
+    """--profiles-only: run the link profiles and put them into the existing device_class(.quick).json,
+    leaving its architecture rounds (and their provenance) as they are."""
+    from bench.common import git_sha, machine
+
+    started, load0 = time.time(), os.getloadavg()
+    path = out / (f"{NAME}.quick.json" if quick else f"{NAME}.json")
+    doc: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"benchmark": NAME, "raw": {}}
+    profiles = run_profiles(quick)
+    doc.setdefault("raw", {})["profiles"] = profiles
+    doc.setdefault("params", {})["profiles"] = profile_params(quick)
+    ratios = {k: v for k, v in doc.get("ratios", {}).items() if not k.startswith("link/")}
+    doc["ratios"] = {**ratios, **profile_ratios(profiles)}
+    notes = [n for n in doc.get("notes", []) if not n.startswith("profiles")]
+    doc["notes"] = [*notes, *PROFILE_NOTES]
+    doc["profiles_provenance"] = {  # the profiles were measured later than the rest of the file
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_sha": git_sha(),
+        "command": f"koala bench {NAME} --profiles-only" + (" --quick" if quick else ""),
+        "wall_s": round(time.time() - started, 2), "machine": {**machine(), "loadavg_start": list(load0)},
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    doc["path"] = str(path)
+    doc.setdefault("machine", doc["profiles_provenance"]["machine"])
+    return doc
+
+
 if __name__ == "__main__":
-    run(quick="--quick" in sys.argv)
+    run(quick="--quick" in sys.argv, profiles_only="--profiles-only" in sys.argv)

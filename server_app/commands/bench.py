@@ -22,6 +22,8 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="results directory (default: bench/results of the checkout)")
     p.add_argument("--device", default="cpu",
                    help="torch device for the large model (reverse_kd): cpu, cuda, cuda:N, auto; cuda writes reverse_kd_cuda.json")
+    p.add_argument("--profiles-only", action="store_true",
+                   help="device_class: run only the link profiles and merge them into the existing device_class.json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -43,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"\n## {name}{' (quick)' if args.quick else ''}\n", flush=True)
         t0 = time.perf_counter()
         try:
-            kw = {"device": args.device} if name == "reverse_kd" else {}
+            kw: dict[str, object] = {"device": args.device} if name == "reverse_kd" else {}
+            if name == "device_class" and getattr(args, "profiles_only", False):
+                kw["profiles_only"] = True
             doc = importlib.import_module(f"bench.{name}").run(quick=args.quick, out=out, **kw)
         except Exception as exc:  # one broken benchmark must not hide the others' results
             failed.append(name)
