@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-HELP = "run benchmarks (ingestion, fleet_scale, device_footprint, communication, reverse_kd, parity, device_class) -> bench/results"
-NAMES = ("ingestion", "fleet_scale", "device_footprint", "communication", "reverse_kd", "parity", "attacks", "device_class")
+HELP = "run benchmarks (ingestion, fleet_scale, device_footprint, communication, reverse_kd, parity, attacks, device_class, device_install) -> bench/results"
+NAMES = ("ingestion", "fleet_scale", "device_footprint", "communication", "reverse_kd", "parity", "attacks", "device_class",
+         "device_install")
 _REPO = Path(__file__).resolve().parents[2]
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from server_app.cli import main
 
-NAMES = ("ingestion", "fleet_scale", "device_footprint", "communication", "reverse_kd")
+NAMES = ("ingestion", "fleet_scale", "device_footprint", "communication", "reverse_kd", "device_install")
 needs_mosquitto = pytest.mark.skipif(
     not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()), reason="needs the mosquitto binary"
 )
