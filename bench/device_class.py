@@ -405,6 +405,9 @@ def run_profiles(quick: bool = False, names: tuple[str, ...] | None = None) -> l
     fleet = PROFILE_FLEET_QUICK if quick else PROFILE_FLEET
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="koala-bench-links-") as tmp:
+        # Unmeasured warm-up: the first round in this process pays one-time costs (lazy imports,
+        # torch's first kernels: 6.6 s vs 0.8 s measured), which would otherwise land on the baseline.
+        run_profile(PROFILES["loopback"], Path(tmp) / "warmup", **PROFILE_FLEET_QUICK)
         for name in names:
             r = asdict(run_profile(PROFILES[name], Path(tmp) / name, **fleet))
             r["description"] = PROFILES[name].description
