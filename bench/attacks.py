@@ -40,18 +40,24 @@ ACCEPTED = {"weights": ("sign_flip", "random_weights", "label_flip", "inflated_c
             "logits": ("random_logits", "onehot_logits", "constant_logits", "label_flip", "inflated_count")}  # fmt: skip
 # robust settings compared per family (name -> policy overrides)
 SETTINGS = {
-    "weights": {"undefended": {"weight_rule": "fedavg", "clip_factor": None, "count_cap": None, "agreement_filter": None},
+    "weights": {"undefended": {"weight_rule": "fedavg", "clip_factor": None, "count_cap": None, "agreement_filter": None,
+                               "canary_filter": None},
                 "default": {},
+                "no_canary": {"canary_filter": None},
                 "median": {"weight_rule": "median"},
                 "trimmed_mean": {"weight_rule": "trimmed_mean"}},
-    "logits": {"undefended": {"fusion": "entropy", "count_cap": None, "agreement_filter": None},
+    "logits": {"undefended": {"fusion": "entropy", "count_cap": None, "agreement_filter": None, "canary_filter": None},
                "default": {},
+               "no_canary": {"canary_filter": None},
                "trimmed_mean": {"fusion": "trimmed_mean"}, "agreement": {"fusion": "agreement"}},
 }  # fmt: skip
 FAMILY = {"weights": {}, "logits": {"teacher": "device_logits"}}
 BASE = {"archs": ["mlp_tiny"], "rounds": 10, "local_epochs": 5, "lr": 3e-3, "proxy_per_round": 300, "rkd_batch": 32,
         "rkd_lr": 3e-3, "large": {"width": 8, "options": {"fc": 64}}}  # fmt: skip
 INFLATED = 1_000_000  # samples an inflating attacker claims (histogram consistent with it)
+# proxy rows whose labels the server knows (10 % of the 300-image proxy: what an operator labels by
+# hand); the policy's canary_filter judges devices by them, settings without it ignore them
+LABELED_PROXY = 30
 
 
 def make_attack_fleet(attack: str, malicious: set[str], log: Counter[str], seed: int):
@@ -130,6 +136,9 @@ def make_attack_fleet(attack: str, malicious: set[str], log: Counter[str], seed:
             out = []
             for a in assignments:
                 bad = a.device_id in malicious
+                if bad and attack == "absent":  # the reference: attackers that never answer
+                    log["malicious:absent"] += 1
+                    continue
                 try:
                     if bad:
                         r = codec.decode_frame(self._forge(a), Result)
@@ -156,6 +165,7 @@ def run_one(ds: Any, split: Any, family: str, setting: str, attack: str, n_mal: 
     overrides = {**FAMILY[family], **SETTINGS[family][setting]}
     policy = KoalaPolicy.model_validate({**BASE, "seed": seed})
     cfg = SimConfig(dataset="digits", devices=len(split.device_indices), alpha=0.5, proxy_size=300, policy=policy,
+                    labeled_proxy=LABELED_PROXY,
                     small_eval_samples=100, torch_threads=1, homo_arch="mlp_tiny")  # fmt: skip
     log: Counter[str] = Counter()
     mal = {f"dev{i:03d}" for i in range(n_mal)} if attack != "none" else set()
@@ -168,7 +178,7 @@ def run_one(ds: Any, split: Any, family: str, setting: str, attack: str, n_mal: 
             "nonfinite_models": sum(1 for c in curve if c.get("large_finite") is False),
             "failed_rounds": sum(1 for c in curve if c.get("rejected")),
             "rejections": dict(log), "wall_s": round(time.perf_counter() - t0, 2),
-            "policy": {k: v for k, v in res["row"]["policy"].items() if k in ("teacher", "fusion", "weight_rule", "clip_factor", "count_cap", "agreement_filter")}}  # fmt: skip
+            "policy": {k: v for k, v in res["row"]["policy"].items() if k in ("teacher", "fusion", "weight_rule", "clip_factor", "count_cap", "agreement_filter", "canary_filter")}}  # fmt: skip
 
 
 def policy_defaults() -> dict[str, str]:
@@ -176,11 +186,15 @@ def policy_defaults() -> dict[str, str]:
     return {"weights": "default", "logits": "default"}
 
 
-def run(quick: bool = False, out: Path | None = None, defaults: dict[str, str] | None = None) -> dict[str, Any]:
-    """defaults: the setting per family the headline rows use (default: the KoalaPolicy defaults)."""
+def run(quick: bool = False, out: Path | None = None, defaults: dict[str, str] | None = None,
+        fleets: list[tuple[int, int]] | None = None, settings: list[str] | None = None,
+        merge: bool = False) -> dict[str, Any]:
+    """defaults: the setting per family the headline rows use (default: the KoalaPolicy defaults).
+    fleets / settings: run only these (devices, malicious) fleets and setting names; merge: keep the
+    stored result's other runs (each run row carries the commit it was measured at)."""
     import torch
 
-    from bench.common import DEFAULT_OUT
+    from bench.common import DEFAULT_OUT, git_sha
     from server_app.data.datasets import load_dataset
     from server_app.data.partition import make_federated_split
 
@@ -189,22 +203,34 @@ def run(quick: bool = False, out: Path | None = None, defaults: dict[str, str] |
     out = out or DEFAULT_OUT
     dflt = defaults or policy_defaults()
     seeds = [0] if quick else [0, 1]
-    fleets = [(5, 1)] if quick else [(5, 1), (20, 4)]
+    fleets = fleets or ([(5, 1)] if quick else [(5, 1), (20, 4)])
     raw: list[dict[str, Any]] = []
+    sha = git_sha()
     for seed in seeds:
         ds = load_dataset("digits", seed=seed)
         for n_dev, n_mal in fleets:
             split = make_federated_split(ds.y_train, n_dev, 300, seed, 0.5, 10, None)
             for family in ("weights", "logits"):
-                settings = [dflt[family]] if quick else list(SETTINGS[family])
-                for setting in settings:
+                names = [dflt[family]] if quick else list(SETTINGS[family])
+                for setting in [n for n in names if settings is None or n in settings]:
                     rejected = REJECTED if setting == dflt[family] else ()  # a check drops them whatever the rule
-                    for attack in ("none", *ACCEPTED[family], *rejected):
+                    for attack in ("none", "absent", *ACCEPTED[family], *rejected):
                         row = run_one(ds, split, family, setting, attack, n_mal, seed)
+                        row["git_sha"] = sha
                         raw.append(row)
                         print(f"seed {seed} {n_mal}/{n_dev} {family}/{setting} {attack}: acc {row['acc']:.4f} "
                               f"nonfinite {row['nonfinite_models']} failed {row['failed_rounds']} {row['rejections']}",
                               flush=True)  # fmt: skip
+    if merge:
+        import json
+
+        stored = out / (f"{NAME}.quick.json" if quick else f"{NAME}.json")
+        if stored.exists():
+            key = lambda r: (r["devices"], r["family"], r["setting"], r["attack"], r["seed"])  # noqa: E731
+            new = {key(r) for r in raw}
+            old = json.loads(stored.read_text())["raw"]["runs"]
+            raw = [r for r in old if key(r) not in new] + raw
+            fleets = sorted({(r["devices"], r["malicious"]) for r in raw if r["attack"] != "none"} | set(fleets))
     return write(raw, quick, out, dflt, seeds, fleets, started, load0)
 
 
@@ -216,10 +242,12 @@ def write(raw: list[dict[str, Any]], quick: bool, out: Path, dflt: dict[str, str
     summary = []
     keys = sorted({(r["devices"], r["malicious"] if r["attack"] != "none" else 0, r["family"], r["setting"], r["attack"]) for r in raw})
     for n_dev, _m, family, setting, attack in keys:
-        if attack == "none":
+        if attack in ("none", "absent"):
             continue
         rs = [r for r in raw if (r["devices"], r["family"], r["setting"], r["attack"]) == (n_dev, family, setting, attack)]
         cl = [r for r in raw if (r["devices"], r["family"], r["setting"], r["attack"]) == (n_dev, family, setting, "none")]
+        # the best any defense can do: the same fleet with the attackers silent (their data lost)
+        ab = [r for r in raw if (r["devices"], r["family"], r["setting"], r["attack"]) == (n_dev, family, setting, "absent")]
         rej: Counter[str] = Counter()
         for r in rs:
             rej.update({k: v for k, v in r["rejections"].items() if k.startswith("malicious:") and k != "malicious:accepted"})
@@ -227,6 +255,7 @@ def write(raw: list[dict[str, Any]], quick: bool, out: Path, dflt: dict[str, str
                         "setting": setting, "default": setting == dflt[family],
                         "clean_acc": float(np.mean([r["acc"] for r in cl])),
                         "attacked_acc": float(np.mean([r["acc"] for r in rs])),
+                        "honest_only_acc": float(np.mean([r["acc"] for r in ab])) if ab else None,
                         "nonfinite_models": sum(r["nonfinite_models"] for r in rs) + sum(r["nonfinite_models"] for r in cl),
                         "failed_rounds": sum(r["failed_rounds"] for r in rs) + sum(r["failed_rounds"] for r in cl),
                         "malicious_rejected": dict(rej),
@@ -235,20 +264,28 @@ def write(raw: list[dict[str, Any]], quick: bool, out: Path, dflt: dict[str, str
                                                if k.startswith("honest:") and k != "honest:accepted"),
                         "policy": rs[0]["policy"]})  # fmt: skip
         summary[-1]["delta_pt"] = 100 * (summary[-1]["attacked_acc"] - summary[-1]["clean_acc"])
-    print(table(["attack", "mal/dev", "family", "setting", "clean", "attacked", "delta pt", "nonfinite", "failed", "rejected as"],
+        ho = summary[-1]["honest_only_acc"]
+        summary[-1]["delta_vs_honest_only_pt"] = 100 * (summary[-1]["attacked_acc"] - ho) if ho is not None else None
+    print(table(["attack", "mal/dev", "family", "setting", "clean", "honest only", "attacked", "delta pt",
+                 "vs honest only pt", "nonfinite", "failed", "rejected as"],
                 [[s["attack"], f"{s['malicious']}/{s['devices']}", s["family"], s["setting"] + ("*" if s["default"] else ""),
-                  s["clean_acc"], s["attacked_acc"], s["delta_pt"], s["nonfinite_models"], s["failed_rounds"],
+                  s["clean_acc"], s["honest_only_acc"], s["attacked_acc"], s["delta_pt"], s["delta_vs_honest_only_pt"],
+                  s["nonfinite_models"], s["failed_rounds"],
                   ",".join(k.split(":")[1] for k in s["malicious_rejected"]) or "-"] for s in summary]))  # fmt: skip
     ratios = {f"{s['devices']}/{s['family']}/{s['setting']}/{s['attack']}/delta_pt": s["delta_pt"] for s in summary}
+    ratios.update({f"{s['devices']}/{s['family']}/{s['setting']}/{s['attack']}/delta_vs_honest_only_pt":
+                   s["delta_vs_honest_only_pt"] for s in summary if s["delta_vs_honest_only_pt"] is not None})  # fmt: skip
     return write_result(NAME, out, quick=quick,
                         params={"dataset": "digits", "alpha": 0.5, "proxy": 300, "arch": "mlp_tiny", "seeds": seeds,
                                 "fleets": fleets, "base_policy": BASE, "families": FAMILY, "settings": SETTINGS,
-                                "defaults": dflt, "inflated_count": INFLATED},
+                                "defaults": dflt, "inflated_count": INFLATED, "labeled_proxy": LABELED_PROXY},
                         raw={"rows": summary, "runs": raw}, ratios=ratios,
                         notes=["accuracy: large model on the full digits test set (449 images) after 10 rounds, mean of seeds",
                                "every result goes through the codec and rounds.collection.Collection.check (as the "
                                "ingestor); rejected results are dropped",
-                               "nonfinite_models / failed_rounds: summed over the clean and attacked runs of the row"],
+                               "nonfinite_models / failed_rounds: summed over the clean and attacked runs of the row",
+                               "honest_only: the same fleet and setting with the malicious devices silent (the best a "
+                               "defense can do: their data is lost either way)"],
                         started=started, load_start=load0)  # fmt: skip
 
 
@@ -266,9 +303,17 @@ def resummarize(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    import sys
+    import argparse
 
-    if "--resummarize" in sys.argv:
-        resummarize(quick="--quick" in sys.argv)
+    ap = argparse.ArgumentParser(description="attack suite (koala bench attacks)")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--resummarize", action="store_true", help="rewrite the summary of the stored runs")
+    ap.add_argument("--fleet", action="append", help="DEVICES:MALICIOUS, e.g. 20:4 (repeatable; default all)")
+    ap.add_argument("--settings", help="comma-separated setting names (default all)")
+    ap.add_argument("--merge", action="store_true", help="keep the stored runs this invocation does not redo")
+    a = ap.parse_args()
+    if a.resummarize:
+        resummarize(quick=a.quick)
     else:
-        run(quick="--quick" in sys.argv)
+        run(quick=a.quick, fleets=[tuple(int(v) for v in f.split(":")) for f in a.fleet] if a.fleet else None,
+            settings=a.settings.split(",") if a.settings else None, merge=a.merge)

@@ -144,6 +144,7 @@ class PathSettings(_Section):
     data_dir: Path = Path("./koala_data")  # datasets, partitions, proxy/test sets
     proxy_path: Path | None = None  # default: data_dir/proxy.npz
     test_path: Path | None = None  # default: data_dir/test.npz
+    proxy_labels_path: Path | None = None  # default: data_dir/proxy_labels.npz (optional file)
     artifacts_dir: Path = Path("./koala_artifacts")  # large-model checkpoints, exported small models
     run_dir: Path = Path("./runs")  # simulation / experiment outputs
 
@@ -154,6 +155,10 @@ class PathSettings(_Section):
     @property
     def test(self) -> Path:
         return self.test_path or self.data_dir / "test.npz"
+
+    @property
+    def proxy_labels(self) -> Path:
+        return self.proxy_labels_path or self.data_dir / "proxy_labels.npz"
 
 
 class ApiSettings(_Section):

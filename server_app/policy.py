@@ -88,6 +88,10 @@ class KoalaPolicy(BaseModel):
     agreement_filter: float | None = Field(
         0.3, gt=0.0, le=1.0, description="drop a device whose model agrees with the ensemble's median consensus on the "
                                          "proxy rows less than this x the median device does (None: keep all)")
+    canary_filter: float | None = Field(
+        0.5, gt=0.0, le=1.0, description="where the server knows the labels of some proxy rows (proxy_labels.npz): drop "
+                                         "a device whose accuracy on the round's labeled rows is below this x the median "
+                                         "device's, or within 5 points of chance (None: ignore the labels)")
     count_cap: float | None = Field(2.0, gt=0.0, description="self-reported sample counts are capped at this x their "
                                     "median before any sample-weighted average (None: trusted as sent)")
     clip_factor: float | None = Field(2.0, gt=0.0, description="clip each device's weight update to this x the median "

@@ -55,6 +55,8 @@ class ServerOptions:
     data_dir: str
     proxy_path: str  # .npz x: the unlabeled proxy inputs (the same file the devices hold)
     test_path: str  # .npz x, y: the server's held-out test set
+    # .npz y: labels of some proxy rows (-1 elsewhere; engine.robust.canary_filter); used when present
+    proxy_labels_path: str | None = None
     broker_host: str = "127.0.0.1"
     broker_port: int = 1883
     broker_username: str | None = None
@@ -104,7 +106,7 @@ class ServerServices:
         addr = parse_broker_url(b.url)
         opts = ServerOptions(
             db_url=settings.database.url, data_dir=str(p.artifacts_dir), proxy_path=str(p.proxy),
-            test_path=str(p.test), broker_host=addr.host,
+            test_path=str(p.test), proxy_labels_path=str(p.proxy_labels), broker_host=addr.host,
             broker_port=addr.port, broker_username=b.username,
             broker_password=_secret(b.password), broker_tls=b.tls, broker_ca_file=b.tls_ca,
             client_id=b.client_id, shared_subscriptions=True if b.shared_group else None,
@@ -232,11 +234,19 @@ class ServerServices:
             proxy_x = np.asarray(z["x"], np.float32)
         with np.load(o.test_path, allow_pickle=False) as z:
             x_test, y_test = np.asarray(z["x"], np.float32), np.asarray(z["y"], np.int64)
+        proxy_labels = None
+        if o.proxy_labels_path and Path(o.proxy_labels_path).is_file():
+            with np.load(o.proxy_labels_path, allow_pickle=False) as z:
+                proxy_labels = np.asarray(z["y"], np.int64)
+            if len(proxy_labels) != len(proxy_x):
+                raise CommandError(f"{o.proxy_labels_path} labels {len(proxy_labels)} rows, the proxy set has "
+                                   f"{len(proxy_x)}\n  write both with the same `koala data prepare`")  # fmt: skip
+            log.info("proxy labels known rows=%d of=%d (canary_filter)", int((proxy_labels >= 0).sum()), len(proxy_x))
         shape = tuple(int(s) for s in proxy_x.shape[1:])
         num_classes = int(max(int(y_test.max()) + 1, 10))
         large = build_large_model(pol.large, shape, num_classes, pol.seed).to(resolve_device(o.device))
         factory = lambda arch: SmallModel(f"{arch}_{format_input(shape)}", num_threads=1)  # noqa: E731
-        strategy = build_strategy(pol, large=large, proxy_x=proxy_x, small_factory=factory)
+        strategy = build_strategy(pol, large=large, proxy_x=proxy_x, small_factory=factory, proxy_labels=proxy_labels)
         from device_firmware_py.config import file_sha256
 
         proxy_digest = file_sha256(o.proxy_path)

@@ -34,6 +34,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     who.add_argument("--devices", help="device ids, comma-separated (pi-01,pi-02) or a count (20 -> dev000..)")
     prep.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew (<=0: IID)")
     prep.add_argument("--proxy-size", type=int, default=1000, help="proxy images taken out of the training set")
+    prep.add_argument("--labeled-proxy", type=int, default=0,
+                      help="also write proxy_labels.npz: the labels of this many proxy rows, which the server uses "
+                           "to judge devices (policy canary_filter) and never sends (0: none)")
     prep.add_argument("--train-size", type=int, default=None, help="use only this many training images in total")
     prep.add_argument("--test-size", type=int, default=None, help="server test images (default: the whole test set)")
     prep.add_argument("--seed", type=int, default=0)
@@ -63,7 +66,7 @@ def _prepare(args: argparse.Namespace) -> int:
         data, _order, _ds = prepare_data(
             args.out, dataset=args.dataset, device_ids=ids, alpha=args.alpha if args.alpha > 0 else None,
             proxy_size=args.proxy_size, seed=args.seed, train_size=args.train_size, test_size=args.test_size,
-            data_dir=args.data_dir,
+            data_dir=args.data_dir, labeled_proxy=args.labeled_proxy,
         )  # fmt: skip
     except (FileNotFoundError, ManifestError, InvalidDeviceId, ValueError) as exc:
         print(f"koala data prepare: {str(exc).splitlines()[0]}", file=sys.stderr)
@@ -71,6 +74,8 @@ def _prepare(args: argparse.Namespace) -> int:
     summary = data.save()
     width = max(len("device"), *(len(d["device_id"]) for d in data.devices))
     print(f"[data] {data.dataset}: proxy {data.proxy_size} images -> {data.proxy_path} (sha256 {data.proxy_sha256[:12]}...)")
+    if data.proxy_labels_path:
+        print(f"[data] labels of {data.proxy_labeled} proxy rows -> {data.proxy_labels_path} (server only)")
     print(f"[data] test {data.test_size} images -> {data.test_path}")
     print(f"{'device':<{width}}  {'images':>6}  top classes (count)")
     for d in data.devices:

@@ -33,6 +33,8 @@ def configure(p: argparse.ArgumentParser) -> None:
                    "run, printed and saved as <run dir>/api_token); reads from this machine need none")
     p.add_argument("--alpha", type=float, default=0.5, help="Dirichlet alpha of the label skew (<=0: IID)")
     p.add_argument("--proxy-size", type=int, default=None, help="proxy images (default 1000; digits 300)")
+    p.add_argument("--labeled-proxy", type=int, default=0,
+                   help="proxy rows whose labels the server knows, to judge devices by (policy canary_filter; 0: none)")
     p.add_argument("--train-size", type=int, default=6000, help="device training samples in total (0: all)")
     p.add_argument("--test-size", type=int, default=2000, help="server test samples (0: all)")
     p.add_argument("--local-epochs", type=int, default=None, help="policy local_epochs (device epochs per round)")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha if args.alpha > 0 else None,
         proxy_size=args.proxy_size or PROXY_SIZE.get(args.dataset, PROXY_SIZE[None]),
         train_size=args.train_size or None, test_size=args.test_size or None, broker=args.broker, db=args.db,
-        http_port=args.port, policy=policy,
+        http_port=args.port, policy=policy, labeled_proxy=args.labeled_proxy,
     )  # fmt: skip
     demo = DemoRun(cfg)
     demo.check_run_dir()

@@ -18,6 +18,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", type=int)
     p.add_argument("--alpha", type=float, help="Dirichlet alpha (<=0: IID)")
     p.add_argument("--proxy-size", type=int)
+    p.add_argument("--labeled-proxy", type=int, help="proxy rows whose labels the server knows (policy canary_filter)")
     p.add_argument("--train-size", type=int, help="cap on device training samples")
     p.add_argument("--rounds", type=int)
     p.add_argument("--methods", help="comma-separated presets, e.g. fedavg_large,koala_homo,koala_hetero")
@@ -49,7 +50,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     over = {
         "dataset": args.dataset, "data_dir": args.data_dir, "devices": args.devices,
-        "proxy_size": args.proxy_size, "train_size": args.train_size, "rounds": args.rounds,
+        "proxy_size": args.proxy_size, "labeled_proxy": args.labeled_proxy, "train_size": args.train_size,
+        "rounds": args.rounds,
         "homo_arch": args.homo_arch, "seed": args.seed, "temperature": args.temperature,
         "local_epochs": args.local_epochs, "lr": args.lr, "rkd_epochs": args.rkd_epochs,
         "fkd_epochs": args.fkd_epochs, "out": args.out, "device": args.device,

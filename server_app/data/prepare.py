@@ -1,6 +1,7 @@
 """The data files a KOALA fleet runs on, from one data set and one partition.
 
     proxy.npz            x only: the unlabeled proxy inputs (server and every device hold the same bytes)
+    proxy_labels.npz     y: labels of a few proxy rows the server knows (-1 elsewhere), never sent to devices
     test.npz             x, y: the server's held-out test set (large-model accuracy)
     devices/<id>.npz     x, y: one device's private training data (Dirichlet(alpha) label skew)
     data.json            what was written: data set, shapes, sizes, per-device label counts, proxy sha256
@@ -25,6 +26,17 @@ import numpy as np
 from device_firmware_py.config import file_sha256
 
 
+def canary_labels(y_proxy: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """Labels of `count` seeded proxy rows, -1 for the others: what the server may know of its proxy
+    set (a few hand-labeled examples) to judge devices by (engine.robust.canary_filter). The
+    simulator and `koala data prepare` both pick through here, so they label the same rows."""
+    y = np.full(len(y_proxy), -1, np.int64)
+    if count > 0:
+        rows = np.random.default_rng([seed, 31]).choice(len(y_proxy), min(count, len(y_proxy)), replace=False)
+        y[rows] = np.asarray(y_proxy)[rows]
+    return y
+
+
 @dataclass
 class PreparedData:
     out: str
@@ -36,6 +48,8 @@ class PreparedData:
     proxy_path: str
     proxy_sha256: str
     proxy_size: int
+    proxy_labels_path: str | None
+    proxy_labeled: int
     test_path: str
     test_size: int
     devices: list[dict[str, Any]] = field(default_factory=list)  # {device_id, path, n, label_counts}
@@ -65,9 +79,11 @@ def prepare_data(
     test_size: int | None = None,
     data_dir: str | None = None,
     device_path: Callable[[str], Path] | None = None,
+    labeled_proxy: int = 0,
 ) -> tuple[PreparedData, np.ndarray, Any]:
     """Split `dataset` over `device_ids` and write the files; returns (what was written, the test
-    set's seeded order, the loaded data set) so callers can cut further test slices from it."""
+    set's seeded order, the loaded data set) so callers can cut further test slices from it.
+    `labeled_proxy` > 0 also writes proxy_labels.npz with that many known labels."""
     from server_app.data.datasets import load_dataset
     from server_app.data.partition import make_federated_split
 
@@ -80,6 +96,11 @@ def prepare_data(
     split = make_federated_split(ds.y_train, len(device_ids), proxy_size, seed, alpha=alpha, train_size=train_size)
     proxy = root / "proxy.npz"
     savez(proxy, x=ds.x_train[split.proxy_indices])
+    labels_path = root / "proxy_labels.npz"
+    if labeled_proxy > 0:
+        savez(labels_path, y=canary_labels(ds.y_train[split.proxy_indices], labeled_proxy, seed))
+    else:
+        labels_path.unlink(missing_ok=True)
     order = np.random.default_rng(seed + 7).permutation(len(ds.y_test))
     te = order[:test_size] if test_size else order
     test = root / "test.npz"
@@ -87,7 +108,10 @@ def prepare_data(
     prepared = PreparedData(
         out=str(root), dataset=ds.name, input_shape=list(ds.input_shape), num_classes=ds.num_classes,
         seed=seed, alpha=alpha, proxy_path=str(proxy), proxy_sha256=file_sha256(proxy),
-        proxy_size=int(len(split.proxy_indices)), test_path=str(test), test_size=int(len(te)),
+        proxy_size=int(len(split.proxy_indices)),
+        proxy_labels_path=str(labels_path) if labeled_proxy > 0 else None,
+        proxy_labeled=min(labeled_proxy, int(len(split.proxy_indices))) if labeled_proxy > 0 else 0,
+        test_path=str(test), test_size=int(len(te)),
     )  # fmt: skip
     where = device_path or (lambda dev: root / "devices" / f"{dev}.npz")
     for dev, idx in zip(device_ids, split.device_indices, strict=True):

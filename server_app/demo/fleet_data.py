@@ -28,6 +28,7 @@ class FleetLayout:
     proxy_size: int
     test_path: str
     device_test_path: str
+    proxy_labels_path: str | None = None
     devices: list[dict[str, Any]] = field(default_factory=list)  # {device_id, arch, data_path, config_path, n}
 
     def save(self) -> Path:
@@ -51,6 +52,7 @@ def prepare_fleet(
     broker_url: str = "mqtt://127.0.0.1:1883",
     data_dir: str | None = None,
     device_overrides: dict[str, Any] | None = None,
+    labeled_proxy: int = 0,
 ) -> FleetLayout:
     """Split `dataset`, write the files and one `devices/<id>/config.json` per device."""
     run = Path(run_dir)
@@ -58,7 +60,7 @@ def prepare_fleet(
     data, order, ds = prepare_data(
         run / "data", dataset=dataset, device_ids=ids, alpha=alpha, proxy_size=proxy_size, seed=seed,
         train_size=train_size, test_size=test_size, data_dir=data_dir,
-        device_path=lambda dev: run / "devices" / dev / "private.npz",
+        device_path=lambda dev: run / "devices" / dev / "private.npz", labeled_proxy=labeled_proxy,
     )  # fmt: skip
     data.save()
     dev_test = run / "data" / "device_test.npz"  # what devices report held-out accuracy on
@@ -66,7 +68,7 @@ def prepare_fleet(
     layout = FleetLayout(
         run_dir=str(run), dataset=data.dataset, input_shape=data.input_shape, num_classes=data.num_classes,
         proxy_path=data.proxy_path, proxy_sha256=data.proxy_sha256, proxy_size=data.proxy_size,
-        test_path=data.test_path, device_test_path=str(dev_test),
+        test_path=data.test_path, device_test_path=str(dev_test), proxy_labels_path=data.proxy_labels_path,
     )  # fmt: skip
     archs = archs or ["cnn_small"]
     for i, dev_data in enumerate(data.devices):

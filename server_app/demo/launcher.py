@@ -83,6 +83,7 @@ class DemoConfig:
     proxy_size: int = 1000
     train_size: int | None = 10000
     test_size: int | None = 2000
+    labeled_proxy: int = 0  # proxy rows whose labels the server knows (canary_filter); as koala sim's labeled_proxy
     broker: str = "embedded"  # embedded | mosquitto | amqtt | mqtt://host:port
     db: str | None = None  # default: SQLite in run_dir
     http_port: int = 0  # 0: a free port
@@ -173,6 +174,7 @@ class DemoRun:
         self.layout = prepare_fleet(
             self.run_dir, dataset=c.dataset, devices=c.devices, alpha=c.alpha, proxy_size=c.proxy_size,
             train_size=c.train_size, test_size=c.test_size, archs=archs, seed=c.policy.seed if c.seed is None else c.seed, broker_url=self.broker_url,
+            labeled_proxy=c.labeled_proxy,
         )  # fmt: skip
 
     def _start_server(self) -> None:
@@ -198,7 +200,8 @@ class DemoRun:
         host, port = _host_port(self.broker_url)
         opts = ServerOptions(
             db_url=c.db or f"sqlite:///{self.run_dir / 'koala.db'}", data_dir=str(self.run_dir / "server"),
-            proxy_path=self.layout.proxy_path, test_path=self.layout.test_path, broker_host=host, broker_port=port,
+            proxy_path=self.layout.proxy_path, test_path=self.layout.test_path,
+            proxy_labels_path=self.layout.proxy_labels_path, broker_host=host, broker_port=port,
             shared_subscriptions=None if self.broker is None else self.broker.features.shared_subscriptions,
             policy=c.policy.with_overrides(min_devices=c.devices),  # the demo starts rounds once every agent is up
             wait_devices_s=60.0, torch_threads=c.torch_threads, start_orchestrator=False,

@@ -281,3 +281,44 @@ def agreement_filter(logits: Sequence[np.ndarray], factor: float = 0.5, min_devi
     if not keep.any():  # cannot happen with factor <= 1 (the median device passes); be safe anyway
         keep[:] = True
     return keep, agree
+
+
+CANARY_MIN_ROWS = 10  # fewer labeled rows in a round: accuracies too noisy to drop anyone on
+CANARY_CHANCE_MARGIN = 0.05  # a device must beat chance (1/C) by this much
+
+
+def balanced_accuracy(pred: np.ndarray, y: np.ndarray) -> tuple[float, int]:
+    """(mean recall over the classes present in `y`, how many classes that is). A model that
+    answers one class for everything scores exactly 1/K however often that class occurs."""
+    classes = np.unique(y)
+    return float(np.mean([np.mean(pred[y == c] == c) for c in classes])), len(classes)
+
+
+def canary_filter(logits: Sequence[np.ndarray], labels: np.ndarray, factor: float = 0.5,
+                  min_devices: int = AGREEMENT_MIN_DEVICES, min_rows: int = CANARY_MIN_ROWS,
+                  margin: float = CANARY_CHANCE_MARGIN) -> tuple[np.ndarray, np.ndarray]:
+    """Which devices to keep, judged by their skill on the proxy rows whose labels the server
+    knows ("canaries": a few labeled rows among the unlabeled proxy, which devices cannot tell apart).
+
+    Why, next to `agreement_filter`: agreement needs honest devices to agree among themselves, and
+    in the first rounds of a strongly non-IID fleet they do not; a coordinated minority (every
+    attacker answering the same class) then *is* the consensus and, once distilled, stays it. A
+    score against known labels is absolute: an attacker cannot raise the honest devices' scores, so
+    the median device's is an honest one while attackers are a minority. The score is balanced
+    accuracy (mean per-class recall): constant, one-hot, random and sign-flipped models score
+    chance (1/K, K classes among the canaries) whatever the class mix, label-flipped ones below it,
+    and an honest non-IID device scores on the classes it knows. A device is dropped below
+    max(1/K + margin, factor x the median device's score). `labels` holds the round's proxy rows'
+    labels, -1 where unknown. Returns (keep mask [D] bool, scores [D], NaN when not judged)."""
+    d = len(logits)
+    known = np.asarray(labels) >= 0
+    if d == 0 or d < min_devices or int(known.sum()) < min_rows:
+        return np.ones(d, bool), np.full(d, np.nan)
+    y = np.asarray(labels)[known]
+    scored = [balanced_accuracy(np.asarray(z)[known].argmax(-1), y) for z in logits]
+    score = np.array([s for s, _k in scored])
+    floor = max(1.0 / scored[0][1] + margin, float(factor) * float(np.median(score)))
+    keep = score >= floor
+    if not keep.any():  # nobody beats chance yet (a fresh fleet): no basis to prefer anyone
+        keep[:] = True
+    return keep, score

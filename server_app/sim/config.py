@@ -75,6 +75,7 @@ class SimConfig:
     devices: int = 10
     alpha: float | None = 0.5  # None = IID
     proxy_size: int = 300
+    labeled_proxy: int = 0  # proxy rows whose labels the server knows (data.prepare.canary_labels)
     train_size: int | None = None  # cap on device training samples (all the rest if None)
     min_samples: int = 10
     methods: list[Any] = field(default_factory=lambda: ["policy"])  # default: the policy as koala serve runs it

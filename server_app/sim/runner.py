@@ -40,13 +40,16 @@ def run_method(cfg: SimConfig, spec: MethodSpec, ds, split, progress: bool = Tru
     shape = ds.input_shape
     factory = _small_factory(shape)
     proxy_x = ds.x_train[split.proxy_indices]
+    from server_app.data.prepare import canary_labels
+
+    labels = canary_labels(ds.y_train[split.proxy_indices], cfg.labeled_proxy, cfg.seed) if cfg.labeled_proxy else None
     archs = list(policy.archs)
     devices = [
         SimDevice(f"dev{i:03d}", archs[i % len(archs)], ds.x_train[idx], ds.y_train[idx], ds.num_classes)
         for i, idx in enumerate(split.device_indices)
     ]
     large = build_large_model(policy.large, shape, ds.num_classes, policy.seed).to(resolve_device(cfg.device))
-    strategy = build_strategy(policy, large=large, proxy_x=proxy_x, small_factory=factory,
+    strategy = build_strategy(policy, large=large, proxy_x=proxy_x, small_factory=factory, proxy_labels=labels,
                               strict_fields=set(spec.overrides) - {"strategy", "archs"})  # fmt: skip
     uses_proxy = isinstance(strategy, KoalaStrategy)
     bar = None

@@ -106,9 +106,12 @@ def test_mosquitto_postgres_homo(tmp_path, pg_database_url):
     if find_mosquitto_binary() is None:
         pytest.skip("mosquitto binary not installed")
     demo = _demo(tmp_path, {"strategy": "koala_homo", "teacher": "device_logits"}, broker="mosquitto",
-                 db=pg_database_url)  # fmt: skip
+                 db=pg_database_url, labeled_proxy=40)  # fmt: skip
     try:
         _check(demo, expect_shared=True)
+        # the server read the known proxy labels koala demo wrote (canary_filter judges by them)
+        labels = demo.services.orchestrator.strategy.proxy_labels
+        assert labels is not None and int((labels >= 0).sum()) == 40 and len(labels) == 200
     finally:
         demo.stop()
 

@@ -267,3 +267,74 @@ def test_agreement_filter_drops_models_that_disagree_with_the_ensemble():
     assert not keep[6:].any(), agree  # every attacker dropped
     keep2, _ = agreement_filter([honest[0], onehot], factor=0.3)  # no majority with 2 devices: keep all
     assert keep2.all()
+
+
+def test_canary_filter_judges_by_known_labels_even_without_consensus():
+    """Weak, strongly non-IID honest devices (each knows 2 classes) do not agree among themselves,
+    so a coordinated minority answering "3" for everything is the agreement consensus; their
+    balanced accuracy on the labeled proxy rows is exactly chance and they are dropped, however
+    many of the labeled rows happen to be 3s."""
+    from server_app.engine.robust import agreement_filter, balanced_accuracy, canary_filter
+
+    rng = np.random.default_rng(1)
+    n, c = 300, 10
+    y = rng.integers(0, c, n)
+    y[:60] = 3  # many 3s among the rows: plain accuracy would reward the one-hot attackers
+    honest = []
+    for d in range(8):  # device d knows classes {d, d+1}: right there, noise elsewhere
+        z = rng.normal(0, 1, (n, c))
+        known = np.isin(y, [d % c, (d + 1) % c])
+        z[np.arange(n)[known], y[known]] += 6.0
+        honest.append(z)
+    onehot = np.zeros((n, c))
+    onehot[:, 3] = 50.0
+    flipped = np.zeros((n, c))
+    flipped[np.arange(n), 9 - y] = 8.0
+    attackers = [onehot, onehot.copy(), flipped]
+    labels = np.full(n, -1)
+    labels[:: 5] = y[:: 5]  # the server knows every 5th row (60 rows)
+    keep, score = canary_filter(honest + attackers, labels, factor=0.5)
+    assert keep[:8].all(), score
+    assert not keep[8:].any(), score
+    assert balanced_accuracy(np.full(10, 3), np.arange(10))[0] == pytest.approx(0.1)
+    # agreement alone cannot tell (no consensus among the honest): it keeps everyone
+    keep_a, _ = agreement_filter(honest + attackers, factor=0.3)
+    assert keep_a[8:].all()
+    # too few labeled rows, or too few devices: nobody is judged
+    few = np.full(n, -1)
+    few[:5] = y[:5]
+    assert canary_filter(honest + attackers, few)[0].all()
+    assert canary_filter([honest[0], onehot], labels)[0].all()
+
+
+def test_strategy_uses_proxy_labels_only_when_given():
+    """KoalaStrategy with proxy_labels drops a device whose logits are at chance on them; the
+    labels never reach an assignment."""
+    import torch  # noqa: F401  (the large model)
+
+    from server_app.engine.strategies import build_strategy
+    from server_app.engine.types import DeviceInfo, Result
+    from server_app.models.large import build_large_model
+    from server_app.policy import KoalaPolicy
+
+    rng = np.random.default_rng(0)
+    n, c = 60, 10
+    proxy = rng.random((n, 8, 8, 1), np.float32)
+    y = rng.integers(0, c, n)
+    pol = KoalaPolicy(strategy="koala_homo", archs=["mlp_tiny"], teacher="device_logits", rkd_epochs=1,
+                      large={"width": 4, "options": {"fc": 16}}, agreement_filter=None)  # fmt: skip
+    large = build_large_model(pol.large, (8, 8, 1), c, 0)
+    s = build_strategy(pol, large=large, proxy_x=proxy, small_factory=lambda a: None, proxy_labels=y)
+    devs = [DeviceInfo(f"d{i}", "mlp_tiny", 50) for i in range(4)]
+    assignments = s.configure_round(0, devs)
+    assert all(not hasattr(a, "proxy_labels") for a in assignments)
+    good = np.eye(c)[y] * 8.0
+    onehot = np.zeros((n, c))
+    onehot[:, 3] = 50.0
+    results = [Result(round_id=0, device_id=f"d{i}", arch="mlp_tiny", num_samples=50, model_version=0,
+                      label_histogram=[5] * c, proxy_logits=(onehot if i == 3 else good).astype(np.float32))
+               for i in range(4)]  # fmt: skip
+    report = s.aggregate(0, results)
+    assert report.metrics["dropped_disagreeing"] == 1
+    with pytest.raises(ValueError, match="proxy_labels"):
+        build_strategy(pol, large=large, proxy_x=proxy, small_factory=lambda a: None, proxy_labels=y[:10])

@@ -56,18 +56,21 @@ def build_strategy(
     proxy_x: np.ndarray | None = None,
     small_factory: Callable[[str], Any] | None = None,
     strict_fields: set[str] | None = None,
+    proxy_labels: np.ndarray | None = None,
 ) -> Strategy:
     """The strategy a policy names, given the resources it may need.
 
     Explicitly set policy fields the strategy does not read raise PolicyError (`strict_fields`
     narrows the check to those fields: `koala sim` checks each method's own overrides, since its
     shared base policy also serves baselines). A plugin class receives the same keyword resources
-    it declares in its constructor (large, proxy_x, small_factory, policy).
+    it declares in its constructor (large, proxy_x, small_factory, policy, proxy_labels: the labels
+    of the proxy rows the server knows, -1 elsewhere; optional).
     """
     cls = strategy_class(policy)
     used = cls.policy_fields(policy)
     check_fields_used(policy, used, only=strict_fields)
-    resources = {"large": large, "proxy_x": proxy_x, "small_factory": small_factory, "policy": policy}
+    resources = {"large": large, "proxy_x": proxy_x, "small_factory": small_factory, "policy": policy,
+                 "proxy_labels": proxy_labels}
     import inspect
 
     params = inspect.signature(cls.__init__).parameters

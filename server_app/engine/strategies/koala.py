@@ -27,7 +27,7 @@ from torch import nn
 
 from server_app.engine.distill import reverse_distill
 from server_app.engine.fusion import fuse_logits
-from server_app.engine.robust import AGREEMENT_MIN_DEVICES, agreement_filter
+from server_app.engine.robust import AGREEMENT_MIN_DEVICES, agreement_filter, canary_filter
 from server_app.engine.strategies.common import average_weights, capped_counts, fedavg
 from server_app.engine.strategy import RoundRejected, Strategy
 from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
@@ -37,7 +37,7 @@ from server_app.policy import KoalaPolicy
 _KOALA_FIELDS = frozenset({
     "local_epochs", "lr", "fkd_epochs", "fkd_lr", "post_fkd_epochs", "fkd_from_round", "temperature",
     "proxy_per_round", "rkd_epochs", "rkd_lr", "rkd_batch", "teacher", "rkd", "anchor_lambda", "gate_collapse_frac",
-    "count_cap", "agreement_filter",
+    "count_cap", "agreement_filter", "canary_filter",
 })  # fmt: skip
 
 
@@ -45,10 +45,14 @@ class KoalaStrategy(Strategy):
     name = "koala"
 
     def __init__(self, large: nn.Module, proxy_x: np.ndarray, small_factory: Callable[[str], Any],
-                 policy: KoalaPolicy | None = None):  # fmt: skip
+                 policy: KoalaPolicy | None = None, proxy_labels: np.ndarray | None = None):  # fmt: skip
         super().__init__(policy)
         self.large_model = large
         self.proxy_x = np.ascontiguousarray(proxy_x, np.float32)
+        # labels of the proxy rows the server knows (-1: unknown); devices never see them
+        self.proxy_labels = None if proxy_labels is None else np.asarray(proxy_labels, np.int64)
+        if self.proxy_labels is not None and len(self.proxy_labels) != len(self.proxy_x):
+            raise ValueError(f"proxy_labels has {len(self.proxy_labels)} rows, the proxy set {len(self.proxy_x)}")
         self.small_factory = small_factory  # arch -> SmallModel (server-side LiteRT, for avg_model teachers)
         self.teacher = self.policy.resolved_teacher()
         self._global: dict[str, list[np.ndarray]] = {}
@@ -65,6 +69,12 @@ class KoalaStrategy(Strategy):
 
     def _px(self) -> np.ndarray:
         return self.proxy_x if self._idx is None else self.proxy_x[self._idx]
+
+    def _round_labels(self) -> np.ndarray | None:
+        """Known labels of this round's proxy rows (-1 where unknown), or None without any."""
+        if self.proxy_labels is None or self.policy.canary_filter is None:
+            return None
+        return self.proxy_labels if self._idx is None else self.proxy_labels[self._idx]
 
     # ---------------------------------------------------------------- helpers
     def _small(self, arch: str) -> Any:
@@ -121,7 +131,8 @@ class KoalaStrategy(Strategy):
             rs = [r for r in results if r.arch == arch and r.weights is not None]
             if not rs:
                 continue
-            if self.policy.agreement_filter is not None and len(rs) >= AGREEMENT_MIN_DEVICES:  # else nothing to judge
+            judge = self.policy.agreement_filter is not None or self._round_labels() is not None
+            if judge and len(rs) >= AGREEMENT_MIN_DEVICES:  # else nothing to judge
                 m = self._small(arch)
                 own = []
                 for r in rs:  # each device's model on this round's proxy rows (server-side LiteRT)
@@ -139,7 +150,14 @@ class KoalaStrategy(Strategy):
         return logits, ns, hists, groups
 
     def _agreeing(self, results: list[Result], logits: list[np.ndarray]) -> list[Result]:
-        """The results whose models agree with the ensemble (policy `agreement_filter`)."""
+        """The results whose models beat chance on the known proxy labels (policy `canary_filter`)
+        and then agree with the ensemble (policy `agreement_filter`)."""
+        labels = self._round_labels()
+        if labels is not None:
+            keep, _acc = canary_filter(logits, labels, self.policy.canary_filter)
+            self._dropped += [r.device_id for r, k in zip(results, keep, strict=True) if not k]
+            results = [r for r, k in zip(results, keep, strict=True) if k]
+            logits = [z for z, k in zip(logits, keep, strict=True) if k]
         if self.policy.agreement_filter is None:
             return results
         keep, agree = agreement_filter(logits, self.policy.agreement_filter)
