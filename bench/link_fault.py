@@ -60,7 +60,7 @@ class Trigger:
     direction: Direction = "up"
     after_bytes: int = 0
     seconds: float | None = None
-    fired_at: float | None = None  # time.monotonic() when it fired
+    fired_at: float | None = None  # time.monotonic() when it fired; -1 while counting down after_bytes
 
 
 @dataclass
@@ -153,10 +153,15 @@ class LinkFaultProxy:
                 self._flapper.cancel()
             for t in self._timers:
                 t.cancel()
+            for task in asyncio.all_tasks(self._loop):  # silent connections' pumps, the flapper
+                if task is not asyncio.current_task():
+                    task.cancel()
 
         self._call(stop)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def __enter__(self) -> LinkFaultProxy:
         return self.start()

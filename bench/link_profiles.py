@@ -172,6 +172,9 @@ class ProfileResult:
     assignments: dict[str, dict[str, str]] = field(default_factory=dict)  # round -> device -> status
     link: dict[str, Any] = field(default_factory=dict)
     agent_republishes: dict[str, int] = field(default_factory=dict)
+    ingest_outcomes: dict[str, int] = field(
+        default_factory=dict
+    )  # the ingestor's counts (rejections by reason)
     profile: dict[str, Any] = field(default_factory=dict)
 
 
@@ -210,7 +213,7 @@ def measure(run: Any, wall_s: float) -> ProfileResult:
         duplicates=int(counts.get("accepted", 0)) - accepted_rows, redeliveries=int(counts.get("duplicate", 0)),
         seconds_per_round=sum(walls) / len(walls) if walls else None, round_seconds=walls,
         bytes_per_round=total_bytes / len(rounds) if rounds else None, wall_s=wall_s, assignments=statuses,
-        link=link_doc, agent_republishes=republish, profile=run.profile.summary(),
+        link=link_doc, agent_republishes=republish, ingest_outcomes=dict(counts), profile=run.profile.summary(),
     )  # fmt: skip
 
 

@@ -43,6 +43,7 @@ def _assert_clean(r, rounds: int, devices: int = 2) -> None:
     """Every round completed, one accepted row per device and round, nothing accepted twice."""
     assert r.rounds_completed == rounds, r
     assert r.results_lost == 0 and r.duplicates == 0, r
+    assert not any(k.startswith("rejected") for k in r.ingest_outcomes), r.ingest_outcomes
     assert all(len(d) == devices and set(d.values()) == {"accepted"} for d in r.assignments.values()), r
 
 
@@ -197,3 +198,28 @@ def test_flapping_device_does_not_reupload_a_confirmed_result(tmp_path):
     _assert_clean(r, rounds=1)
     assert r.link["dev000"]["connections"] >= 8, r.link["dev000"]  # it really reconnected many times
     assert r.agent_republishes["dev000"] <= 1 and not any(k.startswith("rejected") for k in counts), counts
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("action", ["half_open", "outage"])
+def test_assignment_download_broken_midway(tmp_path, action):
+    """The other direction: each device's link fails 1,000 bytes into the assignment the broker
+    sends it (silent, or down for 20 s). The broker keeps the unacknowledged QoS 1 assignment in
+    the device's persistent session and sends it again on the device's next connection."""
+    from device_firmware_py.contract import topics
+
+    _need_mosquitto()
+    run = make_field_run(LinkProfile(f"assign-{action}"), tmp_path / action, dataset="digits", devices=2, rounds=2,
+                         proxy_size=200, train_size=None, test_size=200, deadline_s=90)  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        run.start()
+        for dev, link in run.links.items():
+            pattern = topics.device_assign(dev).encode()
+            link.arm(Trigger(pattern, action, direction="down", after_bytes=1000, seconds=20))
+        assert run.wait(timeout_s=300, progress=False)
+        r = measure(run, time.monotonic() - t0)
+    finally:
+        run.stop()
+    _assert_clean(r, rounds=2)
+    assert all(link["triggers_fired"] == 1 and link["connections"] >= 2 for link in r.link.values()), r.link
