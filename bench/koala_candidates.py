@@ -14,7 +14,15 @@ they can be measured without touching the engine or the policy: policy
   rounds: per proxy row, q_r = beta * q_{r-1} + (1 - beta) * q_new (rows seen for the first
   time take q_new). The large model then learns the consensus of several rounds' teachers.
 
-With both options at 0 the strategy is exactly `koala_homo` (avg_model teacher).
+- `rkd_augment` (int s >= 0, default 0 = off): consistent-view reverse KD ("a good teacher is
+  patient and consistent", Beyer et al. 2022): every reverse-KD epoch the server draws a fresh
+  random view of each proxy image (shift by up to s pixels, edge-padded, and a horizontal flip
+  with probability 1/2), scores the averaged small model on that same view (server-side LiteRT,
+  about a second per epoch for 5,000 images) and the large model learns those soft labels. The
+  large model thus sees rkd_epochs x P distinct inputs instead of P; devices and uplink are
+  unchanged. Not combined with the other two options.
+
+With all options at 0 the strategy is exactly `koala_homo` (avg_model teacher).
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from torch import nn
 from server_app.engine.fusion import softmax
 from server_app.engine.strategies.common import capped_counts
 from server_app.engine.strategies.koala_homo import KoalaHomo
-from server_app.engine.types import Result
+from server_app.engine.types import Result, RoundReport
 from server_app.policy import KoalaPolicy
 
 
@@ -40,15 +48,18 @@ class KoalaHomoPlus(KoalaHomo):
                  policy: KoalaPolicy | None = None):  # fmt: skip
         super().__init__(large, proxy_x, small_factory, policy)
         opts = dict(self.policy.plugin_options)
-        unknown = set(opts) - {"device_ensemble", "teacher_ema"}
+        unknown = set(opts) - {"device_ensemble", "teacher_ema", "rkd_augment"}
         if unknown:
             raise ValueError(f"KoalaHomoPlus: unknown plugin_options {sorted(unknown)}")
         if self.teacher != "avg_model":
             raise ValueError("KoalaHomoPlus needs teacher = 'avg_model' (it adds to the averaged-model teacher)")
         self.device_ensemble = float(opts.get("device_ensemble", 0.0))
         self.teacher_ema = float(opts.get("teacher_ema", 0.0))
-        if self.device_ensemble < 0 or not 0 <= self.teacher_ema < 1:
-            raise ValueError("device_ensemble must be >= 0 and teacher_ema in [0, 1)")
+        self.rkd_augment = int(opts.get("rkd_augment", 0))
+        if self.device_ensemble < 0 or not 0 <= self.teacher_ema < 1 or self.rkd_augment < 0:
+            raise ValueError("device_ensemble must be >= 0, teacher_ema in [0, 1), rkd_augment >= 0")
+        if self.rkd_augment and (self.device_ensemble or self.teacher_ema or self.policy.rkd != "fused"):
+            raise ValueError("rkd_augment is not combined with device_ensemble, teacher_ema or rkd = per_group")
         self._dev: tuple[list[np.ndarray], list[int]] = ([], [])
         self._q_store: np.ndarray | None = None  # [P_total, C] EMA of the soft labels
         self._seen: np.ndarray | None = None
@@ -87,3 +98,68 @@ class KoalaHomoPlus(KoalaHomo):
             self._seen[rows] = True
         q = q / q.sum(axis=1, keepdims=True)
         return q.astype(np.float32)
+
+    # ------------------------------------------------ consistent-view reverse KD
+    def _aggregate(self, round_id: int, results: list[Result]) -> RoundReport:
+        if not self.rkd_augment:
+            return super()._aggregate(round_id, results)
+        import torch
+
+        from server_app.engine.distill import kd_loss
+        from server_app.models.large import model_device
+
+        p = self.policy
+        self._dropped = []
+        logits, ns, hists, groups = self._teachers(results)
+        metrics: dict[str, Any] = {"teachers": len(logits), "dropped_disagreeing": len(self._dropped)}
+        if not logits:
+            return RoundReport(round_id, metrics)
+        q_plain = self._fuse(logits, ns, hists, groups)
+        teachers = []  # (averaged model, its share of the samples) per architecture
+        for arch, n in zip(groups, ns, strict=True):
+            m = self.small_factory(arch)
+            m.set_weights(self._global[arch])
+            teachers.append((m, n))
+        total = float(sum(n for _, n in teachers))
+        x0 = self._px()
+        rng = np.random.default_rng([p.seed, round_id, 29])
+        dev = model_device(self.large_model)
+        opt = torch.optim.Adam(self.large_model.parameters(), lr=p.rkd_lr)
+        gen = torch.Generator().manual_seed(p.seed * 7919 + round_id)
+        self.large_model.train()
+        losses = []
+        for _ in range(p.rkd_epochs):
+            xa = augment(x0, self.rkd_augment, rng)
+            q = sum((n / total) * softmax(m.logits(xa), p.temperature) for m, n in teachers)
+            xt = torch.from_numpy(np.ascontiguousarray(xa, np.float32)).to(dev)
+            qt = torch.from_numpy(np.ascontiguousarray(q, np.float32)).to(dev)
+            perm = torch.randperm(len(xt), generator=gen).to(dev)
+            for i in range(0, len(xt), p.rkd_batch):
+                idx = perm[i : i + p.rkd_batch]
+                loss = kd_loss(self.large_model(xt[idx]), qt[idx], p.temperature)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(loss.detach())
+        self.large_model.eval()
+        metrics["rkd_loss"] = float(np.mean([float(v) for v in losses])) if losses else float("nan")
+        metrics["teacher_agreement"] = float(np.mean(q_plain.argmax(1) == self.teacher_logits().argmax(1)))
+        return RoundReport(round_id, metrics, len(results), {r.device_id: dict(r.metrics) for r in results})
+
+
+def augment(x: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """A random view of each NHWC image: shifted by up to `shift` pixels each way (edge-padded)
+    and flipped left-right with probability 1/2."""
+    n, h, w, _ = x.shape
+    pad = np.pad(x, ((0, 0), (shift, shift), (shift, shift), (0, 0)), mode="edge")
+    dy = rng.integers(0, 2 * shift + 1, n)
+    dx = rng.integers(0, 2 * shift + 1, n)
+    out = np.empty_like(x)
+    for oy in range(2 * shift + 1):
+        for ox in range(2 * shift + 1):
+            sel = (dy == oy) & (dx == ox)
+            if sel.any():
+                out[sel] = pad[sel, oy : oy + h, ox : ox + w]
+    flip = rng.random(n) < 0.5
+    out[flip] = out[flip, :, ::-1]
+    return out

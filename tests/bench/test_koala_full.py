@@ -43,6 +43,29 @@ def test_plus_without_options_is_koala_homo_and_ensemble_changes_teacher_not_upl
     assert ens[0]["bytes_up_per_device_round"] == homo[0]["bytes_up_per_device_round"]  # weights only
 
 
+def test_consistent_view_rkd_trains_on_augmented_views() -> None:
+    import numpy as np
+
+    from bench.koala_candidates import augment
+
+    x = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 1)
+    flipped_or_not = augment(x, 0, np.random.default_rng(1))  # shift 0: only the flip
+    assert all(np.array_equal(v, o) or np.array_equal(v, o[:, ::-1]) for v, o in zip(flipped_or_not, x, strict=True))
+    views = augment(x, 1, np.random.default_rng(0))
+    assert views.shape == x.shape and views.dtype == x.dtype and not np.array_equal(views, x)
+    out = _run([
+        {"name": "homo", "preset": "koala_homo"},
+        {"name": "aug", "policy": {"strategy": PLUS, "teacher": "avg_model", "plugin_options": {"rkd_augment": 1}}},
+    ])  # fmt: skip
+    homo, aug = out["homo"], out["aug"]
+    assert aug[1][0]["rkd_loss"] != homo[1][0]["rkd_loss"] and np.isfinite(aug[1][-1]["rkd_loss"])
+    assert 0.0 <= aug[1][-1]["teacher_agreement"] <= 1.0
+    assert aug[0]["bytes_up_per_device_round"] == homo[0]["bytes_up_per_device_round"]
+    with pytest.raises(ValueError, match="not combined"):
+        _run([{"name": "bad", "policy": {"strategy": PLUS, "teacher": "avg_model",
+                                         "plugin_options": {"rkd_augment": 1, "teacher_ema": 0.5}}}])  # fmt: skip
+
+
 def test_plus_rejects_unknown_options() -> None:
     with pytest.raises(ValueError, match="unknown plugin_options"):
         _run([{"name": "bad", "policy": {"strategy": PLUS, "teacher": "avg_model", "plugin_options": {"nope": 1}}}])
