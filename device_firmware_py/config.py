@@ -46,6 +46,14 @@ class DeviceConfig:
     # free the training interpreter while the quantizer child runs (a small-memory device class: their
     # peaks do not add up; Adam moments restart each round, as after a device restart)
     release_before_quantize: bool = False
+    # one training phase's LiteRT interpreter at a time (SmallModel(low_memory=True)): forward KD,
+    # local training and logits each get a fresh interpreter, the weights and Adam state carried in
+    # numpy, so the peak is the largest activation arena, not their sum; bit-identical weights
+    low_memory: bool = False
+    # XNNPACK for the training model (the default delegates); False: builtin kernels only, whose
+    # arenas are smaller (mobilenet_tiny train ~43 vs ~51 MiB) and steps ~2.5x slower; the weights
+    # differ from an XNNPACK run in the last float bits
+    xnnpack: bool = True
     progress_interval_s: float = 1.0  # progress messages during training: at most one per interval
     calibration_samples: int = 128
     log_level: str = "INFO"

@@ -89,12 +89,14 @@ class DeviceAgent:
         if cfg.test_path:
             self.test = (open_array(cfg.test_path, "x", cache, float32=True), load_small(cfg.test_path, "y").astype(np.int64))
         shape = tuple(int(s) for s in (self.x.shape[1:] if self.x.ndim == 4 else (*self.x.shape[1:], 1)))
-        self.model = SmallModel(f"{cfg.arch}_{format_input(shape)}", num_threads=cfg.num_threads)
+        self.model = SmallModel(f"{cfg.arch}_{format_input(shape)}", num_threads=cfg.num_threads, low_memory=cfg.low_memory,
+                                cache_dir=cache, delegates=cfg.xnnpack)  # fmt: skip
         if self.state.model_path.is_file():
             try:
                 self.model.load_state(self.state.model_path)
             except (ValueError, OSError, KeyError) as exc:
                 log.warning("model state unreadable, starting fresh %s", _kv(error=exc))
+        self.model.park()  # low_memory: no interpreter held while idle
         self.runtime_version = RUNTIME
         self._round = self.state.load_round()
         if self.state.int8_path.is_file():
@@ -321,13 +323,18 @@ class DeviceAgent:
         child: dict[str, Any] = {}
         try:
             if self.cfg.quantize_isolated:  # ai-edge-quantizer's import + calibration peak lives in a child
-                weights = self.model.release() if self.cfg.release_before_quantize else None
+                weights = reopen = None
+                if self.cfg.release_before_quantize and self.model.low_memory:
+                    self.model.park()  # interpreter closed; weights and Adam state kept for the next round
+                    weights = self.model.get_weights()
+                elif self.cfg.release_before_quantize:
+                    weights = reopen = self.model.release()  # Adam restarts on reopen
                 try:
                     blob, child = self.model.quantize_int8_isolated(self.x, self.state.dir, max_samples=self.cfg.calibration_samples,
                                                                     weights=weights)  # fmt: skip
                 finally:
-                    if weights is not None:
-                        self.model.reopen(weights)
+                    if reopen is not None:
+                        self.model.reopen(reopen)
             else:
                 blob = self.model.quantize_int8(self.x, max_samples=self.cfg.calibration_samples)
         except Exception as exc:  # quantizer failure must not kill the device: keep the old model

@@ -6,10 +6,19 @@ logits(x[N..]) -> logits, get_weights() -> w000.., set_weights(w000..) -> ok (re
 All signature runners of one Interpreter share the variables, so training through `train` is
 visible to `logits`. The training batch is fixed (manifest `train_batch`): we shuffle and wrap the
 last partial batch around rather than drop or pad with junk.
+
+Memory: each signature keeps its own activation arena for the life of the Interpreter (batch 32
+on 28x28x1: mobilenet_tiny distill ~48 MiB, train ~41 MiB; cnn_small ~20 + ~18 MiB). With
+`low_memory=True` the model runs one heavy signature (train, distill, logits) per Interpreter:
+it closes the interpreter after each training phase and before switching to another heavy
+signature, carrying the weights AND the Adam state in numpy through the `get_state`/`set_state`
+signatures that `runtime.state_signatures` adds to the model in memory. The peak is then the
+largest single arena instead of their sum, and the numbers are bit-identical to one interpreter.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +34,22 @@ from device_firmware_py.runtime.manifest import ArtifactManifest, load_manifest
 # the same speed per sample (measured on 28x28x1, bench/device_class.py).
 LOGITS_BATCH = 64
 StepCallback = Callable[[int, int, float], None]  # (step done, total steps, loss of that step)
+HEAVY = frozenset({"train", "distill", "logits"})  # signatures with a batch-sized activation arena
+log = logging.getLogger("koala.device.model")
+
+
+def _malloc_trim() -> None:
+    """Hand the C heap's free pages back to the OS (glibc): a closed interpreter's kernels and
+    delegate workspaces are freed into the heap, which otherwise keeps them resident (measured:
+    ~10 MiB per closed mobilenet_tiny training interpreter)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        pass
 
 
 def _resolve(artifact: str | Path) -> Path:
@@ -37,19 +62,81 @@ def _resolve(artifact: str | Path) -> Path:
 class SmallModel:
     """One small model on one device. `artifact`: a .tflite path, its .json, or a name like 'cnn_small_28x28x1'."""
 
-    def __init__(self, artifact: str | Path, num_threads: int = 2):
+    def __init__(self, artifact: str | Path, num_threads: int = 2, low_memory: bool = False,
+                 cache_dir: str | Path | None = None, delegates: bool = True):  # fmt: skip
         self.path = _resolve(artifact)
         self.manifest: ArtifactManifest = load_manifest(self.path)
         self.num_threads = num_threads
+        self.delegates = delegates  # False: builtin kernels only (no XNNPACK: smaller arenas, slower steps)
+        self._content: bytes | None = None  # the model with get_state/set_state (low_memory)...
+        self._state_path: Path | None = None  # ...or the cached file of it (low_memory + cache_dir)
+        self._state: dict[str, np.ndarray] | None = None  # weights + optimizer state while parked
+        self._used: set[str] = set()  # signatures run on the open interpreter
+        self._interp: Any = None
+        self._runners: dict[str, Any] = {}
+        self.low_memory = False
+        if low_memory:
+            from device_firmware_py.runtime.state_signatures import cached_state_model, with_state_signatures
+
+            try:
+                if cache_dir is not None:
+                    self._state_path = cached_state_model(self.path, cache_dir, self.manifest.sha256)
+                else:
+                    self._content, _ = with_state_signatures(self.path.read_bytes())
+                self.low_memory = True
+            except (ValueError, ImportError, AttributeError) as exc:  # keep one interpreter for the model's life
+                log.warning("%s: low_memory off, cannot add state signatures: %s", self.manifest.name, exc)
         self._open()
         # Initial values are baked into the file; re-set them so variables and Adam state are
         # in a defined state whichever signature runs first.
         self.set_weights(self.get_weights())
 
     def _open(self) -> None:
-        self._interp = make_interpreter(model_path=str(self.path), num_threads=self.num_threads)
-        self._runners = {k: self._interp.get_signature_runner(k) for k in self.manifest.raw["signatures"]}
+        if self._content is not None or self._state_path is not None:
+            self._interp = make_interpreter(model_path=None if self._state_path is None else str(self._state_path),
+                                            model_content=self._content, num_threads=self.num_threads, delegates=self.delegates)  # fmt: skip
+            sigs = [*self.manifest.raw["signatures"], "get_state", "set_state"]
+        else:
+            self._interp = make_interpreter(model_path=str(self.path), num_threads=self.num_threads, delegates=self.delegates)
+            sigs = list(self.manifest.raw["signatures"])
+        self._runners = {k: self._interp.get_signature_runner(k) for k in sigs}
         self._logits_batch = 0
+        self._used = set()
+
+    def _runner(self, sig: str) -> Any:
+        """The runner of `sig`. low_memory: one heavy signature per interpreter (park first if another
+        one ran on it); a parked model gets a fresh interpreter with its whole state restored."""
+        if self.low_memory:
+            if sig in HEAVY and (self._used & HEAVY) - {sig}:
+                self.park()
+            if self._interp is None:
+                self._open()
+                if self._state is not None:
+                    self._runners["set_state"](**self._state)
+                    self._state = None
+            self._used.add(sig)
+        return self._runners[sig]
+
+    def park(self) -> None:
+        """low_memory: read the weights and optimizer state into numpy and close the interpreter
+        (its activation arenas and delegate workspaces go with it). The next signature call opens a
+        fresh one with the state restored, so training goes on exactly as if it had stayed open.
+        Without low_memory this does nothing."""
+        if not self.low_memory or self._interp is None:
+            return
+        import gc
+
+        out = self._runners["get_state"]()
+        self._state = {k: np.array(v, np.float32) for k, v in out.items()}
+        self._runners.clear()
+        self._interp = None
+        self._used = set()
+        gc.collect()
+        _malloc_trim()
+
+    @property
+    def parked(self) -> bool:
+        return self._interp is None
 
     def release(self) -> list[np.ndarray]:
         """Free the interpreter (each signature's activation arena: ~90 MiB for mobilenet_tiny's
@@ -59,7 +146,8 @@ class SmallModel:
 
         weights = self.get_weights()
         self._runners.clear()
-        del self._interp
+        self._interp = None
+        self._state = None
         gc.collect()
         return weights
 
@@ -77,7 +165,9 @@ class SmallModel:
         return self.manifest.num_classes
 
     def get_weights(self) -> list[np.ndarray]:
-        out = self._runners["get_weights"]()
+        if self._interp is None and self._state is not None:  # parked (low_memory)
+            return [self._state[n].copy() for n in self.manifest.weight_names]
+        out = self._runner("get_weights")()
         return [np.array(out[n], np.float32) for n in self.manifest.weight_names]
 
     def set_weights(self, weights: list[np.ndarray]) -> None:
@@ -93,7 +183,7 @@ class SmallModel:
             if not np.all(np.isfinite(a)):
                 raise ValueError(f"{self.manifest.name}: {n} has NaN/Inf")
             feed[n] = a
-        self._runners["set_weights"](**feed)
+        self._runner("set_weights")(**feed)
 
     # ---------------------------------------------------------------- training
     def _x(self, x: np.ndarray) -> np.ndarray:
@@ -123,7 +213,7 @@ class SmallModel:
         self, sig: str, batches: list[np.ndarray], feeds: dict[str, Any], on_step: StepCallback | None = None
     ) -> float:
         """One signature call per index batch. Inputs may be memory-mapped: only a batch's rows are read."""
-        runner = self._runners[sig]
+        runner = self._runner(sig)
         losses = []
         total = len(batches)
         for i, idx in enumerate(batches):
@@ -131,6 +221,7 @@ class SmallModel:
             losses.append(float(runner(**args)["loss"]))
             if on_step is not None:
                 on_step(i + 1, total, losses[-1])
+        self.park()  # low_memory: this phase's arena is not needed by the next one
         return float(np.mean(losses)) if losses else float("nan")
 
     def train(
@@ -176,10 +267,10 @@ class SmallModel:
         n = len(x)
         if n == 0:
             return np.zeros((0, self.num_classes), np.float32)
+        runner = self._runner("logits")  # before reading _logits_batch: opening a fresh interpreter resets it
         # Grow the chunk size up to `batch` when needed (one re-allocation; variables survive it).
         bs = max(self._logits_batch, min(batch, n))
         self._logits_batch = bs
-        runner = self._runners["logits"]
         out = []
         for i in range(0, n, bs):
             chunk = x[i : i + bs]
