@@ -3,7 +3,7 @@
 The stack is the demo's (`DemoRun`: private Mosquitto, the real server, LiteRT agents as their own
 OS processes, digits 8x8x1), but each agent reaches the broker through its own fault-injecting TCP
 proxy (bench/link_fault.py; harness bench/link_profiles.py, the same code `koala bench
-device_class --profiles` measures with). What must hold after each fault: the round completes, the
+device_class --profiles-only` measures with). What must hold after each fault: the round completes, the
 registry holds exactly one accepted result per device, and the ingestor accepted each result once
 (a redelivered copy is recognised as the same bytes, never counted twice).
 
