@@ -88,3 +88,63 @@ def load_small(path: str | Path, key: str) -> np.ndarray:
     """A small member (labels) read into memory."""
     with np.load(path, allow_pickle=False) as z:
         return np.asarray(z[key])
+
+
+def drop_pages(arr: object) -> None:
+    """Let go of the pages of a memory-mapped array this process has touched (MADV_DONTNEED on its
+    read-only file mapping): they leave the process's RSS and stay in the page cache, so the next
+    read costs a page-cache hit, not a disk read. A no-op for in-memory arrays. The agent calls it
+    between training phases so a phase's peak does not carry the previous phase's data pages
+    (the proxy set: 3 MiB at 1,000 images 28x28x1, 15 MiB at 5,000)."""
+    import contextlib
+    import mmap
+
+    base = arr
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "_mmap", None) or getattr(base, "base", None)
+    if base is not None and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):  # a closed mapping, or no madvise here
+            base.madvise(mmap.MADV_DONTNEED)
+
+
+_FDS: dict[str, int] = {}
+
+
+def _fd(path: str) -> int:
+    fd = _FDS.get(path)
+    if fd is None:
+        fd = _FDS[path] = os.open(path, os.O_RDONLY)
+    return fd
+
+
+def read_rows(arr: np.ndarray, idx: np.ndarray | slice) -> np.ndarray:
+    """`arr[idx]` (a copy), read with pread() when `arr` is a whole memory-mapped .npy (np.load with
+    mmap_mode, or np.asarray of one) instead of through the mapping. Why: the page cache hands out
+    large folios, so one page fault maps far more than the row asked for -- 32 random rows of a
+    5,000-image 28x28x1 proxy file put 14 MiB of it into the process's RSS (measured, kernel 6.18).
+    pread copies just the rows; the page cache is used either way. Same bytes, same values."""
+    import mmap
+
+    mm = arr if isinstance(arr, np.memmap) else arr.base if isinstance(arr.base, np.memmap) else None
+    mapping = getattr(mm, "_mmap", None)
+    if mapping is None or not getattr(mm, "filename", None) or not arr.flags.c_contiguous or not hasattr(os, "preadv"):
+        return np.asarray(arr[idx])
+    # Where arr's first row lies in the file: numpy maps from the offset rounded down to the
+    # allocation granularity; arr may be any contiguous view into the mapping (a slice, np.asarray).
+    start = int(mm.offset) - int(mm.offset) % mmap.ALLOCATIONGRANULARITY
+    base = start + arr.ctypes.data - np.frombuffer(mapping, np.uint8).ctypes.data
+    rows = np.arange(len(arr))[idx] if isinstance(idx, slice) else np.asarray(idx).reshape(-1)
+    row_bytes = arr.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))
+    out = np.empty((len(rows), *arr.shape[1:]), arr.dtype)
+    flat = out.reshape(len(rows), -1).view(np.uint8)
+    fd = _fd(str(mm.filename))
+    k = 0
+    while k < len(rows):  # runs of consecutive rows: one read each
+        j = k + 1
+        while j < len(rows) and rows[j] == rows[j - 1] + 1:
+            j += 1
+        want = (j - k) * row_bytes
+        if os.preadv(fd, [memoryview(flat[k:j]).cast("B")], base + int(rows[k]) * row_bytes) != want:
+            return np.asarray(arr[idx])  # short read (file changed under us): the mapping's answer
+        k = j
+    return out

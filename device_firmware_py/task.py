@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from device_firmware_py.contract.messages import Assignment, Result, metrics_clean
+from device_firmware_py.datafiles import drop_pages, read_rows
 
 __all__ = ["Assignment", "Result", "Progress", "execute_assignment", "label_histogram"]
 
@@ -59,7 +60,7 @@ def execute_assignment(
     if proxy_x is not None and a.proxy_indices is not None:
         if int(a.proxy_indices[-1]) >= len(proxy_x):
             raise ValueError(f"proxy_indices reach {int(a.proxy_indices[-1])}, the device holds {len(proxy_x)} proxy inputs")
-        proxy_x = proxy_x[a.proxy_indices]
+        proxy_x = read_rows(proxy_x, a.proxy_indices)
     if a.weights is not None:
         model.set_weights(a.weights)
     if a.teacher_logits is not None:
@@ -71,16 +72,19 @@ def execute_assignment(
             epochs=plan.fkd_epochs, lr=plan.fkd_lr, seed=seed, on_step=steps("distill"),
         )  # fmt: skip
         metrics["t_distill_s"] = time.perf_counter() - t0
+        drop_pages(proxy_x)  # memory-mapped inputs: this phase's pages leave the process (not the page cache)
     t0 = time.perf_counter()
     if plan.local_epochs > 0 and len(y_private):
         metrics["train_loss"] = model.train(x_private, y_private, epochs=plan.local_epochs, lr=plan.lr, seed=seed + 1,
                                             on_step=steps("train"))  # fmt: skip
     metrics["t_train_s"] = time.perf_counter() - t0
+    drop_pages(x_private)
     if a.teacher_logits is not None and plan.post_fkd_epochs > 0:
         model.distill(
             proxy_x, a.teacher_logits, temperature=plan.temperature,
             epochs=plan.post_fkd_epochs, lr=plan.fkd_lr, seed=seed + 2, on_step=steps("post_distill"),
         )  # fmt: skip
+        drop_pages(proxy_x)
     proxy_logits = weights = None
     if "logits" in plan.upload:
         if proxy_x is None:
@@ -90,6 +94,7 @@ def execute_assignment(
         t0 = time.perf_counter()
         proxy_logits = model.logits(proxy_x).astype(np.float32)
         metrics["t_logits_s"] = time.perf_counter() - t0
+        drop_pages(proxy_x)
     if "weights" in plan.upload:
         weights = model.get_weights()
     if len(y_private):

@@ -79,6 +79,10 @@ class DeviceAgent:
 
         cfg = self.cfg
         cfg.check_files()
+        if cfg.low_memory:  # freed LiteRT buffers go back to the OS instead of staying in the heap
+            from device_firmware_py.runtime import cmalloc
+
+            cmalloc.fix_mmap_threshold()
         # Inputs stay on disk, memory-mapped: training reads a batch's rows, not a copy of the set.
         cache = self.state.cache_dir
         self.x = open_array(cfg.data_path, "x", cache, float32=True)

@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from device_firmware_py.datafiles import read_rows
 from device_firmware_py.fileio import atomic_write
+from device_firmware_py.runtime import cmalloc
 from device_firmware_py.runtime.interpreter import make_interpreter
 from device_firmware_py.runtime.manifest import ArtifactManifest, load_manifest
 
@@ -36,20 +38,6 @@ LOGITS_BATCH = 64
 StepCallback = Callable[[int, int, float], None]  # (step done, total steps, loss of that step)
 HEAVY = frozenset({"train", "distill", "logits"})  # signatures with a batch-sized activation arena
 log = logging.getLogger("koala.device.model")
-
-
-def _malloc_trim() -> None:
-    """Hand the C heap's free pages back to the OS (glibc): a closed interpreter's kernels and
-    delegate workspaces are freed into the heap, which otherwise keeps them resident (measured:
-    ~10 MiB per closed mobilenet_tiny training interpreter)."""
-    import ctypes
-    import ctypes.util
-
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        pass
 
 
 def _resolve(artifact: str | Path) -> Path:
@@ -132,7 +120,7 @@ class SmallModel:
         self._interp = None
         self._used = set()
         gc.collect()
-        _malloc_trim()
+        cmalloc.trim()  # the closed interpreter's kernels and workspaces were freed into the C heap
 
     @property
     def parked(self) -> bool:
@@ -212,12 +200,13 @@ class SmallModel:
     def _run_steps(
         self, sig: str, batches: list[np.ndarray], feeds: dict[str, Any], on_step: StepCallback | None = None
     ) -> float:
-        """One signature call per index batch. Inputs may be memory-mapped: only a batch's rows are read."""
+        """One signature call per index batch. Inputs may be memory-mapped: only a batch's rows are read
+        (with pread, datafiles.read_rows: the mapping's page faults would map much more)."""
         runner = self._runner(sig)
         losses = []
         total = len(batches)
         for i, idx in enumerate(batches):
-            args = {k: (v[idx] if isinstance(v, np.ndarray) and v.ndim > 0 else v) for k, v in feeds.items()}
+            args = {k: (read_rows(v, idx) if isinstance(v, np.ndarray) and v.ndim > 0 else v) for k, v in feeds.items()}
             losses.append(float(runner(**args)["loss"]))
             if on_step is not None:
                 on_step(i + 1, total, losses[-1])
@@ -273,7 +262,7 @@ class SmallModel:
         self._logits_batch = bs
         out = []
         for i in range(0, n, bs):
-            chunk = x[i : i + bs]
+            chunk = read_rows(x, slice(i, i + bs))
             m = len(chunk)
             if m < bs:
                 chunk = np.concatenate([chunk, np.zeros((bs - m, *self.input_shape), np.float32)])

@@ -104,3 +104,54 @@ def test_low_memory_parks_between_phases(tmp_path):
         np.testing.assert_array_equal(wa, wb)
     # the state model was made once, in the cache
     assert len(list(tmp_path.glob("cnn_small_28x28x1-*.state*.tflite"))) == 1
+
+
+def _rss_file_mib() -> float:
+    from pathlib import Path
+
+    for ln in Path("/proc/self/status").read_text().splitlines():
+        if ln.startswith("RssFile:"):
+            return int(ln.split()[1]) / 1024
+    pytest.skip("no /proc/self/status RssFile")
+
+
+def test_drop_pages_lets_go_of_mapped_data(tmp_path):
+    """Pages of a memory-mapped input leave the process's RSS (the page cache keeps them) and the
+    data reads the same afterwards; in-memory arrays are left alone."""
+    from device_firmware_py.datafiles import drop_pages
+
+    x = np.random.default_rng(5).random((4000, *SHAPE), dtype=np.float32)  # 12.3 MiB
+    np.save(tmp_path / "p.npy", x)
+    m = np.load(tmp_path / "p.npy", mmap_mode="r")
+    before = _rss_file_mib()
+    total = float(np.asarray(m, np.float64).sum())
+    touched = _rss_file_mib()
+    drop_pages(np.asarray(m, np.float32))  # a view of the mapping, as SmallModel._x passes it
+    dropped = _rss_file_mib()
+    assert touched - before > 10 and touched - dropped > 10, (before, touched, dropped)
+    assert float(np.asarray(m, np.float64).sum()) == total
+    drop_pages(x)  # in memory: a no-op
+    assert float(x.astype(np.float64).sum()) == total
+
+
+def test_read_rows_is_indexing_without_mapping_the_file(tmp_path):
+    """read_rows(arr, idx) == arr[idx] for whole mappings, views and slices of them and in-memory
+    arrays; reading 32 random rows of a mapped 12 MiB file puts (almost) none of it into RSS."""
+    from device_firmware_py.datafiles import read_rows
+
+    x = np.random.default_rng(6).random((4000, *SHAPE), dtype=np.float32)
+    np.save(tmp_path / "p.npy", x)
+    m = np.load(tmp_path / "p.npy", mmap_mode="r")
+    idx = np.random.default_rng(7).permutation(4000)[:32]
+    before = _rss_file_mib()
+    np.testing.assert_array_equal(read_rows(np.asarray(m, np.float32), idx), x[idx])
+    assert _rss_file_mib() - before < 2
+    for arr, i, want in [
+        (m, slice(3990, 4100), x[3990:]),
+        (m, np.array([3, 4, 5, 9, 10, 0]), x[[3, 4, 5, 9, 10, 0]]),
+        (m[10:], np.array([0, 1]), x[10:12]),
+        (np.asarray(m[1000:2000]), slice(5, 9), x[1005:1009]),
+        (m[::2], np.array([0, 1]), x[[0, 2]]),  # not contiguous: plain indexing
+        (x, idx, x[idx]),
+    ]:
+        np.testing.assert_array_equal(read_rows(arr, i), want)
