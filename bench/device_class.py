@@ -16,6 +16,10 @@ Measured per architecture:
   round_s             assignment published -> result received, under the CPU quota (deadline: 120 s)
   progress            progress messages received during the round (phase, step/total)
 install_mb: the device extra's installed dependency closure (bench.device_footprint.closure_size).
+The agent runs with CLASS_CONFIG (low_memory: one training phase's LiteRT interpreter at a time);
+VARIANTS adds rounds with other device settings at the demo's proxy size (mobilenet_tiny+builtin:
+no XNNPACK). `--archs-only` runs just the architecture rounds and merges them into the existing
+device_class.json (its link profiles kept).
 
 Link profiles (raw.profiles; bench/link_profiles.py): the demo's stack (server, private Mosquitto,
 two agents) with each agent behind its own LinkFaultProxy -- loopback (the baseline, same run),
@@ -54,8 +58,14 @@ DEADLINE_S = 120.0  # KoalaPolicy.deadline_s default
 RSS_BUDGET_OVER_NUMPY_MIB = 64
 # The device-class settings of the agent: int8 re-quantization in a child process, with the training
 # interpreter released meanwhile (mobilenet_tiny's ~145 MiB agent + the ~88 MiB quantizer child
-# do not fit 192 MiB together: measured, the OOM killer took the agent without this).
-CLASS_CONFIG: dict[str, Any] = {"quantize": True, "quantize_isolated": True, "release_before_quantize": True}
+# do not fit 192 MiB together: measured, the OOM killer took the agent without this), and one
+# training phase's interpreter at a time (low_memory: forward KD and local training no longer hold
+# both batch-32 activation arenas; weights and Adam state carried, bit-identical numbers).
+CLASS_CONFIG: dict[str, Any] = {"quantize": True, "quantize_isolated": True, "release_before_quantize": True,
+                                "low_memory": True}
+# Extra rounds at the demo's proxy size: (label, arch, device config). Builtin kernels instead of
+# XNNPACK: smaller arenas, slower steps, last-bit-different weights.
+VARIANTS: tuple[tuple[str, str, dict[str, Any]], ...] = (("builtin", "mobilenet_tiny", {"xnnpack": False}),)
 CG_ROOT = Path("/sys/fs/cgroup")
 
 
@@ -313,7 +323,7 @@ def _max_rate(ts: list[float]) -> int:
 
 
 # ---------------------------------------------------------------------------------------- run
-def run(quick: bool = False, out: Path | None = None, profiles_only: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, out: Path | None = None, profiles_only: bool = False, archs_only: bool = False) -> dict[str, Any]:
     from bench.common import DEFAULT_OUT, table, write_result
     from bench.device_footprint import closure_size
 
@@ -326,46 +336,83 @@ def run(quick: bool = False, out: Path | None = None, profiles_only: bool = Fals
     base = baseline_rss_mib()
     limited = cgroups_available()
     rows: list[dict[str, Any]] = []
+    plan: list[tuple[str, str, int, dict[str, Any] | None]] = [(a, a, p, None) for p in proxies for a in archs]
+    plan += [] if quick else [(f"{a}+{label}", a, 1000, cfg) for label, a, cfg in VARIANTS]
     with private_broker() as broker, tempfile.TemporaryDirectory(prefix="koala-bench-devclass-") as tmp:
-        for proxy in proxies:
-            for arch in archs:
-                r = agent_round(arch, broker=broker, workdir=Path(tmp) / f"{arch}-{proxy}", proxy=proxy)
-                r["baseline_rss_mib"] = base
-                r["rss_over_baseline_mib"] = (r["peak_rss_mib"] or 0) - base
-                r["within_rss_budget"] = r["rss_over_baseline_mib"] <= RSS_BUDGET_OVER_NUMPY_MIB
-                rows.append(r)
-                print(f"{arch} proxy={proxy}: round {r['round_s']:.1f} s, peak RSS {r['peak_rss_mib']:.1f} MiB "
-                      f"(+{r['rss_over_baseline_mib']:.1f} over numpy), quantizer {r['quantizer_peak_mib']} MiB", flush=True)  # fmt: skip
+        for key, arch, proxy, cfg in plan:
+            r = agent_round(arch, broker=broker, workdir=Path(tmp) / f"{key}-{proxy}", proxy=proxy, device_config=cfg)
+            r["key"] = f"{key}@{proxy}"
+            r["baseline_rss_mib"] = base
+            r["rss_over_baseline_mib"] = (r["peak_rss_mib"] or 0) - base
+            r["within_rss_budget"] = r["rss_over_baseline_mib"] <= RSS_BUDGET_OVER_NUMPY_MIB
+            rows.append(r)
+            print(f"{key} proxy={proxy}: round {r['round_s']:.1f} s, peak RSS {r['peak_rss_mib']:.1f} MiB "
+                  f"(+{r['rss_over_baseline_mib']:.1f} over numpy), quantizer {r['quantizer_peak_mib']} MiB", flush=True)  # fmt: skip
     install = closure_size("koala-edge", "device")
     install_mb = install["bytes"] / 1e6
     print(table(["arch", "proxy", "peak RSS MiB", "baseline MiB", "over baseline", "quantizer child MiB",
                  "cgroup max MiB", "OOM kills", "round s (1/4 core)", "done s (incl. int8)", "progress msgs"],
-                [[r["arch"], r["proxy"], r["peak_rss_mib"], r["baseline_rss_mib"], r["rss_over_baseline_mib"],
+                [[r["key"].split("@")[0], r["proxy"], r["peak_rss_mib"], r["baseline_rss_mib"], r["rss_over_baseline_mib"],
                   r["quantizer_peak_mib"], r["cgroup_memory"].get("max_usage_mib"), r["cgroup_memory"].get("oom_kills"),
                   r["round_s"], r["t_done_s"], r["progress"]["messages"]] for r in rows]))  # fmt: skip
     print(f"\ndevice install {install_mb:.1f} MB ({install['packages']} packages); limits: "
           f"{'memory ' + str(MEMORY_LIMIT_MIB) + ' MiB, cpu ' + str(CPU_QUOTA) + ' core' if limited else 'none (no cgroup v1 / not root)'}")  # fmt: skip
-    archs_doc = {f"{r['arch']}@{r['proxy']}": {k: r.get(k) for k in ("peak_rss_mib", "baseline_rss_mib", "rss_over_baseline_mib",
+    archs_doc = {r["key"]: {k: r.get(k) for k in ("peak_rss_mib", "baseline_rss_mib", "rss_over_baseline_mib",
                  "within_rss_budget", "quantizer_peak_mib", "round_s", "t_done_s", "within_deadline")} for r in rows}  # fmt: skip
     ratios = {f"rss/{k}/over_baseline_mib": v["rss_over_baseline_mib"] for k, v in archs_doc.items()}
     ratios.update({f"time/{k}/round_s_quarter_core": v["round_s"] for k, v in archs_doc.items()})
+    arch_params = {"archs": archs, "proxies": proxies, "variants": [[f"{a}+{label}", cfg] for label, a, cfg in VARIANTS],
+                   "class_config": CLASS_CONFIG, "shape": list(SHAPE), "private": 600,
+                   "memory_limit_mib": MEMORY_LIMIT_MIB if limited else None,
+                   "cpu_quota": CPU_QUOTA if limited else None, "deadline_s": DEADLINE_S,
+                   "rss_budget_over_numpy_mib": RSS_BUDGET_OVER_NUMPY_MIB,
+                   "plan": {"fkd_epochs": 1, "local_epochs": 5, "upload": ["logits"]}}  # fmt: skip
+    arch_raw = {"architectures": archs_doc, "rounds": rows, "install_mb": install_mb, "install": install,
+                "baseline_rss_mib": base}  # fmt: skip
+    if archs_only:
+        return merge_archs(out, quick, arch_params, arch_raw, ratios, started, load0)
     profiles = run_profiles(quick)
     ratios.update(profile_ratios(profiles))
     return write_result(NAME, out, quick=quick,
-                        params={"archs": archs, "proxies": proxies, "shape": list(SHAPE), "private": 600,
-                                "memory_limit_mib": MEMORY_LIMIT_MIB if limited else None,
-                                "cpu_quota": CPU_QUOTA if limited else None, "deadline_s": DEADLINE_S,
-                                "rss_budget_over_numpy_mib": RSS_BUDGET_OVER_NUMPY_MIB,
-                                "plan": {"fkd_epochs": 1, "local_epochs": 5, "upload": ["logits"]},
-                                "profiles": profile_params(quick)},
-                        raw={"architectures": archs_doc, "rounds": rows, "install_mb": install_mb, "install": install,
-                             "baseline_rss_mib": base, "profiles": profiles},
+                        params={**arch_params, "profiles": profile_params(quick)},
+                        raw={**arch_raw, "profiles": profiles},
                         ratios=ratios,
-                        notes=["peak_rss_mib: the agent process's VmHWM (memory-mapped data pages it touched count)",
-                               "quantizer_peak_mib: the int8 re-quantization child (ai-edge-quantizer), a separate "
-                               "short-lived process; both ran inside the same memory cgroup",
-                               *PROFILE_NOTES],
+                        notes=[*ARCH_NOTES, *PROFILE_NOTES],
                         started=started, load_start=load0)  # fmt: skip
+
+
+ARCH_NOTES = [
+    "peak_rss_mib: the agent process's VmHWM (memory-mapped data pages it touched count)",
+    "quantizer_peak_mib: the int8 re-quantization child (ai-edge-quantizer), a separate short-lived process; both ran "
+    "inside the same memory cgroup",
+    "low_memory (params.class_config): the agent opens a fresh LiteRT interpreter per training phase (forward KD, local "
+    "training) and carries weights + Adam state between them (get_state/set_state signatures added in memory to the "
+    "unchanged artifact; the state model is made once by a child process into state_dir/cache); keys NAME+builtin: "
+    "the same round with xnnpack false (builtin kernels)",
+]
+
+
+def merge_archs(out: Path, quick: bool, params: dict[str, Any], raw: dict[str, Any], ratios: dict[str, Any],
+                started: float, load0: tuple[float, float, float]) -> dict[str, Any]:  # fmt: skip
+    """--archs-only: put the architecture rounds into the existing device_class(.quick).json, keeping
+    its link profiles (raw.profiles, params.profiles, profiles_provenance, link/ ratios and notes)."""
+    from bench.common import git_sha, machine
+
+    path = out / (f"{NAME}.quick.json" if quick else f"{NAME}.json")
+    doc: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {"benchmark": NAME, "raw": {}}
+    doc.update({
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "git_sha": git_sha(), "quick": quick,
+        "command": f"koala bench {NAME} --archs-only" + (" --quick" if quick else ""),
+        "wall_s": round(time.time() - started, 2), "machine": {**machine(), "loadavg_start": list(load0)},
+    })  # fmt: skip
+    doc["params"] = {**params, **({"profiles": doc["params"]["profiles"]} if "profiles" in doc.get("params", {}) else {})}
+    doc["raw"] = {**raw, **({"profiles": doc["raw"]["profiles"]} if "profiles" in doc.get("raw", {}) else {})}
+    doc["ratios"] = {**ratios, **{k: v for k, v in doc.get("ratios", {}).items() if k.startswith("link/")}}
+    doc["notes"] = [*ARCH_NOTES, *(n for n in doc.get("notes", []) if n.startswith("profiles"))]
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    doc["path"] = str(path)
+    return doc
 
 
 # ------------------------------------------------------------------------------ link profiles
@@ -461,4 +508,4 @@ def merge_profiles(out: Path, quick: bool = False) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    run(quick="--quick" in sys.argv, profiles_only="--profiles-only" in sys.argv)
+    run(quick="--quick" in sys.argv, profiles_only="--profiles-only" in sys.argv, archs_only="--archs-only" in sys.argv)

@@ -25,6 +25,9 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="torch device for the large model (reverse_kd): cpu, cuda, cuda:N, auto; cuda writes reverse_kd_cuda.json")
     p.add_argument("--profiles-only", action="store_true",
                    help="device_class: run only the link profiles and merge them into the existing device_class.json")
+    p.add_argument("--archs-only", action="store_true",
+                   help="device_class: run only the architecture rounds and merge them into the existing device_class.json "
+                        "(its link profiles kept)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,6 +52,8 @@ def run(args: argparse.Namespace) -> int:
             kw: dict[str, object] = {"device": args.device} if name == "reverse_kd" else {}
             if name == "device_class" and getattr(args, "profiles_only", False):
                 kw["profiles_only"] = True
+            if name == "device_class" and getattr(args, "archs_only", False):
+                kw["archs_only"] = True
             doc = importlib.import_module(f"bench.{name}").run(quick=args.quick, out=out, **kw)
         except Exception as exc:  # one broken benchmark must not hide the others' results
             failed.append(name)
