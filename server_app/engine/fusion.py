@@ -42,23 +42,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from server_app.engine.probability import sanitize_logits, softmax
 from server_app.engine.robust import coordinate_median, coordinate_trimmed_mean
 
 RULES = ("mean", "weighted", "entropy", "class_aware", "group", "median", "trimmed_mean", "agreement")
 ROBUST_RULES = ("median", "trimmed_mean", "agreement")
-
-
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    z = np.asarray(logits, np.float64) / float(temperature)
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def sanitize_logits(logits: np.ndarray) -> np.ndarray:
-    """float64 copy with NaN -> 0 and ±inf -> ±float32 max: softmax of the result is always finite."""
-    big = float(np.finfo(np.float32).max)
-    return np.nan_to_num(np.asarray(logits, np.float64), nan=0.0, posinf=big, neginf=-big)
 
 
 def _row_normalize(q: np.ndarray, fallback: np.ndarray) -> np.ndarray:

@@ -31,6 +31,8 @@ from typing import Any
 
 import numpy as np
 
+from server_app.engine.probability import sanitize_logits, softmax
+
 WEIGHT_RULES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
 
 
@@ -264,7 +266,6 @@ def agreement_filter(logits: Sequence[np.ndarray], factor: float = 0.5, min_devi
     or label-flipped models land near chance (~1/C) while honest non-IID devices stay near the
     median. With fewer than `min_devices` devices there is no majority: everyone is kept.
     Returns (keep mask [D] bool, agreements [D])."""
-    from server_app.engine.fusion import sanitize_logits, softmax
 
     d = len(logits)
     if d == 0:
