@@ -295,9 +295,18 @@ class DeviceAgent:
                                       weights=a.weights is not None,
                                       proxy_rows="all" if a.proxy_indices is None else len(a.proxy_indices)))
         self._progress(a.round_id, "start", 0, 3)
+        if self.cfg.low_memory and self.int8 is not None:  # the served int8 interpreter waits out the round
+            from device_firmware_py.runtime import cmalloc
+
+            self.int8 = None
+            cmalloc.trim()
         t0 = time.perf_counter()
-        result = execute_assignment(self.model, self.x, self.y, self.proxy_x, a, proxy_digest=self.proxy_digest,
-                                    progress=self._step_progress(a.round_id))  # fmt: skip
+        try:
+            result = execute_assignment(self.model, self.x, self.y, self.proxy_x, a, proxy_digest=self.proxy_digest,
+                                        progress=self._step_progress(a.round_id))  # fmt: skip
+        except BaseException:
+            self._restore_int8()
+            raise
         result.metrics["t_device_s"] = time.perf_counter() - t0
         if self.test is not None:  # held-out accuracy of the float model, for the operator's table
             result.metrics["test_acc"] = self.model.evaluate(*self.test)
@@ -316,6 +325,7 @@ class DeviceAgent:
         if self.cfg.quantize:
             self._progress(a.round_id, "quantize", 2, 3)
             self._requantize()
+        self._restore_int8()
         self._progress(a.round_id, "done", 3, 3)
         self._client.publish(topics.device_status(self.cfg.device_id), self._status(), qos=1, retain=True)
         self.state.write_modules({"phase": "round", "round_id": a.round_id})
@@ -349,6 +359,11 @@ class DeviceAgent:
         self.int8_info["t_quantize_s"] = round(time.perf_counter() - t0, 3)
         if child.get("child_peak_rss_mib") is not None:
             self.int8_info["child_peak_rss_mib"] = round(float(child["child_peak_rss_mib"]), 1)
+
+    def _restore_int8(self) -> None:
+        """Serve the saved int8 model again if none is served (low_memory drops it during a round)."""
+        if self.int8 is None and self.state.int8_path.is_file():
+            self._serve_int8(self.state.int8_path.read_bytes())
 
     def _serve_int8(self, blob: bytes) -> None:
         from device_firmware_py.runtime.quantize import TFLiteLogits

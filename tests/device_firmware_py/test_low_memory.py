@@ -155,3 +155,76 @@ def test_read_rows_is_indexing_without_mapping_the_file(tmp_path):
         (x, idx, x[idx]),
     ]:
         np.testing.assert_array_equal(read_rows(arr, i), want)
+
+
+class _NoBroker:
+    def publish(self, *args, **kwargs) -> None:
+        pass
+
+
+def _agent_two_rounds(tmp_path, name: str, **cfg):
+    """A real DeviceAgent (setup, two assignments with int8 re-quantization) without a broker."""
+    import json
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    from bench.device_class import write_device
+    from device_firmware_py.agent.agent import DeviceAgent
+    from device_firmware_py.config import DeviceConfig
+
+    p = write_device(tmp_path / name, "cnn_small", 96, 80, "mqtt://127.0.0.1:1", calibration_samples=32, **cfg)
+    conf = DeviceConfig.load(p)
+    agent = DeviceAgent(conf)
+    agent._client = _NoBroker()
+    agent.setup()
+    teacher = np.random.default_rng(1).normal(size=(96, 10)).astype(np.float32)
+    for r in (0, 1):
+        plan = TrainingPlan(upload=("logits",), local_epochs=2, fkd_epochs=1, seed=r)
+        agent._execute(Assignment(r, conf.device_id, "cnn_small", plan=plan, teacher_logits=teacher,
+                                  proxy_digest=json.loads(p.read_text())["proxy_sha256"]))  # fmt: skip
+    return agent
+
+
+def test_agent_low_memory_rounds_equal_one_interpreter(tmp_path):
+    """Agent level: low_memory + release_before_quantize (interpreters closed per phase and around
+    the quantizer child, the served int8 model dropped during the round) ends two rounds with the
+    same weights as one interpreter kept for the agent's life, and serves an int8 model after each."""
+    a = _agent_two_rounds(tmp_path, "one", low_memory=False, release_before_quantize=False)
+    b = _agent_two_rounds(tmp_path, "low", low_memory=True, release_before_quantize=True)
+    assert b.model.low_memory and b.model.parked and b.int8 is not None and a.int8 is not None
+    for wa, wb in zip(a.model.get_weights(), b.model.get_weights(), strict=True):
+        np.testing.assert_array_equal(wa, wb)
+    assert a.state.int8_path.read_bytes() == b.state.int8_path.read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.mosquitto
+def test_mobilenet_round_peak_under_cgroup_with_low_memory(tmp_path):
+    """mobilenet_tiny, the demo's proxy size, 192 MiB + a quarter core, device-class settings
+    (low_memory): the round completes and the agent's peak stays near the measured +79 MiB over
+    numpy (it was +133 with one interpreter). A regression guard, not the +64 goal (not met)."""
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    if str(repo) not in sys.path:
+        sys.path.insert(0, str(repo))
+    from bench.device_class import (
+        DEADLINE_S,
+        agent_round,
+        baseline_rss_mib,
+        cgroups_available,
+        private_broker,
+    )
+    from server_app.transport.broker import find_mosquitto_binary
+
+    if find_mosquitto_binary() is None or not cgroups_available():
+        pytest.skip("needs mosquitto, root and cgroup v1 memory + cpu controllers")
+    with private_broker() as broker:
+        r = agent_round("mobilenet_tiny", broker=broker, workdir=tmp_path / "m", proxy=1000, memory_mib=192, cpu_quota=0.25)
+    assert r["limited"] and r["cgroup_memory"]["oom_kills"] == 0 and r["agent_exit"] == 0
+    assert r["round_s"] < DEADLINE_S and r["int8_bytes"]
+    assert r["peak_rss_mib"] - baseline_rss_mib() <= 90, r
