@@ -45,6 +45,7 @@ SETTINGS = {
                 "default": {},
                 "no_canary": {"canary_filter": None},
                 "median": {"weight_rule": "median"},
+                "cosine": {"weight_rule": "cosine"},
                 "trimmed_mean": {"weight_rule": "trimmed_mean"}},
     "logits": {"undefended": {"fusion": "entropy", "count_cap": None, "agreement_filter": None, "canary_filter": None},
                "default": {},

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 FUSION_RULES = ("mean", "weighted", "entropy", "class_aware", "group", "median", "trimmed_mean", "agreement")
-WEIGHT_RULES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
+WEIGHT_RULES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum", "cosine")
 BUILTIN_STRATEGIES = ("koala_homo", "koala_hetero", "fedavg_small", "fedavg_large", "local_only")
 _STRATEGY_REF = re.compile(r"[a-z][a-z0-9_]{0,63}|[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 

@@ -32,8 +32,7 @@ from typing import Any
 import numpy as np
 
 from server_app.engine.probability import sanitize_logits, softmax
-
-WEIGHT_RULES = ("fedavg", "median", "trimmed_mean", "krum", "multi_krum")
+from server_app.policy import WEIGHT_RULES  # the one list of rule names (policy validates against it)
 
 
 # --------------------------------------------------------------------------- coordinate rules
@@ -199,7 +198,12 @@ def aggregate_weights(
 
     rule: "fedavg" (sample-weighted mean, as strategies.common.fedavg), "median", "trimmed_mean"
     (fraction `trim` from each end per coordinate), "krum" (the single most central device),
-    "multi_krum" (sample-weighted mean of the `num_keep` most central; default D - f).
+    "multi_krum" (sample-weighted mean of the `num_keep` most central; default D - f), "cosine"
+    (FLTrust-like, Cao et al. 2021, with the coordinate-wise median update as the trusted direction:
+    each update weighted by its sample count (at most 2 x the median) x max(0, cosine with that
+    direction) and rescaled to
+    the median update norm, so an update pointing away from the majority counts for nothing;
+    needs `reference`).
     reference: the current global weights. When given, every device's update (w_i - reference) is
     clipped to norm <= clip_norm, or clip_factor x the median update norm when clip_norm is None
     (clip_factor=None and clip_norm=None: no clipping). Without a reference nothing is clipped.
@@ -235,6 +239,19 @@ def aggregate_weights(
             )
     if rule == "fedavg":
         out = np.tensordot(n / n.sum(), v, axes=1)
+    elif rule == "cosine":
+        if reference is None:
+            raise ValueError("the cosine rule needs the reference (current global) weights")
+        u = v - ref[None, :]
+        direction = coordinate_median(u)
+        unorm = np.linalg.norm(u, axis=1)
+        dnorm = float(np.linalg.norm(direction))
+        cos = (u @ direction) / np.where(unorm * dnorm > 0, unorm * dnorm, 1.0)
+        trust = np.maximum(cos, 0.0) * np.minimum(n, 2.0 * float(np.median(n)))  # counts bounded here too
+        target = float(np.median(unorm))
+        scaled = u * (target / np.where(unorm > 0, unorm, 1.0))[:, None]
+        out = ref + (np.tensordot(trust / trust.sum(), scaled, axes=1) if trust.sum() > 0 else direction)
+        diag.update(cosine=cos.tolist())
     elif rule == "median":
         out = coordinate_median(v)
     elif rule == "trimmed_mean":

@@ -338,3 +338,20 @@ def test_strategy_uses_proxy_labels_only_when_given():
     assert report.metrics["dropped_disagreeing"] == 1
     with pytest.raises(ValueError, match="proxy_labels"):
         build_strategy(pol, large=large, proxy_x=proxy, small_factory=lambda a: None, proxy_labels=y[:10])
+
+
+@pytest.mark.parametrize("attack", sorted(WEIGHT_ATTACKS))
+def test_cosine_rule_gives_an_opposing_update_no_weight(attack):
+    """The FLTrust-like rule: an update pointing away from the median update gets weight 0, one
+    pointing along it is rescaled to the median norm; the result stays with the honest average."""
+    info: dict = {}
+    out = aggregate_weights([*HONEST_W, WEIGHT_ATTACKS[attack]], [*HONEST_N, 10**9], "cosine", reference=REF,
+                            info=info)  # fmt: skip
+    assert [o.shape for o in out] == SHAPES and all(np.isfinite(o).all() for o in out)
+    assert _dist(out, HONEST_AVG) <= 2 * SPREAD, (_dist(out, HONEST_AVG), SPREAD)
+    if attack == "sign_flip":
+        assert info["cosine"][H] < 0  # the reversed update: no weight at all
+    clean = aggregate_weights(HONEST_W, HONEST_N, "cosine", reference=REF)
+    assert _dist(clean, HONEST_AVG) <= SPREAD
+    with pytest.raises(ValueError, match="reference"):
+        aggregate_weights(HONEST_W, HONEST_N, "cosine")
