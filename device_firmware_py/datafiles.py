@@ -107,13 +107,19 @@ def drop_pages(arr: object) -> None:
             base.madvise(mmap.MADV_DONTNEED)
 
 
-_FDS: dict[str, int] = {}
+_FDS: dict[str, tuple[int, int, int]] = {}  # path -> (fd, st_dev, st_ino)
 
 
 def _fd(path: str) -> int:
-    fd = _FDS.get(path)
-    if fd is None:
-        fd = _FDS[path] = os.open(path, os.O_RDONLY)
+    """A read-only descriptor of `path`, kept open; reopened when the path names another file now."""
+    st = os.stat(path)
+    got = _FDS.get(path)
+    if got is not None and (got[1], got[2]) == (st.st_dev, st.st_ino):
+        return got[0]
+    if got is not None:
+        os.close(got[0])
+    fd = os.open(path, os.O_RDONLY)
+    _FDS[path] = (fd, st.st_dev, st.st_ino)
     return fd
 
 

@@ -68,8 +68,11 @@ class SmallModel:
 
             try:
                 if cache_dir is not None:
-                    self._state_path = cached_state_model(self.path, cache_dir, self.manifest.sha256)
-                else:
+                    try:
+                        self._state_path = cached_state_model(self.path, cache_dir, self.manifest.sha256)
+                    except (ValueError, OSError) as exc:  # e.g. a read-only cache: make it here instead
+                        log.warning("%s: state model not cached (%s); made in this process", self.manifest.name, exc)
+                if self._state_path is None:
                     self._content, _ = with_state_signatures(self.path.read_bytes())
                 self.low_memory = True
             except (ValueError, ImportError, AttributeError) as exc:  # keep one interpreter for the model's life

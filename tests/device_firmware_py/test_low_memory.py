@@ -228,3 +228,12 @@ def test_mobilenet_round_peak_under_cgroup_with_low_memory(tmp_path):
     assert r["limited"] and r["cgroup_memory"]["oom_kills"] == 0 and r["agent_exit"] == 0
     assert r["round_s"] < DEADLINE_S and r["int8_bytes"]
     assert r["peak_rss_mib"] - baseline_rss_mib() <= 90, r
+
+
+def test_unusable_cache_dir_makes_the_state_model_in_process(tmp_path):
+    (tmp_path / "not_a_dir").write_text("x")
+    m = SmallModel(artifact_path("mlp_tiny", SHAPE), num_threads=1, low_memory=True, cache_dir=tmp_path / "not_a_dir")
+    assert m.low_memory and m._state_path is None and m._content is not None
+    x, y, _, _ = _data(2)
+    m.train(x, y, epochs=1)
+    assert m.parked
