@@ -118,6 +118,8 @@ def test_docs_and_redoc_render_offline(live_server):
             page.goto(base + "/docs")
             expect(page.locator(".swagger-ui .info .title")).to_contain_text("KOALA Edge server", timeout=20_000)
             expect(page.locator(".opblock").first).to_be_visible(timeout=10_000)
+            ARTIFACTS.mkdir(exist_ok=True)
+            page.screenshot(path=str(ARTIFACTS / "docs-offline.png"), full_page=True)
             page.goto(base + "/redoc")
             expect(page.locator("h1").first).to_contain_text("KOALA Edge server", timeout=20_000)
             assert not elsewhere, elsewhere

@@ -68,6 +68,21 @@ def test_demo_runs_to_the_result_table(tmp_path):
     assert len(accs) == 2 and accs[-1] > 0.3, accs  # digits defaults learn: chance is 0.1
     assert not _wait_gone(str(run_dir), 20), "demo left processes behind after finishing"
 
+    # run again in the same place: --resume continues that run (its registry, model and devices)
+    # for one more round; the first run's results are kept, the new ones get their own name
+    first = (run_dir / "results.json").read_bytes()
+    p = _demo(run_dir, "--rounds", "1", "--round-timeout", "120", "--resume", str(run_dir))
+    try:
+        out, _ = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, out[-3000:]
+    assert (run_dir / "results.json").read_bytes() == first
+    again = json.loads((run_dir / "results.2.json").read_text())["rounds"]
+    assert len(again) >= 1 and again[-1]["large_test_acc"] > 0.3, again
+    assert not _wait_gone(str(run_dir), 20), "resumed demo left processes behind"
+
 
 def test_sigterm_stops_the_whole_process_tree(tmp_path):
     run_dir = tmp_path / "run"
