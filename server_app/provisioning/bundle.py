@@ -92,6 +92,9 @@ def _check_arch(spec: BundleSpec) -> None:
 
 def _wheels(spec: BundleSpec, dest: Path) -> None:
     if spec.wheelhouse and (spec.wheelhouse / "requirements.lock").exists():
+        if not any(spec.wheelhouse.glob("koala_edge_device-*.whl")):
+            raise ValueError(f"wheelhouse {spec.wheelhouse} has no koala_edge_device wheel (made by an older "
+                             "koala provision?); leave bundles.wheelhouse unset to build a fresh one")  # fmt: skip
         shutil.copytree(spec.wheelhouse, dest, dirs_exist_ok=True)
         return
     build_device_wheelhouse(dest, spec.target)
