@@ -60,7 +60,13 @@ def test_postgres_cut_mid_round_loses_nothing(broker, digits_files, tmp_path, se
     assert [rounds[n].state for n in range(2)] == ["completed"] * 2, {n: rounds[n].error for n in rounds}
     accepted = {(a.device_id, a.round_id) for a in db.assignments() if a.status == "accepted"}
     assert accepted == set(fleet.sent), "a result published during the outage was lost"
-    assert all(v == 1 for v in fleet.sent.values())
+    # QoS 1 is at-least-once: a server starved long enough to miss its keepalive reconnects and paho
+    # re-sends an unacknowledged assignment (DUP), and a device answers every assignment it gets (seen
+    # once in CI under load 8). The guarantee is on the server side: one accepted row per (device,
+    # round), whatever was re-sent; and a device only ever answers an assignment it received.
+    rows = [(a.device_id, a.round_id) for a in db.assignments() if a.status == "accepted"]
+    assert len(rows) == len(set(rows)) == len(fleet.sent)
+    assert all(n <= fleet.assignments[k] for k, n in fleet.sent.items()), (dict(fleet.sent), dict(fleet.assignments))
     logs = server.logs()
     retries = logs.count("database unavailable")
     assert retries > 0, "the outage was not seen by the server (proxy not in the path?)"
