@@ -29,6 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from device_firmware_py.slim_install import tree_bytes
+
 NAME = "device_footprint"
 ARCHS = ("mlp_tiny", "cnn_small", "mobilenet_tiny")
 
@@ -136,18 +138,14 @@ def fresh_venv_size() -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="koala-bench-devvenv-") as tmp:
         env_dir = Path(tmp) / "venv"
         venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
-        empty = _du(env_dir)
+        empty = tree_bytes(env_dir)
         t0 = time.perf_counter()
         res = subprocess.run([str(env_dir / "bin" / "python"), "-m", "pip", "install", "-q", f"{REPO}[device]"],
                              capture_output=True, text=True, timeout=600, cwd=tmp)  # fmt: skip
         t_install = time.perf_counter() - t0
         if res.returncode != 0:
             return {"error": res.stderr[-1000:]}
-        return {"installed_bytes": _du(env_dir) - empty, "venv_bytes": _du(env_dir), "t_install_s": t_install}
-
-
-def _du(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+        return {"installed_bytes": tree_bytes(env_dir) - empty, "venv_bytes": tree_bytes(env_dir), "t_install_s": t_install}
 
 
 # --------------------------------------------------------------------------------- train steps

@@ -27,12 +27,9 @@ from typing import Any
 import numpy as np
 
 from bench.common import REPO, ratio, table, write_result
+from device_firmware_py.slim_install import tree_bytes
 
 MB = 1e6
-
-
-def _du(p: Path) -> int:
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
 
 
 def _offline_env() -> dict[str, str]:
@@ -68,14 +65,14 @@ def bundle_and_install(tmp: Path, proxy_size: int) -> dict[str, Any]:
         raise RuntimeError(f"flash.sh failed: {res.stderr[-1500:]}")
     venv = root / "opt" / "koala" / "venv"
     site = next((venv / "lib").glob("python3*/site-packages"))
-    largest = sorted(((p.name, _du(p) if p.is_dir() else p.stat().st_size) for p in site.iterdir()), key=lambda kv: -kv[1])
+    largest = sorted(((p.name, tree_bytes(p) if p.is_dir() else p.stat().st_size) for p in site.iterdir()), key=lambda kv: -kv[1])
     return {
         "bundle_tar_gz_bytes": tarball.stat().st_size,
-        "wheelhouse_bytes": _du(wheels),
+        "wheelhouse_bytes": tree_bytes(wheels),
         "wheels": sorted(w.name for w in wheels.glob("*.whl")),
         "proxy_bytes": proxy.stat().st_size,
         "t_build_s": t_build,
-        "installed_bytes": _du(venv),
+        "installed_bytes": tree_bytes(venv),
         "t_flash_install_s": t_install,
         "largest_packages": largest[:6],
         "has_server_app": (site / "server_app").exists(),
@@ -96,7 +93,7 @@ def baseline_install(tmp: Path) -> dict[str, Any]:
     if res.returncode != 0:
         raise RuntimeError(f"pip install .[device] failed: {res.stderr[-1500:]}")
     site = next((env_dir / "lib").glob("python3*/site-packages"))
-    return {"installed_bytes": _du(env_dir), "t_install_s": t_install, "has_scipy": (site / "scipy").exists()}
+    return {"installed_bytes": tree_bytes(env_dir), "t_install_s": t_install, "has_scipy": (site / "scipy").exists()}
 
 
 def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:

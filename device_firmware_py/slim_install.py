@@ -105,6 +105,7 @@ def warm(venv: Path) -> None:
 
 
 def tree_bytes(path: Path) -> int:
+    """Bytes of the regular files under `path` (symlinks not followed): what an install occupies."""
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink())
 
 

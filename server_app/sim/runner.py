@@ -28,6 +28,7 @@ def run_method(cfg: SimConfig, spec: MethodSpec, ds, split, progress: bool = Tru
     progress=)` instead of it (bench/attacks.py makes chosen devices malicious this way)."""
     import torch
 
+    from server_app.data.prepare import canary_labels
     from server_app.engine.fleet import InMemoryFleet, SimDevice
     from server_app.engine.rounds import run_rounds
     from server_app.engine.strategies import KoalaStrategy, build_strategy
@@ -40,8 +41,6 @@ def run_method(cfg: SimConfig, spec: MethodSpec, ds, split, progress: bool = Tru
     shape = ds.input_shape
     factory = _small_factory(shape)
     proxy_x = ds.x_train[split.proxy_indices]
-    from server_app.data.prepare import canary_labels
-
     labels = canary_labels(ds.y_train[split.proxy_indices], cfg.labeled_proxy, cfg.seed) if cfg.labeled_proxy else None
     archs = list(policy.archs)
     devices = [

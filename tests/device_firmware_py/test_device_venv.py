@@ -71,10 +71,6 @@ def device_venv(tmp_path_factory) -> Path:
     return opt / "venv" / "bin" / "python"
 
 
-def _tree_mib(path: Path) -> float:
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and not f.is_symlink()) / 2**20
-
-
 def test_device_install_trains_without_torch_tensorflow_or_server(device_venv, tmp_path):
     res = subprocess.run(
         [str(device_venv), "-c", SCRIPT], capture_output=True, text=True, timeout=300, cwd=tmp_path
@@ -98,7 +94,9 @@ def test_device_install_is_small_and_holds_only_the_device(device_venv):
     present = {p.name for p in site.iterdir()}
     assert not present & {"server_app", "scipy", "torch", "tensorflow", "pip", "setuptools"}, present
     assert "device_firmware_py" in present
-    size = _tree_mib(venv_dir)
+    from device_firmware_py.slim_install import tree_bytes
+
+    size = tree_bytes(venv_dir) / 2**20
     assert size <= INSTALL_BUDGET_MIB, f"device install is {size:.1f} MiB, budget {INSTALL_BUDGET_MIB}"
 
 

@@ -28,6 +28,18 @@ def _demo(run_dir: Path, *extra: str) -> subprocess.Popen[str]:
                             start_new_session=True)  # fmt: skip
 
 
+def _demo_to_end(run_dir: Path, *extra: str) -> str:
+    """Run `koala demo` to its end (its whole process group killed if it overruns); its output."""
+    p = _demo(run_dir, *extra)
+    try:
+        out, _ = p.communicate(timeout=600)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode == 0, out[-3000:]
+    return out
+
+
 def _processes_using(marker: str) -> list[str]:
     """Command lines of live processes mentioning `marker` (the run dir) — orphans if the demo is gone."""
     found = []
@@ -53,13 +65,7 @@ def _wait_gone(marker: str, timeout_s: float) -> list[str]:
 
 def test_demo_runs_to_the_result_table(tmp_path):
     run_dir = tmp_path / "run"
-    p = _demo(run_dir, "--rounds", "2", "--round-timeout", "120")
-    try:
-        out, _ = p.communicate(timeout=600)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode == 0, out[-3000:]
+    out = _demo_to_end(run_dir, "--rounds", "2", "--round-timeout", "120")
     assert "| round" in out or "round" in out.lower()
     assert "peak RSS" in out and "dashboard http://127.0.0.1:" in out and "/dashboard/#token=" in out, out[-2000:]
     assert out.startswith(f"run dir {run_dir}"), out[:300]
@@ -71,13 +77,7 @@ def test_demo_runs_to_the_result_table(tmp_path):
     # run again in the same place: --resume continues that run (its registry, model and devices)
     # for one more round; the first run's results are kept, the new ones get their own name
     first = (run_dir / "results.json").read_bytes()
-    p = _demo(run_dir, "--rounds", "1", "--round-timeout", "120", "--resume", str(run_dir))
-    try:
-        out, _ = p.communicate(timeout=600)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode == 0, out[-3000:]
+    _demo_to_end(run_dir, "--rounds", "1", "--round-timeout", "120", "--resume", str(run_dir))
     assert (run_dir / "results.json").read_bytes() == first
     again = json.loads((run_dir / "results.2.json").read_text())["rounds"]
     assert len(again) >= 1 and again[-1]["large_test_acc"] > 0.3, again
