@@ -41,7 +41,7 @@ ACCEPTED = {"weights": ("sign_flip", "random_weights", "label_flip", "inflated_c
 # robust settings compared per family (name -> policy overrides)
 SETTINGS = {
     "weights": {"undefended": {"weight_rule": "fedavg", "clip_factor": None, "count_cap": None, "agreement_filter": None,
-                               "canary_filter": None},
+                               "canary_filter": None, "outlier_factor": None},
                 "default": {},
                 "no_canary": {"canary_filter": None},
                 "median": {"weight_rule": "median"},
@@ -179,7 +179,7 @@ def run_one(ds: Any, split: Any, family: str, setting: str, attack: str, n_mal: 
             "nonfinite_models": sum(1 for c in curve if c.get("large_finite") is False),
             "failed_rounds": sum(1 for c in curve if c.get("rejected")),
             "rejections": dict(log), "wall_s": round(time.perf_counter() - t0, 2),
-            "policy": {k: v for k, v in res["row"]["policy"].items() if k in ("teacher", "fusion", "weight_rule", "clip_factor", "count_cap", "agreement_filter", "canary_filter")}}  # fmt: skip
+            "policy": {k: v for k, v in res["row"]["policy"].items() if k in ("teacher", "fusion", "weight_rule", "clip_factor", "count_cap", "agreement_filter", "canary_filter", "outlier_factor")}}  # fmt: skip
 
 
 def policy_defaults() -> dict[str, str]:
@@ -189,7 +189,7 @@ def policy_defaults() -> dict[str, str]:
 
 def run(quick: bool = False, out: Path | None = None, defaults: dict[str, str] | None = None,
         fleets: list[tuple[int, int]] | None = None, settings: list[str] | None = None,
-        merge: bool = False) -> dict[str, Any]:
+        merge: bool = False, seeds: list[int] | None = None) -> dict[str, Any]:
     """defaults: the setting per family the headline rows use (default: the KoalaPolicy defaults).
     fleets / settings: run only these (devices, malicious) fleets and setting names; merge: keep the
     stored result's other runs (each run row carries the commit it was measured at)."""
@@ -203,7 +203,7 @@ def run(quick: bool = False, out: Path | None = None, defaults: dict[str, str] |
     started, load0 = time.time(), os.getloadavg()
     out = out or DEFAULT_OUT
     dflt = defaults or policy_defaults()
-    seeds = [0] if quick else [0, 1]
+    seeds = seeds or ([0] if quick else [0, 1, 2, 3])
     fleets = fleets or ([(5, 1)] if quick else [(5, 1), (20, 4)])
     raw: list[dict[str, Any]] = []
     sha = git_sha()
@@ -312,9 +312,11 @@ if __name__ == "__main__":
     ap.add_argument("--fleet", action="append", help="DEVICES:MALICIOUS, e.g. 20:4 (repeatable; default all)")
     ap.add_argument("--settings", help="comma-separated setting names (default all)")
     ap.add_argument("--merge", action="store_true", help="keep the stored runs this invocation does not redo")
+    ap.add_argument("--seeds", help="comma-separated seeds (default 0,1,2,3; --quick: 0)")
     a = ap.parse_args()
     if a.resummarize:
         resummarize(quick=a.quick)
     else:
         run(quick=a.quick, fleets=[tuple(int(v) for v in f.split(":")) for f in a.fleet] if a.fleet else None,
-            settings=a.settings.split(",") if a.settings else None, merge=a.merge)
+            settings=a.settings.split(",") if a.settings else None, merge=a.merge,
+            seeds=[int(v) for v in a.seeds.split(",")] if a.seeds else None)

@@ -363,7 +363,13 @@ class Ingestor:
         try:
             _, msg = codec.decode_for_topic(topic, bytes(payload))
         except ContractError as exc:
-            log.debug("progress dropped topic=%s reason=%s", topic, exc.reason)
+            # progress is advisory and frequent: counted and logged (not written to the registry per
+            # message, which a flooding device could turn into database load); results still are
+            key = f"progress_dropped:{exc.reason}"
+            self.counts[key] += 1
+            n = self.counts[key]
+            if n & (n - 1) == 0:  # 1st, 2nd, 4th, 8th ...: a flood cannot flood the log
+                log.warning("progress dropped topic=%s reason=%s detail=%s (%d so far)", topic, exc.reason, exc.detail, n)
             return Outcome("ignored", exc.reason)
         assert isinstance(msg, cm.Progress)
         self.presence.progress[msg.device_id] = {"round_id": msg.round_id, "phase": msg.phase, "step": msg.step,

@@ -90,10 +90,14 @@ class KoalaPolicy(BaseModel):
                                          "proxy rows less than this x the median device does (None: keep all)")
     canary_filter: float | None = Field(
         0.5, gt=0.0, le=1.0, description="where the server knows the labels of some proxy rows (proxy_labels.npz): drop "
-                                         "a device whose accuracy on the round's labeled rows is below this x the median "
-                                         "device's, or within 5 points of chance (None: ignore the labels)")
+                                         "a device whose informedness on the round's labeled rows (weighted by its own label "
+                                         "histogram) is below this x the median device's, or within 0.05 of chance "
+                                         "(None: ignore the labels)")
     count_cap: float | None = Field(2.0, gt=0.0, description="self-reported sample counts are capped at this x their "
                                     "median before any sample-weighted average (None: trusted as sent)")
+    outlier_factor: float | None = Field(
+        4.0, gt=1.0, description="drop (not clip) a device whose weight update is longer than this x the median update "
+                                 "norm: a sign-flipped or rescaled model, never an honest one (None: keep all)")
     clip_factor: float | None = Field(2.0, gt=0.0, description="clip each device's weight update to this x the median "
                                                                 "update norm before averaging (None: no clipping)")
     anchor_lambda: float = Field(0.0, ge=0.0, description="L2 anchor of reverse KD to the pre-round large model")

@@ -307,6 +307,55 @@ def test_canary_filter_judges_by_known_labels_even_without_consensus():
     assert canary_filter([honest[0], onehot], labels)[0].all()
 
 
+def test_informedness_is_zero_for_input_blind_models_and_judges_a_device_on_its_own_classes():
+    """Youden's J per class, weighted by the device's histogram: a constant or one-hot model scores
+    exactly 0 whatever the class mix, a label-flipped one below 0, and a device that only ever saw
+    classes 1 and 2 scores high when weighted by its histogram but near chance unweighted."""
+    from server_app.engine.robust import canary_filter, informedness
+
+    y = np.repeat(np.arange(10), 6)
+    assert informedness(np.full(60, 3), y) == pytest.approx(0.0)
+    assert informedness(np.full(60, 3), y, [0, 0, 0, 100, 0, 0, 0, 0, 0, 0]) == pytest.approx(0.0)
+    assert informedness(9 - y, y) < -0.05
+    pred = np.where(np.isin(y, [1, 2]), y, 1)  # right on 1 and 2, says "1" for everything else
+    hist = [0, 30, 30, 0, 0, 0, 0, 0, 0, 0]
+    assert informedness(pred, y, hist) > 0.4
+    assert informedness(pred, y) < 0.2
+    # in the filter: weak non-IID devices are kept by their histograms, input-blind attackers dropped
+    c, rng = 10, np.random.default_rng(3)
+    labels = y
+    honest, hists = [], []
+    for d in range(6):
+        own = [d % c, (d + 3) % c]
+        z = rng.normal(0, 1, (60, c))
+        z[:, own[0]] += 2.0  # biased towards its own first class everywhere (non-IID)
+        m = np.isin(y, own)
+        z[np.arange(60)[m], y[m]] += 8.0
+        honest.append(z)
+        h = [0] * c
+        h[own[0]], h[own[1]] = 40, 20
+        hists.append(h)
+    onehot = np.zeros((60, c))
+    onehot[:, 3] = 50.0
+    keep, score = canary_filter([*honest, onehot, onehot.copy()], labels, 0.5,
+                                histograms=[*hists, [0, 0, 0, 100, 0, 0, 0, 0, 0, 0], None])
+    assert keep[:6].all() and not keep[6:].any(), score
+
+
+def test_update_outliers_drop_rescaled_and_sign_flipped_models_not_honest_ones():
+    from server_app.engine.robust import update_outliers
+
+    rng = np.random.default_rng(0)
+    ref = [rng.normal(0, 1, (20, 10)).astype(np.float32), rng.normal(0, 1, 10).astype(np.float32)]
+    honest = [[r + rng.normal(0, 0.05 * (1 + i % 3), r.shape).astype(np.float32) for r in ref] for i in range(8)]
+    flipped = [-w for w in honest[0]]
+    scaled = [w * np.float32(1e30) for w in honest[1]]
+    keep, norms = update_outliers([*honest, flipped, scaled], ref, 4.0)
+    assert keep[:8].all() and not keep[8:].any(), norms
+    assert np.all(np.isfinite(norms))
+    assert update_outliers([honest[0], flipped], ref)[0].all()  # two devices: no median to judge by
+
+
 def test_strategy_uses_proxy_labels_only_when_given():
     """KoalaStrategy with proxy_labels drops a device whose logits are at chance on them; the
     labels never reach an assignment."""

@@ -27,7 +27,7 @@ from torch import nn
 
 from server_app.engine.distill import reverse_distill
 from server_app.engine.fusion import fuse_logits
-from server_app.engine.robust import AGREEMENT_MIN_DEVICES, agreement_filter, canary_filter
+from server_app.engine.robust import AGREEMENT_MIN_DEVICES, agreement_filter, canary_filter, update_outliers
 from server_app.engine.strategies.common import average_weights, capped_counts, fedavg
 from server_app.engine.strategy import RoundRejected, Strategy
 from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
@@ -65,7 +65,7 @@ class KoalaStrategy(Strategy):
         fused_many = policy.resolved_teacher() == "device_logits" or len(set(policy.archs)) > 1
         averages = policy.resolved_teacher() == "avg_model"
         return (_KOALA_FIELDS | ({"fusion"} if fused_many else set())
-                | ({"weight_rule", "clip_factor"} if averages else set()))  # fmt: skip
+                | ({"weight_rule", "clip_factor", "outlier_factor"} if averages else set()))  # fmt: skip
 
     def _px(self) -> np.ndarray:
         return self.proxy_x if self._idx is None else self.proxy_x[self._idx]
@@ -131,6 +131,11 @@ class KoalaStrategy(Strategy):
             rs = [r for r in results if r.arch == arch and r.weights is not None]
             if not rs:
                 continue
+            ref = self._global.get(arch)
+            if self.policy.outlier_factor is not None and ref is not None:  # drop rescaled / sign-flipped models
+                keep, _norms = update_outliers([r.weights for r in rs], ref, self.policy.outlier_factor)
+                self._dropped += [r.device_id for r, k in zip(rs, keep, strict=True) if not k]
+                rs = [r for r, k in zip(rs, keep, strict=True) if k]
             judge = self.policy.agreement_filter is not None or self._round_labels() is not None
             if judge and len(rs) >= AGREEMENT_MIN_DEVICES:  # else nothing to judge
                 m = self._small(arch)
@@ -154,7 +159,8 @@ class KoalaStrategy(Strategy):
         and then agree with the ensemble (policy `agreement_filter`)."""
         labels = self._round_labels()
         if labels is not None:
-            keep, _acc = canary_filter(logits, labels, self.policy.canary_filter)
+            keep, _acc = canary_filter(logits, labels, self.policy.canary_filter,
+                                       histograms=[r.label_histogram for r in results])
             self._dropped += [r.device_id for r, k in zip(results, keep, strict=True) if not k]
             results = [r for r, k in zip(results, keep, strict=True) if k]
             logits = [z for z, k in zip(logits, keep, strict=True) if k]
