@@ -373,7 +373,7 @@ class Ingestor:
             return Outcome("ignored", exc.reason)
         assert isinstance(msg, cm.Progress)
         self.presence.progress[msg.device_id] = {"round_id": msg.round_id, "phase": msg.phase, "step": msg.step,
-                                                 "total": msg.total, "loss": msg.loss}
+                                                 "total": msg.total, "loss": msg.loss, "at": time.time()}
         return Outcome("accepted", None, msg.round_id, msg.device_id)
 
 

@@ -37,7 +37,7 @@ _STRATEGY_REF = re.compile(r"[a-z][a-z0-9_]{0,63}|[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 # Fields every strategy uses (round machinery), whatever it is.
 ROUND_FIELDS = frozenset({"strategy", "archs", "rounds", "participants", "min_devices", "quorum_fraction",
-                          "deadline_s", "seed", "large", "plugin_options"})  # fmt: skip
+                          "deadline_s", "deadline_factor", "deadline_min_s", "seed", "large", "plugin_options"})  # fmt: skip
 
 
 class LargeModelSpec(BaseModel):
@@ -111,7 +111,13 @@ class KoalaPolicy(BaseModel):
                                   "None: all. Sampled with the seed, least-recently-used first (fair)")
     min_devices: int = Field(2, ge=1, description="online devices needed before a round starts")
     quorum_fraction: float = Field(0.5, gt=0.0, le=1.0, description="accepted results needed to close a round")
-    deadline_s: float = Field(120.0, gt=0.0, description="seconds a round waits for results")
+    deadline_s: float = Field(120.0, gt=0.0, description="seconds a round waits for results (with deadline_factor: "
+                                                         "the most it waits, extensions included)")
+    deadline_factor: float | None = Field(
+        None, gt=1.0, description="size each round's deadline as this x the 90th-percentile measured round time of "
+                                  "its slowest architecture (at least deadline_min_s, at most deadline_s); a device still "
+                                  "reporting progress at the deadline extends it (None: always deadline_s)")
+    deadline_min_s: float = Field(10.0, gt=0.0, description="shortest deadline deadline_factor may set")
     seed: int = 0
     large: LargeModelSpec = Field(default_factory=LargeModelSpec)
     plugin_options: dict[str, Any] = Field(default_factory=dict, description="free options for a module:attr strategy")

@@ -224,6 +224,7 @@ class ServerServices:
         from device_firmware_py.runtime.small_model import SmallModel
         from server_app.engine.strategies import build_strategy
         from server_app.models.large import accuracy, build_large_model, resolve_device
+        from server_app.rounds.deadlines import DeadlinePlanner
         from server_app.rounds.fleet import MqttFleet
         from server_app.rounds.orchestrator import RoundOrchestrator
 
@@ -261,6 +262,8 @@ class ServerServices:
             num_classes=num_classes, proxy_size=len(proxy_x), proxy_digest=proxy_digest,
             weight_shapes=lambda arch: [tuple(w.shape) for w in factory(arch).get_weights()],
             default_timeout_s=pol.deadline_s,
+            planner=DeadlinePlanner(pol.deadline_s, pol.deadline_factor, pol.deadline_min_s),
+            progress_of=self.presence.progress.get,
         )  # fmt: skip
         self.orchestrator = RoundOrchestrator(
             strategy, self.fleet, self.store, self.link.publish, rounds=pol.rounds, round_timeout_s=pol.deadline_s,

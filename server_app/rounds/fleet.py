@@ -27,6 +27,7 @@ import numpy as np
 from device_firmware_py.contract import codec, topics
 from server_app.engine.types import Assignment, DeviceInfo, Result
 from server_app.rounds.collection import Collection, Expectation
+from server_app.rounds.deadlines import DeadlinePlanner, alive
 
 log = logging.getLogger("koala.fleet")
 
@@ -73,6 +74,8 @@ class MqttFleet:
         default_timeout_s: float = 120.0,
         on_state: Callable[..., None] | None = None,
         max_devices: int | None = None,
+        planner: DeadlinePlanner | None = None,
+        progress_of: Callable[[str], dict | None] | None = None,
     ):
         self._publish = publish
         self._online = online
@@ -83,6 +86,9 @@ class MqttFleet:
         self.default_timeout_s = default_timeout_s
         self._on_state = on_state or (lambda *a, **k: None)
         self.max_devices = max_devices
+        # deadlines per architecture from measured round times; progress tells slow from dead
+        self.planner = planner
+        self._progress_of = progress_of or (lambda _d: None)
         self._lock = threading.Lock()
         self._collection: Collection | None = None
         self._abort = threading.Event()
@@ -115,7 +121,10 @@ class MqttFleet:
             self._abort.clear()
         round_id = assignments[0].round_id
         timeout = float(timeout_s if timeout_s is not None else self.default_timeout_s)
-        deadline = time.time() + timeout
+        now = time.time()
+        hard_deadline = now + timeout  # the most this round waits, extensions included
+        planned = min(timeout, self.planner.timeout_for(a.arch for a in assignments)) if self.planner else timeout
+        deadline = now + planned
         shapes: dict[str, list[tuple[int, ...]] | None] = {}
         for a in assignments:
             if "weights" in a.plan.upload and a.weights is None and a.arch not in shapes:
@@ -139,7 +148,7 @@ class MqttFleet:
         with self._lock:
             self._collection = col
         try:
-            return self._run(col, assignments, quorum, deadline)
+            return self._run(col, assignments, quorum, deadline, hard_deadline)
         finally:
             with self._lock:
                 self._collection = None
@@ -152,7 +161,33 @@ class MqttFleet:
             raise ValueError("weights upload asked but the fleet cannot know the expected shapes")
         return self._weight_shapes(a.arch)
 
-    def _run(self, col: Collection, assignments: list[Assignment], quorum: int, deadline: float) -> list[Result]:
+    def _extend(self, col: Collection, hard_deadline: float, window: float) -> bool:
+        """At the deadline: move it on by `window` (at most to `hard_deadline`) if a missing participant
+        reported progress for this round within the grace period (slow, not dead). True if moved."""
+        now = time.time()
+        if now >= hard_deadline:
+            return False
+        working = [d for d in sorted(col.participants - set(col.results)) if alive(self._progress_of(d), col.round_id, now)]
+        if not working:
+            return False
+        col.deadline = min(hard_deadline, now + window)
+        log.info("round deadline extended round=%d working=%s new_deadline_in_s=%.1f", col.round_id,
+                 ",".join(working[:5]) + ("..." if len(working) > 5 else ""), col.deadline - now)
+        self._on_state(col.round_id, "collecting", participants=sorted(col.participants), deadline=col.deadline)
+        return True
+
+    def _observe(self, col: Collection) -> None:
+        """Feed the planner this round's measured device round times (sent -> accepted), per arch."""
+        if self.planner is None:
+            return
+        for dev in col.results:
+            if dev in col.sent_at and dev in col.received_at and dev in col.expect:
+                self.planner.observe(col.expect[dev].arch, col.received_at[dev] - col.sent_at[dev])
+
+    def _run(self, col: Collection, assignments: list[Assignment], quorum: int, deadline: float,
+             hard_deadline: float | None = None) -> list[Result]:  # fmt: skip
+        hard_deadline = deadline if hard_deadline is None else hard_deadline
+        window = max(1.0, deadline - time.time())
         t0 = time.perf_counter()
         # Headers per device, bodies once per distinct tensor set (the teacher logits are shared):
         # identical bytes to codec.encode_frame per device, without N float16 conversions + sha256.
@@ -176,13 +211,16 @@ class MqttFleet:
         log.info("round dispatched round=%d devices=%d bytes_per_assign=%s deadline_in_s=%.1f", col.round_id,
                  len(sizes), _mean(list(sizes.values())), deadline - time.time())
         with col.cond:
-            while not col.complete() and not col.expired() and not self._abort.is_set():
-                col.cond.wait(timeout=max(0.05, min(1.0, deadline - time.time())))
+            while not col.complete() and not self._abort.is_set():
+                if col.expired() and not self._extend(col, hard_deadline, window):
+                    break
+                col.cond.wait(timeout=max(0.05, min(1.0, col.deadline - time.time())))
             col.closed = True
         if self._abort.is_set():
             raise RoundAborted(f"round {col.round_id} aborted by shutdown")
         missing = sorted(col.participants - set(col.results))
         self.store.close_collection(col.round_id, missing)
+        self._observe(col)
         self._stats(col, sizes, t_encode, time.perf_counter() - t0)
         if len(col.results) < quorum:
             raise QuorumNotMet(col.round_id, len(col.results), quorum)

@@ -33,6 +33,18 @@ def average_weights(policy, weight_sets: Sequence[list[np.ndarray]], num_samples
                              clip_factor=policy.clip_factor)  # fmt: skip
 
 
+def without_update_outliers(policy, results: list, reference: list[np.ndarray] | None) -> tuple[list, list[str]]:
+    """The results whose weight update is within `outlier_factor` x the median update norm, and the
+    ids of the devices dropped (policy `outlier_factor`; None or no reference: all kept)."""
+    if policy.outlier_factor is None or reference is None or not results:
+        return list(results), []
+    from server_app.engine.robust import update_outliers
+
+    keep, _norms = update_outliers([r.weights for r in results], reference, policy.outlier_factor)
+    return ([r for r, k in zip(results, keep, strict=True) if k],
+            [r.device_id for r, k in zip(results, keep, strict=True) if not k])  # fmt: skip
+
+
 def capped_counts(policy, num_samples: Sequence[int]) -> list[float]:
     """Sample counts as the policy trusts them (`count_cap` x median at most)."""
     if policy.count_cap is None or not len(num_samples):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from server_app.engine.strategies.common import average_weights
+from server_app.engine.strategies.common import average_weights, without_update_outliers
 from server_app.engine.strategy import Strategy
 from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
 from server_app.policy import KoalaPolicy
@@ -15,7 +15,7 @@ class FedAvgSmall(Strategy):
     name = "fedavg_small"
     mode = "baseline"
 
-    USES = frozenset({"local_epochs", "lr", "weight_rule", "clip_factor", "count_cap"})
+    USES = frozenset({"local_epochs", "lr", "weight_rule", "clip_factor", "count_cap", "outlier_factor"})
 
     def __init__(self, small_factory: Callable[[str], Any], policy: KoalaPolicy | None = None):
         super().__init__(policy)
@@ -40,6 +40,7 @@ class FedAvgSmall(Strategy):
     def aggregate(self, round_id: int, results: list[Result]) -> RoundReport:
         for arch in {r.arch for r in results}:
             rs = [r for r in results if r.arch == arch and r.weights is not None]
+            rs, _dropped = without_update_outliers(self.policy, rs, self._global.get(arch))
             if rs:
                 self._global[arch] = average_weights(self.policy, [r.weights for r in rs], [r.num_samples for r in rs],
                                                      reference=self._global.get(arch))  # fmt: skip

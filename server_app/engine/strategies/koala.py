@@ -27,8 +27,13 @@ from torch import nn
 
 from server_app.engine.distill import reverse_distill
 from server_app.engine.fusion import fuse_logits
-from server_app.engine.robust import AGREEMENT_MIN_DEVICES, agreement_filter, canary_filter, update_outliers
-from server_app.engine.strategies.common import average_weights, capped_counts, fedavg
+from server_app.engine.robust import AGREEMENT_MIN_DEVICES, agreement_filter, canary_filter
+from server_app.engine.strategies.common import (
+    average_weights,
+    capped_counts,
+    fedavg,
+    without_update_outliers,
+)
 from server_app.engine.strategy import RoundRejected, Strategy
 from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
 from server_app.models.large import get_weights, predict_logits, set_weights
@@ -131,11 +136,8 @@ class KoalaStrategy(Strategy):
             rs = [r for r in results if r.arch == arch and r.weights is not None]
             if not rs:
                 continue
-            ref = self._global.get(arch)
-            if self.policy.outlier_factor is not None and ref is not None:  # drop rescaled / sign-flipped models
-                keep, _norms = update_outliers([r.weights for r in rs], ref, self.policy.outlier_factor)
-                self._dropped += [r.device_id for r, k in zip(rs, keep, strict=True) if not k]
-                rs = [r for r, k in zip(rs, keep, strict=True) if k]
+            rs, dropped = without_update_outliers(self.policy, rs, self._global.get(arch))  # rescaled / sign-flipped
+            self._dropped += dropped
             judge = self.policy.agreement_filter is not None or self._round_labels() is not None
             if judge and len(rs) >= AGREEMENT_MIN_DEVICES:  # else nothing to judge
                 m = self._small(arch)
