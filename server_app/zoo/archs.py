@@ -18,6 +18,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 TRAIN_BATCH = 32
+# Per-architecture training batch where 32 does not fit a Pi-class memory budget: each training
+# signature keeps an activation arena sized by its batch, and mobilenet_tiny's at 32 put the agent
+# 79 MiB above bare numpy (issue 17 budget: 64); at 16 it is ~51 MiB (bench/device_class.py).
+ARCH_TRAIN_BATCH: dict[str, int] = {"mobilenet_tiny": 16}
+
+
+def train_batch(arch: str) -> int:
+    """The fixed training batch `koala zoo build` exports `arch` with (manifest `train_batch`)."""
+    return ARCH_TRAIN_BATCH.get(arch, TRAIN_BATCH)
 DEFAULT_NUM_CLASSES = 10
 # Inputs built by `koala zoo build` without --input: MNIST-like, CIFAR-like, sklearn digits.
 DEFAULT_INPUTS: tuple[tuple[int, int, int], ...] = ((28, 28, 1), (32, 32, 3), (8, 8, 1))

@@ -26,10 +26,10 @@ from device_firmware_py.runtime import flatbuffer  # noqa: E402
 from server_app.zoo import tf_graph  # noqa: E402
 from server_app.zoo.archs import (  # noqa: E402
     FLOPS_METHOD,
-    TRAIN_BATCH,
     ArchPlan,
     artifact_name,
     plan,
+    train_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -111,11 +111,13 @@ def build(
     out_dir: Path,
     num_classes: int = 10,
     seed: int = 0,
-    batch: int = TRAIN_BATCH,
+    batch: int | None = None,
 ) -> dict:
-    """Build one artifact triple into `out_dir`; returns its manifest."""
+    """Build one artifact triple into `out_dir`; returns its manifest. batch: the fixed training
+    batch of the train/distill signatures (default: `archs.train_batch(arch)`)."""
     from device_firmware_py.runtime.quantize import quantize_int8_bytes
 
+    batch = train_batch(arch) if batch is None else int(batch)
     p = plan(arch, input_shape, num_classes)
     name = artifact_name(arch, input_shape)
     init = init_weights(p, seed)
