@@ -97,7 +97,8 @@ class KoalaPolicy(BaseModel):
                                     "median before any sample-weighted average (None: trusted as sent)")
     outlier_factor: float | None = Field(
         4.0, gt=1.0, description="drop (not clip) a device whose weight update is longer than this x the median update "
-                                 "norm: a sign-flipped or rescaled model, never an honest one (None: keep all)")
+                                 "norm (x its sample count / the median count, between 1 and count_cap: more data, more "
+                                 "steps): a sign-flipped or rescaled model, not an honest one (None: keep all)")
     clip_factor: float | None = Field(2.0, gt=0.0, description="clip each device's weight update to this x the median "
                                                                 "update norm before averaging (None: no clipping)")
     anchor_lambda: float = Field(0.0, ge=0.0, description="L2 anchor of reverse KD to the pre-round large model")

@@ -269,7 +269,8 @@ def aggregate_weights(
 
 
 def update_outliers(weight_sets: Sequence[Sequence[np.ndarray]], reference: Sequence[np.ndarray],
-                    factor: float = 4.0, min_devices: int = 3) -> tuple[np.ndarray, np.ndarray]:
+                    factor: float = 4.0, min_devices: int = 3, num_samples: Sequence[float] | None = None,
+                    max_allowance: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
     """Which devices to keep: those whose update (w_i - reference, all tensors as one vector) is at
     most `factor` x the median update norm (with >= `min_devices` devices; else everyone).
 
@@ -278,7 +279,10 @@ def update_outliers(weight_sets: Sequence[Sequence[np.ndarray]], reference: Sequ
     non-IID updates that partly cancel (measured on digits, 4 of 20 sign-flipped: update norms 17-24
     against honest 1.0-1.9). Honest updates from the same starting point differ by a small factor
     (local data size, learning rate); a model that is not a few local steps from the global one is not
-    an update. Returns (keep mask [D] bool, norms [D])."""
+    an update. A device with more data takes more local steps and moves further: with
+    `num_samples` its allowance is scaled by n_i / median n, clipped to [1, max_allowance] (so a
+    device claiming 10^6 samples gets at most `max_allowance` x, as the count cap gives its weight).
+    Returns (keep mask [D] bool, norms [D])."""
     d = len(weight_sets)
     if d == 0:
         return np.zeros(0, bool), np.zeros(0)
@@ -290,7 +294,13 @@ def update_outliers(weight_sets: Sequence[Sequence[np.ndarray]], reference: Sequ
     if d < min_devices:
         return np.ones(d, bool), norms
     med = float(np.median(norms))
-    keep = norms <= float(factor) * med if med > 0 else np.ones(d, bool)
+    allowance = np.ones(d)
+    if num_samples is not None:
+        n = np.asarray(num_samples, np.float64)
+        mn = float(np.median(n))
+        if mn > 0:
+            allowance = np.clip(n / mn, 1.0, float(max_allowance))
+    keep = norms <= float(factor) * med * allowance if med > 0 else np.ones(d, bool)
     return keep, norms
 
 

@@ -354,6 +354,13 @@ def test_update_outliers_drop_rescaled_and_sign_flipped_models_not_honest_ones()
     assert keep[:8].all() and not keep[8:].any(), norms
     assert np.all(np.isfinite(norms))
     assert update_outliers([honest[0], flipped], ref)[0].all()  # two devices: no median to judge by
+    # a device with 6x the median data moved 6x as far: kept only up to the count allowance (2x)
+    big = [r + 5.0 * (w - r) for w, r in zip(honest[2], ref, strict=True)]
+    sets, counts = [*honest, big], [100] * 8 + [600]
+    assert not update_outliers(sets, ref, 4.0)[0][-1]
+    assert update_outliers(sets, ref, 4.0, num_samples=counts)[0][-1]
+    lie = update_outliers([*honest, flipped], ref, 4.0, num_samples=[100] * 8 + [10**6])
+    assert not lie[0][-1]  # claiming 10^6 samples buys at most 2x
 
 
 def test_strategy_uses_proxy_labels_only_when_given():

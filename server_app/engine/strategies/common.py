@@ -40,7 +40,9 @@ def without_update_outliers(policy, results: list, reference: list[np.ndarray] |
         return list(results), []
     from server_app.engine.robust import update_outliers
 
-    keep, _norms = update_outliers([r.weights for r in results], reference, policy.outlier_factor)
+    keep, _norms = update_outliers([r.weights for r in results], reference, policy.outlier_factor,
+                                   num_samples=[r.num_samples for r in results],
+                                   max_allowance=policy.count_cap if policy.count_cap is not None else 2.0)
     return ([r for r, k in zip(results, keep, strict=True) if k],
             [r.device_id for r, k in zip(results, keep, strict=True) if not k])  # fmt: skip
 
