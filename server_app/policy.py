@@ -89,7 +89,7 @@ class KoalaPolicy(BaseModel):
         0.3, gt=0.0, le=1.0, description="drop a device whose model agrees with the ensemble's median consensus on the "
                                          "proxy rows less than this x the median device does (None: keep all)")
     canary_filter: float | None = Field(
-        0.5, gt=0.0, le=1.0, description="where the server knows the labels of some proxy rows (proxy_labels.npz): drop "
+        0.7, gt=0.0, le=1.0, description="where the server knows the labels of some proxy rows (proxy_labels.npz): drop "
                                          "a device whose informedness on the round's labeled rows (weighted by its own label "
                                          "histogram) is below this x the median device's, or within 0.05 of chance "
                                          "(None: ignore the labels)")

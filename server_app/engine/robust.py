@@ -367,7 +367,7 @@ def informedness(pred: np.ndarray, y: np.ndarray, weights: Sequence[float] | Non
     return float(np.dot(w, j) / w.sum())
 
 
-def canary_filter(logits: Sequence[np.ndarray], labels: np.ndarray, factor: float = 0.5,
+def canary_filter(logits: Sequence[np.ndarray], labels: np.ndarray, factor: float = 0.7,
                   min_devices: int = AGREEMENT_MIN_DEVICES, min_rows: int = CANARY_MIN_ROWS,
                   margin: float = CANARY_CHANCE_MARGIN,
                   histograms: Sequence[Sequence[float] | None] | None = None) -> tuple[np.ndarray, np.ndarray]:

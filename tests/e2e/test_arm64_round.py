@@ -71,6 +71,10 @@ for d in arm-01 arm-02; do
 done
 koala rounds wait --api "http://127.0.0.1:$HTTP_PORT" --token-file api.token --count 2 --timeout 1800
 koala rounds ls --api "http://127.0.0.1:$HTTP_PORT" --token-file api.token
+# the int8 re-quantization runs after the result is sent (minutes under emulation): let it finish
+for d in arm-01 arm-02; do
+  for _ in $(seq 900); do [ -s "$R/srv/koala/$d/var/lib/koala/state/model_int8.tflite" ] && break; sleep 1; done
+done
 """
 
 
