@@ -71,9 +71,13 @@ for d in arm-01 arm-02; do
 done
 koala rounds wait --api "http://127.0.0.1:$HTTP_PORT" --token-file api.token --count 2 --timeout 1800
 koala rounds ls --api "http://127.0.0.1:$HTTP_PORT" --token-file api.token
-# the int8 re-quantization runs after the result is sent (minutes under emulation): let it finish
+# the int8 re-quantization runs after the result is sent (half a minute under emulation): wait for
+# a model newer than the last round's completion
+touch rounds.done
 for d in arm-01 arm-02; do
-  for _ in $(seq 900); do [ -s "$R/srv/koala/$d/var/lib/koala/state/model_int8.tflite" ] && break; sleep 1; done
+  for _ in $(seq 900); do
+    [ "$R/srv/koala/$d/var/lib/koala/state/model_int8.tflite" -nt rounds.done ] && break; sleep 1
+  done
 done
 """
 
@@ -125,7 +129,8 @@ def test_arm64_device_completes_a_round_against_an_x86_server(tmp_path) -> None:
         assert machine == "aarch64", machine
         # every on-device phase ran: the int8 inference model was re-quantized on the device
         state = root / cfg["state_dir"].lstrip("/")
-        assert (state / "model_int8.tflite").stat().st_size > 1000
+        int8 = state / "model_int8.tflite"
+        assert int8.stat().st_size > 1000 and int8.stat().st_mtime > (ws / "rounds.done").stat().st_mtime
         log = (ws / f"{dev}.log").read_text()
         assert "Traceback" not in log, log[-3000:]
 
