@@ -204,8 +204,9 @@ def test_agent_low_memory_rounds_equal_one_interpreter(tmp_path):
 @pytest.mark.mosquitto
 def test_mobilenet_round_peak_under_cgroup_with_low_memory(tmp_path):
     """mobilenet_tiny, the demo's proxy size, 192 MiB + a quarter core, device-class settings
-    (low_memory): the round completes and the agent's peak stays near the measured +79 MiB over
-    numpy (it was +133 with one interpreter). A regression guard, not the +64 goal (not met)."""
+    (low_memory, the artifact's training batch 16): the round completes and the agent's peak is
+    within the device-class budget of +64 MiB over numpy (measured +55.8; +79 at batch 32, +133
+    with one interpreter)."""
     import sys
     from pathlib import Path
 
@@ -227,7 +228,7 @@ def test_mobilenet_round_peak_under_cgroup_with_low_memory(tmp_path):
         r = agent_round("mobilenet_tiny", broker=broker, workdir=tmp_path / "m", proxy=1000, memory_mib=192, cpu_quota=0.25)
     assert r["limited"] and r["cgroup_memory"]["oom_kills"] == 0 and r["agent_exit"] == 0
     assert r["round_s"] < DEADLINE_S and r["int8_bytes"]
-    assert r["peak_rss_mib"] - baseline_rss_mib() <= 90, r
+    assert r["peak_rss_mib"] - baseline_rss_mib() <= 64, r
 
 
 def test_unusable_cache_dir_makes_the_state_model_in_process(tmp_path):
