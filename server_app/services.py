@@ -72,6 +72,8 @@ class ServerOptions:
     torch_threads: int = 2
     device: str = "cpu"  # torch device of the large model (reverse KD, evaluation): cpu | cuda | cuda:N | auto
     start_orchestrator: bool = True
+    # one leading server per registry (server_app.rounds.leader): others wait as hot standbys
+    leader_lock: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, KoalaPolicy):
@@ -95,6 +97,9 @@ class ServerServices:
         self.store: Any = None
         self.shared: bool = False
         self.started = False
+        self.leader: Any = None
+        self.watchdog: Any = None
+        self._stopping = threading.Event()
         self._lock = threading.Lock()
 
     @classmethod
@@ -150,6 +155,8 @@ class ServerServices:
                 f"  check database.url (env KOALA_DATABASE__URL, flag --database-url) and that the database "
                 f"server is up and reachable") from exc  # fmt: skip
         log.debug("registry migrated url=%s revision=%s", _redact(o.db_url), rev)
+        if o.leader_lock:
+            self._lead()
         self.store = RegistryStore(self.registry, o.data_dir)
         self.presence = Presence()
         from server_app.registry import crud
@@ -181,6 +188,25 @@ class ServerServices:
         self.started = True
         if o.start_orchestrator:
             self.orchestrator.start()
+
+    def _lead(self) -> None:
+        """Become the registry's leading server, waiting as a standby while another one leads."""
+        from server_app.rounds.leader import LeaderLock, LeaderWatchdog
+
+        self.leader = LeaderLock(self.options.db_url)
+        if not self.leader.try_acquire():
+            log.warning("standby: another koala server leads on %s; waiting to take over", _redact(self.options.db_url))
+            if not self.leader.wait(self._stopping):
+                raise CommandError("stopped while waiting as a standby")
+            log.warning("standby takes over: this server leads now")
+        log.info("leading: leader lock held (%s)", self.leader.kind)
+
+        def lost() -> None:  # fence: stop leading; the service manager restarts this process as a standby
+            import signal
+
+            os.kill(os.getpid(), signal.SIGTERM)
+
+        self.watchdog = LeaderWatchdog(self.leader, lost).start()
 
     def _on_connect(self) -> None:
         if self.link is not None:
@@ -277,6 +303,7 @@ class ServerServices:
 
     # ------------------------------------------------------------------- stop
     def stop(self) -> None:
+        self._stopping.set()  # a standby waiting for the leader lock gives up
         with self._lock:
             # results first: no new deliveries, ingest (and acknowledge) what arrived into the round
             # that is still collecting, so a clean shutdown loses nothing
@@ -295,6 +322,12 @@ class ServerServices:
                 self.link = None
             if self.registry is not None:
                 self.registry.dispose()
+            if self.watchdog is not None:
+                self.watchdog.stop()
+                self.watchdog = None
+            if self.leader is not None:  # last: a standby may lead as soon as this is released
+                self.leader.release()
+                self.leader = None
             self.started = False
 
     def readiness(self) -> dict[str, bool]:
@@ -303,6 +336,7 @@ class ServerServices:
             "database": bool(self.registry is not None and self.registry.ping()),
             "mqtt": bool(self.link is not None and self.link.connected.is_set()),
             "orchestrator": bool(orch is not None and (orch.alive or orch.state == "finished")),
+            "leader": bool(self.leader is None or self.leader.held),
         }
 
 

@@ -77,7 +77,12 @@ class ServerProcess:
         return self.workdir / f"server{self.starts}.log"
 
     def start(self, timeout_s: float = 120.0) -> ServerProcess:
+        return self.spawn().wait_ready()
+
+    def spawn(self) -> ServerProcess:
+        """Start the child without waiting for READY (a standby prints it only once it leads)."""
         self.starts += 1
+        self.workdir.mkdir(parents=True, exist_ok=True)
         opts = self.workdir / "server_options.json"
         opts.write_text(options_json(self.options))
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -85,7 +90,10 @@ class ServerProcess:
         self.proc = subprocess.Popen([sys.executable, str(HERE / "rel_server.py"), str(opts)], stdout=subprocess.PIPE,
                                      stderr=log, env=env, cwd=REPO)  # fmt: skip
         log.close()
-        assert self.proc.stdout is not None
+        return self
+
+    def wait_ready(self) -> ServerProcess:
+        assert self.proc is not None and self.proc.stdout is not None
         line = self.proc.stdout.readline()  # blocks until READY or the child dies
         if b"READY" not in line:
             self.proc.wait(10)
