@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_production_walkthrough import _stop_group  # the same process-group teardown
 
 from server_app.provisioning.local_broker import find_mosquitto, free_port
 
@@ -133,16 +134,6 @@ def test_arm64_device_completes_a_round_against_an_x86_server(tmp_path) -> None:
         assert int8.stat().st_size > 1000 and int8.stat().st_mtime > (ws / "rounds.done").stat().st_mtime
         log = (ws / f"{dev}.log").read_text()
         assert "Traceback" not in log, log[-3000:]
-
-
-def _stop_group(pgid: int) -> None:
-    """The script leaves the broker, the server and the agents (qemu-aarch64 processes) in its group."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        time.sleep(3)
 
 
 def _logs(ws: Path) -> str:
