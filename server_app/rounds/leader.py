@@ -12,9 +12,12 @@ same round, two ingestors splitting the results. The leader holds a lock that di
 - Other databases: no lock; one server per registry is the operator's job (logged at start).
 
 Fencing: the leader checks its lock connection every few seconds (`healthy`). If the connection is
-gone (database restarted, network cut), PostgreSQL has already released the lock and a standby may
-lead, so the old leader must stop leading: `LeaderWatchdog` calls its `on_lost` (the server stops
-itself; its service manager restarts it, as a standby).
+gone (database restarted, network cut), PostgreSQL has released the lock and a standby may have
+taken it. `LeaderWatchdog` then tries to take it again: got it -> nobody else leads, go on (a
+database outage alone must not stop the only server); another process holds it -> this one must
+stop leading and calls `on_lost` (the server stops itself; its service manager restarts it, as a
+standby); database unreachable -> keep trying (nobody can take the lock meanwhile, and the
+registry writes of a leader cut off from it fail anyway).
 """
 
 from __future__ import annotations
@@ -125,6 +128,18 @@ class LeaderLock:
             log.error("leader lock connection lost: %s", exc)
             return False
 
+    def reacquire(self) -> bool | None:
+        """After losing the lock connection: True when taken again, False when another process
+        holds it now, None when the database cannot be reached."""
+        self.held = False
+        self._close()
+        try:
+            return self.try_acquire()
+        except Exception as exc:
+            log.warning("leader lock not re-acquired yet (%s)", exc)
+            self._close()
+            return None
+
     # ------------------------------------------------------------- release
     def release(self) -> None:
         if self.kind == "postgresql" and self.held and self._conn is not None:
@@ -149,7 +164,8 @@ class LeaderLock:
 
 
 class LeaderWatchdog:
-    """Checks `lock.healthy()` every `interval_s`; on the first failure calls `on_lost` once."""
+    """Checks `lock.healthy()` every `interval_s`; when the lock connection is gone, takes the lock
+    again, or calls `on_lost` once if another process holds it by then."""
 
     def __init__(self, lock: LeaderLock, on_lost: Callable[[], None], interval_s: float = 5.0):
         self.lock, self.on_lost, self.interval_s = lock, on_lost, interval_s
@@ -165,7 +181,15 @@ class LeaderWatchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            if not self.lock.healthy():
-                log.critical("lost the leader lock: this server stops leading (a standby may lead now)")
-                self.on_lost()
-                return
+            if self.lock.healthy():
+                continue
+            while not self._stop.is_set():
+                got = self.lock.reacquire()
+                if got:
+                    log.warning("leader lock re-acquired after its connection was lost: still leading")
+                    break
+                if got is False:
+                    log.critical("another server holds the leader lock now: this server stops leading")
+                    self.on_lost()
+                    return
+                self._stop.wait(self.interval_s)

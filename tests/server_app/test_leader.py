@@ -70,14 +70,35 @@ def test_in_memory_sqlite_and_other_databases_need_no_lock():
 
 
 @pytest.mark.postgres
-def test_watchdog_fences_a_leader_whose_lock_connection_died(pg_database_url):
+def test_watchdog_keeps_leading_after_a_lost_connection_if_nobody_took_over(pg_database_url):
+    """A database restart or cut drops the lock connection (and the lock): with no standby the
+    leader takes the lock again and goes on; it must not stop the only server."""
     lock = LeaderLock(pg_database_url)
     assert lock.try_acquire()
     lost = threading.Event()
     dog = LeaderWatchdog(lock, lost.set, interval_s=0.05).start()
-    time.sleep(0.2)
-    assert not lost.is_set()
-    lock._conn.invalidate()  # the connection to PostgreSQL is gone (restart, network cut)
-    assert lost.wait(5)
+    lock._conn.invalidate()  # the connection to PostgreSQL is gone
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not (lock.held and lock.healthy()):
+        time.sleep(0.05)
+    assert lock.held and lock.healthy() and not lost.is_set()
+    assert not LeaderLock(pg_database_url).try_acquire()  # still the leader's
     dog.stop()
+    lock.release()
+
+
+@pytest.mark.postgres
+def test_watchdog_fences_a_leader_whose_lock_was_taken(pg_database_url):
+    lock, standby = LeaderLock(pg_database_url), LeaderLock(pg_database_url)
+    assert lock.try_acquire()
+    lost = threading.Event()
+    lock._conn.invalidate()  # connection gone -> PostgreSQL releases the lock...
+    deadline = time.monotonic() + 5
+    while not standby.try_acquire() and time.monotonic() < deadline:  # ...and a standby takes it
+        time.sleep(0.05)
+    assert standby.held
+    dog = LeaderWatchdog(lock, lost.set, interval_s=0.05).start()
+    assert lost.wait(5)  # the old leader stops leading
+    dog.stop()
+    standby.release()
     lock.release()
