@@ -199,7 +199,7 @@ class ServerServices:
             if not self.leader.wait(self._stopping):
                 raise CommandError("stopped while waiting as a standby")
             log.warning("standby takes over: this server leads now")
-        log.info("leading: leader lock held (%s)", self.leader.kind)
+        log.debug("leading: leader lock held (%s)", self.leader.kind)
 
         def lost() -> None:  # fence: stop leading; the service manager restarts this process as a standby
             import signal

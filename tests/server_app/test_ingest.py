@@ -114,6 +114,8 @@ def test_duplicate_spoof_wrong_round_then_accept(server):
     results = run["results"]
     assert sorted(r.device_id for r in results) == ["d1", "d2"]
     np.testing.assert_allclose(results[0].proxy_logits, codec.decode(good1).proxy_logits)
+    # the round can close before the ingest batch that completed it has counted its outcome
+    _wait(lambda: ingestor.counts["accepted"] == 2, what="d2's accept counted")
     assert ingestor.counts["accepted"] == 2 and ingestor.counts["duplicate"] == 1
     assert ingestor.counts["rejected:spoofed_device"] == 1 and ingestor.counts["rejected:wrong_round"] == 1
     reasons = _rejections(registry)
