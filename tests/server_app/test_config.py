@@ -25,7 +25,7 @@ def test_defaults_are_loopback_and_sqlite():
     assert s.api.host == "127.0.0.1" and s.api.bearer_token is None
     assert s.policy.strategy == "koala_homo" and s.policy.temperature == 1.0
     # the policy's defaults are the best measured setting (server_app/policy.py)
-    assert (s.policy.local_epochs, s.policy.fkd_epochs, s.policy.rkd_epochs, s.policy.proxy_per_round) == (5, 1, 4, 1000)
+    assert (s.policy.local_epochs, s.policy.fkd_epochs, s.policy.rkd_epochs, s.policy.proxy_per_round) == (5, 1, 4, None)
     assert s.db_url == s.database.url and s.broker_url == s.broker.url  # flat aliases
 
 
