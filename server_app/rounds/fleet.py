@@ -30,6 +30,7 @@ from server_app.rounds.collection import Collection, Expectation
 from server_app.rounds.deadlines import DeadlinePlanner, alive
 
 log = logging.getLogger("koala.fleet")
+EXTEND_AHEAD_S = 0.5  # how long before its deadline a round checks whether to extend it
 
 
 class QuorumNotMet(RuntimeError):
@@ -165,7 +166,7 @@ class MqttFleet:
         """At the deadline: move it on by `window` (at most to `hard_deadline`) if a missing participant
         reported progress for this round within the grace period (slow, not dead). True if moved."""
         now = time.time()
-        if now >= hard_deadline:
+        if now >= hard_deadline or col.deadline >= hard_deadline:
             return False
         working = [d for d in sorted(col.participants - set(col.results)) if alive(self._progress_of(d), col.round_id, now)]
         if not working:
@@ -212,9 +213,14 @@ class MqttFleet:
                  len(sizes), _mean(list(sizes.values())), deadline - time.time())
         with col.cond:
             while not col.complete() and not self._abort.is_set():
-                if col.expired() and not self._extend(col, hard_deadline, window):
+                left = col.deadline - time.time()
+                # extend just BEFORE the deadline, so the ingestor never judges a working device's
+                # result `late` in the moment between expiry and the extension
+                if left <= EXTEND_AHEAD_S and self._extend(col, hard_deadline, window):
+                    continue
+                if left <= 0:
                     break
-                col.cond.wait(timeout=max(0.05, min(1.0, col.deadline - time.time())))
+                col.cond.wait(timeout=max(0.05, min(1.0, left - EXTEND_AHEAD_S if left > EXTEND_AHEAD_S else left)))
             col.closed = True
         if self._abort.is_set():
             raise RoundAborted(f"round {col.round_id} aborted by shutdown")
