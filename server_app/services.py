@@ -126,6 +126,7 @@ class ServerServices:
         undoing what was started."""
         if self.started:
             return
+        self._stopping.clear()
         try:
             self._start()
         except BaseException:
