@@ -77,6 +77,14 @@ def _unflat(v: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:
     return out
 
 
+def _row_norms(u: np.ndarray) -> np.ndarray:
+    """L2 norm of each row in float64 without overflow for huge values (each row scaled by its max
+    |value| first): a device sending 1e300 must get a finite, comparable norm."""
+    scale = np.max(np.abs(u), axis=1) if u.size else np.zeros(len(u))
+    safe = np.where(scale > 0, scale, 1.0)
+    return np.linalg.norm(u / safe[:, None], axis=1) * scale
+
+
 def _finite_f32(v: np.ndarray) -> np.ndarray:
     """float64 result -> float32 that cannot overflow to inf (clamped to the float32 range)."""
     big = float(np.finfo(np.float32).max)
@@ -138,10 +146,7 @@ def clip_updates(
     bound = clip_norm if given, else clip_factor * median update norm (robust: one attacker cannot
     raise the median). Returns (clipped rows [D, N] float64, update norms before clipping [D], bound)."""
     u = vectors - reference[None, :]
-    # norms in float64 without overflow for huge values: scale by the max |u| per row first
-    scale = np.max(np.abs(u), axis=1) if u.size else np.zeros(len(u))
-    safe = np.where(scale > 0, scale, 1.0)
-    norms = np.linalg.norm(u / safe[:, None], axis=1) * scale
+    norms = _row_norms(u)
     bound = float(clip_norm) if clip_norm is not None else float(clip_factor) * float(np.median(norms))
     factors = np.where(norms > bound, bound / np.where(norms > 0, norms, 1.0), 1.0)
     return reference[None, :] + u * factors[:, None], norms, bound
@@ -288,9 +293,7 @@ def update_outliers(weight_sets: Sequence[Sequence[np.ndarray]], reference: Sequ
         return np.zeros(0, bool), np.zeros(0)
     ref = _flat(reference)
     u = np.stack([_flat(ws) for ws in weight_sets]) - ref[None, :]
-    scale = np.max(np.abs(u), axis=1)
-    safe = np.where(scale > 0, scale, 1.0)
-    norms = np.linalg.norm(u / safe[:, None], axis=1) * scale  # no overflow for huge values
+    norms = _row_norms(u)
     if d < min_devices:
         return np.ones(d, bool), norms
     med = float(np.median(norms))
