@@ -192,11 +192,22 @@ class Settings(BaseSettings):
     # torch device of the large model (reverse KD, evaluation): cpu | cuda | cuda:N | auto (cuda when
     # present). Checked for form here; that the GPU exists is checked when the server starts.
     device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:\d+)?)$")
+    # What this process does when the server is split over processes (docs/scale-out.md): all (one
+    # process, the default) | orchestrator | ingest | api. worker_id: an ingestion worker's stable
+    # name (persistent MQTT session; give each worker its own and restart it under a supervisor).
+    role: Literal["all", "orchestrator", "ingest", "api"] = "all"
+    worker_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,48}$")
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper(cls, v: Any) -> Any:
         return v.upper() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _worker_id_needs_ingest(self) -> Settings:
+        if self.worker_id is not None and self.role != "ingest":
+            raise ValueError(f"worker_id names an ingestion worker; role is {self.role!r} (set role = 'ingest')")
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -149,10 +149,14 @@ class Ingestor:
         *,
         max_bytes: int = codec.DEFAULT_MAX_FRAME_BYTES,
         max_results_per_round: int = MAX_RESULTS_PER_ROUND,
+        refresh_collection: Callable[[], None] | None = None,
     ):
         self.store = store
         self.presence = presence
         self._collection = collection  # () -> MqttFleet.collection (the open Collection or None)
+        # an ingestion worker's view of the open round lags the registry by up to a poll: when a
+        # batch holds a result of another round than the view's, it is refreshed first
+        self._refresh_collection = refresh_collection
         self.max_bytes = max_bytes
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()  # one batch decision at a time (idempotency check + write)
@@ -224,6 +228,9 @@ class Ingestor:
         # phase 2: one read of the batch's rows; decisions in memory, in arrival order
         state = self.store.submissions({(m.round_id, m.device_id) for _, m, _, _ in decoded})
         col = self._collection()
+        if self._refresh_collection is not None and any(col is None or m.round_id != col.round_id for _, m, _, _ in decoded):
+            self._refresh_collection()
+            col = self._collection()
         accepts: list[tuple[int, cm.Result, str, int]] = []
         failed_checks = 0
         for i, msg, digest, payload in decoded:
@@ -267,27 +274,48 @@ class Ingestor:
         new = self.store.commit(writes) if writes else set()
         if col is not None:
             col.rejected += failed_checks
-        late_ops: list[Any] = []
-        for i, msg, digest, nbytes in accepts:
+        lost = [(i, msg, digest, nbytes) for i, msg, digest, nbytes in accepts if (msg.round_id, msg.device_id) not in new]
+        if lost:  # not claimed: another ingestion worker took the row first, or the round closed meanwhile
+            self._unclaimed(outs, lost)
+        for i, msg, _digest, nbytes in accepts:
             dev, rnd = msg.device_id, msg.round_id
-            if (rnd, dev) not in new:  # another server worker claimed it first
-                outs[i] = Outcome("duplicate", None, rnd, dev)
+            if (rnd, dev) not in new:
                 continue
-            assert col is not None
-            col.received += 1
-            if not col.add(msg, nbytes):  # closed between the check and now
-                late_ops.append(MarkOp(rnd, dev, "late", "late", nbytes, digest))
-                outs[i] = Outcome("late", "late", rnd, dev)
-                continue
+            if col is not None:
+                col.received += 1
+                # False: closed between the check and now. The claim committed before the round
+                # closed in the registry, so the orchestrator's final read of the accepted rows
+                # still takes it (server_app.rounds.fleet._sync): it stays accepted.
+                col.add(msg, nbytes)
             log.info("accepted round=%d device=%s bytes=%d", rnd, dev, nbytes)
             outs[i] = Outcome("accepted", None, rnd, dev)
-        if late_ops:
-            try:
-                self.store.commit(late_ops)
-            except Exception:  # rare race (round closed mid-batch): the rows stay `accepted`, not folded in
-                log.exception("could not mark %d results late", len(late_ops))
         assert all(o is not None for o in outs)
         return [o for o in outs if o is not None]
+
+    def _unclaimed(self, outs: list[Outcome | None], lost: list[tuple[int, cm.Result, str, int]]) -> None:
+        """Outcomes of valid results whose claim failed: `duplicate` when the row holds an accepted
+        (or late) submission — a racing worker took this device's result — else `late`: the round
+        closed in the registry between our check and our write (recorded as such)."""
+        try:
+            state = self.store.submissions({(m.round_id, m.device_id) for _, m, _, _ in lost})
+        except Exception:
+            log.exception("could not re-read %d unclaimed results", len(lost))
+            state = {}
+        late: list[Any] = []
+        for i, msg, digest, nbytes in lost:
+            dev, rnd = msg.device_id, msg.round_id
+            status = state.get((rnd, dev), ("?", None))[0]
+            if status in ("accepted", "late"):
+                outs[i] = Outcome("duplicate", None, rnd, dev)
+                continue
+            late.append(MarkOp(rnd, dev, "late", "late", nbytes, digest))
+            log.info("late submission round=%d device=%s (round closed while ingesting)", rnd, dev)
+            outs[i] = Outcome("late", "late", rnd, dev)
+        if late:
+            try:
+                self.store.commit(late)
+            except Exception:
+                log.exception("could not mark %d results late", len(late))
 
     def _over_limit(self, topic: str, payload: bytes,
                     counted: list[tuple[str | None, int | None]]) -> tuple[Outcome, list[Any]] | None:

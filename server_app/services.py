@@ -44,6 +44,11 @@ from server_app.policy import KoalaPolicy
 
 log = logging.getLogger("koala.services")
 SHARE_GROUP = "koala-server"
+# all: one process does everything (the default). A server split over processes (docs/scale-out.md):
+#   orchestrator  leads (leader lock), runs rounds, tracks presence; ingests nothing itself
+#   ingest        accepts results from the shared subscription into the registry; any number of them
+#   api           the REST API and dashboard on the registry; no MQTT
+ROLES = ("all", "orchestrator", "ingest", "api")
 BROKER_WAIT_S = 15.0  # how long start() waits for the broker before it gives up
 
 
@@ -74,10 +79,29 @@ class ServerOptions:
     start_orchestrator: bool = True
     # one leading server per registry (server_app.rounds.leader): others wait as hot standbys
     leader_lock: bool = True
+    # what this process does (ROLES): everything, or one part of a server split over processes
+    role: str = "all"
+    # an ingestion worker's stable name: a persistent MQTT session under a fixed client id, so a
+    # worker restarted by its supervisor gets back the results it held unacknowledged (docs/scale-out.md)
+    worker_id: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, KoalaPolicy):
             self.policy = KoalaPolicy.model_validate(self.policy)
+        if self.role not in ROLES:
+            raise ValueError(f"role {self.role!r} not one of {', '.join(ROLES)}")
+        if self.worker_id is not None and self.role != "ingest":
+            raise ValueError("worker_id names an ingestion worker: it needs role 'ingest'")
+
+    @property
+    def leads(self) -> bool:
+        """Runs rounds (and so takes the leader lock)."""
+        return self.role in ("all", "orchestrator")
+
+    @property
+    def ingests(self) -> bool:
+        """Subscribes to results and accepts them into the registry."""
+        return self.role in ("all", "ingest")
 
 
 class ServerServices:
@@ -99,6 +123,7 @@ class ServerServices:
         self.started = False
         self.leader: Any = None
         self.watchdog: Any = None
+        self.follower: Any = None  # role ingest: the open round, read from the registry
         self._stopping = threading.Event()
         self._lock = threading.Lock()
 
@@ -116,6 +141,7 @@ class ServerServices:
             broker_password=_secret(b.password), broker_tls=b.tls, broker_ca_file=b.tls_ca,
             client_id=b.client_id, shared_subscriptions=True if b.shared_group else None,
             share_group=b.shared_group or SHARE_GROUP, policy=settings.policy, device=settings.device,
+            role=settings.role, worker_id=settings.worker_id,
         )  # fmt: skip
         return cls(opts, settings)
 
@@ -141,6 +167,8 @@ class ServerServices:
 
         o = self.options
         for what, path, setting in (("proxy set", o.proxy_path, "paths.proxy_path"), ("test set", o.test_path, "paths.test_path")):
+            if not o.leads:
+                break  # only the orchestrator reads the data sets
             if not Path(path).is_file():
                 raise CommandError(
                     f"{what} {path} not found\n  set {setting} (env KOALA_{setting.upper().replace('.', '__')}) or "
@@ -156,7 +184,11 @@ class ServerServices:
                 f"  check database.url (env KOALA_DATABASE__URL, flag --database-url) and that the database "
                 f"server is up and reachable") from exc  # fmt: skip
         log.debug("registry migrated url=%s revision=%s", _redact(o.db_url), rev)
-        if o.leader_lock:
+        if o.role == "api":  # the REST API reads the registry; it needs no broker
+            self.started = True
+            log.info("role api: registry %s at revision %s", _redact(o.db_url), rev)
+            return
+        if o.leads and o.leader_lock:
             self._lead()
         self.store = RegistryStore(self.registry, o.data_dir)
         self.presence = Presence()
@@ -164,31 +196,68 @@ class ServerServices:
 
         for dev in self.registry.run(crud.revoked_device_ids):  # revoked before this start: never online
             self.presence.set_revoked(dev)
-        self.ingestor = Ingestor(self.store, self.presence, lambda: self.fleet.collection if self.fleet else None)
-        offline = codec.encode_control(cm.ServerStatus(state="offline"))
-        self.link = MqttClient(
-            o.client_id or f"koala-server-{os.getpid()}-{secrets.token_hex(3)}", o.broker_host, o.broker_port,
-            username=o.broker_username, password=o.broker_password, tls=o.broker_tls, ca_file=o.broker_ca_file,
-            clean_session=True, will=Will(topics.server_status(), offline, 1, True),
-            on_connect=self._on_connect, manual_ack=True,
-        )  # fmt: skip
+        if o.role == "ingest":
+            from server_app.rounds.follower import RoundFollower
+
+            self.follower = RoundFollower(self.store, self.presence).start()
+            self.ingestor = Ingestor(self.store, self.presence, self.follower.collection,
+                                     refresh_collection=self.follower.refresh)  # fmt: skip
+        else:
+            self.ingestor = Ingestor(self.store, self.presence, lambda: self.fleet.collection if self.fleet else None)
+        self.link = self._mqtt_link()
+        if o.role == "ingest":
+            # Handler first, connect second: a persistent session's unacknowledged results are
+            # redelivered right after CONNACK, and a delivery with no handler would be acknowledged
+            # unread. A worker assumes a broker with shared subscriptions (say so with
+            # broker.shared_group; shared_subscriptions False only for a single worker).
+            self.shared = o.shared_subscriptions is not False
+            self.results_filter = topics.shared(o.share_group, topics.filter_results()) if self.shared else topics.filter_results()
+            self.ingest_worker = subscribe_results(self.link, self.results_filter, self.ingestor,
+                                                   on_outcomes=self._send_verdicts)  # fmt: skip
         if not self.link.start(wait_s=BROKER_WAIT_S):
             raise CommandError(
                 f"MQTT broker {o.broker_host}:{o.broker_port} not reachable within {BROKER_WAIT_S:.0f} s: "
                 f"{self.link.last_error or 'no answer'}\n  check broker.url (env KOALA_BROKER__URL) and that "
                 f"the broker is running and reachable from here")  # fmt: skip
-        self.shared = o.shared_subscriptions if o.shared_subscriptions is not None else self._probe_shared()
+        if o.role != "ingest":
+            self.shared = o.shared_subscriptions if o.shared_subscriptions is not None else self._probe_shared()
         results = topics.shared(o.share_group, topics.filter_results()) if self.shared else topics.filter_results()
-        self.link.subscribe(topics.filter_device_status(), 1, self.ingestor.on_status)
-        self.link.subscribe(topics.filter_progress(), 0, self.ingestor.on_progress)
-        self.ingest_worker = subscribe_results(self.link, results, self.ingestor, on_outcomes=self._send_verdicts)
-        self.results_filter = results
-        log.info("registry %s at revision %s; ingestion subscribed results=%s shared=%s", _redact(o.db_url), rev,
-                 results, self.shared)  # fmt: skip
+        if o.role == "ingest" and not self.shared:
+            log.warning("shared subscriptions off: every ingestion worker receives every result (correct — the "
+                        "registry takes each once — but each worker does all the work)")
+        if o.leads:  # presence (retained status) and progress: the orchestrator's, never shared
+            self.link.subscribe(topics.filter_device_status(), 1, self.ingestor.on_status)
+            self.link.subscribe(topics.filter_progress(), 0, self.ingestor.on_progress)
+        if o.role == "all":
+            self.ingest_worker = subscribe_results(self.link, results, self.ingestor, on_outcomes=self._send_verdicts)
+            self.results_filter = results
+        log.info("role %s: registry %s at revision %s; results=%s shared=%s", o.role, _redact(o.db_url), rev,
+                 results if o.ingests else "(not ingested here)", self.shared)  # fmt: skip
+        if not o.leads:
+            self.started = True
+            return
         self._build_round_machinery()
         self.started = True
         if o.start_orchestrator:
             self.orchestrator.start()
+
+    def _mqtt_link(self) -> MqttClient:
+        """The server's client. Leading roles announce `server/status` (retained, Last Will); an
+        ingestion worker with a worker_id keeps a persistent session under a fixed client id."""
+        o = self.options
+        base = o.client_id or "koala-server"
+        if o.role == "ingest":
+            cid = f"{base}-ingest-{o.worker_id}" if o.worker_id else f"{base}-ingest-{os.getpid()}-{secrets.token_hex(3)}"
+            return MqttClient(cid, o.broker_host, o.broker_port, username=o.broker_username, password=o.broker_password,
+                              tls=o.broker_tls, ca_file=o.broker_ca_file, clean_session=o.worker_id is None,
+                              manual_ack=True)  # fmt: skip
+        offline = codec.encode_control(cm.ServerStatus(state="offline"))
+        return MqttClient(
+            o.client_id or f"koala-server-{os.getpid()}-{secrets.token_hex(3)}", o.broker_host, o.broker_port,
+            username=o.broker_username, password=o.broker_password, tls=o.broker_tls, ca_file=o.broker_ca_file,
+            clean_session=True, will=Will(topics.server_status(), offline, 1, True),
+            on_connect=self._on_connect, manual_ack=True,
+        )  # fmt: skip
 
     def _lead(self) -> None:
         """Become the registry's leading server, waiting as a standby while another one leads."""
@@ -315,8 +384,11 @@ class ServerServices:
                 self.ingest_worker = None
             if self.orchestrator is not None:
                 self.orchestrator.stop()
+            if self.follower is not None:
+                self.follower.stop()
+                self.follower = None
             if self.link is not None:
-                if self.link.connected.is_set():
+                if self.link.connected.is_set() and self.options.leads:
                     offline = codec.encode_control(cm.ServerStatus(state="offline"))
                     self.link.publish(topics.server_status(), offline, 1, True, wait_s=2.0)
                 self.link.stop()
@@ -332,13 +404,17 @@ class ServerServices:
             self.started = False
 
     def readiness(self) -> dict[str, bool]:
-        orch = self.orchestrator
-        return {
-            "database": bool(self.registry is not None and self.registry.ping()),
-            "mqtt": bool(self.link is not None and self.link.connected.is_set()),
-            "orchestrator": bool(orch is not None and (orch.alive or orch.state == "finished")),
-            "leader": bool(self.leader is None or self.leader.held),
-        }
+        """What this process's role needs, each checked (GET /readyz)."""
+        o, orch = self.options, self.orchestrator
+        checks = {"database": bool(self.registry is not None and self.registry.ping())}
+        if o.role != "api":
+            checks["mqtt"] = bool(self.link is not None and self.link.connected.is_set())
+        if o.leads:
+            checks["orchestrator"] = bool(orch is not None and (orch.alive or orch.state == "finished"))
+            checks["leader"] = bool(self.leader is None or self.leader.held)
+        if o.role == "ingest":
+            checks["round_view"] = bool(self.follower is not None and self.follower.last_error is None)
+        return checks
 
 
 def _secret(v: Any) -> str | None:

@@ -116,3 +116,64 @@ def recover(root: Path, round_id: int, accepted: Mapping[str, str | None]) -> di
         if msg.round_id == round_id and dev in accepted and dev not in out and accepted[dev] in (None, digest):
             out[dev] = msg
     return out
+
+
+class SegmentIndex:
+    """Incremental reader of one round's segments, for an orchestrator whose results are accepted
+    by other processes (ingestion workers): `load({device: digest})` returns the results of newly
+    accepted rows, reading only segments it has not indexed yet plus the records it needs.
+
+    Why an index and not `recover` each time: recover reads every segment of the round, and the
+    orchestrator asks every half second while a round collects (O(rounds x bytes)). A segment is
+    durable before its rows commit, so a row seen accepted always finds its record here; records
+    of rows not (yet) accepted stay indexed by digest (~100 bytes each), not held as tensors."""
+
+    def __init__(self, root: Path, round_id: int):
+        self.dir = round_dir(root, round_id)
+        self.round_id = round_id
+        self._seen: set[str] = set()
+        self._where: dict[str, tuple[Path, int, int]] = {}  # frame digest -> (segment, offset, length)
+
+    def _refresh(self) -> None:
+        if not self.dir.is_dir():
+            return
+        for p in sorted(self.dir.glob("seg-*.seg")):
+            if p.name in self._seen:
+                continue
+            try:
+                data = p.read_bytes()
+            except OSError as exc:
+                log.error("segment unreadable %s: %s", p, exc)
+                continue
+            self._seen.add(p.name)
+            pos = len(MAGIC) if data.startswith(MAGIC) else len(data)
+            while pos + _LEN.size <= len(data):
+                (n,) = _LEN.unpack_from(data, pos)
+                start = pos + _LEN.size
+                if start + n > len(data):
+                    break  # torn trailing record (its rows never committed)
+                self._where.setdefault(codec.frame_digest(data[start : start + n]), (p, start, n))
+                pos = start + n
+
+    def load(self, accepted: Mapping[str, str]) -> dict[str, cm.Result]:
+        """Results for `accepted` rows ({device: digest}); a device whose record is not found (yet)
+        is left out and logged by the caller."""
+        if any(dg not in self._where for dg in accepted.values()):
+            self._refresh()
+        out: dict[str, cm.Result] = {}
+        for dev, digest in accepted.items():
+            where = self._where.get(digest)
+            if where is None:
+                continue
+            path, start, n = where
+            try:
+                with open(path, "rb") as fh:
+                    fh.seek(start)
+                    frame = fh.read(n)
+                msg = codec.decode_frame(frame, cm.Result)
+            except (OSError, ContractError) as exc:
+                log.error("accepted record unreadable round=%d device=%s: %s", self.round_id, dev, exc)
+                continue
+            if msg.round_id == self.round_id and msg.device_id == dev:
+                out[dev] = msg
+        return out

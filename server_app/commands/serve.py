@@ -18,6 +18,12 @@ def configure(p: argparse.ArgumentParser) -> None:
                    help="registry database URL (default: settings database.url / KOALA_DATABASE__URL)")
     p.add_argument("--broker", help="broker URL mqtt://host:port (default: settings broker.url / KOALA_BROKER__URL)")
     p.add_argument("--no-rounds", action="store_true", help="serve the API and ingest, but start no rounds")
+    p.add_argument("--role", choices=("all", "orchestrator", "ingest", "api"),
+                   help="what this process does when the server is split over processes (default: settings role, "
+                   "all): orchestrator = rounds + presence, ingest = results from the shared subscription into the "
+                   "registry (run several), api = REST API only; see docs/scale-out.md")
+    p.add_argument("--worker-id", help="role ingest: this worker's stable name (persistent MQTT session; restart "
+                   "it under a supervisor with the same name)")
     p.add_argument("--print-config", action="store_true", help="print the effective settings (secrets hidden) and exit")
 
 
@@ -39,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
             overrides["database"] = {"url": args.database_url}
         if args.broker:
             overrides["broker"] = {"url": args.broker}
+        if args.role:
+            overrides["role"] = args.role
+        if args.worker_id:
+            overrides["worker_id"] = args.worker_id
         settings = load_settings(args.config, **overrides)
     except (ConfigError, PolicyError) as exc:
         print(f"koala serve: {exc}", file=sys.stderr)

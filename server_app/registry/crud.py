@@ -44,6 +44,8 @@ ROUND_TRANSITIONS: dict[str, frozenset[str]] = {
     "aborted": frozenset(),
 }
 assert set(ROUND_TRANSITIONS) == set(ROUND_STATES)
+# A result can be claimed (accepted) only while its round has not closed its collection.
+CLAIMABLE_ROUND_STATES = ("created", "collecting")
 
 
 def _page(limit: int, offset: int) -> tuple[int, int]:
@@ -425,6 +427,17 @@ def claim_accepted(s: Session, rows: Sequence[tuple[int, str, str, int, dict[str
     was claimed, the savepoint is rolled back and the rows are claimed one by one to learn which."""
     if not rows:
         return set()
+    # A round's collection is closed by close_collection (state -> aggregating, row locked). Lock
+    # the open rounds first (FOR SHARE: claims of several workers run side by side, a close waits
+    # for them and they wait for a close): a claim either commits before the close, so the
+    # orchestrator's final read sees it, or sees the round closed and claims nothing. Rounds
+    # first, rows second, in every transaction: no deadlock with the close.
+    open_rounds = set(s.scalars(select(Round.id).where(Round.id.in_({r for r, *_ in rows}),
+                                                         Round.state.in_(CLAIMABLE_ROUND_STATES))
+                                .with_for_update(read=True)))  # fmt: skip
+    rows = [row for row in rows if row[0] in open_rounds]
+    if not rows:
+        return set()
     now = utcnow()
     params = [{"k_round": r, "k_device": d, "k_digest": dg, "k_bytes": int(n), "k_now": now,
                "k_metrics": dict(m) if m else None} for r, d, dg, n, m in rows]  # fmt: skip
@@ -448,6 +461,21 @@ def decide_submission(s: Session, round_id: int, device_id: str, status: str, *,
     a.decided_at = utcnow()
     s.flush()
     return a
+
+
+def close_collection(s: Session, round_id: int, *, reason: str = "deadline") -> int:
+    """End a round's collection: the round moves to `aggregating` (its row locked, so in-flight
+    claims of any ingestion worker finish first and later ones see it closed) and the assignments
+    still waiting become `dropped`. Returns how many were dropped. After this commits, the round's
+    `accepted` rows are final: what the orchestrator reads then is exactly what it aggregates."""
+    r = s.get(Round, round_id, with_for_update=True)
+    if r is None:
+        raise NotFound(f"round {round_id}")
+    if r.state == "created":
+        transition_round(s, round_id, "collecting")
+    if r.state == "collecting":
+        transition_round(s, round_id, "aggregating")
+    return mark_dropped(s, round_id, reason=reason)
 
 
 def mark_dropped(s: Session, round_id: int, *, reason: str = "deadline") -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -55,6 +56,19 @@ class Expectation:
             peak = max((float(np.max(np.abs(w))) for w in ref or [] if np.size(w)), default=0.0)
             bound = max(1.0, WEIGHT_BOUND_FACTOR * peak) if ref is not None else 1e4
         return cls(a.model_version, up, rows, num_classes, shapes, bound, proxy_digest, a.arch)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"model_version": self.model_version, "upload": sorted(self.upload), "logits_rows": self.logits_rows,
+                "num_classes": self.num_classes,
+                "weight_shapes": None if self.weight_shapes is None else [list(s) for s in self.weight_shapes],
+                "weight_bound": self.weight_bound, "proxy_digest": self.proxy_digest, "arch": self.arch}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Expectation:
+        shapes = d.get("weight_shapes")
+        return cls(int(d["model_version"]), frozenset(d["upload"]), d.get("logits_rows"), int(d["num_classes"]),
+                   None if shapes is None else tuple(tuple(int(x) for x in s) for s in shapes),
+                   d.get("weight_bound"), d.get("proxy_digest"), str(d["arch"]))  # fmt: skip
 
 
 def check_result(r: Result, e: Expectation) -> None:
@@ -108,12 +122,35 @@ class Collection:
     rejected: int = 0
     closed: bool = False
     cond: threading.Condition = field(default_factory=threading.Condition)
+    # False in an ingestion worker (`koala serve --role ingest`): it decides and persists, the
+    # orchestrator reads the accepted rows; the worker holds no tensors (memory does not grow
+    # with the fleet) and leaves closing to the orchestrator (see server_app.rounds.follower).
+    keep_results: bool = True
+    accepted: int = 0
 
     def __post_init__(self) -> None:
         self.participants: frozenset[str] = frozenset(self.expect)
 
     def expired(self, now: float | None = None) -> bool:
+        """Past the deadline. A worker's copy never expires by its own clock: the orchestrator
+        extends deadlines and closes the round in the registry, which is what the claim checks."""
+        if not self.keep_results:
+            return False
         return (time.time() if now is None else now) > self.deadline
+
+    def to_json(self) -> dict[str, Any]:
+        """What an ingestion worker needs to judge results: expectations grouped (a fleet shares a
+        handful of distinct ones), deadline for information."""
+        groups: dict[Expectation, list[str]] = {}
+        for dev, e in self.expect.items():
+            groups.setdefault(e, []).append(dev)
+        return {"round_id": self.round_id, "deadline": self.deadline,
+                "groups": [{"expect": e.to_json(), "devices": sorted(devs)} for e, devs in groups.items()]}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any], *, keep_results: bool = False) -> Collection:
+        expect = {dev: e for g in d["groups"] for e in [Expectation.from_json(g["expect"])] for dev in g["devices"]}
+        return cls(round_id=int(d["round_id"]), expect=expect, deadline=float(d["deadline"]), keep_results=keep_results)
 
     def check(self, r: Result) -> None:
         """The accept decision for a decoded result (round, participant, then its expectation)."""
@@ -129,6 +166,9 @@ class Collection:
         with self.cond:
             if self.closed:
                 return False
+            self.accepted += 1
+            if not self.keep_results:
+                return True
             self.results.setdefault(result.device_id, result)
             self.received_at.setdefault(result.device_id, time.time())
             self.bytes_up.setdefault(result.device_id, nbytes)

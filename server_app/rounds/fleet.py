@@ -31,6 +31,7 @@ from server_app.rounds.deadlines import DeadlinePlanner, alive
 
 log = logging.getLogger("koala.fleet")
 EXTEND_AHEAD_S = 0.5  # how long before its deadline a round checks whether to extend it
+SYNC_S = 0.5  # how often a collecting round reads accepts made by other processes from the registry
 
 
 class QuorumNotMet(RuntimeError):
@@ -51,6 +52,9 @@ class RoundStore(Protocol):
     def assignments_sent(self, round_id: int, sent: dict[str, int], deadline: float) -> None: ...
     def accepted_results(self, round_id: int) -> dict[str, Result]: ...
     def close_collection(self, round_id: int, missing: list[str]) -> None: ...
+    def accepted_digests(self, round_id: int, known: int = -1) -> dict[str, str] | None: ...
+    def segment_index(self, round_id: int) -> Any: ...
+    def save_collection(self, col: Collection) -> None: ...
     def collection_closed(self, round_id: int) -> bool: ...
 
 
@@ -177,6 +181,32 @@ class MqttFleet:
         self._on_state(col.round_id, "collecting", participants=sorted(col.participants), deadline=col.deadline)
         return True
 
+    def _sync(self, col: Collection, index: Any, final: bool = False) -> None:
+        """Fold in results other processes (`koala serve --role ingest`) accepted into this round:
+        the registry's accepted rows not in the collection, read from the shared payload store.
+        `final` (after close_collection): take them even though the collection is closed."""
+        try:
+            rows = self.store.accepted_digests(col.round_id, -1 if final else len(col.results))
+        except Exception:
+            if final:
+                raise
+            log.warning("could not read accepted rows round=%d (retrying)", col.round_id, exc_info=True)
+            return
+        new = {d: dg for d, dg in (rows or {}).items() if d not in col.results}
+        if not new:
+            return
+        found = index.load(new)
+        now = time.time()
+        with col.cond:
+            for dev, res in found.items():
+                col.results.setdefault(dev, res)
+                col.received_at.setdefault(dev, now)
+                col.bytes_up.setdefault(dev, 0)
+            col.cond.notify_all()
+        for dev in sorted(set(new) - set(found)):
+            log.error("accepted result not in the payload store round=%d device=%s", col.round_id, dev)
+        log.debug("synced round=%d results_from_registry=%d", col.round_id, len(found))
+
     def _observe(self, col: Collection) -> None:
         """Feed the planner this round's measured device round times (sent -> accepted), per arch."""
         if self.planner is None:
@@ -201,7 +231,10 @@ class MqttFleet:
             parts[a.device_id] = encoder.parts(a)
         sizes = {dev: len(head) + len(body) for dev, (head, body) in parts.items()}
         t_encode = time.perf_counter() - t0
+        self.store.save_collection(col)  # what ingestion workers judge this round's results by
         self.store.assignments_sent(col.round_id, sizes, deadline)
+        index = self.store.segment_index(col.round_id)
+        next_sync = time.monotonic() + SYNC_S
         for dev, (head, body) in parts.items():
             col.sent_at[dev] = time.time()
             # Whole frames exist only while the MQTT client holds them (until PUBACK), not all round.
@@ -213,6 +246,11 @@ class MqttFleet:
                  len(sizes), _mean(list(sizes.values())), deadline - time.time())
         with col.cond:
             while not col.complete() and not self._abort.is_set():
+                if time.monotonic() >= next_sync:
+                    self._sync(col, index)
+                    next_sync = time.monotonic() + SYNC_S
+                    if col.complete():
+                        break
                 left = col.deadline - time.time()
                 # extend just BEFORE the deadline, so the ingestor never judges a working device's
                 # result `late` in the moment between expiry and the extension
@@ -220,12 +258,13 @@ class MqttFleet:
                     continue
                 if left <= 0:
                     break
-                col.cond.wait(timeout=max(0.05, min(1.0, left - EXTEND_AHEAD_S if left > EXTEND_AHEAD_S else left)))
+                wait = min(SYNC_S, left - EXTEND_AHEAD_S if left > EXTEND_AHEAD_S else left)
+                col.cond.wait(timeout=max(0.05, wait))
             col.closed = True
         if self._abort.is_set():
             raise RoundAborted(f"round {col.round_id} aborted by shutdown")
-        missing = sorted(col.participants - set(col.results))
-        self.store.close_collection(col.round_id, missing)
+        self.store.close_collection(col.round_id, sorted(col.participants - set(col.results)))
+        self._sync(col, index, final=True)  # the registry's accepted rows, now final, are the round's results
         self._observe(col)
         self._stats(col, sizes, t_encode, time.perf_counter() - t0)
         if len(col.results) < quorum:

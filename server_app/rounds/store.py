@@ -9,12 +9,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from device_firmware_py.contract import messages as cm
 from device_firmware_py.fileio import atomic_write
@@ -24,6 +25,7 @@ from server_app.engine.types import Result
 from server_app.registry import crud
 from server_app.registry.errors import InvalidTransition
 from server_app.registry.models import Assignment
+from server_app.rounds.collection import Collection
 
 log = logging.getLogger("koala.store")
 
@@ -78,7 +80,10 @@ class RegistryStore:
         def fn(s: Any) -> None:
             crud.create_assignments(s, round_id, sent)  # set-based: a few statements, not 3 per device
             r = crud.get_round(s, round_id)
-            crud.transition_round(s, round_id, r.state, participants=sorted(set(r.participants or []) | set(sent)),
+            # collecting from here (before the first frame goes out), so the registry says so to
+            # every ingestion worker by the time a fast device answers
+            state = "collecting" if r.state == "created" else r.state
+            crud.transition_round(s, round_id, state, participants=sorted(set(r.participants or []) | set(sent)),
                                   deadline=_utc(deadline))  # fmt: skip
 
         self.reg.run(fn)
@@ -94,9 +99,70 @@ class RegistryStore:
         return dict(found)
 
     def close_collection(self, round_id: int, missing: list[str]) -> None:
-        n = self.reg.run(crud.mark_dropped, round_id, reason="deadline")
+        """Close the round in the registry (-> aggregating, waiting rows -> dropped): from here on no
+        ingestion worker can accept a result of it (crud.claim_accepted checks the round)."""
+        n = self.reg.run(crud.close_collection, round_id, reason="deadline")
         if n:
             log.info("dropped round=%d devices=%d", round_id, n)
+
+    def accepted_digests(self, round_id: int, known: int = -1) -> dict[str, str] | None:
+        """{device: digest} of the round's accepted rows; None (one COUNT, no rows) when their
+        number is still `known`: the orchestrator polls this while a round collects."""
+
+        def fn(s: Any) -> dict[str, str] | None:
+            where = (Assignment.round_id == round_id, Assignment.status == "accepted")
+            if known >= 0 and s.scalar(select(func.count()).select_from(Assignment).where(*where)) == known:
+                return None
+            return {d: dg for d, dg in s.execute(select(Assignment.device_id, Assignment.digest).where(*where))}
+
+        return self.reg.run(fn)
+
+    def segment_index(self, round_id: int) -> submission_log.SegmentIndex:
+        return submission_log.SegmentIndex(self.data_dir, round_id)
+
+    # -- what ingestion workers read to judge a round's results (server_app.rounds.follower)
+    def _collection_path(self, round_id: int) -> Path:
+        return submission_log.round_dir(self.data_dir, round_id) / "collection.json"
+
+    def save_collection(self, col: Collection) -> None:
+        """Written (atomically) before the assignments go out, next to the round's segments."""
+        path = self._collection_path(col.round_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, json.dumps(col.to_json()).encode())
+
+    def collection_stamp(self, round_id: int) -> int | None:
+        """Changes when the round's expectations are rewritten (a restarted orchestrator)."""
+        try:
+            return self._collection_path(round_id).stat().st_mtime_ns
+        except OSError:
+            return None
+
+    def load_collection(self, round_id: int) -> Collection | None:
+        path = self._collection_path(round_id)
+        try:
+            return Collection.from_json(json.loads(path.read_bytes()), keep_results=False)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.error("collection of round %d unreadable (%s): %s", round_id, path, exc)
+            return None
+
+    def open_round(self) -> tuple[int, str, float | None] | None:
+        """(id, state, deadline as unix time) of the newest round, for ingestion workers."""
+
+        def fn(s: Any) -> tuple[int, str, float | None] | None:
+            r = crud.current_round(s)
+            if r is None:
+                return None
+            dl = r.deadline
+            if dl is not None and dl.tzinfo is None:
+                dl = dl.replace(tzinfo=dt.timezone.utc)
+            return int(r.id), str(r.state), None if dl is None else dl.timestamp()
+
+        return self.reg.run(fn)
+
+    def revoked_devices(self) -> list[str]:
+        return list(self.reg.run(crud.revoked_device_ids))
 
     def collection_closed(self, round_id: int) -> bool:
         return self.round_state(round_id) == "aggregating"

@@ -63,6 +63,15 @@ class _Store:
     def collection_closed(self, round_id):
         return False
 
+    def accepted_digests(self, round_id, known=-1):
+        return None  # no other process accepts results here
+
+    def save_collection(self, col):
+        pass
+
+    def segment_index(self, round_id):
+        return None
+
 
 def _assignments(rid: int, devs: list[str]) -> list[Assignment]:
     return [Assignment(rid, d, "mlp_tiny", plan=TrainingPlan(task="local_only", upload=())) for d in devs]

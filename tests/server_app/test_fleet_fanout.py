@@ -30,6 +30,15 @@ class _Store:
     def collection_closed(self, round_id: int) -> bool:
         return False
 
+    def accepted_digests(self, round_id: int, known: int = -1) -> None:
+        return None  # no other process accepts results here
+
+    def save_collection(self, col: object) -> None:
+        pass
+
+    def segment_index(self, round_id: int) -> None:
+        return None
+
 
 def test_published_frames_equal_the_per_device_encoding():
     assert Assignment is WireAssignment  # one message model: the engine's assignment IS the wire's
