@@ -13,6 +13,7 @@ spread between the two raw runs says how much the machine's load moved during th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
 import threading
@@ -150,6 +151,72 @@ def run_server(db_url: str, label: str, port: int, m: int, proxy: int, classes: 
             server.stop()
 
 
+def run_workers(db_url: str, k: int, port: int, m: int, proxy: int, classes: int, dtype: str,
+                timeout_s: float) -> dict[str, Any]:
+    """K ingestion worker processes (`ServerServices` role ingest, bench.ingest_worker_proc) on the
+    shared subscription; this process runs the round (MqttFleet, no results subscription of its
+    own) as the orchestrator does. Accepted = committed rows in the registry, polled every 10 ms."""
+    from bench.server_side import ServerSide
+    from bench.swarm import device_id
+
+    with tempfile.TemporaryDirectory(prefix="koala-bench-workers-") as tmp:
+        server = ServerSide(db_url, tmp, "127.0.0.1", port, proxy_shape=(proxy, classes), ingest=False,
+                            client_id=f"bench-orch-{k}").start()  # fmt: skip
+        procs = [python_child("bench.ingest_worker_proc", db_url, tmp, str(port), stdin=-1, stdout=-1) for _ in range(k)]
+        devices = [device_id(i) for i in range(m)]
+        box: dict[str, Any] = {}
+        times: list[float] = []
+
+        def collect() -> None:
+            try:
+                box["round"] = server.run_round(1, devices, None, timeout_s=timeout_s)
+            except Exception as exc:
+                box["error"] = repr(exc)
+
+        try:
+            for p in procs:
+                assert p.stdout is not None
+                if "READY" not in p.stdout.readline():
+                    raise RuntimeError(f"ingestion worker exited rc={p.wait()}")
+            th = threading.Thread(target=collect, daemon=True)
+            th.start()
+            _wait(lambda: server.fleet.collection is not None and server.fleet.collection.sent_at, 60)
+            time.sleep(1.0)  # assignment frames flushed; every worker's view holds the open round
+            pub = Publisher(port, m, proxy, classes, dtype)
+            t0 = pub.go()
+            count = [0]
+
+            def accepted() -> int:
+                n = server.registry.run(_count_accepted)
+                if n > count[0]:
+                    times.extend([time.perf_counter()] * (n - count[0]))
+                    count[0] = n
+                return n
+
+            ok = _wait_count(accepted, m, timeout_s)
+            rep = pub.finish()
+            if not ok:
+                server.fleet.abort()
+            th.join(30)
+            out = _summary(f"{k} ingest worker{'s' if k > 1 else ''}", m, t0, times, ok, rep, pub.ready["payload_bytes"])
+            out["workers"] = k
+            out["round_error"] = box.get("error")
+            out["round_accepted"] = (box.get("round") or {}).get("accepted")
+            return out
+        finally:
+            for p in procs:
+                with contextlib.suppress(OSError, ValueError):
+                    assert p.stdin is not None
+                    p.stdin.write("bye\n")
+                    p.stdin.flush()
+            for p in procs:
+                try:
+                    p.wait(30)
+                except Exception:
+                    p.kill()
+            server.stop()
+
+
 def stage_breakdown(db_url: str, port: int, m: int, proxy: int, classes: int, dtype: str) -> dict[str, Any]:
     """Where the server's time per message goes, without MQTT: Ingestor.ingest_batch called directly
     in batches of MAX_BATCH, next to its two big parts timed alone on the same frames (contract
@@ -214,7 +281,7 @@ def _summary(label: str, m: int, t0: float, times: list[float], ok: bool, rep: d
     }  # fmt: skip
 
 
-def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
+def run(quick: bool = False, out: Path | None = None, workers: tuple[int, ...] = (1, 2, 4)) -> dict[str, Any]:
     from bench.common import DEFAULT_OUT
     from server_app.transport.broker import MosquittoBroker
 
@@ -241,6 +308,10 @@ def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
                     notes.append("PostgreSQL not reachable: postgres path skipped")
                 else:
                     res.append(run_server(pg, "server postgres", *args))
+            for k in workers:  # the split server: K `role ingest` processes on one PostgreSQL registry
+                with pg_database() as pg:
+                    if pg is not None:
+                        res.append(run_workers(pg, k, *args))
             res.append(run_raw(*args))
             stage = stage_breakdown(f"sqlite:///{tempfile.mkdtemp(prefix='koala-bench-db-')}/koala.db", broker.port,
                                     min(case["m"], 200), case["proxy"], case["classes"], case["dtype"])

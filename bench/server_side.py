@@ -29,12 +29,13 @@ class ServerSide:
     """Registry + ingestion + MqttFleet on one broker. `start()`, `run_round(...)`, `stop()`."""
 
     def __init__(self, db_url: str, data_dir: str | Path, host: str, port: int, *, proxy_shape: tuple[int, int],
-                 shared: bool = True, client_id: str = "bench-server"):
+                 shared: bool = True, client_id: str = "bench-server", ingest: bool = True):
         self.db_url, self.data_dir = db_url, Path(data_dir)
         self.host, self.port = host, port
         self.proxy_shape = proxy_shape
         self.shared = shared
         self.client_id = client_id
+        self.ingest = ingest  # False: results are ingested by other processes (role ingest workers)
         self.accept_times: list[float] = []
         self._lock = threading.Lock()
         self.state_log: list[tuple[int, str]] = []
@@ -58,7 +59,7 @@ class ServerSide:
             raise RuntimeError(f"broker {self.host}:{self.port} not reachable")
         results = topics.shared(SHARE_GROUP, topics.filter_results()) if self.shared else topics.filter_results()
         self.link.subscribe(topics.filter_device_status(), 1, self.ingestor.on_status)
-        self.worker = subscribe_results(self.link, results, self.ingestor, on_outcomes=self._on_outcomes)
+        self.worker = subscribe_results(self.link, results, self.ingestor, on_outcomes=self._on_outcomes) if self.ingest else None
         proxy, classes = self.proxy_shape
         self.fleet = MqttFleet(self.link.publish, self.presence.online, self.store, num_classes=classes,
                                proxy_size=proxy, proxy_digest=None, default_timeout_s=300.0,
@@ -108,6 +109,7 @@ class ServerSide:
         return {"round_id": round_id, "wall_s": wall, "accepted": len(results), **self.fleet.last_stats}
 
     def stop(self) -> None:
-        self.worker.stop()
+        if self.worker is not None:
+            self.worker.stop()
         self.link.stop()
         self.registry.dispose()
