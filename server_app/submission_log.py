@@ -4,7 +4,9 @@ Why segments and not one file per device: durability costs an fsync, and one fsy
 result made the disk the bottleneck of ingestion (~6-7 ms per result). A batch of accepted frames
 goes into one new file `submissions/r{round}/seg-*.seg` as length-prefixed records, fsync'd (file
 and directory) *before* the registry commits the batch's `accepted` rows, so every accepted row has
-its payload on disk.
+its payload on disk. A segment is written under a temporary name and renamed whole, so a process
+reading the round meanwhile (an orchestrator fed by ingestion workers) never sees half of one; a
+crash mid-write leaves a `.tmp-seg-*` file nobody reads.
 
 The database stays the truth: a record only counts when its (round, device) row is `accepted` with
 the same digest. Records of a batch whose commit failed (and was retried: the retry writes a new
@@ -50,15 +52,19 @@ def write_segment(root: Path, round_id: int, frames: list[bytes]) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     if created:
         _fsync_dir(d.parent)
-    path = d / f"seg-{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(3)}.seg"
+    name = f"seg-{time.time_ns():020d}-{os.getpid()}-{secrets.token_hex(3)}.seg"
+    path, tmp = d / name, d / f".tmp-{name}"
     buf = bytearray(MAGIC)
     for f in frames:
         buf += _LEN.pack(len(f))
         buf += f
-    with open(path, "xb") as fh:
+    with open(tmp, "xb") as fh:
         fh.write(buf)
         fh.flush()
         os.fsync(fh.fileno())
+    # renamed whole: another process reading the round's segments (an orchestrator fed by
+    # ingestion workers, submission_log.SegmentIndex) never sees a half-written one
+    os.replace(tmp, path)
     _fsync_dir(d)
     return path
 
@@ -145,15 +151,18 @@ class SegmentIndex:
             except OSError as exc:
                 log.error("segment unreadable %s: %s", p, exc)
                 continue
-            self._seen.add(p.name)
             pos = len(MAGIC) if data.startswith(MAGIC) else len(data)
+            torn = False
             while pos + _LEN.size <= len(data):
                 (n,) = _LEN.unpack_from(data, pos)
                 start = pos + _LEN.size
                 if start + n > len(data):
-                    break  # torn trailing record (its rows never committed)
+                    torn = True  # a crash mid-write (its rows never committed): read again next time
+                    break
                 self._where.setdefault(codec.frame_digest(data[start : start + n]), (p, start, n))
                 pos = start + n
+            if not torn and pos == len(data):
+                self._seen.add(p.name)
 
     def load(self, accepted: Mapping[str, str]) -> dict[str, cm.Result]:
         """Results for `accepted` rows ({device: digest}); a device whose record is not found (yet)

@@ -32,6 +32,8 @@ from server_app.rounds.deadlines import DeadlinePlanner, alive
 log = logging.getLogger("koala.fleet")
 EXTEND_AHEAD_S = 0.5  # how long before its deadline a round checks whether to extend it
 SYNC_S = 0.5  # how often a collecting round reads accepts made by other processes from the registry
+PUBLISH_WINDOW = 256  # assignment frames queued in the MQTT client at most (about; see _run)
+PUBLISH_WAIT_S = 30.0  # how long one window waits for the broker (then goes on: paho keeps queueing)
 
 
 class QuorumNotMet(RuntimeError):
@@ -81,6 +83,7 @@ class MqttFleet:
         max_devices: int | None = None,
         planner: DeadlinePlanner | None = None,
         progress_of: Callable[[str], dict | None] | None = None,
+        publish_window: int | None = PUBLISH_WINDOW,
     ):
         self._publish = publish
         self._online = online
@@ -94,6 +97,7 @@ class MqttFleet:
         # deadlines per architecture from measured round times; progress tells slow from dead
         self.planner = planner
         self._progress_of = progress_of or (lambda _d: None)
+        self.publish_window = publish_window
         self._lock = threading.Lock()
         self._collection: Collection | None = None
         self._abort = threading.Event()
@@ -235,10 +239,15 @@ class MqttFleet:
         self.store.assignments_sent(col.round_id, sizes, deadline)
         index = self.store.segment_index(col.round_id)
         next_sync = time.monotonic() + SYNC_S
-        for dev, (head, body) in parts.items():
+        for k, (dev, (head, body)) in enumerate(parts.items(), 1):
             col.sent_at[dev] = time.time()
-            # Whole frames exist only while the MQTT client holds them (until PUBACK), not all round.
-            self._publish(topics.device_assign(dev), head + body, 1, False)
+            # Whole frames exist only while the MQTT client holds them (until PUBACK), not all round;
+            # every `publish_window`-th one is waited for, so at most about that many (plus the
+            # client's inflight window) are held at once, however large the fleet.
+            if self.publish_window and k % self.publish_window == 0:
+                self._publish(topics.device_assign(dev), head + body, 1, False, wait_s=PUBLISH_WAIT_S)
+            else:
+                self._publish(topics.device_assign(dev), head + body, 1, False)
         del parts
         _bytes_down(sum(sizes.values()))
         self._on_state(col.round_id, "collecting", participants=sorted(col.participants), deadline=deadline)

@@ -82,3 +82,16 @@ def test_collection_complete_needs_every_participant():
     assert len(col.results) == 2 and not col.complete()
     col.add(res("b"), 1)
     assert col.complete()
+
+
+def test_assignment_fanout_waits_for_the_broker_every_publish_window():
+    """Bounded memory while a large fleet is dispatched: every `publish_window`-th frame is published
+    with a wait for its PUBACK, so the MQTT client never holds more than about one window of frames
+    (a 10,000-device round held all 10,000 x 100 kB until the broker took them)."""
+    calls: list[float | None] = []
+    fleet = MqttFleet(lambda t, p, q, r, wait_s=None: calls.append(wait_s), list, _Store(), num_classes=10,
+                      proxy_size=0, proxy_digest=None, default_timeout_s=0.05, publish_window=4)  # fmt: skip
+    plan = TrainingPlan(task="local_only", upload=())
+    fleet.run_round([Assignment(1, f"dev-{i:05d}", "mlp_tiny", plan=plan) for i in range(10)], quorum=0, timeout_s=0.05)
+    assert [i for i, w in enumerate(calls, 1) if w is not None] == [4, 8]
+    assert all(w is None or w > 0 for w in calls)

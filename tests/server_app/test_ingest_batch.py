@@ -191,3 +191,52 @@ def _until(pred: Any, what: str, timeout_s: float = 60.0) -> None:
         if time.monotonic() > t_end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
+
+
+def test_an_ingestion_worker_accepts_into_the_open_round_and_the_close_is_exact(tmp_path):
+    """What `koala serve --role ingest` does, on one registry: the worker learns the open round from
+    the registry and collection.json (RoundFollower), accepts without holding tensors, and the
+    orchestrator reads the accepts back from the registry and the segments. Once the round is
+    closed in the registry, a result the worker already judged valid is recorded `late`, not
+    accepted behind the orchestrator's back."""
+    from server_app import submission_log
+    from server_app.ingest import Ingestor, Presence
+    from server_app.registry import Registry, crud
+    from server_app.rounds.follower import RoundFollower
+
+    reg = Registry(f"sqlite:///{tmp_path / 'k.db'}")
+    reg.upgrade()
+    try:
+        store, col, _ = _env(reg, tmp_path, DEVS)
+        reg.run(crud.transition_round, 1, "failed")  # round 0 is then the registry's open round
+        store.save_collection(col)  # what MqttFleet writes before dispatch
+        follower = RoundFollower(store, Presence())
+        worker = Ingestor(store, follower.presence, follower.collection, refresh_collection=follower.refresh)
+        frames = {d: _result(0, d, seed=i) for i, d in enumerate(DEVS)}
+        outs = worker.ingest_batch([(topics.device_result(d), frames[d]) for d in ("d1", "d2")])
+        assert [o.status for o in outs] == ["accepted", "accepted"]
+        view = follower.collection()
+        assert view is not None and view.round_id == 0 and view.results == {} and view.accepted == 2  # no tensors held
+        # the orchestrator's side: accepted rows from the registry, records from the segments
+        rows = store.accepted_digests(0)
+        assert rows == {d: codec.frame_digest(frames[d]) for d in ("d1", "d2")}
+        assert store.accepted_digests(0, known=2) is None  # nothing new: one COUNT, no rows
+        index = store.segment_index(0)
+        got = index.load(rows)
+        np.testing.assert_allclose(got["d2"].proxy_logits, codec.decode(frames["d2"]).proxy_logits)
+        # a half-written segment is never visible: only whole renamed ones are read
+        (submission_log.round_dir(tmp_path, 0) / ".tmp-seg-partial.seg").write_bytes(b"KSEG\x00\x00")
+        outs = worker.ingest_batch([(topics.device_result("d3"), frames["d3"])])
+        assert outs[0].status == "accepted"
+        assert sorted(index.load(store.accepted_digests(0))) == ["d1", "d2", "d3"]  # incremental read
+        # the orchestrator closes the round; the worker's view has not polled yet
+        store.close_collection(0, ["d4", "d5"])
+        outs = worker.ingest_batch([(topics.device_result("d4"), frames["d4"])])
+        assert [(o.status, o.reason) for o in outs] == [("late", "late")]
+        assert sorted(store.accepted_digests(0)) == ["d1", "d2", "d3"]  # final: exactly what was accepted
+        statuses = {d: s for (r, d), (s, _reason, _dg) in _rows(reg).items() if r == 0}
+        assert statuses == {"d1": "accepted", "d2": "accepted", "d3": "accepted", "d4": "late", "d5": "dropped"}
+        follower.refresh()
+        assert follower.collection().closed  # the view follows the registry
+    finally:
+        reg.dispose()
