@@ -89,8 +89,10 @@ def ratio(num: float | None, den: float | None) -> float | None:
 
 
 def write_result(name: str, out: Path, *, quick: bool, params: dict[str, Any], raw: Any, ratios: dict[str, Any],
-                 notes: Sequence[str] = (), started: float, load_start: Sequence[float]) -> dict[str, Any]:
-    """bench/results/<name>.json (or <name>.quick.json): provenance + parameters + raw + ratios."""
+                 notes: Sequence[str] = (), started: float, load_start: Sequence[float],
+                 rows: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """bench/results/<name>.json (or <name>.quick.json): provenance + parameters + raw + ratios
+    (+ `rows`: one summary object per measured setting, where a benchmark has them)."""
     doc = {
         "benchmark": name,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -103,6 +105,7 @@ def write_result(name: str, out: Path, *, quick: bool, params: dict[str, Any], r
         "raw": raw,
         "ratios": ratios,
         "notes": list(notes),
+        **({"rows": rows} if rows is not None else {}),
     }
     out.mkdir(parents=True, exist_ok=True)
     path = out / (f"{name}.quick.json" if quick else f"{name}.json")

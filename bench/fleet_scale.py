@@ -211,7 +211,7 @@ def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
 
     started, load0 = time.time(), os.getloadavg()
     out = out or DEFAULT_OUT
-    ns = [5, 15] if quick else [100, 300, 1000, 3000]  # 3000: how far past the 1,000-device goal
+    ns = [5, 15] if quick else [100, 1000, 3000, 10000]  # issue 18: 1,000, 3,000 and 10,000 in one round
     proxy, classes = (500, 10) if quick else (5000, 10)
     rounds = 1 if quick else 2
     timeout = 60.0 if quick else 240.0
@@ -231,7 +231,18 @@ def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
         rows.append([n, res["swarm_ready"].get("ready"), raw, srv, res["server_vs_raw"], res["growth_vs_linear"],
                      last.get("t_encode_s"), res["server"].get("peak_rss_mib"), res["server"].get("rss_ready_mib"),
                      res["server"].get("t_presence_s"), res["broker_fds"]])  # fmt: skip
-    probes = [] if quick else [connect_probe(6000), connect_probe(1100, nofile=1024)]
+    # per device: what the server's peak RSS grows by from the smallest to the largest fleet measured
+    big = [r for r in results if r["server"].get("peak_rss_mib") and r["n"] >= (1000 if not quick else 0)]
+    slope = None
+    if len(big) >= 2:
+        lo, hi = big[0], big[-1]
+        slope = (hi["server"]["peak_rss_mib"] - lo["server"]["peak_rss_mib"]) / (hi["n"] - lo["n"])
+    ratios["rss_mib_per_device"] = slope
+    summary = [{"devices": r["n"], "overhead_s": r["overhead_s"], "raw_round_s": r["raw_round_s"],
+                "server_peak_rss_mib": r["server"].get("peak_rss_mib"),
+                "rounds_complete": all(x.get("accepted") == r["n"] for x in r["server"].get("rounds", [])) or None}
+               for r in results]  # fmt: skip
+    probes = [] if quick else [connect_probe(1100, nofile=1024)]
     if probes:
         print(table(["probe devices", "mosquitto nofile", "sessions", "connect s", "broker fds", "broker RSS MiB",
                      "broker log"], [[p["n"], p["nofile"] or "20000 (inherited)", p["sessions"], p["connect_s"],
@@ -246,7 +257,8 @@ def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
              "raw and server both encode the teacher body once per round (codec.FrameEncoder); headers per device"]
     return write_result(NAME, out, quick=quick, params={"ns": ns, "proxy": proxy, "classes": classes, "rounds": rounds,
                         "db": "sqlite", "broker": "mosquitto private, default max_connections"},
-                        raw={"rounds": results, "connect_probes": probes}, ratios=ratios, notes=notes, started=started, load_start=load0)  # fmt: skip
+                        raw={"rss_mib_per_device": slope, "rounds": results, "connect_probes": probes}, rows=summary,
+                        ratios=ratios, notes=notes, started=started, load_start=load0)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,13 @@ def test_compose_config_validates() -> None:
 def test_compose_wires_the_stack() -> None:
     spec = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     svc = spec["services"]
-    assert set(svc) == {"mosquitto", "postgres", "server", "prometheus", "grafana"}
+    assert set(svc) >= {"mosquitto", "postgres", "server", "prometheus", "grafana"}
+    workers = {k: v for k, v in svc.items() if k.startswith("ingest-")}
+    assert sorted(workers) == ["ingest-1", "ingest-2"]  # profile `scale`: the server split (docs/scale-out.md)
+    for name, w in workers.items():
+        assert w["profiles"] == ["scale"]
+        assert f"--role ingest --worker-id {name}" in w["command"][-1]
+        assert "koala-data:/var/lib/koala" in w["volumes"] and "koala-data:/var/lib/koala" in svc["server"]["volumes"]
     assert svc["mosquitto"]["command"][-1] == "/mosquitto/config/mosquitto.conf"
     assert svc["mosquitto"]["ports"] == ["8883:8883"]  # TLS only; no plain 1883 exposed
     assert svc["server"]["build"]["dockerfile"] == "deploy/Dockerfile"
