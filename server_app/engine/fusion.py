@@ -72,7 +72,13 @@ def fuse_logits(
 ) -> np.ndarray:
     """Consensus probabilities [P, C] float32 (rows sum to 1) from D teachers' logits [D, P, C].
 
-    rule: one of RULES (see module doc); trim: the per-end fraction of "trimmed_mean"."""
+    rule: one of RULES (see module doc); trim: the per-end fraction of "trimmed_mean".
+
+    The linear rules (all but ROBUST_RULES) are folded in one teacher at a time: memory O(P x C)
+    whatever D is (a 10,000-device round of 5,000 x 10 logits stacked as float64 with its softmax
+    was ~8 GB). The robust rules need every teacher's value per coordinate and stack them."""
+    if rule not in ROBUST_RULES:
+        return _fuse_linear(logits, rule, temperature, num_samples, label_histograms, groups, inner)
     L = sanitize_logits(np.stack([np.asarray(x, np.float64) for x in logits]))
     if L.ndim != 3:
         raise ValueError(f"logits must be [D, P, C], got {L.shape}")
@@ -119,5 +125,77 @@ def fuse_logits(
         out = np.tensordot(w / w.sum(), p, axes=1)
     else:
         raise ValueError(f"unknown fusion rule {rule!r}; known: {RULES}")
+    out = out / out.sum(axis=-1, keepdims=True)
+    return out.astype(np.float32)
+
+
+def _fuse_linear(
+    logits: np.ndarray | Sequence[np.ndarray],
+    rule: str,
+    temperature: float,
+    num_samples: Sequence[int] | None,
+    label_histograms: Sequence[Sequence[int]] | None,
+    groups: Sequence[str] | None,
+    inner: str,
+) -> np.ndarray:
+    """fuse_logits for mean / weighted / entropy / class_aware / group as running sums over the
+    teachers: each rule is sum_d w_d * p_d / sum_d w_d with weights known per teacher (entropy:
+    per row), so nothing [D, P, C] is ever built. Same values as the stacked form up to the order
+    of float64 additions."""
+    D = len(logits)
+    if D == 0:
+        raise ValueError("logits must be [D, P, C] with D >= 1")
+    n = np.ones(D) if num_samples is None else np.asarray(num_samples, np.float64)
+    if rule == "class_aware":
+        if label_histograms is None:
+            raise ValueError("class_aware fusion needs label histograms")
+        hist = np.asarray(label_histograms, np.float64)  # [D, C]
+        share = _normalize(hist)  # columns sum to 1 (or 0 if nobody saw the class)
+        share[:, hist.sum(axis=0) == 0] = 1.0 / D
+    elif rule == "group":
+        if groups is None:
+            raise ValueError("group fusion needs the group (arch) of every teacher")
+        if len(groups) != D:
+            raise ValueError(f"{len(groups)} groups for {D} teachers")
+    elif rule not in RULES:
+        raise ValueError(f"unknown fusion rule {rule!r}; known: {RULES}")
+    acc: np.ndarray | None = None  # sum of weighted probabilities [P, C]
+    wsum: np.ndarray | float = 0.0  # sum of weights (entropy: per row [P, 1])
+    by_group: dict[str, list] = {}  # group -> [sum n_d p_d, sum n_d]
+    shape: tuple[int, ...] = ()
+    for d, x in enumerate(logits):
+        z = sanitize_logits(np.asarray(x))
+        if z.ndim != 2:
+            raise ValueError(f"logits must be [D, P, C], got a teacher of shape {z.shape}")
+        p = softmax(z, temperature)  # [P, C]
+        if d and p.shape != shape:
+            raise ValueError(f"teacher {d} has logits of shape {p.shape}, teacher 0 {shape}")
+        shape = p.shape
+        if rule == "group":
+            g = by_group.setdefault(groups[d], [np.zeros_like(p), 0.0])  # type: ignore[index]
+            g[0] += n[d] * p
+            g[1] += n[d]
+            continue
+        if rule == "mean":
+            w: np.ndarray | float = 1.0
+        elif rule == "weighted":
+            w = float(n[d])
+        elif rule == "entropy":
+            h = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=-1, keepdims=True)  # [P, 1]
+            w = 1.0 - h / np.log(p.shape[-1]) + 1e-3
+        else:  # class_aware: the teacher's share of each class
+            w = share[d][None, :]
+        acc = w * p if acc is None else acc + w * p
+        if rule != "class_aware":
+            wsum = wsum + w
+    if rule == "group":
+        names = sorted(by_group)
+        gw = np.asarray([by_group[g][1] for g in names]) if inner == "weighted" else np.ones(len(names))
+        out = sum((gw[i] / gw.sum()) * (by_group[g][0] / by_group[g][1]) for i, g in enumerate(names))
+    elif rule == "class_aware":
+        out = acc
+    else:
+        out = acc / wsum
+    out = np.asarray(out, np.float64)
     out = out / out.sum(axis=-1, keepdims=True)
     return out.astype(np.float32)

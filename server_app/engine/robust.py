@@ -311,6 +311,9 @@ def update_outliers(weight_sets: Sequence[Sequence[np.ndarray]], reference: Sequ
 AGREEMENT_MIN_DEVICES = 3  # fewer devices: no majority to call anyone an outlier against
 
 
+AGREEMENT_BLOCK_BYTES = 64 << 20  # the agreement filter's working set (probabilities of a block of proxy rows)
+
+
 def agreement_filter(logits: Sequence[np.ndarray], factor: float = 0.5, min_devices: int = AGREEMENT_MIN_DEVICES,
                      min_consensus: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """Which devices to keep, judged by what their models say on the shared proxy set.
@@ -326,9 +329,16 @@ def agreement_filter(logits: Sequence[np.ndarray], factor: float = 0.5, min_devi
     d = len(logits)
     if d == 0:
         return np.zeros(0, bool), np.zeros(0)
-    p = np.stack([softmax(sanitize_logits(np.asarray(z))) for z in logits])  # [D, P, C]
-    consensus = np.median(p, axis=0).argmax(-1)  # [P]
-    agree = (p.argmax(-1) == consensus[None, :]).mean(axis=1)  # [D]
+    rows, classes = np.shape(logits[0])
+    # The consensus of a proxy row depends on that row only: judge blocks of rows so the [D, rows, C]
+    # float64 probabilities stay within AGREEMENT_BLOCK_BYTES however many devices there are.
+    step = max(1, AGREEMENT_BLOCK_BYTES // max(1, d * classes * 8))
+    hits = np.zeros(d)
+    for r0 in range(0, rows, step):
+        p = np.stack([softmax(sanitize_logits(np.asarray(z[r0 : r0 + step]))) for z in logits])  # [D, rows, C]
+        consensus = np.median(p, axis=0).argmax(-1)  # [rows]
+        hits += (p.argmax(-1) == consensus[None, :]).sum(axis=1)
+    agree = hits / max(1, rows)  # [D]
     med = float(np.median(agree))
     if d < min_devices or med < min_consensus:
         # no majority, or honest devices do not agree among themselves yet (early rounds of a

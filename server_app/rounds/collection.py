@@ -107,6 +107,15 @@ def check_result(r: Result, e: Expectation) -> None:
                                                  "(derived from the global model)")  # fmt: skip
 
 
+def compact(r: Result) -> Result:
+    """A result as the orchestrator holds it until aggregation: logits as float16 (half of float32;
+    what devices send, so lossless for them — a float32 upload is rounded to float16, whose range
+    covers LOGIT_BOUND). Every consumer computes in float64 (probability.sanitize_logits)."""
+    if r.proxy_logits is not None and r.proxy_logits.dtype != np.float16:
+        r.proxy_logits = r.proxy_logits.astype(np.float16)
+    return r
+
+
 @dataclass
 class Collection:
     """Results of one round while it is being collected; shared by the fleet and the ingestor."""
@@ -169,7 +178,7 @@ class Collection:
             self.accepted += 1
             if not self.keep_results:
                 return True
-            self.results.setdefault(result.device_id, result)
+            self.results.setdefault(result.device_id, compact(result))
             self.received_at.setdefault(result.device_id, time.time())
             self.bytes_up.setdefault(result.device_id, nbytes)
             self.cond.notify_all()

@@ -26,7 +26,7 @@ import numpy as np
 
 from device_firmware_py.contract import codec, topics
 from server_app.engine.types import Assignment, DeviceInfo, Result
-from server_app.rounds.collection import Collection, Expectation
+from server_app.rounds.collection import Collection, Expectation, compact
 from server_app.rounds.deadlines import DeadlinePlanner, alive
 
 log = logging.getLogger("koala.fleet")
@@ -147,7 +147,7 @@ class MqttFleet:
         )  # fmt: skip
         # A resumed round keeps what was accepted before the restart (the tensors are on disk).
         for dev, res in self.store.accepted_results(round_id).items():
-            col.results[dev] = res
+            col.results[dev] = compact(res)
             col.received_at[dev] = time.time()
         if self.store.collection_closed(round_id):
             # Resumed after the collection closed (server died while aggregating): re-aggregate.
@@ -203,7 +203,7 @@ class MqttFleet:
         now = time.time()
         with col.cond:
             for dev, res in found.items():
-                col.results.setdefault(dev, res)
+                col.results.setdefault(dev, compact(res))
                 col.received_at.setdefault(dev, now)
                 col.bytes_up.setdefault(dev, 0)
             col.cond.notify_all()

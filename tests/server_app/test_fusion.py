@@ -63,3 +63,53 @@ def test_unknown_rule_and_missing_inputs():
         fuse_logits([A, B], "no_such_rule")  # (median is a robust rule now)
     with pytest.raises(ValueError):
         fuse_logits([A, B], "class_aware")
+
+
+def _stacked(logits, rule, n, hists, groups, inner="weighted", temperature=1.0):
+    """The [D, P, C] formulas fuse_logits used before it streamed (the reference)."""
+    p = softmax(np.stack(logits).astype(np.float64), temperature)
+    D, _, C = p.shape
+    if rule == "mean":
+        out = p.mean(axis=0)
+    elif rule == "weighted":
+        out = np.tensordot(n / n.sum(), p, axes=1)
+    elif rule == "entropy":
+        h = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=-1)
+        w = 1.0 - h / np.log(C) + 1e-3
+        out = ((w / w.sum(axis=0, keepdims=True))[..., None] * p).sum(axis=0)
+    elif rule == "class_aware":
+        hist = np.asarray(hists, np.float64)
+        share = hist / np.where(hist.sum(axis=0) > 0, hist.sum(axis=0), 1.0)
+        share[:, hist.sum(axis=0) == 0] = 1.0 / D
+        out = np.einsum("dc,dpc->pc", share, p)
+    else:  # group
+        names = sorted(set(groups))
+        gp = [np.tensordot(n[[i for i, g in enumerate(groups) if g == x]] / n[[i for i, g in enumerate(groups) if g == x]].sum(),
+                           p[[i for i, g in enumerate(groups) if g == x]], axes=1) for x in names]  # fmt: skip
+        gw = np.asarray([n[[i for i, g in enumerate(groups) if g == x]].sum() for x in names]) if inner == "weighted" \
+            else np.ones(len(names))  # fmt: skip
+        out = np.tensordot(gw / gw.sum(), np.stack(gp), axes=1)
+    return out / out.sum(axis=-1, keepdims=True)
+
+
+@pytest.mark.parametrize("rule", ["mean", "weighted", "entropy", "class_aware", "group"])
+def test_linear_rules_stream_to_the_stacked_values(rule):
+    """The linear rules fold teachers in one at a time (memory O(P x C), not O(D x P x C)): same
+    consensus as the stacked formulas, float16 teachers (as accepted results are held) included."""
+    rng = np.random.default_rng(7)
+    D, P, C = 9, 50, 10
+    logits = [(rng.standard_normal((P, C)) * 3).astype(np.float16) for _ in range(D)]
+    n = rng.integers(1, 500, D).astype(np.float64)
+    hists = rng.integers(0, 30, (D, C))
+    hists[:, 3] = 0  # a class nobody saw
+    groups = [["a", "b", "c"][i % 3] for i in range(D)]
+    got = fuse_logits(logits, rule, 2.0, num_samples=n, label_histograms=hists, groups=groups)
+    want = _stacked([z.astype(np.float64) for z in logits], rule, n, hists, groups, temperature=2.0)
+    assert got.dtype == np.float32 and got.shape == (P, C)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    if rule == "group":
+        np.testing.assert_allclose(fuse_logits(logits, rule, 2.0, num_samples=n, groups=groups, inner="mean"),
+                                   _stacked([z.astype(np.float64) for z in logits], rule, n, hists, groups, "mean", 2.0),
+                                   rtol=1e-5, atol=1e-6)  # fmt: skip
+    with pytest.raises(ValueError):
+        fuse_logits([logits[0], logits[1][:, :5]], rule, num_samples=n[:2], label_histograms=hists[:2], groups=groups[:2])
