@@ -164,6 +164,11 @@ class SegmentIndex:
             if not torn and pos == len(data):
                 self._seen.add(p.name)
 
+    def nbytes(self, digest: str) -> int:
+        """Size of an indexed record (0 when unknown): the result message's bytes for round stats."""
+        where = self._where.get(digest)
+        return 0 if where is None else where[2]
+
     def load(self, accepted: Mapping[str, str]) -> dict[str, cm.Result]:
         """Results for `accepted` rows ({device: digest}); a device whose record is not found (yet)
         is left out and logged by the caller."""

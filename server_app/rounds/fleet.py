@@ -205,7 +205,7 @@ class MqttFleet:
             for dev, res in found.items():
                 col.results.setdefault(dev, compact(res))
                 col.received_at.setdefault(dev, now)
-                col.bytes_up.setdefault(dev, 0)
+                col.bytes_up.setdefault(dev, index.nbytes(new[dev]))
             col.cond.notify_all()
         for dev in sorted(set(new) - set(found)):
             log.error("accepted result not in the payload store round=%d device=%s", col.round_id, dev)

@@ -223,6 +223,7 @@ def test_an_ingestion_worker_accepts_into_the_open_round_and_the_close_is_exact(
         assert store.accepted_digests(0, known=2) is None  # nothing new: one COUNT, no rows
         index = store.segment_index(0)
         got = index.load(rows)
+        assert index.nbytes(rows["d1"]) == len(frames["d1"])  # the result message's size, for round stats
         np.testing.assert_allclose(got["d2"].proxy_logits, codec.decode(frames["d2"]).proxy_logits)
         # a half-written segment is never visible: only whole renamed ones are read
         (submission_log.round_dir(tmp_path, 0) / ".tmp-seg-partial.seg").write_bytes(b"KSEG\x00\x00")
