@@ -233,6 +233,9 @@ class ServerServices:
             self.results_filter = results
         log.info("role %s: registry %s at revision %s; results=%s shared=%s", o.role, _redact(o.db_url), rev,
                  results if o.ingests else "(not ingested here)", self.shared)  # fmt: skip
+        if o.role == "orchestrator":
+            log.warning("role orchestrator accepts no results itself: run at least one `koala serve --role ingest` "
+                        "on the same registry, broker and data directory (%s)", o.data_dir)
         if not o.leads:
             self.started = True
             return
