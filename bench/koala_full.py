@@ -79,13 +79,17 @@ def _akey(alpha: float | None) -> str:
     return "iid" if alpha is None else f"a{alpha:g}"
 
 
-def part_path(method: str, alpha: float | None, seed: int) -> Path:
-    return PARTS_DIR / _akey(alpha) / f"{method.replace('+', '_')}_s{seed}.json"
+def part_path(method: str, alpha: float | None, seed: int, train_size: int | None = None) -> Path:
+    """The full-scale runs under <alpha>/; the data-size curve's smaller runs under size/<alpha>_n<size>/
+    (one level deeper, so the main table's merge never mixes them in)."""
+    sub = _akey(alpha) if train_size is None else f"size/{_akey(alpha)}_n{train_size}"
+    return PARTS_DIR / sub / f"{method.replace('+', '_')}_s{seed}.json"
 
 
-def run_one(method: str, alpha: float | None, seed: int, progress: bool = True) -> dict[str, Any]:
-    """One (method, alpha, seed), written to its part file (skipped if that exists)."""
-    out = part_path(method, alpha, seed)
+def run_one(method: str, alpha: float | None, seed: int, progress: bool = True,
+            train_size: int | None = None) -> dict[str, Any]:
+    """One (method, alpha, seed[, device images]), written to its part file (skipped if that exists)."""
+    out = part_path(method, alpha, seed, train_size)
     if out.exists():
         print(f"skip {out.relative_to(RESULTS)} (done)")
         return json.loads(out.read_text())
@@ -94,8 +98,8 @@ def run_one(method: str, alpha: float | None, seed: int, progress: bool = True) 
     from server_app.sim import load_config
     from server_app.sim.runner import _jsonable, run_method
 
-    cfg = load_config(None, **{**FULL, "alpha": alpha, "methods": [METHODS[method]], "out": str(out.parent)},
-                      policy={**BASE_POLICY, "seed": seed})  # fmt: skip
+    cfg = load_config(None, **{**FULL, "alpha": alpha, "train_size": train_size, "methods": [METHODS[method]],
+                               "out": str(out.parent)}, policy={**BASE_POLICY, "seed": seed})  # fmt: skip
     if alpha is None:
         cfg.alpha = None
     ds = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
@@ -192,6 +196,37 @@ def merge() -> dict[str, Any]:
     return doc
 
 
+SIZE_METHODS = ("fedavg_large", "koala_homo")
+
+
+def merge_sizes() -> dict[str, Any]:
+    """bench/results/koala_fmnist_size_curve.json: KOALA homo minus FedAvg-large (final large-model
+    accuracy, same alpha and seed) against the device images of the run: the size/ parts plus the
+    full-scale parts (55,000). Prints the table."""
+    rows = []
+    for d in _parts() + [json.loads(f.read_text()) for f in sorted(PARTS_DIR.glob("size/*/*.json"))]:
+        if d["method"] in SIZE_METHODS:
+            rows.append({"method": d["method"], "alpha": d["alpha"], "seed": d["seed"],
+                         "train_size": sum(d["partition"]["device_sizes"]), "large_test_acc": d["row"]["large_test_acc"],
+                         "teacher_test_acc": _teacher_acc(d)})  # fmt: skip
+    by = {(r["alpha"], r["seed"], r["train_size"], r["method"]): r for r in rows}
+    points = []
+    for (alpha, seed, n, m), r in sorted(by.items(), key=lambda kv: (str(kv[0][0]), kv[0][2], kv[0][1])):
+        base = by.get((alpha, seed, n, "fedavg_large"))
+        if m == "koala_homo" and base is not None:
+            points.append({"alpha": alpha, "seed": seed, "train_size": n, "koala_homo": r["large_test_acc"],
+                           "fedavg_large": base["large_test_acc"], "gap_pt": 100 * (r["large_test_acc"] - base["large_test_acc"]),
+                           "koala_teacher": r["teacher_test_acc"]})  # fmt: skip
+    doc = {"config": {**FULL, "base_policy": BASE_POLICY, "methods": {m: METHODS[m] for m in SIZE_METHODS},
+                      "note": "same alpha, seed, proxy and initial model per pair; device images = the partition's total"},
+           "points": points}  # fmt: skip
+    (RESULTS / "koala_fmnist_size_curve.json").write_text(json.dumps(doc, indent=1))
+    for p in points:
+        print(f"alpha {p['alpha']} seed {p['seed']} {p['train_size']:>6} images: FedAvg-large {p['fedavg_large']:.4f} "
+              f"KOALA {p['koala_homo']:.4f} gap {p['gap_pt']:+.1f} pt (teacher {p['koala_teacher']})")
+    return doc
+
+
 def plot(curves: dict[str, list[dict[str, Any]]], path: Path) -> None:
     """Large-model accuracy per round (solid), the global small model = KOALA's teacher (dashed,
     same colour), FedAvg-small (dotted); all on the full test set, mean over the seeds run."""
@@ -242,11 +277,16 @@ if __name__ == "__main__":
     ap.add_argument("--seeds", default="0", help="comma-separated seeds, run in order; finished ones are skipped")
     ap.add_argument("--merge", action="store_true", help="write koala_fmnist_full.json / _curves.json / .png")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--train-size", type=int, default=None,
+                    help="device images of a data-size-curve run (default: all 55,000; results under size/)")
+    ap.add_argument("--merge-sizes", action="store_true", help="write koala_fmnist_size_curve.json (gap vs device images)")
     a = ap.parse_args()
     for m in [m.strip() for m in a.methods.split(",") if m.strip()]:
         if m not in METHODS:
             ap.error(f"unknown method {m!r}; known: {', '.join(METHODS)}")
         for s in [int(x) for x in a.seeds.split(",")]:
-            run_one(m, a.alpha if a.alpha > 0 else None, s, progress=not a.no_progress)
+            run_one(m, a.alpha if a.alpha > 0 else None, s, progress=not a.no_progress, train_size=a.train_size)
     if a.merge:
         merge()
+    if a.merge_sizes:
+        merge_sizes()
