@@ -23,6 +23,7 @@ API for callers (all cheap, thread-safe, never raise on odd input):
     observe_ingest(seconds)                receive -> decision latency of one result
     observe_phase(phase, seconds)          duration of a round phase (configure/collect/aggregate/...)
     bytes_down(nbytes) / bytes_up(nbytes)  payload bytes server->devices / devices->server
+    results_from_registry(n)               results other processes accepted, taken by the orchestrator
     round_finished(state)                  a round reached a terminal state
     round_metrics(large_acc=, small_acc=, kd_loss=, round_id=)   latest model quality
     device_online(n) / rounds_by_state({...})   gauges (normally set by refresh_from_registry)
@@ -58,6 +59,7 @@ __all__ = [
     "METRIC_NAMES",
     "bytes_down",
     "bytes_up",
+    "results_from_registry",
     "device_online",
     "observe_ingest",
     "observe_phase",
@@ -112,6 +114,9 @@ SMALL_ACC = Gauge("koala_small_model_accuracy", "Mean small-model accuracy repor
 METRICS_ROUND = Gauge("koala_model_metrics_round", "Round id the model-quality gauges belong to.", registry=REGISTRY)
 BYTES_UP = Counter("koala_bytes_up", "Payload bytes received from devices.", registry=REGISTRY)
 BYTES_DOWN = Counter("koala_bytes_down", "Payload bytes sent to devices.", registry=REGISTRY)
+RESULTS_FROM_REGISTRY = Counter(
+    "koala_results_from_registry", "Results the orchestrator took from the registry that other processes "
+    "(`--role ingest` workers) accepted.", registry=REGISTRY)  # fmt: skip
 
 # Names as exposed on /metrics (counters get _total, histograms _bucket/_sum/_count).
 METRIC_NAMES: frozenset[str] = frozenset(
@@ -135,6 +140,7 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "koala_model_metrics_round",
         "koala_bytes_up_total",
         "koala_bytes_down_total",
+        "koala_results_from_registry_total",
     }
 )
 # Exported only by servers that ingest (ServerServices with an Ingestor), see render().
@@ -205,6 +211,10 @@ def bytes_down(nbytes: int) -> None:
 def bytes_up(nbytes: int) -> None:
     """Device payload bytes not already counted by submission_accepted/rejected."""
     BYTES_UP.inc(_nonneg(nbytes))
+
+
+def results_from_registry(n: int) -> None:
+    RESULTS_FROM_REGISTRY.inc(_nonneg(n))
 
 
 def round_finished(state: str) -> None:

@@ -210,6 +210,12 @@ class MqttFleet:
         for dev in sorted(set(new) - set(found)):
             log.error("accepted result not in the payload store round=%d device=%s", col.round_id, dev)
         log.debug("synced round=%d results_from_registry=%d", col.round_id, len(found))
+        try:
+            from server_app import metrics
+
+            metrics.results_from_registry(len(found))
+        except ImportError:
+            pass
 
     def _observe(self, col: Collection) -> None:
         """Feed the planner this round's measured device round times (sent -> accepted), per arch."""
