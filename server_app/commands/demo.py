@@ -43,6 +43,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
     p.add_argument("--seed", type=int, default=None, help="policy seed (training and the data partition; default 0)")
     p.add_argument("--keep-serving", action="store_true", help="keep server, broker and devices up after the rounds")
+    p.add_argument("--ingest-workers", type=int, default=0, metavar="N",
+                   help="split the server (docs/scale-out.md): this process orchestrates, N `koala serve --role ingest` "
+                   "processes take the results (default 0: one process does everything)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -74,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha if args.alpha > 0 else None,
         proxy_size=args.proxy_size or PROXY_SIZE.get(args.dataset, PROXY_SIZE[None]),
         train_size=args.train_size or None, test_size=args.test_size or None, broker=args.broker, db=args.db,
-        http_port=args.port, policy=policy, labeled_proxy=args.labeled_proxy,
+        http_port=args.port, policy=policy, labeled_proxy=args.labeled_proxy, ingest_workers=max(0, args.ingest_workers),
     )  # fmt: skip
     demo = DemoRun(cfg)
     demo.check_run_dir()

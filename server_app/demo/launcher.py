@@ -95,6 +95,9 @@ class DemoConfig:
     resume: bool = False  # continue the run in run_dir (its registry) instead of refusing it
     api_token: str | None = None  # None: KOALA_API__BEARER_TOKEN, else a fresh random one per run
     open_reads_localhost: bool = True  # GETs from 127.0.0.1/::1 need no token (dashboard, curl)
+    # > 0: the server split by role (docs/scale-out.md): this process orchestrates and N
+    # `koala serve --role ingest` processes take the results off the shared subscription
+    ingest_workers: int = 0
 
 
 def _vm_hwm_kib(pid: int) -> int | None:
@@ -120,6 +123,7 @@ class DemoRun:
         self.server: Any = None
         self.http_port = 0
         self.agents: dict[str, subprocess.Popen] = {}
+        self.workers: dict[str, subprocess.Popen] = {}  # `koala serve --role ingest` processes
         self.layout: Any = None
         self.t_start = 0.0
         self.rss_kib: dict[str, int | None] = {}
@@ -205,12 +209,22 @@ class DemoRun:
             shared_subscriptions=None if self.broker is None else self.broker.features.shared_subscriptions,
             policy=c.policy.with_overrides(min_devices=c.devices),  # the demo starts rounds once every agent is up
             wait_devices_s=60.0, torch_threads=c.torch_threads, start_orchestrator=False,
+            role="orchestrator" if c.ingest_workers else "all",
         )  # fmt: skip
+        if c.ingest_workers and not (self.broker is not None and self.broker.features.shared_subscriptions):
+            sock.close()
+            raise CommandError("ingestion workers need a broker with shared subscriptions\n"
+                               "  use the embedded Mosquitto (--broker embedded with mosquitto installed)")  # fmt: skip
         self.services = ServerServices(opts, settings=DemoApiSettings(self.api_token, c.open_reads_localhost))
         # started here, not by uvicorn's lifespan (start() is then a no-op): a failure (database,
         # broker) is the CommandError itself, not "server did not start"
         try:
             self.services.start()
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            self._start_workers(opts)
         except BaseException:
             sock.close()
             raise
@@ -236,6 +250,41 @@ class DemoRun:
         log.info(
             "server up api=http://127.0.0.1:%d shared_subscriptions=%s", self.http_port, self.services.shared
         )
+
+    def _start_workers(self, opts: Any) -> None:
+        """`koala serve --role ingest --worker-id wN` processes on this run's registry, broker and
+        data directory, configured as a deployment would (KOALA_* env); ready before any round."""
+        import urllib.request
+
+        from server_app.transport.broker import free_port
+
+        logs = self.run_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        ports = {}
+        for i in range(1, self.cfg.ingest_workers + 1):
+            wid, port = f"w{i}", free_port()
+            env = {k: v for k, v in os.environ.items() if not k.startswith("KOALA_")}
+            env.update({"KOALA_DATABASE__URL": opts.db_url, "KOALA_BROKER__URL": self.broker_url,
+                        "KOALA_BROKER__SHARED_GROUP": opts.share_group, "KOALA_PATHS__ARTIFACTS_DIR": opts.data_dir,
+                        "KOALA_ROLE": "ingest", "KOALA_WORKER_ID": wid, "KOALA_LOG_LEVEL": "INFO",
+                        "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})  # fmt: skip
+            out = open(logs / f"ingest-{wid}.log", "ab")  # noqa: SIM115 - handed to the child process
+            self.workers[wid] = subprocess.Popen([sys.executable, "-m", "server_app.cli", "serve", "--port", str(port)],
+                                                 stdout=out, stderr=subprocess.STDOUT, env=env, cwd=self.run_dir)  # fmt: skip
+            out.close()
+            ports[wid] = port
+        t_end = time.monotonic() + 60
+        for wid, port in ports.items():
+            while True:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
+                        break
+                except OSError:
+                    if self.workers[wid].poll() is not None or time.monotonic() > t_end:
+                        raise RuntimeError(f"ingestion worker {wid} did not start: see {logs / f'ingest-{wid}.log'}") from None
+                    time.sleep(0.2)
+        if ports:
+            log.info("ingestion workers ready workers=%s", ",".join(ports))
 
     def _start_agents(self) -> None:
         logs = self.run_dir / "logs"
@@ -376,6 +425,15 @@ class DemoRun:
         for p in self.agents.values():
             try:
                 p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for p in self.workers.values():  # after the agents, before the orchestrator: they drain what they hold
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.workers.values():
+            try:
+                p.wait(30)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
