@@ -286,3 +286,35 @@ def test_bulk_device_insert_skips_rows_a_concurrent_writer_added(registry):
                  "id")  # fmt: skip
     assert _device_rows(registry, ["d-late", "d-new"]) == [("d-late", "online", False, "mlp_tiny", True),
                                                            ("d-new", "unknown", False, None, True)]  # fmt: skip
+
+
+@pytest.mark.parametrize("first", ["claim", "close"])
+def test_a_claim_and_the_close_of_its_round_serialise(registry, first):
+    """Ingestion workers claim accepted rows while the orchestrator closes the round, in other
+    transactions: whichever commits first wins, and nothing falls between them. A claim holding
+    its (uncommitted) transaction makes the close wait, and the orchestrator's read after the close
+    sees the claim; a close holding its transaction makes the claim wait, and the claim then takes
+    nothing. On SQLite the database lock serialises them; on PostgreSQL the share lock
+    crud.claim_accepted takes on the round row."""
+    rid = _round_with_devices(registry, 2).id
+    registry.run(crud.transition_round, rid, "collecting")
+    claim = [(rid, "d0", "ab" * 32, 10, None)]
+    done: dict[str, object] = {}
+    with registry.session() as s:  # the first transaction, held open
+        if first == "claim":
+            assert crud.claim_accepted(s, claim) == {(rid, "d0")}
+            other = threading.Thread(target=lambda: done.setdefault("closed", registry.run(crud.close_collection, rid)))
+        else:
+            crud.close_collection(s, rid)
+            other = threading.Thread(target=lambda: done.setdefault("claimed", registry.run(crud.claim_accepted, claim)))
+        other.start()
+        other.join(1.0)
+        assert other.is_alive(), "the second transaction did not wait for the first"
+    other.join(30)
+    assert not other.is_alive()
+    rows = {a.device_id: a.status for a in registry.run(crud.list_assignments, round_id=rid)}
+    if first == "claim":  # the claim committed first: the close saw it and dropped only d1
+        assert done["closed"] == 1 and rows == {"d0": "accepted", "d1": "dropped"}
+    else:  # the close committed first: the claim took nothing
+        assert done["claimed"] == set() and rows == {"d0": "dropped", "d1": "dropped"}
+    assert registry.run(lambda s: crud.get_round(s, rid).state) == "aggregating"
