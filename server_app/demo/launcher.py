@@ -418,25 +418,8 @@ class DemoRun:
 
     # ------------------------------------------------------------------ stop
     def stop(self) -> None:
-        for dev in list(self.agents):
-            p = self.agents[dev]
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.agents.values():
-            try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for p in self.workers.values():  # after the agents, before the orchestrator: they drain what they hold
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.workers.values():
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        _terminate(self.agents.values(), 15)
+        _terminate(self.workers.values(), 30)  # after the agents, before the orchestrator: they drain what they hold
         if self.server is not None:
             self.server.should_exit = True
             self._server_thread.join(30)
@@ -452,6 +435,20 @@ class DemoRun:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _terminate(procs: Any, wait_s: float) -> None:
+    """SIGTERM every live process, then wait for each (SIGKILL after wait_s)."""
+    procs = list(procs)
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _host_port(url: str) -> tuple[str, int]:
