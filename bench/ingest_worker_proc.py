@@ -2,11 +2,13 @@
 `koala serve --role ingest` runs, without the HTTP port), as its own process.
 
 Usage: python -m bench.ingest_worker_proc DB_URL DATA_DIR BROKER_PORT
-Prints READY once subscribed; exits cleanly (draining what it holds) on a line `bye` or EOF.
+Prints READY once subscribed; on a line `bye` or EOF stops cleanly (draining what it holds) and
+prints its Ingestor's outcome counts as one JSON line.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 
@@ -23,7 +25,9 @@ def main(db_url: str, data_dir: str, port: str) -> int:
     for line in sys.stdin:
         if line.strip() == "bye":
             break
+    counts = services.ingestor.counts
     services.stop()
+    print(json.dumps(dict(counts)), flush=True)
     return 0
 
 

@@ -202,19 +202,32 @@ def run_workers(db_url: str, k: int, port: int, m: int, proxy: int, classes: int
             out["workers"] = k
             out["round_error"] = box.get("error")
             out["round_accepted"] = (box.get("round") or {}).get("accepted")
+            out["persisted"] = server.registry.run(_count_accepted)
+            out["ingestor_counts"] = _stop_workers(procs)  # summed over the workers
             return out
         finally:
-            for p in procs:
-                with contextlib.suppress(OSError, ValueError):
-                    assert p.stdin is not None
-                    p.stdin.write("bye\n")
-                    p.stdin.flush()
-            for p in procs:
-                try:
-                    p.wait(30)
-                except Exception:
-                    p.kill()
+            _stop_workers(procs)
             server.stop()
+
+
+def _stop_workers(procs: list[Any]) -> dict[str, int]:
+    """Say `bye` to each worker process; sum the outcome counts each prints on its way out."""
+    total: dict[str, int] = {}
+    for p in procs:
+        if p.poll() is not None:
+            continue
+        with contextlib.suppress(OSError, ValueError):
+            p.stdin.write("bye\n")
+            p.stdin.flush()
+        try:
+            line = p.stdout.readline() if p.stdout is not None else ""
+            for key, n in (json.loads(line) if line.startswith("{") else {}).items():
+                total[key] = total.get(key, 0) + int(n)
+            p.wait(30)
+        except Exception:
+            p.kill()
+            p.wait()
+    return total
 
 
 def stage_breakdown(db_url: str, port: int, m: int, proxy: int, classes: int, dtype: str) -> dict[str, Any]:
