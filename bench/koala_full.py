@@ -59,6 +59,9 @@ METHODS: dict[str, dict[str, Any]] = {
     # the lead (policy defaults otherwise: avg_model teacher)
     "koala_homo": {"name": "koala_homo", "preset": "koala_homo", "policy": dict(KOALA_LEAD)},
     "koala_hetero": {"name": "koala_hetero", "preset": "koala_hetero", "policy": dict(KOALA_LEAD)},  # entropy fusion
+    # strong label skew: trust each device's logits on the classes its histogram says it has seen
+    "koala_hetero+class_aware": {"name": "koala_hetero+class_aware", "preset": "koala_hetero",
+                                 "policy": {**KOALA_LEAD, "fusion": "class_aware"}},
     # gap-closing candidates, one change each from koala_homo
     "koala_homo+rkd12": {"name": "koala_homo+rkd12", "preset": "koala_homo",
                          "policy": {**KOALA_LEAD, "rkd_epochs": 12}},
