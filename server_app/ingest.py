@@ -105,6 +105,13 @@ class Presence:
             (self.revoked.add if revoked else self.revoked.discard)(device_id)
             self._online += int(self._counts(self._status.get(device_id))) - int(was)
 
+    def sync_revoked(self, revoked: set[str]) -> None:
+        """Make the revoked set the registry's (a revocation made through another server process)."""
+        for dev in revoked - self.revoked:
+            self.set_revoked(dev)
+        for dev in self.revoked - revoked:
+            self.set_revoked(dev, False)
+
     def update(self, status: cm.DeviceStatus) -> None:
         with self._lock:
             prev = self._status.get(status.device_id)

@@ -368,6 +368,7 @@ class ServerServices:
             strategy, self.fleet, self.store, self.link.publish, rounds=pol.rounds, round_timeout_s=pol.deadline_s,
             models_dir=Path(o.data_dir) / "models", evaluate=evaluate, min_devices=pol.min_devices,
             wait_devices_s=o.wait_devices_s, strategy_name=pol.strategy,
+            before_round=lambda: self.presence.sync_revoked(set(self.store.revoked_devices())),
             config={"policy": pol.model_dump(mode="json"), "proxy_sha256": proxy_digest, "proxy_size": len(proxy_x)},
         )  # fmt: skip
         from server_app.api.routes.rounds import restore_schedule_policy

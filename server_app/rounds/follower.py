@@ -59,10 +59,7 @@ class RoundFollower:
                 return
             self.last_error = None
             self.polls += 1
-            for dev in revoked - self.presence.revoked:
-                self.presence.set_revoked(dev)
-            for dev in self.presence.revoked - revoked:
-                self.presence.set_revoked(dev, False)
+            self.presence.sync_revoked(revoked)
             col = self._col
             if cur is None:
                 return

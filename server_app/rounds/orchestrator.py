@@ -91,6 +91,7 @@ class RoundOrchestrator:
         strategy_name: str | None = None,
         config: dict[str, Any] | None = None,
         on_report: Callable[[RoundReport], None] | None = None,
+        before_round: Callable[[], None] | None = None,
     ):
         self.strategy = strategy
         self.fleet = fleet
@@ -105,6 +106,8 @@ class RoundOrchestrator:
         self.strategy_name = strategy_name or getattr(strategy, "name", "strategy")
         self.config = dict(config or {})
         self.on_report = on_report
+        # called before each round picks its devices (services: revocations made by other processes)
+        self._before_round = before_round
         self.model_version = 0
         self.reports: list[RoundReport] = []
         self.consecutive_failures = 0  # failed rounds in a row: the schedule backs off
@@ -222,6 +225,11 @@ class RoundOrchestrator:
         return False
 
     def _wait_for_devices(self) -> bool:
+        if self._before_round is not None:
+            try:
+                self._before_round()
+            except Exception:  # advisory: the registry being down is handled by the round itself
+                log.warning("before-round hook failed", exc_info=True)
         self.state = "waiting_devices"
         t_end = time.monotonic() + self.wait_devices_s
         while not self._stop.is_set():

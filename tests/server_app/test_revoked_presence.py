@@ -43,3 +43,15 @@ def test_registry_revocation_is_loaded_at_start_and_refuses_results(registry, tm
     r = cm.Result(round_id=0, device_id="bad", arch="cnn_small", num_samples=10, label_histogram=[1] * 10)
     out = ing.ingest_batch([(topics.device_result("bad"), codec.encode_frame(r))])[0]
     assert (out.status, out.reason) == ("rejected", "revoked_device")
+
+
+def test_presence_follows_revocations_made_by_other_processes():
+    """An API process revokes in the registry only; the orchestrator (before each round) and the
+    ingestion workers (every poll) make their presence match the registry's revoked set."""
+    p = Presence()
+    for dev in ("a", "b", "c"):
+        p.update(_status(dev))
+    p.set_revoked("c")
+    p.sync_revoked({"a"})  # the registry: a revoked (by another process), c re-admitted
+    assert sorted(d.device_id for d in p.online()) == ["b", "c"] and p.online_count() == 2
+    assert p.revoked == {"a"}
