@@ -82,49 +82,17 @@ def fuse_logits(
     L = sanitize_logits(np.stack([np.asarray(x, np.float64) for x in logits]))
     if L.ndim != 3:
         raise ValueError(f"logits must be [D, P, C], got {L.shape}")
-    D, P, C = L.shape
+    D = L.shape[0]
     p = softmax(L, temperature)  # [D, P, C]
-    n = np.ones(D) if num_samples is None else np.asarray(num_samples, np.float64)
-    if rule == "mean":
-        out = p.mean(axis=0)
-    elif rule == "weighted":
-        out = np.tensordot(n / n.sum(), p, axes=1)
-    elif rule == "entropy":
-        h = -(p * np.log(np.clip(p, 1e-12, None))).sum(axis=-1)  # [D, P]
-        w = 1.0 - h / np.log(C) + 1e-3
-        out = (_normalize(w)[..., None] * p).sum(axis=0)
-    elif rule == "class_aware":
-        if label_histograms is None:
-            raise ValueError("class_aware fusion needs label histograms")
-        hist = np.asarray(label_histograms, np.float64)  # [D, C]
-        share = _normalize(hist)  # [D, C], columns sum to 1 (or 0 if nobody saw the class)
-        unseen = hist.sum(axis=0) == 0
-        share[:, unseen] = 1.0 / D
-        out = np.einsum("dc,dpc->pc", share, p)
-    elif rule == "group":
-        if groups is None:
-            raise ValueError("group fusion needs the group (arch) of every teacher")
-        names = sorted(set(groups))
-        g_probs, g_n = [], []
-        for g in names:
-            idx = [i for i, x in enumerate(groups) if x == g]
-            ng = n[idx]
-            g_probs.append(np.tensordot(ng / ng.sum(), p[idx], axes=1))
-            g_n.append(ng.sum())
-        gp = np.stack(g_probs)
-        gw = np.asarray(g_n) if inner == "weighted" else np.ones(len(names))
-        out = np.tensordot(gw / gw.sum(), gp, axes=1)
-    elif rule == "median":
+    if rule == "median":
         out = _row_normalize(coordinate_median(p), p.mean(axis=0))
     elif rule == "trimmed_mean":
         out = _row_normalize(coordinate_trimmed_mean(p, trim), p.mean(axis=0))
-    elif rule == "agreement":
+    else:  # agreement
         ref = _row_normalize(coordinate_median(p), p.mean(axis=0)).argmax(axis=-1)  # [P]
         a = (p.argmax(axis=-1) == ref[None, :]).mean(axis=1)  # [D]
         w = a**2 if np.any(a > 0) else np.ones(D)
         out = np.tensordot(w / w.sum(), p, axes=1)
-    else:
-        raise ValueError(f"unknown fusion rule {rule!r}; known: {RULES}")
     out = out / out.sum(axis=-1, keepdims=True)
     return out.astype(np.float32)
 
