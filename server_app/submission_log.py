@@ -69,20 +69,31 @@ def write_segment(root: Path, round_id: int, frames: list[bytes]) -> Path:
     return path
 
 
+def _spans(data: bytes) -> tuple[list[tuple[int, int]], int]:
+    """(start, length) of each whole record of a segment's bytes (after MAGIC), and the offset
+    where the whole records end: len(data), unless a torn record follows."""
+    spans, pos = [], len(MAGIC)
+    while pos + _LEN.size <= len(data):
+        (n,) = _LEN.unpack_from(data, pos)
+        start = pos + _LEN.size
+        if start + n > len(data):
+            break
+        spans.append((start, n))
+        pos = start + n
+    return spans, pos
+
+
 def read_segment(path: Path) -> Iterator[bytes]:
     """The whole records of one segment; stops at a torn (short) trailing record."""
     data = path.read_bytes()
     if not data.startswith(MAGIC):
         log.warning("not a submission segment: %s", path)
         return
-    pos = len(MAGIC)
-    while pos + _LEN.size <= len(data):
-        (n,) = _LEN.unpack_from(data, pos)
-        if pos + _LEN.size + n > len(data):
-            log.warning("torn record at the end of %s (offset %d): ignored", path, pos)
-            return
-        yield data[pos + _LEN.size : pos + _LEN.size + n]
-        pos += _LEN.size + n
+    spans, end = _spans(data)
+    for start, n in spans:
+        yield data[start : start + n]
+    if end + _LEN.size <= len(data):
+        log.warning("torn record at the end of %s (offset %d): ignored", path, end)
 
 
 def recover(root: Path, round_id: int, accepted: Mapping[str, str | None]) -> dict[str, cm.Result]:
@@ -151,17 +162,10 @@ class SegmentIndex:
             except OSError as exc:
                 log.error("segment unreadable %s: %s", p, exc)
                 continue
-            pos = len(MAGIC) if data.startswith(MAGIC) else len(data)
-            torn = False
-            while pos + _LEN.size <= len(data):
-                (n,) = _LEN.unpack_from(data, pos)
-                start = pos + _LEN.size
-                if start + n > len(data):
-                    torn = True  # a crash mid-write (its rows never committed): read again next time
-                    break
+            spans, end = _spans(data) if data.startswith(MAGIC) else ([], len(data))
+            for start, n in spans:
                 self._where.setdefault(codec.frame_digest(data[start : start + n]), (p, start, n))
-                pos = start + n
-            if not torn and pos == len(data):
+            if end == len(data):  # else torn by a crash mid-write (its rows never committed): read again
                 self._seen.add(p.name)
 
     def nbytes(self, digest: str) -> int:
