@@ -192,10 +192,7 @@ class ServerServices:
             self._lead()
         self.store = RegistryStore(self.registry, o.data_dir)
         self.presence = Presence()
-        from server_app.registry import crud
-
-        for dev in self.registry.run(crud.revoked_device_ids):  # revoked before this start: never online
-            self.presence.set_revoked(dev)
+        self.presence.sync_revoked(set(self.store.revoked_devices()))  # revoked before this start: never online
         if o.role == "ingest":
             from server_app.rounds.follower import RoundFollower
 
@@ -211,7 +208,7 @@ class ServerServices:
             # unread. A worker assumes a broker with shared subscriptions (say so with
             # broker.shared_group; shared_subscriptions False only for a single worker).
             self.shared = o.shared_subscriptions is not False
-            self.results_filter = topics.shared(o.share_group, topics.filter_results()) if self.shared else topics.filter_results()
+            self.results_filter = self._results_topic()
             self.ingest_worker = subscribe_results(self.link, self.results_filter, self.ingestor,
                                                    on_outcomes=self._send_verdicts)  # fmt: skip
         if not self.link.start(wait_s=BROKER_WAIT_S):
@@ -221,7 +218,7 @@ class ServerServices:
                 f"the broker is running and reachable from here")  # fmt: skip
         if o.role != "ingest":
             self.shared = o.shared_subscriptions if o.shared_subscriptions is not None else self._probe_shared()
-        results = topics.shared(o.share_group, topics.filter_results()) if self.shared else topics.filter_results()
+        results = self._results_topic()
         if o.role == "ingest" and not self.shared:
             log.warning("shared subscriptions off: every ingestion worker receives every result (correct — the "
                         "registry takes each once — but each worker does all the work)")
@@ -243,6 +240,11 @@ class ServerServices:
         self.started = True
         if o.start_orchestrator:
             self.orchestrator.start()
+
+    def _results_topic(self) -> str:
+        """The results filter: the share group's when the broker shares (self.shared), else plain."""
+        f = topics.filter_results()
+        return topics.shared(self.options.share_group, f) if self.shared else f
 
     def _mqtt_link(self) -> MqttClient:
         """The server's client. Leading roles announce `server/status` (retained, Last Will); an
