@@ -113,39 +113,52 @@ def run_raw(port: int, m: int, proxy: int, classes: int, dtype: str, timeout_s: 
     return _summary("raw broker", m, t0, times, ok, rep, pub.ready["payload_bytes"])
 
 
+def _round(server: Any, label: str, port: int, m: int, proxy: int, classes: int, dtype: str, timeout_s: float,
+           accepted: Any, times: list[float], settle_s: float) -> dict[str, Any]:
+    """One collecting round of M devices on `server` (MqttFleet.run_round in a thread: it opens the
+    Collection and waits) while the publisher sends M results; `accepted()` counts the accepted
+    ones so far and `times` holds when each was accepted. settle_s: after the assignment frames
+    went out, before the results do."""
+    from bench.swarm import device_id
+
+    devices = [device_id(i) for i in range(m)]
+    box: dict[str, Any] = {}
+
+    def collect() -> None:
+        try:
+            box["round"] = server.run_round(1, devices, None, timeout_s=timeout_s)
+        except Exception as exc:
+            box["error"] = repr(exc)
+
+    th = threading.Thread(target=collect, daemon=True)
+    th.start()
+    _wait(lambda: server.fleet.collection is not None and server.fleet.collection.sent_at, 60)
+    time.sleep(settle_s)
+    pub = Publisher(port, m, proxy, classes, dtype)
+    t0 = pub.go()
+    ok = _wait_count(accepted, m, timeout_s)
+    rep = pub.finish()
+    if not ok:
+        server.fleet.abort()  # stop waiting for results the broker dropped
+    th.join(30)
+    out = _summary(label, m, t0, list(times), ok, rep, pub.ready["payload_bytes"])
+    out["round_error"] = box.get("error")
+    out["round_accepted"] = (box.get("round") or {}).get("accepted")
+    out["persisted"] = server.registry.run(_count_accepted)
+    return out
+
+
 def run_server(db_url: str, label: str, port: int, m: int, proxy: int, classes: int, dtype: str,
                timeout_s: float) -> dict[str, Any]:
     """The server's ingestion path into the registry at db_url, for one collecting round of M devices."""
     from bench.server_side import ServerSide
-    from bench.swarm import device_id
 
     with tempfile.TemporaryDirectory(prefix="koala-bench-ingest-") as tmp:
         server = ServerSide(db_url, tmp, "127.0.0.1", port, proxy_shape=(proxy, classes)).start()
-        devices = [device_id(i) for i in range(m)]
-        box: dict[str, Any] = {}
-
-        def collect() -> None:  # MqttFleet.run_round: opens the Collection and waits for M results
-            try:
-                box["round"] = server.run_round(1, devices, None, timeout_s=timeout_s)
-            except Exception as exc:
-                box["error"] = repr(exc)
-
         try:
-            th = threading.Thread(target=collect, daemon=True)
-            th.start()
-            _wait(lambda: server.fleet.collection is not None and server.fleet.collection.sent_at, 60)
-            time.sleep(0.3)  # assignment frames flushed; the collection is open
-            pub = Publisher(port, m, proxy, classes, dtype)
-            t0 = pub.go()
-            ok = _wait_count(lambda: len(server.accept_times), m, timeout_s)
-            rep = pub.finish()
-            if not ok:
-                server.fleet.abort()  # stop waiting for results the broker dropped
-            th.join(30)
-            out = _summary(label, m, t0, list(server.accept_times), ok, rep, pub.ready["payload_bytes"])
+            out = _round(server, label, port, m, proxy, classes, dtype, timeout_s, lambda: len(server.accept_times),
+                         server.accept_times, settle_s=0.3)  # fmt: skip
             out["ingestor_counts"] = dict(server.ingestor.counts)
-            out["round_error"] = box.get("error")
-            out["persisted"] = server.registry.run(lambda s: _count_accepted(s))
             return out
         finally:
             server.stop()
@@ -157,52 +170,26 @@ def run_workers(db_url: str, k: int, port: int, m: int, proxy: int, classes: int
     shared subscription; this process runs the round (MqttFleet, no results subscription of its
     own) as the orchestrator does. Accepted = committed rows in the registry, polled every 10 ms."""
     from bench.server_side import ServerSide
-    from bench.swarm import device_id
 
     with tempfile.TemporaryDirectory(prefix="koala-bench-workers-") as tmp:
         server = ServerSide(db_url, tmp, "127.0.0.1", port, proxy_shape=(proxy, classes), ingest=False,
                             client_id=f"bench-orch-{k}").start()  # fmt: skip
         procs = [python_child("bench.ingest_worker_proc", db_url, tmp, str(port), stdin=-1, stdout=-1) for _ in range(k)]
-        devices = [device_id(i) for i in range(m)]
-        box: dict[str, Any] = {}
         times: list[float] = []
 
-        def collect() -> None:
-            try:
-                box["round"] = server.run_round(1, devices, None, timeout_s=timeout_s)
-            except Exception as exc:
-                box["error"] = repr(exc)
+        def accepted() -> int:
+            n = server.registry.run(_count_accepted)
+            times.extend([time.perf_counter()] * (n - len(times)))
+            return n
 
         try:
             for p in procs:
                 assert p.stdout is not None
                 if "READY" not in p.stdout.readline():
                     raise RuntimeError(f"ingestion worker exited rc={p.wait()}")
-            th = threading.Thread(target=collect, daemon=True)
-            th.start()
-            _wait(lambda: server.fleet.collection is not None and server.fleet.collection.sent_at, 60)
-            time.sleep(1.0)  # assignment frames flushed; every worker's view holds the open round
-            pub = Publisher(port, m, proxy, classes, dtype)
-            t0 = pub.go()
-            count = [0]
-
-            def accepted() -> int:
-                n = server.registry.run(_count_accepted)
-                if n > count[0]:
-                    times.extend([time.perf_counter()] * (n - count[0]))
-                    count[0] = n
-                return n
-
-            ok = _wait_count(accepted, m, timeout_s)
-            rep = pub.finish()
-            if not ok:
-                server.fleet.abort()
-            th.join(30)
-            out = _summary(f"{k} ingest worker{'s' if k > 1 else ''}", m, t0, times, ok, rep, pub.ready["payload_bytes"])
+            out = _round(server, f"{k} ingest worker{'s' if k > 1 else ''}", port, m, proxy, classes, dtype, timeout_s,
+                         accepted, times, settle_s=1.0)  # every worker's view holds the open round  # fmt: skip
             out["workers"] = k
-            out["round_error"] = box.get("error")
-            out["round_accepted"] = (box.get("round") or {}).get("accepted")
-            out["persisted"] = server.registry.run(_count_accepted)
             out["ingestor_counts"] = _stop_workers(procs)  # summed over the workers
             return out
         finally:
