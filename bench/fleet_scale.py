@@ -7,7 +7,11 @@ sessions (one selector loop, canned valid logits, no device compute). Then, agai
           and waits for N result frames — no validation, no registry;
   server  the server's machinery (bench.server_side: registry, Ingestor, MqttFleet.run_round) runs
           the same rounds: assignment encode + registry rows + fan-out + collection + validation +
-          persistence. No KD, no device compute: that is the round overhead.
+          persistence. No KD, no device compute: that is the round overhead. Then the parts of
+          KOALA's aggregation whose memory grows with the fleet — the agreement filter and the
+          fusion over every accepted result's logits (what `koala_hetero` runs before reverse KD) —
+          on the round's results as the fleet returns them (spilled to disk, file-mapped), timed
+          apart (`t_fuse_s`) and inside the peak RSS.
 Each side runs in its own process so its peak RSS (VmHWM) is its own.
 
 Roles: `python -m bench.fleet_scale raw|server --port P --n N ...` print one JSON line.
@@ -101,7 +105,7 @@ def role_server(a: argparse.Namespace) -> dict[str, Any]:
         try:
             for r in range(1, a.rounds + 1):
                 try:
-                    rounds.append(server.run_round(r, devices, teacher, timeout_s=a.timeout))
+                    rounds.append(server.run_round(r, devices, teacher, timeout_s=a.timeout, fuse=True))
                 except Exception as exc:  # QuorumNotMet at the deadline: report, do not hide
                     rounds.append({"round_id": r, "error": repr(exc), **(server.fleet.last_stats if server.fleet else {})})
         finally:
@@ -229,7 +233,7 @@ def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
         ratios[f"n{n}/growth_vs_linear"] = res["growth_vs_linear"]
         last = (res["server"].get("rounds") or [{}])[-1]
         rows.append([n, res["swarm_ready"].get("ready"), raw, srv, res["server_vs_raw"], res["growth_vs_linear"],
-                     last.get("t_encode_s"), res["server"].get("peak_rss_mib"), res["server"].get("rss_ready_mib"),
+                     last.get("t_encode_s"), last.get("t_fuse_s"), res["server"].get("peak_rss_mib"), res["server"].get("rss_ready_mib"),
                      res["server"].get("t_presence_s"), res["broker_fds"]])  # fmt: skip
     # per device: what the server's peak RSS grows by from the smallest to the largest fleet measured
     big = [r for r in results if r["server"].get("peak_rss_mib") and r["n"] >= (1000 if not quick else 0)]
@@ -240,6 +244,7 @@ def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
     ratios["rss_mib_per_device"] = slope
     summary = [{"devices": r["n"], "overhead_s": r["overhead_s"], "raw_round_s": r["raw_round_s"],
                 "server_peak_rss_mib": r["server"].get("peak_rss_mib"),
+                "fuse_s": ((r["server"].get("rounds") or [{}])[-1]).get("t_fuse_s"),
                 "rounds_complete": all(x.get("accepted") == r["n"] for x in r["server"].get("rounds", [])) or None}
                for r in results]  # fmt: skip
     probes = [] if quick else [connect_probe(1100, nofile=1024)]
@@ -250,7 +255,7 @@ def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
                                      for p in probes]))  # fmt: skip
         print()
     print(table(["N", "connected", "raw round s", "server round s", "server/raw", "growth vs linear",
-                 "encode s", "server peak RSS MiB", "RSS after presence MiB", "presence s", "broker fds"], rows))  # fmt: skip
+                 "encode s", "filter+fuse s", "server peak RSS MiB", "RSS after presence MiB", "presence s", "broker fds"], rows))  # fmt: skip
     notes = [f"payload per device per direction ~{proxy * classes * 2 / 1e3:.0f} kB (float16 logits)",
              "round = assignment encode + registry rows + fan-out + collection + validation + persistence; no KD",
              "swarm: one Python process serialises all devices' decode+encode (a simulation cost in both paths)",

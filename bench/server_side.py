@@ -63,7 +63,7 @@ class ServerSide:
         proxy, classes = self.proxy_shape
         self.fleet = MqttFleet(self.link.publish, self.presence.online, self.store, num_classes=classes,
                                proxy_size=proxy, proxy_digest=None, default_timeout_s=300.0,
-                               on_state=self._on_state)  # fmt: skip
+                               on_state=self._on_state, spill_dir=self.data_dir / "spill")  # fmt: skip
         return self
 
     def _on_outcomes(self, outs: list[Any]) -> None:
@@ -98,15 +98,27 @@ class ServerSide:
                            teacher_logits=teacher) for d in device_ids]  # fmt: skip
 
     def run_round(self, round_id: int, device_ids: list[str], teacher: np.ndarray | None,
-                  timeout_s: float = 300.0) -> dict[str, Any]:
-        """Fan-out + collection + validation + persistence of one round, as MqttFleet runs it."""
+                  timeout_s: float = 300.0, fuse: bool = False) -> dict[str, Any]:
+        """Fan-out + collection + validation + persistence of one round, as MqttFleet runs it;
+        `fuse`: then the agreement filter and entropy fusion over the results' logits (the steps of
+        KOALA's aggregation that read every result; no reverse KD)."""
         assert self.fleet is not None
         self.open_round(round_id)
         t0 = time.perf_counter()
         results = self.fleet.run_round(self.assignments(round_id, device_ids, teacher), quorum=len(device_ids),
                                        timeout_s=timeout_s)  # fmt: skip
         wall = time.perf_counter() - t0
-        return {"round_id": round_id, "wall_s": wall, "accepted": len(results), **self.fleet.last_stats}
+        out = {"round_id": round_id, "wall_s": wall, "accepted": len(results), **self.fleet.last_stats}
+        if fuse:
+            from server_app.engine.fusion import fuse_logits
+            from server_app.engine.robust import agreement_filter
+
+            t1 = time.perf_counter()
+            logits = [r.proxy_logits for r in results if r.proxy_logits is not None]
+            keep, _agree = agreement_filter(logits, 0.3)
+            q = fuse_logits([z for z, k in zip(logits, keep, strict=True) if k], "entropy")
+            out.update(t_fuse_s=time.perf_counter() - t1, fused_rows=int(q.shape[0]), kept=int(keep.sum()))
+        return out
 
     def stop(self) -> None:
         if self.worker is not None:

@@ -5,8 +5,13 @@ file, two commits) capped the server at a few dozen results/s, and the broker dr
 up behind it. Here the MQTT handler only enqueues `(topic, payload, ack)`; one worker thread takes
 what has arrived (up to `max_batch`), runs `Ingestor.ingest_batch` (one read, one fsync, one
 transaction) and only then calls the acks. Until then the broker counts the messages as in flight,
-and its inflight window (`max_inflight_messages`) stops further deliveries: the backlog waits at the
-broker, not in our memory.
+and its inflight window (`max_inflight_messages`) should stop further deliveries. It does not always:
+`koala bench fleet_scale` measured Mosquitto 2.0.11 (max_inflight_messages 100) handing the server
+1,000+ unacknowledged results during a 3,000-device round, and the queue with them (100 kB each)
+was most of the server's peak memory. So the worker bounds its own queue: at `max_backlog` the
+handler holds paho's network thread (at most `hold_s` per delivery) until the worker has taken a
+batch; while it is held nothing is read from the socket, and TCP pushes back to the broker, which
+keeps the rest. Memory for queued results is then bounded by `max_backlog`, whatever the broker does.
 
 If the registry is unavailable the batch is kept and retried (0.5 s doubling to 5 s) and nothing is
 acknowledged, so an outage loses nothing and needs no in-memory queue of its own.
@@ -18,6 +23,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,6 +31,8 @@ from server_app.registry.errors import RegistryUnavailable
 
 log = logging.getLogger("koala.ingest.worker")
 MAX_BATCH = 256
+MAX_BACKLOG = 2 * MAX_BATCH  # results queued in memory before the MQTT thread stops reading
+HOLD_S = 5.0  # longest one delivery holds the MQTT thread (keepalive pings go out in between)
 Item = tuple[str, bytes, Callable[[], None]]
 
 
@@ -38,9 +46,16 @@ class IngestWorker:
         max_batch: int = MAX_BATCH,
         on_outcomes: Callable[[list[Any]], None] | None = None,
         backoff_s: tuple[float, float] = (0.5, 5.0),
+        max_backlog: int = MAX_BACKLOG,
+        hold_s: float = HOLD_S,
     ) -> None:
         self._ingest = ingest
         self.max_batch = max_batch
+        self.max_backlog = max(1, max_backlog)
+        self.hold_s = hold_s
+        self._room = threading.Condition()  # notified when the worker takes a batch off the queue
+        self.holds = 0  # deliveries that waited for room (backpressure; tests, logs)
+        self.peak_backlog = 0
         self._on_outcomes = on_outcomes
         self._backoff = backoff_s
         self._q: queue.Queue[Item] = queue.Queue()
@@ -55,6 +70,26 @@ class IngestWorker:
         """The MQTT handler (deferred_ack): never blocks, never touches the registry."""
         self.received += 1
         self._q.put((topic, payload, ack))
+        n = self._q.qsize()
+        self.peak_backlog = max(self.peak_backlog, n)
+        if n >= self.max_backlog:
+            self._wait_for_room()
+
+    def _wait_for_room(self) -> None:
+        """Backpressure: hold the calling (MQTT network) thread until the queue is below half of
+        `max_backlog`, the worker stops, or `hold_s` passes (a stuck registry must not stall the
+        connection past its keepalive; the next delivery holds again, so the queue grows by at
+        most one message per `hold_s` meanwhile)."""
+        self.holds += 1
+        t_end = time.monotonic() + self.hold_s
+        with self._room:
+            while self._q.qsize() > self.max_backlog // 2 and not self._abort.is_set():
+                left = t_end - time.monotonic()
+                if left <= 0:
+                    log.warning("ingest backlog %d >= %d for %.0fs: reading on", self._q.qsize(), self.max_backlog,
+                                self.hold_s)  # fmt: skip
+                    return
+                self._room.wait(min(left, 0.5))
 
     @property
     def backlog(self) -> int:
@@ -94,6 +129,8 @@ class IngestWorker:
                     batch.append(self._q.get_nowait())
                 except queue.Empty:
                     break
+            with self._room:
+                self._room.notify_all()
             self._process(batch)
 
     def _process(self, batch: list[Item]) -> None:

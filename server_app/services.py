@@ -349,6 +349,9 @@ class ServerServices:
         large = build_large_model(pol.large, shape, num_classes, pol.seed).to(resolve_device(o.device))
         factory = lambda arch: SmallModel(f"{arch}_{format_input(shape)}", num_threads=1)  # noqa: E731
         strategy = build_strategy(pol, large=large, proxy_x=proxy_x, small_factory=factory, proxy_labels=proxy_labels)
+        spill_dir = Path(o.data_dir) / "spill"  # per-device tensors of a round wait on disk, not in memory
+        if hasattr(strategy, "spill_dir"):  # KOALA: its per-device model logits (agreement filter) too
+            strategy.spill_dir = spill_dir
         from device_firmware_py.config import file_sha256
 
         proxy_digest = file_sha256(o.proxy_path)
@@ -365,6 +368,7 @@ class ServerServices:
             default_timeout_s=pol.deadline_s,
             planner=DeadlinePlanner(pol.deadline_s, pol.deadline_factor, pol.deadline_min_s),
             progress_of=self.presence.progress.get,
+            spill_dir=spill_dir,
         )  # fmt: skip
         self.orchestrator = RoundOrchestrator(
             strategy, self.fleet, self.store, self.link.publish, rounds=pol.rounds, round_timeout_s=pol.deadline_s,

@@ -42,6 +42,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from server_app.engine.pages import release_pages
 from server_app.engine.probability import sanitize_logits, softmax
 from server_app.engine.robust import coordinate_median, coordinate_trimmed_mean
 
@@ -133,6 +134,7 @@ def _fuse_linear(
     shape: tuple[int, ...] = ()
     for d, x in enumerate(logits):
         z = sanitize_logits(np.asarray(x))
+        release_pages(x)  # a spilled teacher (file-mapped) leaves the process once read
         if z.ndim != 2:
             raise ValueError(f"logits must be [D, P, C], got a teacher of shape {z.shape}")
         p = softmax(z, temperature)  # [P, C]

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from server_app.engine.pages import release_pages
 from server_app.engine.probability import sanitize_logits, softmax
 from server_app.policy import WEIGHT_RULES  # the one list of rule names (policy validates against it)
 
@@ -65,7 +66,16 @@ def coordinate_trimmed_mean(x: np.ndarray, trim: float = 0.2) -> np.ndarray:
 
 # ------------------------------------------------------------------------------- helpers
 def _flat(ws: Sequence[np.ndarray]) -> np.ndarray:
-    return np.concatenate([np.asarray(w, np.float64).ravel() for w in ws]) if len(ws) else np.zeros(0)
+    """One device's tensors as one float64 vector (a spilled device's pages leave the process)."""
+    v = np.concatenate([np.asarray(w, np.float64).ravel() for w in ws]) if len(ws) else np.zeros(0)
+    for w in ws:
+        release_pages(w)
+    return v
+
+
+def _update_norm(ws: Sequence[np.ndarray], ref: np.ndarray) -> float:
+    """`_row_norms` of one device's update, without stacking the fleet's."""
+    return float(_row_norms((_flat(ws) - ref)[None, :])[0])
 
 
 def _unflat(v: np.ndarray, like: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -131,9 +141,12 @@ def weights_violation(
         a = np.asarray(w)
         if a.size == 0:
             continue
-        if not np.all(np.isfinite(a)):
+        bad = not np.all(np.isfinite(a))
+        big = not bad and bound is not None and float(np.max(np.abs(a.astype(np.float64)))) > bound
+        release_pages(w)
+        if bad:
             return "non_finite"
-        if bound is not None and float(np.max(np.abs(a.astype(np.float64)))) > bound:
+        if big:
             return "magnitude"
     return None
 
@@ -231,6 +244,8 @@ def aggregate_weights(
     n = np.ones(d) if num_samples is None else np.asarray(num_samples, np.float64)
     if n.shape != (d,) or np.any(n < 0) or not np.all(np.isfinite(n)) or n.sum() <= 0:
         raise ValueError(f"num_samples must be {d} non-negative counts with a positive sum")
+    if rule == "fedavg":  # a mean needs no [D, N] stack: fold the devices in one at a time
+        return _fedavg_streaming(weight_sets, n, reference, clip_norm, clip_factor, info)
     v = np.stack([_flat(ws) for ws in weight_sets])  # [D, N] float64
     diag: dict[str, Any] = {"rule": rule, "num_devices": d}
     if reference is not None:
@@ -242,9 +257,7 @@ def aggregate_weights(
             diag.update(
                 update_norms=norms.tolist(), clip_bound=bound, clipped=np.flatnonzero(norms > bound).tolist()
             )
-    if rule == "fedavg":
-        out = np.tensordot(n / n.sum(), v, axes=1)
-    elif rule == "cosine":
+    if rule == "cosine":
         if reference is None:
             raise ValueError("the cosine rule needs the reference (current global) weights")
         u = v - ref[None, :]
@@ -273,6 +286,39 @@ def aggregate_weights(
     return [_finite_f32(t) for t in _unflat(out, like)]
 
 
+def _fedavg_streaming(weight_sets: Sequence[Sequence[np.ndarray]], n: np.ndarray, reference: Sequence[np.ndarray] | None,
+                      clip_norm: float | None, clip_factor: float | None,
+                      info: dict[str, Any] | None) -> list[np.ndarray]:  # fmt: skip
+    """aggregate_weights' "fedavg" (with clipping against `reference` as `clip_updates` does) as a
+    running sum: memory O(N) whatever D is (the [D, N] float64 stack of 10,000 devices of a 9k-weight
+    model was 720 MB, twice with the clipped copy). Two passes when clipping (norms, then the sum)."""
+    like = list(weight_sets[0])
+    d = len(weight_sets)
+    diag: dict[str, Any] = {"rule": "fedavg", "num_devices": d}
+    ref = factors = None
+    if reference is not None:
+        if weights_violation(reference, like) is not None:
+            raise ValueError("reference does not match the devices' tensors (or is non-finite)")
+        if clip_norm is not None or clip_factor is not None:
+            ref = _flat(reference)
+            norms = np.array([_update_norm(ws, ref) for ws in weight_sets])
+            cf = clip_factor if clip_factor is not None else 2.0
+            bound = float(clip_norm) if clip_norm is not None else float(cf) * float(np.median(norms))
+            factors = np.where(norms > bound, bound / np.where(norms > 0, norms, 1.0), 1.0)
+            diag.update(update_norms=norms.tolist(), clip_bound=bound, clipped=np.flatnonzero(norms > bound).tolist())
+    w = n / n.sum()
+    out: np.ndarray | None = None
+    for i, ws in enumerate(weight_sets):
+        v = _flat(ws)
+        if factors is not None and ref is not None:
+            v = ref + (v - ref) * factors[i]
+        out = w[i] * v if out is None else out + w[i] * v
+    if info is not None:
+        info.update(diag)
+    assert out is not None
+    return [_finite_f32(t) for t in _unflat(out, like)]
+
+
 def update_outliers(weight_sets: Sequence[Sequence[np.ndarray]], reference: Sequence[np.ndarray],
                     factor: float = 4.0, min_devices: int = 3, num_samples: Sequence[float] | None = None,
                     max_allowance: float = 2.0) -> tuple[np.ndarray, np.ndarray]:
@@ -292,8 +338,7 @@ def update_outliers(weight_sets: Sequence[Sequence[np.ndarray]], reference: Sequ
     if d == 0:
         return np.zeros(0, bool), np.zeros(0)
     ref = _flat(reference)
-    u = np.stack([_flat(ws) for ws in weight_sets]) - ref[None, :]
-    norms = _row_norms(u)
+    norms = np.array([_update_norm(ws, ref) for ws in weight_sets])  # one device at a time, no [D, N] stack
     if d < min_devices:
         return np.ones(d, bool), norms
     med = float(np.median(norms))
@@ -312,6 +357,22 @@ AGREEMENT_MIN_DEVICES = 3  # fewer devices: no majority to call anyone an outlie
 
 
 AGREEMENT_BLOCK_BYTES = 64 << 20  # the agreement filter's working set (probabilities of a block of proxy rows)
+
+
+def _read_rows(z: np.ndarray, r0: int, n: int) -> np.ndarray:
+    """Probabilities of rows r0..r0+n of one device's logits. For a spilled (file-mapped) device
+    the pages of all its rows leave the process once read (engine.pages): the kernel maps pages
+    around the ones read (fault-around), so releasing only the block's would leave most of the file
+    resident after one pass over the devices."""
+    p = softmax(sanitize_logits(np.asarray(z[r0 : r0 + n])))
+    release_pages(z)
+    return p
+
+
+def _read_known(z: np.ndarray, known: np.ndarray) -> np.ndarray:
+    rows = np.asarray(z)[known]
+    release_pages(z)
+    return rows
 
 
 def agreement_filter(logits: Sequence[np.ndarray], factor: float = 0.5, min_devices: int = AGREEMENT_MIN_DEVICES,
@@ -335,9 +396,13 @@ def agreement_filter(logits: Sequence[np.ndarray], factor: float = 0.5, min_devi
     step = max(1, AGREEMENT_BLOCK_BYTES // max(1, d * classes * 8))
     hits = np.zeros(d)
     for r0 in range(0, rows, step):
-        p = np.stack([softmax(sanitize_logits(np.asarray(z[r0 : r0 + step]))) for z in logits])  # [D, rows, C]
-        consensus = np.median(p, axis=0).argmax(-1)  # [rows]
-        hits += (p.argmax(-1) == consensus[None, :]).sum(axis=1)
+        n = min(step, rows - r0)
+        p = np.empty((d, n, classes))  # [D, rows, C], filled in place: one block in memory, not two
+        for i, z in enumerate(logits):
+            p[i] = _read_rows(z, r0, n)
+        votes = p.argmax(-1)  # [D, rows]
+        consensus = np.median(p, axis=0, overwrite_input=True).argmax(-1)  # [rows]; partitions p in place
+        hits += (votes == consensus[None, :]).sum(axis=1)
     agree = hits / max(1, rows)  # [D]
     med = float(np.median(agree))
     if d < min_devices or med < min_consensus:
@@ -406,7 +471,7 @@ def canary_filter(logits: Sequence[np.ndarray], labels: np.ndarray, factor: floa
         return np.ones(d, bool), np.full(d, np.nan)
     y = np.asarray(labels)[known]
     hs = histograms if histograms is not None else [None] * d
-    score = np.array([informedness(np.asarray(z)[known].argmax(-1), y, h) for z, h in zip(logits, hs, strict=True)])
+    score = np.array([informedness(_read_known(z, known).argmax(-1), y, h) for z, h in zip(logits, hs, strict=True)])
     floor = max(float(margin), float(factor) * float(np.median(score)))
     keep = score >= floor
     if not keep.any():  # nobody beats chance yet (a fresh fleet): no basis to prefer anyone

@@ -136,6 +136,9 @@ class Collection:
     # with the fleet) and leaves closing to the orchestrator (see server_app.rounds.follower).
     keep_results: bool = True
     accepted: int = 0
+    # where accepted tensors wait for aggregation (server_app.rounds.spill): None keeps them in
+    # memory as float16 (`compact`)
+    spill: Any = None
 
     def __post_init__(self) -> None:
         self.participants: frozenset[str] = frozenset(self.expect)
@@ -178,11 +181,19 @@ class Collection:
             self.accepted += 1
             if not self.keep_results:
                 return True
-            self.results.setdefault(result.device_id, compact(result))
+            self.keep(result)
             self.received_at.setdefault(result.device_id, time.time())
             self.bytes_up.setdefault(result.device_id, nbytes)
             self.cond.notify_all()
             return True
+
+    def keep(self, result: Result) -> None:
+        """Hold an accepted result until aggregation (the first one per device): tensors spilled
+        to disk when the round has a spill, else compacted in memory. Caller holds `cond`
+        (or owns the collection alone)."""
+        if result.device_id in self.results:
+            return
+        self.results[result.device_id] = self.spill.put(result) if self.spill is not None else compact(result)
 
     def complete(self) -> bool:
         # Called on every wake-up of the waiting round (one per accepted result): the length test

@@ -20,14 +20,16 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from device_firmware_py.contract import codec, topics
 from server_app.engine.types import Assignment, DeviceInfo, Result
-from server_app.rounds.collection import Collection, Expectation, compact
+from server_app.rounds.collection import Collection, Expectation
 from server_app.rounds.deadlines import DeadlinePlanner, alive
+from server_app.rounds.spill import ResultSpill
 
 log = logging.getLogger("koala.fleet")
 EXTEND_AHEAD_S = 0.5  # how long before its deadline a round checks whether to extend it
@@ -84,6 +86,7 @@ class MqttFleet:
         planner: DeadlinePlanner | None = None,
         progress_of: Callable[[str], dict | None] | None = None,
         publish_window: int | None = PUBLISH_WINDOW,
+        spill_dir: str | Path | None = None,
     ):
         self._publish = publish
         self._online = online
@@ -98,6 +101,9 @@ class MqttFleet:
         self.planner = planner
         self._progress_of = progress_of or (lambda _d: None)
         self.publish_window = publish_window
+        # accepted tensors wait for aggregation in a file here (server_app.rounds.spill), not in
+        # memory; None: in memory (float16 logits)
+        self.spill_dir = Path(spill_dir) if spill_dir is not None else None
         self._lock = threading.Lock()
         self._collection: Collection | None = None
         self._abort = threading.Event()
@@ -145,22 +151,28 @@ class MqttFleet:
                 weight_shapes=shapes.get(a.arch)) for a in assignments},
             deadline=deadline,
         )  # fmt: skip
-        # A resumed round keeps what was accepted before the restart (the tensors are on disk).
-        for dev, res in self.store.accepted_results(round_id).items():
-            col.results[dev] = compact(res)
-            col.received_at[dev] = time.time()
-        if self.store.collection_closed(round_id):
-            # Resumed after the collection closed (server died while aggregating): re-aggregate.
-            if len(col.results) < quorum:
-                raise QuorumNotMet(round_id, len(col.results), quorum)
-            return [col.results[d] for d in sorted(col.results)]
-        with self._lock:
-            self._collection = col
+        if self.spill_dir is not None:
+            col.spill = ResultSpill(self.spill_dir / f"r{round_id}.tensors")
         try:
-            return self._run(col, assignments, quorum, deadline, hard_deadline)
-        finally:
+            # A resumed round keeps what was accepted before the restart (the tensors are on disk).
+            for res in self.store.accepted_results(round_id).values():
+                col.keep(res)
+                col.received_at[res.device_id] = time.time()
+            if self.store.collection_closed(round_id):
+                # Resumed after the collection closed (server died while aggregating): re-aggregate.
+                if len(col.results) < quorum:
+                    raise QuorumNotMet(round_id, len(col.results), quorum)
+                return _held([col.results[d] for d in sorted(col.results)], col)
             with self._lock:
-                self._collection = None
+                self._collection = col
+            try:
+                return _held(self._run(col, assignments, quorum, deadline, hard_deadline), col)
+            finally:
+                with self._lock:
+                    self._collection = None
+        finally:
+            if col.spill is not None:
+                col.spill.close()  # attached already on success; discards the file otherwise
 
     # ------------------------------------------------------------ internals
     def _expected_weights(self, a: Assignment) -> list[tuple[int, ...]]:
@@ -203,7 +215,7 @@ class MqttFleet:
         now = time.time()
         with col.cond:
             for dev, res in found.items():
-                col.results.setdefault(dev, compact(res))
+                col.keep(res)
                 col.received_at.setdefault(dev, now)
                 col.bytes_up.setdefault(dev, index.nbytes(new[dev]))
             col.cond.notify_all()
@@ -312,6 +324,13 @@ class MqttFleet:
             "t_device_compute_max_s": max(compute) if compute else 0.0,
             "t_transfer_mean_s": _mean(transfer),
         }
+
+
+def _held(results: list[Result], col: Collection) -> list[Result]:
+    """The round's results with their tensors: views of the round's spill file when it has one."""
+    if col.spill is not None:
+        col.spill.attach(results)
+    return results
 
 
 def _bytes_down(n: int) -> None:

@@ -8,15 +8,23 @@ import numpy as np
 
 
 def fedavg(weight_sets: Sequence[list[np.ndarray]], num_samples: Sequence[int]) -> list[np.ndarray]:
-    """Sample-count weighted average of weight lists (McMahan et al.)."""
+    """Sample-count weighted average of weight lists (McMahan et al.), folded in one device at a
+    time (memory of one model, not of the fleet; the same additions in the same order as a sum
+    over the stacked devices)."""
     if not weight_sets:
         raise ValueError("nothing to average")
+    from server_app.engine.pages import release_pages
+
     n = np.asarray(num_samples, np.float64)
     n = n / n.sum()
-    return [
-        np.sum([wi * np.asarray(ws[k], np.float64) for wi, ws in zip(n, weight_sets, strict=True)], axis=0).astype(np.float32)
-        for k in range(len(weight_sets[0]))
-    ]
+    acc: list[np.ndarray] | None = None
+    for wi, ws in zip(n, weight_sets, strict=True):
+        terms = [wi * np.asarray(w, np.float64) for w in ws]
+        acc = terms if acc is None else [a + t for a, t in zip(acc, terms, strict=True)]
+        for w in ws:
+            release_pages(w)
+    assert acc is not None
+    return [a.astype(np.float32) for a in acc]
 
 
 def average_weights(policy, weight_sets: Sequence[list[np.ndarray]], num_samples: Sequence[int],
