@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from server_app.engine.pages import release_pages
-from server_app.engine.probability import sanitize_logits, softmax
+from server_app.engine.probability import sanitized_softmax_inplace
 from server_app.policy import WEIGHT_RULES  # the one list of rule names (policy validates against it)
 
 
@@ -359,16 +359,6 @@ AGREEMENT_MIN_DEVICES = 3  # fewer devices: no majority to call anyone an outlie
 AGREEMENT_BLOCK_BYTES = 64 << 20  # the agreement filter's working set (probabilities of a block of proxy rows)
 
 
-def _read_rows(z: np.ndarray, r0: int, n: int) -> np.ndarray:
-    """Probabilities of rows r0..r0+n of one device's logits. For a spilled (file-mapped) device
-    the pages of all its rows leave the process once read (engine.pages): the kernel maps pages
-    around the ones read (fault-around), so releasing only the block's would leave most of the file
-    resident after one pass over the devices."""
-    p = softmax(sanitize_logits(np.asarray(z[r0 : r0 + n])))
-    release_pages(z)
-    return p
-
-
 def _read_known(z: np.ndarray, known: np.ndarray) -> np.ndarray:
     rows = np.asarray(z)[known]
     release_pages(z)
@@ -397,9 +387,13 @@ def agreement_filter(logits: Sequence[np.ndarray], factor: float = 0.5, min_devi
     hits = np.zeros(d)
     for r0 in range(0, rows, step):
         n = min(step, rows - r0)
-        p = np.empty((d, n, classes))  # [D, rows, C], filled in place: one block in memory, not two
+        p = np.empty((d, n, classes))  # [D, rows, C], filled and softened in place: one block in memory
         for i, z in enumerate(logits):
-            p[i] = _read_rows(z, r0, n)
+            p[i] = z[r0 : r0 + n]
+            # a spilled (file-mapped) device's pages leave the process once read (engine.pages); all
+            # of its rows, since the kernel maps pages around the ones read (fault-around)
+            release_pages(z)
+        sanitized_softmax_inplace(p)  # = softmax(sanitize_logits(.)) per device, vectorised over the block
         votes = p.argmax(-1)  # [D, rows]
         consensus = np.median(p, axis=0, overwrite_input=True).argmax(-1)  # [rows]; partitions p in place
         hits += (votes == consensus[None, :]).sum(axis=1)

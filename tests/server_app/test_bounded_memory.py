@@ -200,3 +200,12 @@ def test_spilled_arrays_equal_the_in_memory_list(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(spilled(iter(arrays), tmp_path / "own.tensors"), arrays, strict=True))
     assert spilled(iter(arrays), None) == arrays
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_in_place_softmax_is_bitwise_the_per_device_one():
+    from server_app.engine.probability import sanitize_logits, sanitized_softmax_inplace, softmax
+
+    z = (np.random.default_rng(7).standard_normal((9, 50, 10)) * 5).astype(np.float16)
+    z[0, 0, 0], z[1, 1, 1], z[2, 2, 2] = np.nan, np.inf, -np.inf
+    want = np.stack([softmax(sanitize_logits(x)) for x in z])
+    assert np.array_equal(sanitized_softmax_inplace(z.astype(np.float64)), want)
