@@ -190,6 +190,10 @@ class ServerServices:
             return
         if o.leads and o.leader_lock:
             self._lead()
+        if o.leads:  # leading now: spill files left by a server that died mid-round are stale
+            from server_app.rounds.spill import clear_stale
+
+            clear_stale(Path(o.data_dir) / "spill")
         self.store = RegistryStore(self.registry, o.data_dir)
         self.presence = Presence()
         self.presence.sync_revoked(set(self.store.revoked_devices()))  # revoked before this start: never online

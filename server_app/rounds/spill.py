@@ -9,14 +9,16 @@ histogram, metrics). When the collection closes, `attach` maps the file once, re
 gives each result views into it: the strategies see ordinary numpy arrays (a write raises: they
 compute on copies), what they read is page cache the kernel can reclaim, and the streaming
 consumers hand the pages back as they finish with them (`engine.pages.release_pages`). The file
-is unlinked once mapped; a crash leaves at most a stale file that the next spill of the same
-round replaces, and a resumed round reloads its results from the payload store.
+is unlinked once mapped; a server that dies mid-round leaves its file behind, which the next
+leading server deletes when it starts (`clear_stale`); a resumed round reloads its results from
+the payload store.
 
 Logits are kept as float16 (what devices send; see `collection.compact`), weights as sent.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from pathlib import Path
 
@@ -72,3 +74,14 @@ class ResultSpill:
         with self._lock:
             self._slots.clear()
             self._file.close()
+
+
+def clear_stale(spill_dir: str | Path) -> int:
+    """Delete spill files of an earlier leading server (called by a server once it leads: nobody
+    else writes there then). Returns how many were removed."""
+    n = 0
+    for f in Path(spill_dir).glob("*.tensors"):
+        with contextlib.suppress(FileNotFoundError):
+            f.unlink()
+            n += 1
+    return n

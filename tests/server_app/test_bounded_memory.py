@@ -209,3 +209,14 @@ def test_the_in_place_softmax_is_bitwise_the_per_device_one():
     z[0, 0, 0], z[1, 1, 1], z[2, 2, 2] = np.nan, np.inf, -np.inf
     want = np.stack([softmax(sanitize_logits(x)) for x in z])
     assert np.array_equal(sanitized_softmax_inplace(z.astype(np.float64)), want)
+
+
+def test_a_new_leader_clears_stale_spill_files(tmp_path):
+    from server_app.rounds.spill import clear_stale
+
+    (tmp_path / "r7.tensors").write_bytes(b"x" * 10)  # a server died while round 7 collected
+    (tmp_path / "own-cnn_small-123-abcd.tensors").write_bytes(b"y")
+    (tmp_path / "keep.txt").write_text("not ours")
+    assert clear_stale(tmp_path) == 2
+    assert [f.name for f in tmp_path.iterdir()] == ["keep.txt"]
+    assert clear_stale(tmp_path / "missing") == 0
