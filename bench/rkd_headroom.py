@@ -38,6 +38,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 OUT = ROOT / "bench" / "results" / "rkd_headroom.json"
+# (proxy images, epochs, mixup, teacher queried per batch): "full" on a GPU; "cpu" the levers that
+# matter at a CPU's budget (2 shared cores here: ~15 min); "quick" a smoke run
+GRIDS: dict[str, list[tuple[int, int, bool, bool]]] = {
+    "full": [(5000, 4, False, False), (5000, 20, False, False), (5000, 20, True, False), (5000, 60, True, False),
+             (15000, 20, False, False), (25000, 20, False, False), (25000, 20, True, False), (55000, 20, False, False),
+             (55000, 20, True, False), (55000, 40, True, False)],
+    "cpu": [(5000, 4, False, False), (5000, 20, False, False), (5000, 20, True, False), (25000, 8, False, False),
+            (25000, 8, True, False)],
+    "quick": [(2000, 2, False, False), (2000, 2, True, False)],
+}  # fmt: skip
 
 
 def _teacher(x: np.ndarray, y: np.ndarray, dev: torch.device, target: float, xt: torch.Tensor, yt: torch.Tensor,
@@ -128,10 +138,7 @@ def run(quick: bool, device: str, out: Path, seeds: tuple[int, ...], data_dir: s
     order = rng.permutation(len(x))
     # the teacher's own training images (KOALA: the devices' private data), the rest unlabeled proxy
     teach_idx, pool = order[:30000], order[30000:] if not quick else order[30000:36000]
-    grid = ([(5000, 4, False, False), (5000, 20, False, False), (5000, 20, True, False), (5000, 60, True, False),
-             (15000, 20, False, False), (25000, 20, False, False), (25000, 20, True, False), (55000, 20, False, False),
-             (55000, 20, True, False), (55000, 40, True, False)] if not quick else
-            [(2000, 2, False, False), (2000, 2, True, False)])  # fmt: skip
+    grid = GRIDS["quick" if quick else ("full" if dev.type == "cuda" else "cpu")]
     rows: list[dict[str, Any]] = []
     t0 = time.time()
 
