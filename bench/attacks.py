@@ -50,7 +50,10 @@ SETTINGS = {
     "logits": {"undefended": {"fusion": "entropy", "count_cap": None, "agreement_filter": None, "canary_filter": None},
                "default": {},
                "no_canary": {"canary_filter": None},
-               "trimmed_mean": {"fusion": "trimmed_mean"}, "agreement": {"fusion": "agreement"}},
+               "trimmed_mean": {"fusion": "trimmed_mean"}, "agreement": {"fusion": "agreement"},
+               # class-aware fusion trusts self-reported label histograms: the default filters in front
+               "class_aware": {"fusion": "class_aware"},
+               "class_aware_no_canary": {"fusion": "class_aware", "canary_filter": None}},
 }  # fmt: skip
 FAMILY = {"weights": {}, "logits": {"teacher": "device_logits"}}
 BASE = {"archs": ["mlp_tiny"], "rounds": 10, "local_epochs": 5, "lr": 3e-3, "proxy_per_round": 300, "rkd_batch": 32,

@@ -423,3 +423,27 @@ def test_cosine_rule_gives_an_opposing_update_no_weight(attack):
     assert _dist(clean, HONEST_AVG) <= SPREAD
     with pytest.raises(ValueError, match="reference"):
         aggregate_weights(HONEST_W, HONEST_N, "cosine")
+
+
+def test_self_reported_histograms_are_capped_like_their_counts():
+    """Class-aware fusion gives a device each class's vote share its histogram claims: a device
+    claiming 10^6 samples must not own every class (it is capped as its count is)."""
+    from server_app.engine.fusion import fuse_logits
+    from server_app.engine.strategies.common import capped_counts, capped_histograms
+    from server_app.policy import KoalaPolicy
+
+    pol = KoalaPolicy(strategy="koala_hetero")  # count_cap 2.0
+    ns = [10, 10, 10, 2_000_000]
+    hists = [[10, 0], [0, 10], [5, 5], [1_000_000, 1_000_000]]
+    caps = capped_counts(pol, ns)
+    capped = capped_histograms(hists, ns, caps)
+    assert capped[:3] == [[10.0, 0.0], [0.0, 10.0], [5.0, 5.0]]  # honest counts untouched
+    assert capped[3] == [10.0, 10.0]  # 2 x the median count (10), spread as claimed
+    assert capped_histograms(None, ns, caps) is None
+    # three honest devices say class 0 for row 0 and class 1 for row 1; the liar says the opposite
+    honest = np.array([[4.0, -4.0], [-4.0, 4.0]])
+    logits = [honest, honest, honest, -honest]
+    raw = fuse_logits(logits, "class_aware", label_histograms=hists)
+    fair = fuse_logits(logits, "class_aware", label_histograms=capped)
+    assert raw.argmax(1).tolist() == [1, 0]  # uncapped: the liar owns both classes
+    assert fair.argmax(1).tolist() == [0, 1]

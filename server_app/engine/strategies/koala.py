@@ -35,6 +35,7 @@ from server_app.engine.robust import AGREEMENT_MIN_DEVICES, agreement_filter, ca
 from server_app.engine.strategies.common import (
     average_weights,
     capped_counts,
+    capped_histograms,
     fedavg,
     without_update_outliers,
 )
@@ -198,8 +199,9 @@ class KoalaStrategy(Strategy):
 
             return np.asarray(load_ref(rule, "fusion")(logits, temperature=self.policy.temperature, num_samples=ns,
                                                        label_histograms=hists, groups=groups), np.float64)  # fmt: skip
-        return fuse_logits(logits, rule, self.policy.temperature, num_samples=capped_counts(self.policy, ns),
-                           label_histograms=hists, groups=groups)  # fmt: skip
+        caps = capped_counts(self.policy, ns)
+        return fuse_logits(logits, rule, self.policy.temperature, num_samples=caps,
+                           label_histograms=capped_histograms(hists, ns, caps), groups=groups)  # fmt: skip
 
     def aggregate(self, round_id: int, results: list[Result]) -> RoundReport:
         """Teachers -> fusion -> reverse KD, then the model gate: a round whose new large model
