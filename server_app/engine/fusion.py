@@ -43,11 +43,12 @@ from collections.abc import Sequence
 import numpy as np
 
 from server_app.engine.pages import release_pages
-from server_app.engine.probability import sanitize_logits, softmax
+from server_app.engine.probability import BLOCK_BYTES, probability_blocks, sanitize_logits, softmax
 from server_app.engine.robust import coordinate_median, coordinate_trimmed_mean
 
 RULES = ("mean", "weighted", "entropy", "class_aware", "group", "median", "trimmed_mean", "agreement")
 ROBUST_RULES = ("median", "trimmed_mean", "agreement")
+ROBUST_BLOCK_BYTES = BLOCK_BYTES  # working set of the robust rules (a block of proxy rows, every device)
 
 
 def _row_normalize(q: np.ndarray, fallback: np.ndarray) -> np.ndarray:
@@ -77,23 +78,31 @@ def fuse_logits(
 
     The linear rules (all but ROBUST_RULES) are folded in one teacher at a time: memory O(P x C)
     whatever D is (a 10,000-device round of 5,000 x 10 logits stacked as float64 with its softmax
-    was ~8 GB). The robust rules need every teacher's value per coordinate and stack them."""
+    was ~8 GB). The robust rules need every teacher's value per coordinate, which depends on one
+    proxy row at a time: they judge blocks of rows (`probability.probability_blocks`, a bounded
+    working set), and "agreement" then folds the teachers in with their agreement weights."""
     if rule not in ROBUST_RULES:
         return _fuse_linear(logits, rule, temperature, num_samples, label_histograms, groups, inner)
-    L = sanitize_logits(np.stack([np.asarray(x, np.float64) for x in logits]))
-    if L.ndim != 3:
-        raise ValueError(f"logits must be [D, P, C], got {L.shape}")
-    D = L.shape[0]
-    p = softmax(L, temperature)  # [D, P, C]
-    if rule == "median":
-        out = _row_normalize(coordinate_median(p), p.mean(axis=0))
-    elif rule == "trimmed_mean":
-        out = _row_normalize(coordinate_trimmed_mean(p, trim), p.mean(axis=0))
-    else:  # agreement
-        ref = _row_normalize(coordinate_median(p), p.mean(axis=0)).argmax(axis=-1)  # [P]
-        a = (p.argmax(axis=-1) == ref[None, :]).mean(axis=1)  # [D]
+    D = len(logits)
+    if D == 0:
+        raise ValueError("logits must be [D, P, C] with D >= 1")
+    P = np.shape(logits[0])[0] if np.ndim(logits[0]) == 2 else 0
+    out = np.empty((P, np.shape(logits[0])[-1])) if rule != "agreement" else None
+    hits = np.zeros(D)
+    for r0, p in probability_blocks(logits, temperature, budget=ROBUST_BLOCK_BYTES):
+        n = p.shape[1]
+        if rule == "median":
+            out[r0 : r0 + n] = _row_normalize(coordinate_median(p), p.mean(axis=0))  # type: ignore[index]
+        elif rule == "trimmed_mean":
+            out[r0 : r0 + n] = _row_normalize(coordinate_trimmed_mean(p, trim), p.mean(axis=0))  # type: ignore[index]
+        else:  # agreement: each device's share of rows on which it agrees with the median consensus
+            ref = _row_normalize(coordinate_median(p), p.mean(axis=0)).argmax(axis=-1)  # [rows]
+            hits += (p.argmax(axis=-1) == ref[None, :]).sum(axis=1)
+    if rule == "agreement":
+        a = hits / max(1, P)  # [D]
         w = a**2 if np.any(a > 0) else np.ones(D)
-        out = np.tensordot(w / w.sum(), p, axes=1)
+        return _fuse_linear(logits, "weighted", temperature, w, None, None, inner)  # sum_d w_d p_d / sum_d w_d
+    assert out is not None
     out = out / out.sum(axis=-1, keepdims=True)
     return out.astype(np.float32)
 
