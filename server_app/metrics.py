@@ -24,6 +24,7 @@ API for callers (all cheap, thread-safe, never raise on odd input):
     observe_phase(phase, seconds)          duration of a round phase (configure/collect/aggregate/...)
     bytes_down(nbytes) / bytes_up(nbytes)  payload bytes server->devices / devices->server
     results_from_registry(n)               results other processes accepted, taken by the orchestrator
+    ingest_backpressure()                  the MQTT handler waited for a full ingest queue
     round_finished(state)                  a round reached a terminal state
     round_metrics(large_acc=, small_acc=, kd_loss=, round_id=)   latest model quality
     device_online(n) / rounds_by_state({...})   gauges (normally set by refresh_from_registry)
@@ -117,6 +118,9 @@ BYTES_DOWN = Counter("koala_bytes_down", "Payload bytes sent to devices.", regis
 RESULTS_FROM_REGISTRY = Counter(
     "koala_results_from_registry", "Results the orchestrator took from the registry that other processes "
     "(`--role ingest` workers) accepted.", registry=REGISTRY)  # fmt: skip
+INGEST_BACKPRESSURE = Counter(
+    "koala_ingest_backpressure", "Times the MQTT handler waited for the ingest worker (its queue of results reached "
+    "max_backlog): the broker delivered faster than results are ingested.", registry=REGISTRY)  # fmt: skip
 
 # Names as exposed on /metrics (counters get _total, histograms _bucket/_sum/_count).
 METRIC_NAMES: frozenset[str] = frozenset(
@@ -141,6 +145,7 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "koala_bytes_up_total",
         "koala_bytes_down_total",
         "koala_results_from_registry_total",
+        "koala_ingest_backpressure_total",
     }
 )
 # Exported only by servers that ingest (ServerServices with an Ingestor), see render().
@@ -215,6 +220,10 @@ def bytes_up(nbytes: int) -> None:
 
 def results_from_registry(n: int) -> None:
     RESULTS_FROM_REGISTRY.inc(_nonneg(n))
+
+
+def ingest_backpressure() -> None:
+    INGEST_BACKPRESSURE.inc()
 
 
 def round_finished(state: str) -> None:

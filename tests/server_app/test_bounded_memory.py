@@ -106,6 +106,9 @@ def test_ingest_backlog_holds_the_mqtt_thread_until_the_worker_takes_a_batch():
         taken.append(len(items))
         return []
 
+    from server_app import metrics
+
+    waits0 = metrics.REGISTRY.get_sample_value("koala_ingest_backpressure_total") or 0.0
     w = IngestWorker(ingest, max_batch=4, max_backlog=8, hold_s=30.0).start()
     acks: list[int] = []
     done = threading.Event()
@@ -125,6 +128,8 @@ def test_ingest_backlog_holds_the_mqtt_thread_until_the_worker_takes_a_batch():
     assert w.stop(10)
     assert sorted(acks) == list(range(30)) and sum(taken) == 30  # nothing lost, everything acknowledged
     assert w.peak_backlog <= 8
+    waits = metrics.REGISTRY.get_sample_value("koala_ingest_backpressure_total") - waits0
+    assert waits == w.holds  # operators see every wait on /metrics
 
 
 def test_a_stuck_worker_holds_each_delivery_at_most_hold_s():
