@@ -248,17 +248,12 @@ def aggregate_weights(
         return _fedavg_streaming(weight_sets, n, reference, clip_norm, clip_factor, info)
     if rule in ("median", "trimmed_mean"):  # per coordinate: a block of coordinates at a time
         return _coordinatewise_blocked(weight_sets, rule, trim, reference, clip_norm, clip_factor, info)
-    v = np.stack([_flat(ws) for ws in weight_sets])  # [D, N] float64
-    diag: dict[str, Any] = {"rule": rule, "num_devices": d}
-    if reference is not None:
-        if weights_violation(reference, like) is not None:
-            raise ValueError("reference does not match the devices' tensors (or is non-finite)")
-        ref = _flat(reference)
-        if clip_norm is not None or clip_factor is not None:
-            v, norms, bound = clip_updates(v, ref, clip_norm, clip_factor if clip_factor is not None else 2.0)
-            diag.update(
-                update_norms=norms.tolist(), clip_bound=bound, clipped=np.flatnonzero(norms > bound).tolist()
-            )
+    # cosine and Krum need every (clipped) device vector at once: [D, N] float64
+    cref, factors, clip = _clip_plan(weight_sets, like, reference, clip_norm, clip_factor)
+    v = np.stack([_device_vector(ws, cref, None if factors is None else float(factors[i]))
+                  for i, ws in enumerate(weight_sets)])  # fmt: skip
+    diag: dict[str, Any] = {"rule": rule, "num_devices": d, **clip}
+    ref = cref if cref is not None else (_flat(reference) if reference is not None else None)
     if rule == "cosine":
         if reference is None:
             raise ValueError("the cosine rule needs the reference (current global) weights")
