@@ -79,6 +79,8 @@ def run_method(cfg: SimConfig, spec: MethodSpec, ds, split, progress: bool = Tru
         if policy.strategy != "fedavg_large":
             accs = fleet.evaluate_devices(ds.x_test[small_sub], ds.y_test[small_sub])
             out["small_test_acc_mean"] = float(np.mean(list(accs.values()))) if accs else None
+            # the best device model: hetero KOALA's strongest own teacher when devices keep their models
+            out["small_test_acc_max"] = float(max(accs.values())) if accs else None
             gw = strategy.global_small_weights()
             if gw:
                 g = {}
