@@ -25,3 +25,18 @@ def test_grids_name_proxy_epochs_and_levers():
     for rows in rh.GRIDS.values():
         assert all(p > 0 and e > 0 and isinstance(m, bool) and isinstance(o, bool) for p, e, m, o in rows)
     assert (5000, 20, False, False) in rh.GRIDS["cpu"]  # today's proxy, the baseline row
+
+
+def test_recipes_run_every_lever_and_score_the_weight_average():
+    """bench/rkd_recipes.py: each lever (schedule, temperature, batch, EMA) runs the loop's
+    round structure and returns an accuracy; the EMA row scores its averaged weights too."""
+    from bench import rkd_recipes as rr
+
+    torch.manual_seed(0)
+    px, tl = torch.rand(48, 28, 28, 1), torch.randn(48, 10)
+    xt, yt = torch.rand(20, 28, 28, 1), torch.randint(0, 10, (20,))
+    for name in ("const", "cos_T3", "const_ema", "b64"):
+        r = rr.distil(px, tl, xt, yt, rounds=2, epochs=1, **{k: v for k, v in rr.RECIPES[name].items() if k != "epochs"})
+        assert 0.0 <= r["acc"] <= 1.0
+        assert ("ema_acc" in r) == (name == "const_ema")
+    assert rr.RECIPES["const"] == {}  # the deployed loop's recipe is the baseline row
