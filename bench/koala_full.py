@@ -72,6 +72,8 @@ METHODS: dict[str, dict[str, Any]] = {
     # same server compute, twice the reverse-KD steps (bench/rkd_headroom.py --recipes: the student is
     # under-trained, not over-fitted: cosine decay, weight EMA, lower rates all scored lower)
     "koala_homo+b128": {"name": "koala_homo+b128", "preset": "koala_homo", "policy": {**KOALA_LEAD, "rkd_batch": 128}},
+    "koala_hetero+class_aware+b128": {"name": "koala_hetero+class_aware+b128", "preset": "koala_hetero",
+                                      "policy": {**KOALA_LEAD, "fusion": "class_aware", "rkd_batch": 128}},
     "koala_homo+rkd12": {"name": "koala_homo+rkd12", "preset": "koala_homo",
                          "policy": {**KOALA_LEAD, "rkd_epochs": 12}},
     "koala_homo+T3": {"name": "koala_homo+T3", "preset": "koala_homo", "policy": {**KOALA_LEAD, "temperature": 3.0}},
