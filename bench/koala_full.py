@@ -141,6 +141,31 @@ def _teacher_acc(doc: dict[str, Any], round_id: int = -1) -> float | None:
     return max(g.values()) if g else c.get("small_test_acc_max")
 
 
+SMALL_BASELINE = "fedavg_small+local5"
+
+
+def _round_gaps(docs: list[dict[str, Any]], base: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """Past the paper: the large model's gap to FedAvg-large after every round (same seed, same
+    test set), its mean over the seeds, and per seed how many rounds KOALA was ahead (>=)."""
+    mine = {d["seed"]: [c["large_test_acc"] for c in d["curve"]] for d in docs}
+    theirs = {d["seed"]: [c["large_test_acc"] for c in d["curve"]] for d in base}
+    gaps = {s: [100 * (x - y) for x, y in zip(mine[s], theirs[s], strict=False)] for s in seeds}
+    n = min(len(g) for g in gaps.values())
+    return {"round_gap_pt_mean": [round(statistics.mean(gaps[s][i] for s in seeds), 2) for i in range(n)],
+            "rounds_ahead": {str(s): sum(g >= 0 for g in gaps[s]) for s in seeds}}  # fmt: skip
+
+
+def _above_own_teachers(row: dict[str, Any], small_docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's per-run checks, per seed: the large model above its own teacher (homo: the
+    global small model; hetero: the best device or group model) and above FedAvg-small's global
+    small model (same seed), each as the margin in points (positive = above)."""
+    small = {d["seed"]: _teacher_acc(d) for d in small_docs}
+    acc = dict(zip(row["seeds"], row["large_test_acc"], strict=True))
+    teach = dict(zip(row["seeds"], row["teacher_test_acc"], strict=True))
+    return {"vs_teacher_pt": {str(s): round(100 * (acc[s] - teach[s]), 2) for s in row["seeds"] if teach[s] is not None},
+            "vs_fedavg_small_pt": {str(s): round(100 * (acc[s] - small[s]), 2) for s in row["seeds"] if small.get(s)}}  # fmt: skip
+
+
 def _parts() -> list[dict[str, Any]]:
     return [json.loads(f.read_text()) for f in sorted(PARTS_DIR.glob("*/*.json"))]
 
@@ -198,6 +223,9 @@ def merge() -> dict[str, Any]:
                 if common:  # the gap on the seeds both ran (same partition and init per seed)
                     r["gap_vs_fedavg_large"] = statistics.mean(a[s] - b[s] for s in common)
                     r["per_seed_gap"] = {str(s): a[s] - b[s] for s in common}
+                    r.update(_round_gaps(by[(alpha, r["method"])], by[(alpha, BASELINE)], common))
+            if r["mean"] is not None and r["mode"] != "baseline":
+                r.update(_above_own_teachers(r, by.get((alpha, SMALL_BASELINE), [])))
     config = {**FULL, "train_size": (docs[0]["partition"] and sum(docs[0]["partition"]["device_sizes"])) if docs else None,
               "train_size_cap": FULL["train_size"], "alpha": sorted({r["alpha"] for r in rows}, key=str),
               "seeds": sorted({s for r in rows for s in r["seeds"]}), "base_policy": BASE_POLICY,
