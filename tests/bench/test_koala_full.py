@@ -104,3 +104,8 @@ def test_merge_builds_rows_with_gaps_and_reductions(tmp_path: Path, monkeypatch:
     assert k["uplink_reduction_vs_fedavg_large"] == pytest.approx(0.99)
     assert rows["fedavg_large"]["gap_vs_fedavg_large"] == 0.0
     assert (tmp_path / "koala_fmnist_full.png").exists() and (tmp_path / "koala_fmnist_full_curves.json").exists()
+    # per round, same seed: round 0 0.73-0.76 and round 1 0.83-0.86 (seed 0), 0.72-0.74 / 0.82-0.84 (seed 1)
+    assert k["round_gap_pt_mean"] == pytest.approx([-2.5, -2.5])
+    assert k["rounds_ahead"] == {"0": 0, "1": 0}
+    assert k["vs_teacher_pt"] == {"0": 2.0, "1": 1.0, "2": -1.0}  # large 0.83 / 0.82 / 0.80 vs teacher 0.81
+    assert k["vs_fedavg_small_pt"] == {} and "vs_teacher_pt" not in rows["fedavg_large"]  # no FedAvg-small run here
