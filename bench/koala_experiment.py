@@ -60,7 +60,7 @@ PARTS = {
     ],
     # a candidate for the heterogeneous gap: confidence (entropy) weighted fusion, compute-matched
     "hetero_entropy": [
-        {"name": "koala_hetero_entropy+local5+rkd4", "preset": "koala_hetero",  # entropy: the policy default
+        {"name": "koala_hetero_entropy+local5+rkd4", "preset": "koala_hetero_entropy",  # the hetero default until 2026-12-04
          "policy": {"local_epochs": 5, "rkd_epochs": 4}},
     ],
     # the best settings of a-d, for longer runs (`--rounds 10`)

@@ -58,7 +58,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "fedavg_small+local5": {"name": "fedavg_small+local5", "preset": "fedavg_small", "policy": {"local_epochs": 5}},
     # the lead (policy defaults otherwise: avg_model teacher)
     "koala_homo": {"name": "koala_homo", "preset": "koala_homo", "policy": dict(KOALA_LEAD)},
-    "koala_hetero": {"name": "koala_hetero", "preset": "koala_hetero", "policy": dict(KOALA_LEAD)},  # entropy fusion
+    # entropy fusion (the hetero default until 2026-12-04; pinned so the row keeps its meaning)
+    "koala_hetero": {"name": "koala_hetero", "preset": "koala_hetero", "policy": {**KOALA_LEAD, "fusion": "entropy"}},
     # strong label skew: trust each device's logits on the classes its histogram says it has seen
     "koala_hetero+class_aware": {"name": "koala_hetero+class_aware", "preset": "koala_hetero",
                                  "policy": {**KOALA_LEAD, "fusion": "class_aware"}},

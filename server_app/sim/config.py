@@ -25,7 +25,8 @@ PRESETS: dict[str, tuple[dict[str, Any], str]] = {
     "koala_homo": ({"strategy": "koala_homo"}, "homo"),
     "koala_homo_logits": ({"strategy": "koala_homo", "teacher": "device_logits", "fusion": "weighted"}, "homo"),
     "koala_homo_logits_ca": ({"strategy": "koala_homo", "teacher": "device_logits", "fusion": "class_aware"}, "homo"),
-    "koala_hetero": ({"strategy": "koala_hetero"}, "hetero"),  # entropy fusion (policy default)
+    "koala_hetero": ({"strategy": "koala_hetero"}, "hetero"),  # class-aware fusion (policy default)
+    "koala_hetero_entropy": ({"strategy": "koala_hetero", "fusion": "entropy"}, "hetero"),
     "koala_hetero_mean": ({"strategy": "koala_hetero", "fusion": "mean"}, "hetero"),
     "koala_hetero_class_aware": ({"strategy": "koala_hetero", "fusion": "class_aware"}, "hetero"),
     "koala_hetero_group": ({"strategy": "koala_hetero", "teacher": "avg_model", "rkd": "per_group"}, "hetero"),

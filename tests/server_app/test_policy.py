@@ -90,7 +90,7 @@ def test_fields_the_strategy_cannot_use_are_errors():
 def test_defaults_are_the_measured_best_setting():
     p = KoalaPolicy()
     assert (p.strategy, p.local_epochs, p.fkd_epochs, p.rkd_epochs, p.proxy_per_round, p.fusion) == (
-        "koala_homo", 5, 1, 4, None, "entropy")
+        "koala_homo", 5, 1, 4, None, "class_aware")
 
 
 def test_participant_sampling_is_seeded_and_fair():

@@ -57,7 +57,7 @@ def test_policy_section_and_method_overrides(tmp_path):
         cfg.rounds = 4  # read from the policy
     specs = cfg.method_specs()
     pols = [s.policy(cfg.policy, cfg.homo_arch, cfg.hetero_archs) for s in specs]
-    assert pols[0].strategy == "koala_hetero" and pols[0].fusion == "entropy" and pols[0].archs == cfg.hetero_archs
+    assert pols[0].strategy == "koala_hetero" and pols[0].fusion == "class_aware" and pols[0].archs == cfg.hetero_archs
     assert pols[1].strategy == "koala_homo" and pols[1].temperature == 2.0 and pols[1].local_epochs == 2
     assert pols[1].archs == [cfg.homo_arch]
     assert pols[2].fusion == "mean" and specs[2].archs == "hetero"
