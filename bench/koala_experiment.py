@@ -63,6 +63,11 @@ PARTS = {
         {"name": "koala_hetero_entropy+local5+rkd4", "preset": "koala_hetero_entropy",  # the hetero default until 2026-12-04
          "policy": {"local_epochs": 5, "rkd_epochs": 4}},
     ],
+    # class-aware fusion (the hetero default since 2026-12-04), paired with hetero_entropy
+    "hetero_class_aware": [
+        {"name": "koala_hetero_class_aware+local5+rkd4", "preset": "koala_hetero_class_aware",
+         "policy": {"local_epochs": 5, "rkd_epochs": 4}},
+    ],
     # the best settings of a-d, for longer runs (`--rounds 10`)
     "best": [
         {"name": "koala_homo+local5+rkd4", "preset": "koala_homo", "policy": {"local_epochs": 5, "rkd_epochs": 4}},
