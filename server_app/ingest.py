@@ -28,6 +28,7 @@ from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
 from device_firmware_py.contract.errors import ContractError
 from server_app.engine.types import DeviceInfo
+from server_app.metrics_hook import record
 from server_app.registry.errors import RegistryUnavailable
 
 log = logging.getLogger("koala.ingest")
@@ -381,12 +382,7 @@ class Ingestor:
             return self._reject(_topic_device(topic), None, exc.reason, exc.detail, mark=False)
         assert isinstance(msg, cm.DeviceStatus)
         self.presence.update(msg)
-        try:
-            from server_app import metrics
-
-            metrics.device_online(self.presence.online_count())
-        except ImportError:
-            pass
+        record("device_online", self.presence.online_count())
         try:
             self.store.device_status(msg)
         except Exception:
@@ -413,18 +409,14 @@ class Ingestor:
 
 
 def _metrics(out: Outcome, nbytes: int, seconds: float) -> None:
-    """Prometheus counters (server-only module; absent metrics never break ingestion)."""
-    try:
-        from server_app import metrics
-    except ImportError:
-        return
+    """Prometheus counters of one handled result (metrics_hook: they never break ingestion)."""
     if out.status == "accepted":
-        metrics.submission_accepted(nbytes)
+        record("submission_accepted", nbytes)
     elif out.status == "rejected":
-        metrics.submission_rejected(out.reason or "other", nbytes)
+        record("submission_rejected", out.reason or "other", nbytes)
     else:
-        metrics.bytes_up(nbytes)
-    metrics.observe_ingest(seconds)
+        record("bytes_up", nbytes)
+    record("observe_ingest", seconds)
 
 
 def _topic_device(topic: str) -> str | None:

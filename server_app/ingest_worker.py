@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from server_app.metrics_hook import record
 from server_app.registry.errors import RegistryUnavailable
 
 log = logging.getLogger("koala.ingest.worker")
@@ -81,12 +82,7 @@ class IngestWorker:
         connection past its keepalive; the next delivery holds again, so the queue grows by at
         most one message per `hold_s` meanwhile)."""
         self.holds += 1
-        try:
-            from server_app import metrics
-
-            metrics.ingest_backpressure()
-        except ImportError:  # prometheus-client absent: the count stays in `holds`
-            pass
+        record("ingest_backpressure")  # also counted in `holds`
         t_end = time.monotonic() + self.hold_s
         with self._room:
             while self._q.qsize() > self.max_backlog // 2 and not self._abort.is_set():

@@ -27,6 +27,7 @@ import numpy as np
 
 from device_firmware_py.contract import codec, topics
 from server_app.engine.types import Assignment, DeviceInfo, Result
+from server_app.metrics_hook import record
 from server_app.rounds.collection import Collection, Expectation
 from server_app.rounds.deadlines import DeadlinePlanner, alive
 from server_app.rounds.spill import ResultSpill
@@ -222,12 +223,7 @@ class MqttFleet:
         for dev in sorted(set(new) - set(found)):
             log.error("accepted result not in the payload store round=%d device=%s", col.round_id, dev)
         log.debug("synced round=%d results_from_registry=%d", col.round_id, len(found))
-        try:
-            from server_app import metrics
-
-            metrics.results_from_registry(len(found))
-        except ImportError:
-            pass
+        record("results_from_registry", len(found))
 
     def _observe(self, col: Collection) -> None:
         """Feed the planner this round's measured device round times (sent -> accepted), per arch."""
@@ -267,7 +263,7 @@ class MqttFleet:
             else:
                 self._publish(topics.device_assign(dev), head + body, 1, False)
         del parts
-        _bytes_down(sum(sizes.values()))
+        record("bytes_down", sum(sizes.values()))
         self._on_state(col.round_id, "collecting", participants=sorted(col.participants), deadline=deadline)
         log.info("round dispatched round=%d devices=%d bytes_per_assign=%s deadline_in_s=%.1f", col.round_id,
                  len(sizes), _mean(list(sizes.values())), deadline - time.time())
@@ -331,15 +327,6 @@ def _held(results: list[Result], col: Collection) -> list[Result]:
     if col.spill is not None:
         col.spill.attach(results)
     return results
-
-
-def _bytes_down(n: int) -> None:
-    try:
-        from server_app import metrics
-
-        metrics.bytes_down(n)
-    except ImportError:
-        pass
 
 
 def _mean(xs: list[float] | list[int]) -> float:

@@ -31,6 +31,7 @@ from device_firmware_py.contract import messages as cm
 from server_app.engine.rounds import run_rounds
 from server_app.engine.strategy import Strategy
 from server_app.engine.types import RoundReport
+from server_app.metrics_hook import record
 from server_app.registry.errors import RegistryUnavailable
 from server_app.rounds.fleet import MqttFleet, QuorumNotMet, RoundAborted
 from server_app.rounds.store import RegistryStore, StrategyCheckpoint
@@ -53,16 +54,6 @@ def _scalars(metrics: dict[str, Any]) -> dict[str, Any]:
         else:
             flat[k] = v
     return cm.metrics_clean(flat)
-
-
-def _prom(name: str, *args: Any, **kw: Any) -> None:
-    """Call server_app.metrics.<name> (Prometheus); metrics never break a round."""
-    try:
-        from server_app import metrics
-
-        getattr(metrics, name)(*args, **kw)
-    except Exception:
-        log.debug("metrics call failed name=%s", name, exc_info=True)
 
 
 # -------------------------------------------------------------------------------- orchestrator
@@ -259,7 +250,7 @@ class RoundOrchestrator:
             if self._operator_abort is not None:
                 self.store.transition(n, "aborted", error=self._operator_abort)
                 self._announce(n, "aborted", error=self._operator_abort)
-                _prom("round_finished", "aborted")
+                record("round_finished", "aborted")
             else:
                 log.info("round interrupted by shutdown round=%d (resumed on restart)", n)
         except Exception as exc:  # a failing round must not end the service
@@ -333,12 +324,12 @@ class RoundOrchestrator:
         self.store.record_metrics(n, flat)
         self.store.transition(n, "completed", metrics=flat)
         self._announce(n, "completed", metrics=flat)
-        _prom("round_finished", "completed")
-        _prom("round_metrics", large_acc=flat.get("large_test_acc"), small_acc=flat.get("small_test_acc_mean"),
+        record("round_finished", "completed")
+        record("round_metrics", large_acc=flat.get("large_test_acc"), small_acc=flat.get("small_test_acc_mean"),
               kd_loss=flat.get("rkd_loss"), round_id=n)
         for phase, key in (("collect", "t_collect_s"), ("aggregate", "t_aggregate_s"), ("configure", "t_configure_s")):
             if isinstance(flat.get(key), float):
-                _prom("observe_phase", phase, flat[key])
+                record("observe_phase", phase, flat[key])
         log.info("round completed round=%d version=%d large_acc=%s accepted=%s t_round_s=%.2f", n, version,
                  flat.get("large_test_acc"), flat.get("accepted"), flat["t_round_wall_s"])
         if self.on_report is not None:
@@ -349,7 +340,7 @@ class RoundOrchestrator:
         log.warning("round failed round=%d error=%s", n, error)
         self.store.transition(n, "failed", error=error, metrics=_scalars(self.fleet.last_stats))
         self._announce(n, "failed", error=error)
-        _prom("round_finished", "failed")
+        record("round_finished", "failed")
 
     def _announce(self, n: int, state: str, *, metrics: dict[str, Any] | None = None, error: str | None = None,
                   deadline: float | None = None) -> None:
