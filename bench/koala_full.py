@@ -70,8 +70,8 @@ METHODS: dict[str, dict[str, Any]] = {
                                      "policy": {**KOALA_LEAD, "teacher": "avg_model", "fusion": "class_aware"}},
     "koala_hetero+avg": {"name": "koala_hetero+avg", "preset": "koala_hetero",
                          "policy": {**KOALA_LEAD, "teacher": "avg_model"}},
-    # same server compute, twice the reverse-KD steps (bench/rkd_headroom.py --recipes: the student is
-    # under-trained, not over-fitted: cosine decay, weight EMA, lower rates all scored lower)
+    # same server compute, twice the reverse-KD steps: the best recipe of bench/rkd_recipes.py in
+    # isolation (+0.7 pt), not in this loop (README Results)
     "koala_homo+b128": {"name": "koala_homo+b128", "preset": "koala_homo", "policy": {**KOALA_LEAD, "rkd_batch": 128}},
     "koala_hetero+class_aware+b128": {"name": "koala_hetero+class_aware+b128", "preset": "koala_hetero",
                                       "policy": {**KOALA_LEAD, "fusion": "class_aware", "rkd_batch": 128}},
