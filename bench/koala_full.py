@@ -47,11 +47,14 @@ FULL: dict[str, Any] = {
 # The base policy every method starts from (baselines: 1 local epoch, as in koala_experiment.py's
 # BASE); each KOALA method states every KOALA knob it uses, so a row never depends on the
 # KoalaPolicy defaults of the day.
-BASE_POLICY: dict[str, Any] = {"temperature": 1.0, "lr": 1e-3, "local_epochs": 1, "large": {"width": 16}}
+# logits_dtype float16: what every run before 2026-12-05 uploaded (the policy default is now int8)
+BASE_POLICY: dict[str, Any] = {"temperature": 1.0, "lr": 1e-3, "local_epochs": 1, "large": {"width": 16},
+                               "logits_dtype": "float16"}
 # compute-matched KOALA (README): 5 local epochs on the small model still cost devices ~10x less
 # than FedAvg-large's single epoch; the issue's lead: all 5,000 proxy images every round
 KOALA_LEAD = {"local_epochs": 5, "fkd_epochs": 1, "rkd_epochs": 4, "proxy_per_round": None}
 
+HETERO_MICRO = ["mlp_tiny", "cnn_small", "mobilenet_micro"]
 _PLUS = {"strategy": "bench.koala_candidates:KoalaHomoPlus", "teacher": "avg_model"}
 METHODS: dict[str, dict[str, Any]] = {
     "fedavg_large": {"name": "fedavg_large", "preset": "fedavg_large"},
@@ -63,6 +66,18 @@ METHODS: dict[str, dict[str, Any]] = {
     # strong label skew: trust each device's logits on the classes its histogram says it has seen
     "koala_hetero+class_aware": {"name": "koala_hetero+class_aware", "preset": "koala_hetero",
                                  "policy": {**KOALA_LEAD, "fusion": "class_aware"}},
+    # the product's heterogeneous default since 2026-12-05: mobilenet_micro in place of mobilenet_tiny
+    # (FLOPs goal) and int8 logits on the uplink (uplink goal); class-aware fusion as above
+    "koala_hetero+micro+int8": {"name": "koala_hetero+micro+int8", "preset": "koala_hetero", "archs": "policy",
+                                "policy": {**KOALA_LEAD, "fusion": "class_aware", "archs": HETERO_MICRO,
+                                           "logits_dtype": "int8"}},
+    # class-aware fusion trusts device d on class c by its share of class-c data, but an expert that
+    # saw one or two classes answers "mine" for every image; forward KD after local training gives
+    # it back the rest of the large model's view before it uploads (one more proxy pass on device)
+    "koala_hetero+micro+int8+post1": {"name": "koala_hetero+micro+int8+post1", "preset": "koala_hetero",
+                                      "archs": "policy",
+                                      "policy": {**KOALA_LEAD, "fusion": "class_aware", "archs": HETERO_MICRO,
+                                                 "logits_dtype": "int8", "post_fkd_epochs": 1}},
     # gap-closing candidates, one change each from koala_homo
     # the paper's hetero path: per-architecture intra-group FedAvg, each group's averaged model a
     # teacher (devices get their group's average back), fused per class from the groups' histograms

@@ -78,6 +78,9 @@ class KoalaPolicy(BaseModel):
     post_fkd_epochs: int = Field(0, ge=0, le=1000, description="forward KD passes after local training")
     fkd_from_round: int = Field(1, ge=0, description="first round with forward KD (round 0's large model is untrained)")
     temperature: float = Field(1.0, gt=0.0, le=100.0, description="softmax temperature of both KD directions")
+    logits_dtype: Literal["float32", "float16", "int8"] = Field(
+        "int8", description="wire dtype devices are asked to upload proxy logits in (int8: one scale per tensor, half "
+                            "float16's bytes; measured at full scale in README Results)")
     # --- server work, per round
     proxy_per_round: int | None = Field(None, ge=1, description="proxy images sampled per round (None: all; at full "
                                                                 "scale all 5,000 beat 1,000 by 4-12 pt, README Results)")

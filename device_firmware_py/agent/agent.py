@@ -311,7 +311,7 @@ class DeviceAgent:
         if self.test is not None:  # held-out accuracy of the float model, for the operator's table
             result.metrics["test_acc"] = self.model.evaluate(*self.test)
         result.metrics = cm.metrics_clean(result.metrics)
-        frame = codec.encode_frame(result)
+        frame = codec.encode_frame(result, logits_dtype=a.plan.logits_dtype)  # the dtype the server asked for
         # Persist before publishing: a crash after this point re-publishes instead of retraining.
         self.model.save_state(self.state.model_path)
         self.state.save_result(frame)

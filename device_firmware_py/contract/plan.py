@@ -22,6 +22,8 @@ from .errors import ContractError
 PLAN_VERSION = 1
 TASKS = ("koala", "fedavg_small", "local_only", "fedavg_large")
 UPLOADS = ("logits", "weights")
+# wire dtypes a device may be asked to send its proxy logits in (int8: one float scale per tensor)
+LOGITS_DTYPES = ("float32", "float16", "int8")
 MAX_EPOCHS = 1000
 
 
@@ -48,7 +50,7 @@ def _float(name: str, v: object, lo: float, hi: float, *, lo_open: bool = True) 
 class TrainingPlan:
     """One device's work in one round. Field order is the order of work on the device:
     load weights (if sent) -> `fkd_epochs` forward KD on the teacher logits -> `local_epochs` local
-    training -> `post_fkd_epochs` forward KD again -> upload `upload`."""
+    training -> `post_fkd_epochs` forward KD again -> upload `upload` (proxy logits in `logits_dtype`)."""
 
     task: str = "koala"  # koala | fedavg_small | local_only | fedavg_large (server-simulated)
     local_epochs: int = 1  # passes over the device's private data
@@ -59,6 +61,9 @@ class TrainingPlan:
     temperature: float = 1.0  # forward-KD softmax temperature
     batch: int = 32  # batch size where the device can choose it (LiteRT artifacts are built for 32)
     upload: tuple[str, ...] = ("logits",)  # any of "logits", "weights" (none: local_only)
+    # the wire dtype the server asks for the uploaded proxy_logits; the server accepts any of
+    # LOGITS_DTYPES, so a device that cannot quantize may send float16 and is only larger
+    logits_dtype: str = "float16"
     seed: int = 0  # this device's seed for this round (shuffling)
     version: int = PLAN_VERSION
 
@@ -85,6 +90,8 @@ class TrainingPlan:
         if any(u not in UPLOADS for u in up) or len(set(up)) != len(up):
             raise ContractError("bad_field", f"plan.upload: {list(up)} must be distinct values of {UPLOADS}")
         self.upload = tuple(up)
+        if not isinstance(self.logits_dtype, str) or self.logits_dtype not in LOGITS_DTYPES:
+            raise ContractError("bad_field", f"plan.logits_dtype: {self.logits_dtype!r} not one of {LOGITS_DTYPES}")
 
     def to_wire(self) -> dict[str, Any]:
         """JSON-ready dict (the `plan` object of an assignment frame header)."""

@@ -84,7 +84,8 @@ class InMemoryFleet:
                 if self.wire:
                     a = codec.decode_frame(encoder.encode(a), Assignment)  # type: ignore[assignment]
                 r = execute_assignment(self.model(a.device_id), d.x, d.y, self.proxy_x, a)
-                out.append(codec.decode_frame(codec.encode_frame(r), Result) if self.wire else r)
+                wire = codec.encode_frame(r, logits_dtype=a.plan.logits_dtype) if self.wire else None
+                out.append(codec.decode_frame(wire, Result) if wire is not None else r)
             if self.progress:
                 self.progress(1)
         return out

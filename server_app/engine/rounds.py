@@ -48,7 +48,8 @@ def run_rounds(
         m = report.metrics
         n_a, n_r = max(len(assignments), 1), max(len(results), 1)
         m["bytes_down_per_device"] = sum(payload_nbytes(a) for a in assignments) / n_a
-        m["bytes_up_per_device"] = sum(payload_nbytes(x) for x in results) / n_r
+        asked = {a.device_id: a.plan.logits_dtype for a in assignments}
+        m["bytes_up_per_device"] = sum(payload_nbytes(x, asked.get(x.device_id)) for x in results) / n_r
         m["t_configure_s"], m["t_devices_s"], m["t_aggregate_s"] = t1 - t0, t2 - t1, t3 - t2
         if evaluate is not None:
             m.update(evaluate(r))

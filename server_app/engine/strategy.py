@@ -93,6 +93,7 @@ class Strategy:
         p = self.policy
         return TrainingPlan(task=task, local_epochs=p.local_epochs, lr=p.lr, fkd_epochs=p.fkd_epochs, fkd_lr=p.fkd_lr,
                             post_fkd_epochs=p.post_fkd_epochs, temperature=p.temperature, upload=upload,
+                            logits_dtype=p.logits_dtype,
                             seed=device_seed(p.seed, round_id, index))  # fmt: skip
 
     def sample(self, round_id: int, devices: list[DeviceInfo]) -> list[DeviceInfo]:

@@ -15,9 +15,11 @@ from device_firmware_py.contract.plan import TrainingPlan
 
 __all__ = ["Assignment", "DeviceInfo", "Result", "TrainingPlan", "RoundReport", "payload_nbytes", "LOGITS_WIRE_BYTES"]
 
-# Logits travel as float16 on the wire (design §3); weights as float32.
+# Teacher logits travel as float16 on the wire (design §3), a device's proxy logits in its plan's
+# `logits_dtype`; weights as float32.
 LOGITS_WIRE_BYTES = 2
 WEIGHTS_WIRE_BYTES = 4
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "int8": 1}
 
 
 @dataclass
@@ -40,12 +42,13 @@ class RoundReport:
     device_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def payload_nbytes(msg: Assignment | Result) -> int:
-    """Tensor bytes of one message as encoded on the wire (headers/JSON excluded)."""
+def payload_nbytes(msg: Assignment | Result, logits_dtype: str | None = None) -> int:
+    """Tensor bytes of one message as encoded on the wire (headers/JSON excluded); a result's
+    logits in `logits_dtype` (its assignment's plan says which), else float16."""
     total = 0
     logits = msg.teacher_logits if isinstance(msg, Assignment) else msg.proxy_logits
     if logits is not None:
-        total += int(np.asarray(logits).size) * LOGITS_WIRE_BYTES
+        total += int(np.asarray(logits).size) * _DTYPE_BYTES.get(logits_dtype or "float16", LOGITS_WIRE_BYTES)
     if msg.weights is not None:
         total += sum(int(np.asarray(w).size) for w in msg.weights) * WEIGHTS_WIRE_BYTES
     if isinstance(msg, Assignment) and msg.proxy_indices is not None:

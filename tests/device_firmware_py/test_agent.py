@@ -79,7 +79,8 @@ def _status(got: dict[str, list[bytes]]) -> cm.DeviceStatus | None:
 
 def _assignment(layout: Any, round_id: int) -> bytes:
     teacher = np.random.default_rng(round_id).normal(size=(layout.proxy_size, 10)).astype(np.float32)
-    a = Assignment(round_id, DEV, "cnn_small", plan=TrainingPlan(upload=("logits",), local_epochs=1), teacher_logits=teacher,
+    plan = TrainingPlan(upload=("logits",), local_epochs=1, logits_dtype="int8")
+    a = Assignment(round_id, DEV, "cnn_small", plan=plan, teacher_logits=teacher,
                    proxy_digest=layout.proxy_sha256, deadline=time.time() + 120)  # fmt: skip
     return codec.encode_frame(a)
 
@@ -113,6 +114,9 @@ def test_result_republished_after_crash_without_retraining(fleet):
     res = codec.decode_for_topic(rt, first)[1]
     assert res.round_id == 0 and res.proxy_logits.shape == (layout.proxy_size, 10)
     assert res.proxy_digest == layout.proxy_sha256 and {"t_device_s", "test_acc"} <= set(res.metrics)
+    # uploaded in the wire dtype the plan asked for: int8, one byte per logit + its scale
+    (desc,) = codec.peek_header(first)["tensors"]
+    assert desc["dtype"] == "int8" and desc["scale"] > 0 and desc["shape"] == [layout.proxy_size, 10]
     p.send_signal(signal.SIGKILL)  # crash before the server "acknowledged" (round still collecting)
     p.wait()
     start()

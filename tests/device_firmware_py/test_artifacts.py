@@ -14,7 +14,8 @@ from device_firmware_py.runtime.small_model import SmallModel
 SIGNATURES = {"train", "distill", "logits", "get_weights", "set_weights"}
 MANIFESTS = list_manifests()
 EXPECTED = [
-    f"{a}_{s}" for a in ("mlp_tiny", "cnn_small", "mobilenet_tiny") for s in ("28x28x1", "32x32x3", "8x8x1")
+    f"{a}_{s}" for a in ("mlp_tiny", "cnn_small", "mobilenet_tiny", "mobilenet_micro")
+    for s in ("28x28x1", "32x32x3", "8x8x1")
 ]
 
 
@@ -54,10 +55,12 @@ def test_architectures_differ_clearly_in_cost():
     for s in ("28x28x1", "32x32x3"):
         mlp, cnn, mob = (by[f"{a}_{s}"] for a in ("mlp_tiny", "cnn_small", "mobilenet_tiny"))
         assert mlp * 2 < cnn and cnn * 2 < mob
+        # the heterogeneous fleet's third architecture: a MobileNet within 1.5x cnn_small's cost
+        assert by[f"mobilenet_micro_{s}"] * 2 < mob and by[f"mobilenet_micro_{s}"] < 1.5 * cnn
 
 
 @pytest.mark.parametrize("shape", ["28x28x1", "32x32x3"])
-@pytest.mark.parametrize("arch", ["mlp_tiny", "cnn_small", "mobilenet_tiny"])
+@pytest.mark.parametrize("arch", ["mlp_tiny", "cnn_small", "mobilenet_tiny", "mobilenet_micro"])
 def test_full_size_artifacts_train_and_infer(arch, shape):
     """Smoke test at real input sizes: a few train + distill steps, logits of any batch size."""
     m = SmallModel(artifact_path(arch, shape))

@@ -281,6 +281,25 @@ def test_assignment_frame_round_trip_with_plan_and_proxy_indices():
     assert rb.equals(r) and rb.model_version == 2 and rb.label_histogram == [5] * 10
 
 
+@pytest.mark.parametrize("dtype,itemsize", [("float32", 4), ("float16", 2), ("int8", 1)])
+def test_plan_logits_dtype_is_what_the_device_uploads(dtype, itemsize):
+    """The plan asks for a wire dtype; the device's encoder sends the logits in it; the server decodes
+    any of them back to float32 (int8 within half a quantization step of the per-tensor scale)."""
+    plan = TrainingPlan(logits_dtype=dtype)
+    back = decode(_assignment_frame_with_plan(plan.to_wire()))
+    assert back.plan.logits_dtype == dtype
+    logits = (RNG.standard_normal((500, 10)) * 4).astype(np.float32)
+    r = Result(3, "d1", "cnn_small", 50, proxy_logits=logits)
+    data = encode(r, logits_dtype=back.plan.logits_dtype)
+    desc = codec.peek_header(data)["tensors"][0]
+    assert desc["dtype"] == dtype and desc["shape"] == [500, 10]
+    assert len(data) - len(encode(Result(3, "d1", "cnn_small", 50))) >= 500 * 10 * itemsize
+    got = decode(data, Result).proxy_logits
+    assert got.dtype == np.float32
+    step = desc.get("scale", 0.0)
+    assert np.max(np.abs(got - logits)) <= (step / 2 + 1e-6 if dtype == "int8" else 0.01)
+
+
 def _assignment_frame_with_plan(plan: dict) -> bytes:
     """A well-formed assignment frame whose header's plan is replaced by `plan` (digest still valid)."""
     data = encode(Assignment(1, "d1", "cnn_small"))
@@ -303,6 +322,9 @@ def _assignment_frame_with_plan(plan: dict) -> bytes:
         ({"local_epochs": -1}, "bad_field"),
         ({"local_epochs": 1.5}, "bad_field"),
         ({"local_epochs": True}, "bad_field"),
+        ({"logits_dtype": "float64"}, "bad_field"),
+        ({"logits_dtype": "int32"}, "bad_field"),  # int32 is the wire dtype of indices, not of logits
+        ({"logits_dtype": None}, "bad_field"),
     ],
 )
 def test_bad_plans_refused(change, reason):

@@ -9,7 +9,7 @@ from device_firmware_py.runtime.manifest import artifact_path
 from device_firmware_py.runtime.quantize import TFLiteLogits, int8_report
 from device_firmware_py.runtime.small_model import SmallModel
 
-ARCHS = ["mlp_tiny", "cnn_small", "mobilenet_tiny"]
+ARCHS = ["mlp_tiny", "cnn_small", "mobilenet_tiny", "mobilenet_micro"]
 
 
 @pytest.fixture(scope="module")

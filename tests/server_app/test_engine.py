@@ -44,8 +44,9 @@ def test_strategy_learns_in_three_rounds(digits_run, method):
 
 def test_communication_accounting(digits_run):
     rows, _, cfg = digits_run
-    # logits variants upload [P, C] float16; weight variants upload float32 small weights
-    assert rows["koala_homo_logits"]["bytes_up_per_device_round"] == cfg.proxy_size * 10 * 2
+    # logits variants upload [P, C] in the policy's logits_dtype (int8 by default); weight variants
+    # upload float32 small weights
+    assert rows["koala_homo_logits"]["bytes_up_per_device_round"] == cfg.proxy_size * 10 * 1
     assert rows["local_only"]["bytes_up_per_device_round"] == 0
     assert rows["fedavg_large"]["bytes_up_per_device_round"] == rows["fedavg_large"]["large_param_bytes"]
     assert rows["koala_homo"]["uplink_reduction_vs_fedavg_large"] > 0.99
@@ -68,6 +69,7 @@ def test_execute_assignment_on_litert():
     assert sum(r.label_histogram) == 100
     assert not all(np.array_equal(a_, b_) for a_, b_ in zip(w0, r.weights, strict=True))
     assert payload_nbytes(r) == 32 * 10 * 2 + sum(w.size for w in w0) * 4
+    assert payload_nbytes(r, "int8") == 32 * 10 * 1 + sum(w.size for w in w0) * 4  # the plan's logits_dtype
 
 
 def test_reverse_distill_fits_soft_labels():

@@ -8,7 +8,7 @@ from server_app.models.flops import flops_per_sample, resource_summary
 from server_app.models.large import build_large, param_count
 
 SHAPES = [(28, 28, 1), (32, 32, 3), (8, 8, 1)]
-ARCHS = ["mlp_tiny", "cnn_small", "mobilenet_tiny"]
+ARCHS = ["mlp_tiny", "cnn_small", "mobilenet_tiny", "mobilenet_micro"]
 
 
 @pytest.mark.parametrize("shape", SHAPES)

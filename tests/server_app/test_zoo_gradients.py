@@ -38,7 +38,7 @@ def _reference_forward(tf, plan, x, weights):
     return x
 
 
-@pytest.mark.parametrize("arch", ["mlp_tiny", "cnn_small", "mobilenet_tiny"])
+@pytest.mark.parametrize("arch", ["mlp_tiny", "cnn_small", "mobilenet_tiny", "mobilenet_micro"])
 @pytest.mark.parametrize("shape", [(8, 8, 1), (32, 32, 3)])
 def test_custom_gradients_match_autodiff(arch, shape):
     import tensorflow as tf

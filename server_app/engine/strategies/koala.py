@@ -48,7 +48,7 @@ from server_app.policy import KoalaPolicy
 _KOALA_FIELDS = frozenset({
     "local_epochs", "lr", "fkd_epochs", "fkd_lr", "post_fkd_epochs", "fkd_from_round", "temperature",
     "proxy_per_round", "rkd_epochs", "rkd_lr", "rkd_batch", "teacher", "rkd", "anchor_lambda", "gate_collapse_frac",
-    "count_cap", "agreement_filter", "canary_filter",
+    "count_cap", "agreement_filter", "canary_filter", "logits_dtype",
 })  # fmt: skip
 
 
