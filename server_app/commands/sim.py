@@ -23,7 +23,7 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int)
     p.add_argument("--methods", help="comma-separated presets, e.g. fedavg_large,koala_homo,koala_hetero")
     p.add_argument("--homo-arch")
-    p.add_argument("--hetero-archs", help="comma-separated, e.g. mlp_tiny,cnn_small,mobilenet_tiny")
+    p.add_argument("--hetero-archs", help="comma-separated, e.g. mlp_tiny,cnn_small,mobilenet_micro")
     p.add_argument("--seed", type=int)
     p.add_argument("--temperature", "-T", type=float)
     p.add_argument("--local-epochs", type=int)

@@ -81,7 +81,7 @@ class SimConfig:
     min_samples: int = 10
     methods: list[Any] = field(default_factory=lambda: ["policy"])  # default: the policy as koala serve runs it
     homo_arch: str = "cnn_small"
-    hetero_archs: list[str] = field(default_factory=lambda: ["mlp_tiny", "cnn_small", "mobilenet_tiny"])
+    hetero_archs: list[str] = field(default_factory=lambda: ["mlp_tiny", "cnn_small", "mobilenet_micro"])
     policy: KoalaPolicy = field(default_factory=KoalaPolicy)
     eval_samples: int | None = None  # test subset scored every round (None: the full test set)
     small_eval_samples: int = 1000

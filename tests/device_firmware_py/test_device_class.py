@@ -116,7 +116,7 @@ def test_cnn_round_under_192mib_and_a_quarter_core(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.mosquitto
-@pytest.mark.parametrize("arch", ["mlp_tiny", "mobilenet_tiny"])
+@pytest.mark.parametrize("arch", ["mlp_tiny", "mobilenet_tiny", "mobilenet_micro"])
 def test_other_archs_under_192mib_and_a_quarter_core(tmp_path, arch):
     from bench.device_class import DEADLINE_S
 

@@ -19,7 +19,7 @@ from device_firmware_py.runtime.small_model import SmallModel
 from device_firmware_py.runtime.state_signatures import with_state_signatures
 from device_firmware_py.task import execute_assignment
 
-ARCHS = ["mlp_tiny", "cnn_small", "mobilenet_tiny"]
+ARCHS = ["mlp_tiny", "cnn_small", "mobilenet_tiny", "mobilenet_micro"]
 SHAPE = (28, 28, 1)
 
 

@@ -120,7 +120,7 @@ def test_mosquitto_postgres_homo(tmp_path, pg_database_url):
 
 
 def test_embedded_amqtt_sqlite_hetero(tmp_path):
-    # two small architectures (mobilenet_tiny has no 8x8 artifact), their logits fused
+    # two small architectures, their logits fused
     demo = _demo(tmp_path, {"strategy": "koala_hetero", "archs": ["cnn_small", "mlp_tiny"]}, broker="amqtt")
     try:
         _check(demo, expect_shared=False)

@@ -177,5 +177,5 @@ def test_unknown_arch_and_unknown_device_are_one_line_errors(tmp_path, capsys) -
     assert koala(["provision", "--db", db, "revoke", "nobody"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "not registered" in err
-    for arch in ("mlp_tiny", "cnn_small", "mobilenet_tiny"):
+    for arch in ("mlp_tiny", "cnn_small", "mobilenet_tiny", "mobilenet_micro"):
         assert koala(["provision", "--db", db, "add", f"pi-{arch}", "--arch", arch]) == 0
