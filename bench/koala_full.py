@@ -8,8 +8,9 @@ bench/results/koala_fmnist_full_parts/, so partial runs accumulate across sessio
 (method, alpha, seed) is never rerun. `--merge` builds bench/results/koala_fmnist_full.json
 (`config` + `rows`: per method and alpha the final large-model accuracy per seed, mean, stdev,
 gap to FedAvg-large, teacher accuracy, and the storage / FLOPs / uplink reductions vs FedAvg-large
-computed as `server_app.sim.runner.add_reductions` does) and koala_fmnist_full.png (mean curve
-per method over the seeds run).
+computed as `server_app.sim.runner.add_reductions` does) and koala_fmnist_full.png / _curves.json
+(mean curve over the seeds run of the baselines and KOALA as shipped, PLOT_METHODS; every run's
+own curve stays in its part file).
 
 2 shared CPU cores, 1 torch thread per process, at most 2 at once:
 
@@ -78,6 +79,18 @@ METHODS: dict[str, dict[str, Any]] = {
                                       "archs": "policy",
                                       "policy": {**KOALA_LEAD, "fusion": "class_aware", "archs": HETERO_MICRO,
                                                  "logits_dtype": "int8", "post_fkd_epochs": 1}},
+    # a temporal ensemble of the fused soft labels (bench/koala_candidates.py): the alpha 0.1 curves swing
+    "koala_hetero+micro+int8+ema0.5": {"name": "koala_hetero+micro+int8+ema0.5", "archs": "policy",
+                                       "policy": {**KOALA_LEAD, "fusion": "class_aware", "archs": HETERO_MICRO,
+                                                  "logits_dtype": "int8", "teacher": "device_logits",
+                                                  "strategy": "bench.koala_candidates:KoalaHeteroPlus",
+                                                  "plugin_options": {"teacher_ema": 0.5}}},
+    "koala_homo+post1": {"name": "koala_homo+post1", "preset": "koala_homo",
+                         "policy": {**KOALA_LEAD, "post_fkd_epochs": 1}},
+    # the heterogeneous fleet on float16, to price the int8 uplink at full scale
+    "koala_hetero+micro+f16": {"name": "koala_hetero+micro+f16", "preset": "koala_hetero", "archs": "policy",
+                               "policy": {**KOALA_LEAD, "fusion": "class_aware", "archs": HETERO_MICRO,
+                                          "logits_dtype": "float16"}},
     # gap-closing candidates, one change each from koala_homo
     # the paper's hetero path: per-architecture intra-group FedAvg, each group's averaged model a
     # teacher (devices get their group's average back), fused per class from the groups' histograms
@@ -106,6 +119,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "koala_homo+ema0.5": {"name": "koala_homo+ema0.5", "policy": {**KOALA_LEAD, **_PLUS, "plugin_options": {"teacher_ema": 0.5}}},
 }  # fmt: skip
 BASELINE = "fedavg_large"
+# the plot's curves: the baselines and KOALA as shipped (one-seed candidates stay in the JSON)
+PLOT_METHODS = ("fedavg_large", "fedavg_small+local5", "koala_homo", "koala_hetero+micro+int8")
 
 
 def _akey(alpha: float | None) -> str:
@@ -221,6 +236,8 @@ def merge() -> dict[str, Any]:
         # mean curve over the seeds run
         n = min(len(d["curve"]) for d in ds)
         key = "large_test_acc" if row["large_test_acc"] is not None else "small_test_acc_mean"
+        if method not in PLOT_METHODS:
+            continue
         curves[f"a{alpha} {method} ({len(ds)} seeds)"] = [
             {"round": i, key: statistics.mean(d["curve"][i][key] for d in ds),
              **({"teacher_test_acc": statistics.mean(_teacher_acc(d, i) for d in ds)} if _teacher_acc(ds[0], i) else {})}

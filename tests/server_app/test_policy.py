@@ -3,6 +3,8 @@ strategy cannot use are errors; participant sampling is seeded and fair; old for
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -24,6 +26,7 @@ DEVICE_FIELDS = {
     "post_fkd_epochs": (1, lambda a: a.plan.post_fkd_epochs),
     "temperature": (2.5, lambda a: a.plan.temperature),
     "proxy_per_round": (7, lambda a: len(a.proxy_indices)),
+    "logits_dtype": ("float16", lambda a: a.plan.logits_dtype),
 }
 
 
@@ -54,7 +57,7 @@ def _devices(n: int) -> list[DeviceInfo]:
 def test_each_policy_field_reaches_the_device_unchanged(field, tmp_path):
     value, read = DEVICE_FIELDS[field]
     f = tmp_path / "policy.toml"
-    f.write_text(f"[policy]\n{field} = {value}\n")
+    f.write_text(f"[policy]\n{field} = {json.dumps(value)}\n")
     s = _strategy(**read_policy_file(f))
     assert getattr(s.policy, field) == value  # file -> policy -> strategy
     a = s.configure_round(1, _devices(2))[0]
