@@ -39,8 +39,11 @@ class InMemoryFleet:
     """Devices as SmallModel instances in this process. Sequential: 2 cores, deterministic.
 
     `wire=True` (default) passes every assignment and result through the contract's codec, so a
-    simulated device sees exactly the bytes a deployed one gets (float16 logits, the int32 proxy
-    subset, the typed plan): simulation and deployment differ only in transport and timing.
+    simulated device sees exactly the bytes a deployed one gets (float16 teacher logits, the int32
+    proxy subset, the typed plan) and the strategy gets what a deployed server holds: the uploaded
+    logits in the plan's wire dtype, decoded and kept as float16 (`rounds.collection.compact`;
+    lossless for float16 uploads, a rounding of int8 ones that the parity test would see).
+    Simulation and deployment differ only in transport and timing.
     """
 
     def __init__(
@@ -84,8 +87,11 @@ class InMemoryFleet:
                 if self.wire:
                     a = codec.decode_frame(encoder.encode(a), Assignment)  # type: ignore[assignment]
                 r = execute_assignment(self.model(a.device_id), d.x, d.y, self.proxy_x, a)
-                wire = codec.encode_frame(r, logits_dtype=a.plan.logits_dtype) if self.wire else None
-                out.append(codec.decode_frame(wire, Result) if wire is not None else r)
+                if self.wire:
+                    r = codec.decode_frame(codec.encode_frame(r, logits_dtype=a.plan.logits_dtype), Result)
+                    if r.proxy_logits is not None:  # held as the deployed server holds it
+                        r.proxy_logits = r.proxy_logits.astype(np.float16)
+                out.append(r)
             if self.progress:
                 self.progress(1)
         return out
