@@ -46,6 +46,34 @@ from server_app.engine.types import Result, RoundReport
 from server_app.policy import KoalaPolicy
 
 
+def _options(policy: KoalaPolicy, known: set[str], who: str) -> dict[str, Any]:
+    opts = dict(policy.plugin_options)
+    if set(opts) - known:
+        raise ValueError(f"{who}: unknown plugin_options {sorted(set(opts) - known)}")
+    return opts
+
+
+class TeacherEma:
+    """`teacher_ema`: per proxy row, q_r = beta * q_{r-1} + (1 - beta) * q_new; a row seen for the
+    first time takes q_new. beta = 0 returns q unchanged."""
+
+    def __init__(self, proxy_rows: int, beta: float):
+        self.beta, self.rows = beta, proxy_rows
+        self._store: np.ndarray | None = None  # [P_total, C]
+        self._seen = np.zeros(proxy_rows, bool)
+
+    def apply(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        if self.beta <= 0:
+            return q
+        if self._store is None:
+            self._store = np.zeros((self.rows, q.shape[1]))
+        seen = self._seen[rows]
+        q[seen] = self.beta * self._store[rows[seen]] + (1 - self.beta) * q[seen]
+        self._store[rows] = q
+        self._seen[rows] = True
+        return q
+
+
 class KoalaHomoPlus(KoalaHomo):
     name = "koala_homo_plus"
     mode = "homo"
@@ -53,10 +81,7 @@ class KoalaHomoPlus(KoalaHomo):
     def __init__(self, large: nn.Module, proxy_x: np.ndarray, small_factory: Callable[[str], Any],
                  policy: KoalaPolicy | None = None):  # fmt: skip
         super().__init__(large, proxy_x, small_factory, policy)
-        opts = dict(self.policy.plugin_options)
-        unknown = set(opts) - {"device_ensemble", "teacher_ema", "rkd_augment"}
-        if unknown:
-            raise ValueError(f"KoalaHomoPlus: unknown plugin_options {sorted(unknown)}")
+        opts = _options(self.policy, {"device_ensemble", "teacher_ema", "rkd_augment"}, "KoalaHomoPlus")
         if self.teacher != "avg_model":
             raise ValueError("KoalaHomoPlus needs teacher = 'avg_model' (it adds to the averaged-model teacher)")
         self.device_ensemble = float(opts.get("device_ensemble", 0.0))
@@ -67,8 +92,7 @@ class KoalaHomoPlus(KoalaHomo):
         if self.rkd_augment and (self.device_ensemble or self.teacher_ema or self.policy.rkd != "fused"):
             raise ValueError("rkd_augment is not combined with device_ensemble, teacher_ema or rkd = per_group")
         self._dev: tuple[list[np.ndarray], list[int]] = ([], [])
-        self._q_store: np.ndarray | None = None  # [P_total, C] EMA of the soft labels
-        self._seen: np.ndarray | None = None
+        self._ema = TeacherEma(len(self.proxy_x), self.teacher_ema)
 
     def _teachers(self, results: list[Result]):
         out = super()._teachers(results)
@@ -93,15 +117,7 @@ class KoalaHomoPlus(KoalaHomo):
             n = np.asarray(capped_counts(self.policy, self._dev[1]), np.float64)
             ens = np.tensordot(n / n.sum(), softmax(np.stack(self._dev[0]), T), axes=1)
             q = (q + self.device_ensemble * ens) / (1.0 + self.device_ensemble)
-        if self.teacher_ema > 0:
-            rows = np.arange(len(self.proxy_x)) if self._idx is None else self._idx
-            if self._q_store is None:
-                self._q_store = np.zeros((len(self.proxy_x), q.shape[1]))
-                self._seen = np.zeros(len(self.proxy_x), bool)
-            seen = self._seen[rows]
-            q[seen] = self.teacher_ema * self._q_store[rows[seen]] + (1 - self.teacher_ema) * q[seen]
-            self._q_store[rows] = q
-            self._seen[rows] = True
+        q = self._ema.apply(q, np.arange(len(self.proxy_x)) if self._idx is None else self._idx)
         q = q / q.sum(axis=1, keepdims=True)
         return q.astype(np.float32)
 
@@ -160,26 +176,15 @@ class KoalaHeteroPlus(KoalaHetero):
     def __init__(self, large: nn.Module, proxy_x: np.ndarray, small_factory: Callable[[str], Any],
                  policy: KoalaPolicy | None = None):  # fmt: skip
         super().__init__(large, proxy_x, small_factory, policy)
-        opts = dict(self.policy.plugin_options)
-        if set(opts) - {"teacher_ema"}:
-            raise ValueError(f"KoalaHeteroPlus: unknown plugin_options {sorted(set(opts) - {'teacher_ema'})}")
+        opts = _options(self.policy, {"teacher_ema"}, "KoalaHeteroPlus")
         self.teacher_ema = float(opts.get("teacher_ema", 0.0))
         if not 0 <= self.teacher_ema < 1:
             raise ValueError("teacher_ema must be in [0, 1)")
-        self._q_store: np.ndarray | None = None
-        self._seen: np.ndarray | None = None
+        self._ema = TeacherEma(len(self.proxy_x), self.teacher_ema)
 
     def _fuse(self, logits, ns, hists, groups) -> np.ndarray:
         q = np.asarray(super()._fuse(logits, ns, hists, groups), np.float64)
-        if self.teacher_ema > 0:
-            rows = np.arange(len(self.proxy_x)) if self._idx is None else self._idx
-            if self._q_store is None:
-                self._q_store = np.zeros((len(self.proxy_x), q.shape[1]))
-                self._seen = np.zeros(len(self.proxy_x), bool)
-            seen = self._seen[rows]
-            q[seen] = self.teacher_ema * self._q_store[rows[seen]] + (1 - self.teacher_ema) * q[seen]
-            self._q_store[rows] = q
-            self._seen[rows] = True
+        q = self._ema.apply(q, np.arange(len(self.proxy_x)) if self._idx is None else self._idx)
         q = q / q.sum(axis=1, keepdims=True)
         return q.astype(np.float32)
 

@@ -23,6 +23,7 @@ BASE = {
     "rounds": 5, "homo_arch": "cnn_small", "hetero_archs": ["mlp_tiny", "cnn_small", "mobilenet_tiny"],
     "seed": 0, "temperature": 1.0, "local_epochs": 1, "lr": 1e-3, "rkd_epochs": 2, "proxy_per_round": 1000, "fkd_epochs": 1,
     "large": {"width": 16}, "eval_samples": 2000, "small_eval_samples": 500, "torch_threads": 1,
+    "logits_dtype": "float16",  # what every part before 2026-12-05 uploaded (the policy default is now int8)
 }  # fmt: skip
 
 PARTS = {
@@ -67,6 +68,12 @@ PARTS = {
     "hetero_class_aware": [
         {"name": "koala_hetero_class_aware+local5+rkd4", "preset": "koala_hetero_class_aware",
          "policy": {"local_epochs": 5, "rkd_epochs": 4}},
+    ],
+    # the heterogeneous fleet as shipped since 2026-12-05: mobilenet_micro third, int8 logits up
+    "hetero_shipped": [
+        {"name": "koala_hetero_shipped+local5+rkd4", "preset": "koala_hetero", "archs": "policy",
+         "policy": {"archs": ["mlp_tiny", "cnn_small", "mobilenet_micro"], "fusion": "class_aware",
+                    "logits_dtype": "int8", "local_epochs": 5, "rkd_epochs": 4}},
     ],
     # the best settings of a-d, for longer runs (`--rounds 10`)
     "best": [

@@ -109,3 +109,18 @@ def test_merge_builds_rows_with_gaps_and_reductions(tmp_path: Path, monkeypatch:
     assert k["rounds_ahead"] == {"0": 0, "1": 0}
     assert k["vs_teacher_pt"] == {"0": 2.0, "1": 1.0, "2": -1.0}  # large 0.83 / 0.82 / 0.80 vs teacher 0.81
     assert k["vs_fedavg_small_pt"] == {} and "vs_teacher_pt" not in rows["fedavg_large"]  # no FedAvg-small run here
+
+
+def test_teacher_ema_blends_rows_seen_before_and_takes_new_rows_as_they_are() -> None:
+    import numpy as np
+
+    from bench.koala_candidates import TeacherEma
+
+    ema = TeacherEma(4, 0.5)
+    a = ema.apply(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1]))
+    assert a.tolist() == [[1.0, 0.0], [0.0, 1.0]]  # first sight: unchanged
+    b = ema.apply(np.array([[0.0, 1.0], [0.5, 0.5]]), np.array([1, 2]))
+    assert b.tolist() == [[0.0, 1.0], [0.5, 0.5]]  # row 1: 0.5 * [0, 1] + 0.5 * [0, 1]; row 2 new
+    c = ema.apply(np.array([[0.0, 1.0]]), np.array([0]))
+    assert c.tolist() == [[0.5, 0.5]]  # row 0 remembered [1, 0]
+    assert TeacherEma(2, 0.0).apply(np.ones((2, 2)), np.arange(2)).tolist() == [[1.0, 1.0], [1.0, 1.0]]
