@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 NAME = "device_class"
-ARCHS = ("mlp_tiny", "cnn_small", "mobilenet_tiny")
+ARCHS = ("mlp_tiny", "cnn_small", "mobilenet_tiny", "mobilenet_micro")
 SHAPE = (28, 28, 1)
 MEMORY_LIMIT_MIB = 192
 CPU_QUOTA = 0.25  # a quarter of one core
