@@ -46,7 +46,7 @@ MAX_HEADER_BYTES = 256 * 1024
 MAX_CONTROL_BYTES = 1024 * 1024
 DEFAULT_MAX_FRAME_BYTES = 64 * 1024 * 1024
 WIRE_DTYPES = ("float32", "float16", "int8", "int32")  # allow-list; int8 carries a per-tensor scale
-_ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1, "int32": 4}
+ITEMSIZE = {"float32": 4, "float16": 2, "int8": 1, "int32": 4}  # bytes per element on the wire
 _NP_DTYPE = {"float32": "<f4", "float16": "<f2", "int8": "i1", "int32": "<i4"}
 # Named (non-weight) tensors of each frame kind, in body order, with their wire role:
 # "logits" travel in the encoder's logits dtype, "index" always as int32.
@@ -252,7 +252,7 @@ def _from_wire(desc: object, body: memoryview, offset: int) -> tuple[str, np.nda
     if dtype not in WIRE_DTYPES:
         raise ContractError("bad_dtype", f"{name}: dtype {dtype!r} not in {WIRE_DTYPES}")
     shape = _shape(name, desc.get("shape"))
-    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+    nbytes = math.prod(shape) * ITEMSIZE[dtype]
     if offset + nbytes > len(body):
         raise ContractError("bad_shape", f"{name}: shape {shape} x {dtype} runs past the body")
     raw = np.frombuffer(body, dtype=_NP_DTYPE[dtype], count=math.prod(shape), offset=offset).reshape(shape)

@@ -12,7 +12,7 @@ import numpy as np
 from device_firmware_py.contract import codec
 from device_firmware_py.task import execute_assignment, label_histogram
 from server_app.engine.strategy import DeviceSimulator
-from server_app.engine.types import Assignment, DeviceInfo, Result
+from server_app.engine.types import Assignment, DeviceInfo, Result, hold_logits
 
 
 class Fleet(Protocol):
@@ -41,8 +41,8 @@ class InMemoryFleet:
     `wire=True` (default) passes every assignment and result through the contract's codec, so a
     simulated device sees exactly the bytes a deployed one gets (float16 teacher logits, the int32
     proxy subset, the typed plan) and the strategy gets what a deployed server holds: the uploaded
-    logits in the plan's wire dtype, decoded and kept as float16 (`rounds.collection.compact`;
-    lossless for float16 uploads, a rounding of int8 ones that the parity test would see).
+    logits in the plan's wire dtype, decoded and held as float16 (`types.hold_logits`, as the
+    deployed collection does; lossless for float16 uploads, a rounding of int8 ones).
     Simulation and deployment differ only in transport and timing.
     """
 
@@ -88,9 +88,7 @@ class InMemoryFleet:
                     a = codec.decode_frame(encoder.encode(a), Assignment)  # type: ignore[assignment]
                 r = execute_assignment(self.model(a.device_id), d.x, d.y, self.proxy_x, a)
                 if self.wire:
-                    r = codec.decode_frame(codec.encode_frame(r, logits_dtype=a.plan.logits_dtype), Result)
-                    if r.proxy_logits is not None:  # held as the deployed server holds it
-                        r.proxy_logits = r.proxy_logits.astype(np.float16)
+                    r = hold_logits(codec.decode_frame(codec.encode_frame(r, logits_dtype=a.plan.logits_dtype), Result))
                 out.append(r)
             if self.progress:
                 self.progress(1)

@@ -18,6 +18,7 @@ import numpy as np
 
 from device_firmware_py.contract.errors import ContractError
 from device_firmware_py.contract.messages import Assignment, Result
+from server_app.engine.types import hold_logits
 
 # |logit| above this is no honest small model's output (float16 on the wire tops out at 65504).
 LOGIT_BOUND = 1_000.0
@@ -107,15 +108,6 @@ def check_result(r: Result, e: Expectation) -> None:
                                                  "(derived from the global model)")  # fmt: skip
 
 
-def compact(r: Result) -> Result:
-    """A result as the orchestrator holds it until aggregation: logits as float16 (half of float32;
-    what devices send, so lossless for them — a float32 upload is rounded to float16, whose range
-    covers LOGIT_BOUND). Every consumer computes in float64 (probability.sanitize_logits)."""
-    if r.proxy_logits is not None and r.proxy_logits.dtype != np.float16:
-        r.proxy_logits = r.proxy_logits.astype(np.float16)
-    return r
-
-
 @dataclass
 class Collection:
     """Results of one round while it is being collected; shared by the fleet and the ingestor."""
@@ -137,7 +129,7 @@ class Collection:
     keep_results: bool = True
     accepted: int = 0
     # where accepted tensors wait for aggregation (server_app.rounds.spill): None keeps them in
-    # memory as float16 (`compact`)
+    # memory as float16 (`engine.types.hold_logits`)
     spill: Any = None
 
     def __post_init__(self) -> None:
@@ -193,7 +185,7 @@ class Collection:
         (or owns the collection alone)."""
         if result.device_id in self.results:
             return
-        self.results[result.device_id] = self.spill.put(result) if self.spill is not None else compact(result)
+        self.results[result.device_id] = self.spill.put(result) if self.spill is not None else hold_logits(result)
 
     def complete(self) -> bool:
         # Called on every wake-up of the waiting round (one per accepted result): the length test

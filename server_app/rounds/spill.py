@@ -13,7 +13,7 @@ is unlinked once mapped; a server that dies mid-round leaves its file behind, wh
 leading server deletes when it starts (`clear_stale`); a resumed round reloads its results from
 the payload store.
 
-Logits are kept as float16 (what devices send; see `collection.compact`), weights as sent.
+Logits are kept as float16 (what devices send; see `engine.types.hold_logits`), weights as sent.
 """
 
 from __future__ import annotations
