@@ -10,6 +10,11 @@ they can be measured without touching the engine or the policy: policy
   q = (p_avg + w * sum_d n_d p_d / sum_d n_d) / (1 + w), p = softmax(logits / T), n = capped
   sample counts. Devices still upload weights only (uplink unchanged) and still start each round
   from the FedAvg of the small weights.
+- `ensemble_fusion` (str, default "weighted"): how the device models' soft labels above are fused
+  (`server_app.engine.fusion` rules). "class_aware" weighs device d on class c by its share of the
+  class-c training data (its label histogram, capped like its count): at label skew a device
+  model is an expert on the classes it holds, and the plain sample-weighted mean lets the
+  others outvote it there (the hetero default since 2026-12-04 for the same reason).
 - `teacher_ema` (float beta in [0, 1), default 0 = off): a temporal ensemble of the teachers over
   rounds: per proxy row, q_r = beta * q_{r-1} + (1 - beta) * q_new (rows seen for the first
   time take q_new). The large model then learns the consensus of several rounds' teachers.
@@ -39,8 +44,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from server_app.engine.fusion import softmax
-from server_app.engine.strategies.common import capped_counts
+from server_app.engine.fusion import fuse_logits, softmax
+from server_app.engine.strategies.common import capped_counts, capped_histograms
 from server_app.engine.strategies.koala_hetero import KoalaHetero
 from server_app.engine.strategies.koala_homo import KoalaHomo
 from server_app.engine.types import Result, RoundReport
@@ -82,22 +87,26 @@ class KoalaHomoPlus(KoalaHomo):
     def __init__(self, large: nn.Module, proxy_x: np.ndarray, small_factory: Callable[[str], Any],
                  policy: KoalaPolicy | None = None):  # fmt: skip
         super().__init__(large, proxy_x, small_factory, policy)
-        opts = _options(self.policy, {"device_ensemble", "teacher_ema", "rkd_augment"}, "KoalaHomoPlus")
+        opts = _options(self.policy, {"device_ensemble", "ensemble_fusion", "teacher_ema", "rkd_augment"},
+                        "KoalaHomoPlus")
         if self.teacher != "avg_model":
             raise ValueError("KoalaHomoPlus needs teacher = 'avg_model' (it adds to the averaged-model teacher)")
         self.device_ensemble = float(opts.get("device_ensemble", 0.0))
         self.teacher_ema = float(opts.get("teacher_ema", 0.0))
         self.rkd_augment = int(opts.get("rkd_augment", 0))
+        self.ensemble_fusion = str(opts.get("ensemble_fusion", "weighted"))
+        if self.ensemble_fusion not in ("weighted", "class_aware"):
+            raise ValueError("ensemble_fusion must be 'weighted' or 'class_aware'")
         if self.device_ensemble < 0 or not 0 <= self.teacher_ema < 1 or self.rkd_augment < 0:
             raise ValueError("device_ensemble must be >= 0, teacher_ema in [0, 1), rkd_augment >= 0")
         if self.rkd_augment and (self.device_ensemble or self.teacher_ema or self.policy.rkd != "fused"):
             raise ValueError("rkd_augment is not combined with device_ensemble, teacher_ema or rkd = per_group")
-        self._dev: tuple[list[np.ndarray], list[int]] = ([], [])
+        self._dev: tuple[list[np.ndarray], list[int], list[list[int] | None]] = ([], [], [])
         self._ema = TeacherEma(len(self.proxy_x), self.teacher_ema)
 
     def _teachers(self, results: list[Result]):
         out = super()._teachers(results)
-        self._dev = ([], [])
+        self._dev = ([], [], [])
         if self.device_ensemble > 0:
             dropped = set(self._dropped)
             for arch in sorted({r.arch for r in results}):
@@ -107,6 +116,7 @@ class KoalaHomoPlus(KoalaHomo):
                         m.set_weights(r.weights)
                         self._dev[0].append(m.logits(self._px()))
                         self._dev[1].append(r.num_samples)
+                        self._dev[2].append(r.label_histogram)
                 if arch in self._global:
                     m.set_weights(self._global[arch])  # leave the server's small model as the base left it
         return out
@@ -115,8 +125,14 @@ class KoalaHomoPlus(KoalaHomo):
         q = np.asarray(super()._fuse(logits, ns, hists, groups), np.float64)
         T = self.policy.temperature
         if self.device_ensemble > 0 and self._dev[0]:
-            n = np.asarray(capped_counts(self.policy, self._dev[1]), np.float64)
-            ens = np.tensordot(n / n.sum(), softmax(np.stack(self._dev[0]), T), axes=1)
+            caps = capped_counts(self.policy, self._dev[1])
+            if self.ensemble_fusion == "class_aware" and all(h is not None for h in self._dev[2]):
+                ens = np.asarray(fuse_logits(self._dev[0], "class_aware", T, num_samples=caps,
+                                             label_histograms=capped_histograms(self._dev[2], self._dev[1], caps)),
+                                 np.float64)  # fmt: skip
+            else:
+                n = np.asarray(caps, np.float64)
+                ens = np.tensordot(n / n.sum(), softmax(np.stack(self._dev[0]), T), axes=1)
             q = (q + self.device_ensemble * ens) / (1.0 + self.device_ensemble)
         q = self._ema.apply(q, np.arange(len(self.proxy_x)) if self._idx is None else self._idx)
         q = q / q.sum(axis=1, keepdims=True)

@@ -114,6 +114,10 @@ METHODS: dict[str, dict[str, Any]] = {
     # bench/koala_candidates.py (plugin): averaged-model teacher + the ensemble of the uploaded device
     # models, scored server-side (uplink unchanged); or a temporal ensemble of the teachers over rounds
     "koala_homo+ens1": {"name": "koala_homo+ens1", "policy": {**KOALA_LEAD, **_PLUS, "plugin_options": {"device_ensemble": 1.0}}},
+    # the same ensemble fused class-aware (each device model votes on the classes it holds): the
+    # fusion that made the hetero fleet's consensus beat each of its models (uplink unchanged)
+    "koala_homo+ens1ca": {"name": "koala_homo+ens1ca", "policy": {**KOALA_LEAD, **_PLUS, "plugin_options": {
+        "device_ensemble": 1.0, "ensemble_fusion": "class_aware"}}},
     # consistent-view reverse KD: a fresh shifted/flipped view of the proxy every rKD epoch, teacher on the same view
     "koala_homo+aug2": {"name": "koala_homo+aug2", "policy": {**KOALA_LEAD, **_PLUS, "plugin_options": {"rkd_augment": 2}}},
     "koala_homo+ema0.5": {"name": "koala_homo+ema0.5", "policy": {**KOALA_LEAD, **_PLUS, "plugin_options": {"teacher_ema": 0.5}}},

@@ -32,8 +32,10 @@ def test_plus_without_options_is_koala_homo_and_ensemble_changes_teacher_not_upl
         {"name": "plus", "policy": {"strategy": PLUS, "teacher": "avg_model"}},
         {"name": "ens", "policy": {"strategy": PLUS, "teacher": "avg_model", "plugin_options": {"device_ensemble": 1.0}}},
         {"name": "ema", "policy": {"strategy": PLUS, "teacher": "avg_model", "plugin_options": {"teacher_ema": 0.5}}},
+        {"name": "ens_ca", "policy": {"strategy": PLUS, "teacher": "avg_model",
+                                      "plugin_options": {"device_ensemble": 1.0, "ensemble_fusion": "class_aware"}}},
     ])  # fmt: skip
-    homo, plus, ens, ema = (out[k] for k in ("homo", "plus", "ens", "ema"))
+    homo, plus, ens, ema, ens_ca = (out[k] for k in ("homo", "plus", "ens", "ema", "ens_ca"))
     assert plus[0]["mode"] == "homo"
     assert [c["rkd_loss"] for c in plus[1]] == [c["rkd_loss"] for c in homo[1]]
     assert plus[0]["large_test_acc"] == homo[0]["large_test_acc"]
@@ -41,6 +43,9 @@ def test_plus_without_options_is_koala_homo_and_ensemble_changes_teacher_not_upl
     assert ema[1][0]["rkd_loss"] == homo[1][0]["rkd_loss"]  # nothing to average in round 0...
     assert ema[1][1]["rkd_loss"] != homo[1][1]["rkd_loss"]  # ...then the previous round's teacher counts
     assert ens[0]["bytes_up_per_device_round"] == homo[0]["bytes_up_per_device_round"]  # weights only
+    # class-aware: the same device models, other weights per class -> another soft label, same uplink
+    assert ens_ca[1][0]["rkd_loss"] not in (ens[1][0]["rkd_loss"], homo[1][0]["rkd_loss"])
+    assert ens_ca[0]["bytes_up_per_device_round"] == homo[0]["bytes_up_per_device_round"]
 
 
 def test_consistent_view_rkd_trains_on_augmented_views() -> None:
@@ -69,6 +74,9 @@ def test_consistent_view_rkd_trains_on_augmented_views() -> None:
 def test_plus_rejects_unknown_options() -> None:
     with pytest.raises(ValueError, match="unknown plugin_options"):
         _run([{"name": "bad", "policy": {"strategy": PLUS, "teacher": "avg_model", "plugin_options": {"nope": 1}}}])
+    with pytest.raises(ValueError, match="ensemble_fusion"):
+        _run([{"name": "bad", "policy": {"strategy": PLUS, "teacher": "avg_model",
+                                         "plugin_options": {"device_ensemble": 1.0, "ensemble_fusion": "median"}}}])  # fmt: skip
 
 
 def test_merge_builds_rows_with_gaps_and_reductions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
