@@ -132,3 +132,31 @@ def test_teacher_ema_blends_rows_seen_before_and_takes_new_rows_as_they_are() ->
     c = ema.apply(np.array([[0.0, 1.0]]), np.array([0]))
     assert c.tolist() == [[0.5, 0.5]]  # row 0 remembered [1, 0]
     assert TeacherEma(2, 0.0).apply(np.ones((2, 2)), np.arange(2)).tolist() == [[1.0, 1.0], [1.0, 1.0]]
+
+
+@pytest.mark.mosquitto
+def test_full_scale_parity_runs_a_koala_full_method_through_the_deployed_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python -m bench.parity --full METHOD`: the method's simulated part file (run first when
+    missing) and the same policy, data layout and torch threads through DemoRun (Mosquitto, agent
+    processes), written side by side. Shrunk to digits here; the two paths must agree per round."""
+    import bench.koala_full as kf
+    from bench.parity import run_full
+
+    monkeypatch.setattr(kf, "RESULTS", tmp_path)
+    monkeypatch.setattr(kf, "PARTS_DIR", tmp_path / "parts")
+    monkeypatch.setattr(kf, "FULL", {**kf.FULL, "dataset": "digits", "devices": 3, "proxy_size": 200, "rounds": 2,
+                                     "small_eval_samples": 200})  # fmt: skip
+    monkeypatch.setattr(kf, "BASE_POLICY", {**kf.BASE_POLICY, "large": {"width": 4}})
+    monkeypatch.setitem(kf.METHODS, "tiny_hetero", {"name": "tiny_hetero", "preset": "koala_hetero", "archs": "policy",
+                                                    "policy": {**kf.KOALA_LEAD, "local_epochs": 1, "fusion": "class_aware",
+                                                               "archs": ["mlp_tiny", "cnn_small"], "logits_dtype": "int8",
+                                                               "min_devices": 1}})  # fmt: skip
+    doc = run_full("tiny_hetero", 0.5, 0, out=tmp_path / "out", progress=False)
+    assert kf.part_path("tiny_hetero", 0.5, 0).exists()  # the simulated side was run and kept
+    assert len(doc["sim_acc"]) == len(doc["deployed_acc"]) == 2 and doc["deployed_finished"]
+    assert doc["max_abs_diff"] <= 0.005, doc  # same code path, same seeds: equal up to summation order
+    assert doc["policy"]["archs"] == ["mlp_tiny", "cnn_small"] and doc["torch_threads"] == 1
+    saved = json.loads((tmp_path / "out" / "parity_fmnist_full" / "tiny_hetero_a0.5_s0.json").read_text())
+    assert saved["deployed_acc"] == doc["deployed_acc"]
