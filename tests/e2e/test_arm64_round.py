@@ -20,14 +20,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from test_production_walkthrough import _stop_group  # the same process-group teardown
+from test_production_walkthrough import run_script_in_group  # the same process-group run and teardown
 
 from server_app.provisioning.local_broker import find_mosquitto, free_port
 
@@ -101,19 +99,7 @@ def test_arm64_device_completes_a_round_against_an_x86_server(tmp_path) -> None:
     (ws / "manifest.in").write_text(MANIFEST)
     env = {**os.environ, "REPO": str(REPO), "WS": str(ws), "R": str(root), "TLS_PORT": str(free_port()),
            "PLAIN_PORT": str(free_port()), "HTTP_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}  # fmt: skip
-    proc = subprocess.Popen(["bash", "-c", SCRIPT], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
-    t0 = time.monotonic()
-    try:
-        out, _ = proc.communicate(timeout=3000)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"arm64 round did not finish:\n{out[-4000:]}\n{_logs(ws)}")
-    finally:
-        _stop_group(proc.pid)
-    assert proc.returncode == 0, f"arm64 round failed (rc {proc.returncode}):\n{out[-6000:]}\n{_logs(ws)}"
-    print(f"arm64 round: {time.monotonic() - t0:.0f} s")
+    out = run_script_in_group(["bash", "-c", SCRIPT], env, 3000, "arm64 round", lambda: _logs(ws))
     assert set(re.findall(r"^(\d+)\s+completed\s", out, re.M)) == {"0", "1"}, out[-3000:]
     # both arm64 devices' results were accepted (round 0 may start with the first device online:
     # the server waits wait_devices_s for min_devices, and flashing under emulation takes minutes)

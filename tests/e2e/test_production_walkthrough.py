@@ -17,6 +17,7 @@ import re
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -69,20 +70,7 @@ def test_readme_production_walkthrough(tmp_path, pg_database_url) -> None:
     }
     script = tmp_path / "walkthrough.sh"
     script.write_text("set -euo pipefail\n" + walkthrough_script())
-    proc = subprocess.Popen(["bash", str(script)], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
-    t0 = time.monotonic()
-    try:
-        out, _ = proc.communicate(timeout=1500)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"walk-through did not finish:\n{out[-4000:]}\n{_logs(home)}")
-    finally:
-        _stop_group(proc.pid)
-    elapsed = time.monotonic() - t0
-    assert proc.returncode == 0, f"walk-through failed (rc {proc.returncode}):\n{out[-6000:]}\n{_logs(home)}"
-    print(f"README walk-through: {elapsed:.0f} s")
+    out = run_script_in_group(["bash", str(script)], env, 1500, "README walk-through", lambda: _logs(home))
 
     # `koala rounds ls` printed a completed round
     assert re.search(r"^\d+\s+completed\s", out, re.M), out[-3000:]
@@ -105,6 +93,27 @@ def test_readme_production_walkthrough(tmp_path, pg_database_url) -> None:
         assert cfg["data_path"] == str(home / "devices" / dev / "var/lib/koala/data.npz")
         site = next((home / "devices" / dev / "opt/koala/venv/lib").glob("python3*/site-packages"))
         assert not (site / "server_app").exists() and not (site / "scipy").exists()
+
+
+def run_script_in_group(argv: list[str], env: dict[str, str], timeout_s: float, what: str,
+                        logs: Callable[[], str]) -> str:  # fmt: skip
+    """Run a shell script that starts long-lived services (broker, server, agents) in its own
+    process group; return its output once it exits 0. Whatever it leaves running is stopped, on
+    success, failure or timeout alike; a failure shows the output's tail and the services' logs."""
+    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    t0 = time.monotonic()
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"{what} did not finish:\n{out[-4000:]}\n{logs()}")
+    finally:
+        _stop_group(proc.pid)
+    assert proc.returncode == 0, f"{what} failed (rc {proc.returncode}):\n{out[-6000:]}\n{logs()}"
+    print(f"{what}: {time.monotonic() - t0:.0f} s")
+    return out
 
 
 def _stop_group(pgid: int) -> None:
