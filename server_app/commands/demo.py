@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the CLI imports the server lazily (--help stays fast)
+    from server_app.demo.launcher import DemoConfig
+    from server_app.policy import KoalaPolicy
 
 HELP = "run a whole KOALA deployment locally: embedded broker, server, N device agent processes, R rounds"
 
@@ -43,6 +48,9 @@ def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=0, help="API port (default: a free one)")
     p.add_argument("--seed", type=int, default=None, help="policy seed (training and the data partition; default 0)")
     p.add_argument("--keep-serving", action="store_true", help="keep server, broker and devices up after the rounds")
+    p.add_argument("--torch-threads", type=int, default=2, metavar="N",
+                   help="torch threads of the server's large model (default 2); the README's tables ran with 1: the "
+                   "count changes float summation order, so a run is reproduced exactly only with the same count")
     p.add_argument("--ingest-workers", type=int, default=0, metavar="N",
                    help="split the server (docs/scale-out.md): this process orchestrates, N `koala serve --role ingest` "
                    "processes take the results (default 0: one process does everything)")
@@ -55,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     from device_firmware_py.cli import CommandError
     from server_app.commands import stop_on_signals
     from server_app.data.datasets import DATASETS
-    from server_app.demo.launcher import DemoConfig, DemoRun, format_table, new_run_dir
+    from server_app.demo.launcher import DemoRun, format_table
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     logging.getLogger("koala.demo").setLevel(logging.INFO)
@@ -71,14 +79,9 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and args.run_dir and Path(args.resume).resolve() != Path(args.run_dir).resolve():
         raise CommandError(f"--resume {args.resume} and --run-dir {args.run_dir} name different directories\n"
                            "  give one of them (--resume DIR is the run dir)")  # fmt: skip
-    run_dir = args.resume or args.run_dir or str(new_run_dir())
-    cfg = DemoConfig(
-        run_dir=run_dir, resume=bool(args.resume), api_token=args.token, dataset=args.dataset, devices=args.devices,
-        alpha=args.alpha if args.alpha > 0 else None,
-        proxy_size=args.proxy_size or PROXY_SIZE.get(args.dataset, PROXY_SIZE[None]),
-        train_size=args.train_size or None, test_size=args.test_size or None, broker=args.broker, db=args.db,
-        http_port=args.port, policy=policy, labeled_proxy=args.labeled_proxy, ingest_workers=max(0, args.ingest_workers),
-    )  # fmt: skip
+    if args.torch_threads < 1:
+        raise CommandError(f"--torch-threads {args.torch_threads}: needs at least 1")
+    cfg = demo_config(args, policy)
     demo = DemoRun(cfg)
     demo.check_run_dir()
     print(f"run dir {demo.run_dir}" + ("  (resumed)" if cfg.resume else ""))
@@ -117,6 +120,21 @@ def run(args: argparse.Namespace) -> int:
         return 130
     finally:
         demo.stop()
+
+
+def demo_config(args: argparse.Namespace, policy: KoalaPolicy) -> DemoConfig:
+    """The DemoConfig the flags describe (run dir: --resume, else --run-dir, else a fresh one)."""
+    from server_app.demo.launcher import DemoConfig, new_run_dir
+
+    run_dir = args.resume or args.run_dir or str(new_run_dir())
+    return DemoConfig(
+        run_dir=run_dir, resume=bool(args.resume), api_token=args.token, dataset=args.dataset, devices=args.devices,
+        alpha=args.alpha if args.alpha > 0 else None,
+        proxy_size=args.proxy_size or PROXY_SIZE.get(args.dataset, PROXY_SIZE[None]),
+        train_size=args.train_size or None, test_size=args.test_size or None, broker=args.broker, db=args.db,
+        http_port=args.port, policy=policy, labeled_proxy=args.labeled_proxy, ingest_workers=max(0, args.ingest_workers),
+        torch_threads=args.torch_threads,
+    )  # fmt: skip
 
 
 def demo_policy(args: argparse.Namespace):
