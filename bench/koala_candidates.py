@@ -101,7 +101,7 @@ class KoalaHomoPlus(KoalaHomo):
             raise ValueError("device_ensemble must be >= 0, teacher_ema in [0, 1), rkd_augment >= 0")
         if self.rkd_augment and (self.device_ensemble or self.teacher_ema or self.policy.rkd != "fused"):
             raise ValueError("rkd_augment is not combined with device_ensemble, teacher_ema or rkd = per_group")
-        self._dev: tuple[list[np.ndarray], list[int], list[list[int] | None]] = ([], [], [])
+        self._dev: tuple[list[np.ndarray], list[int], list[list[int]]] = ([], [], [])
         self._ema = TeacherEma(len(self.proxy_x), self.teacher_ema)
 
     def _teachers(self, results: list[Result]):
@@ -116,7 +116,7 @@ class KoalaHomoPlus(KoalaHomo):
                         m.set_weights(r.weights)
                         self._dev[0].append(m.logits(self._px()))
                         self._dev[1].append(r.num_samples)
-                        self._dev[2].append(r.label_histogram)
+                        self._dev[2].append(r.label_histogram or [])
                 if arch in self._global:
                     m.set_weights(self._global[arch])  # leave the server's small model as the base left it
         return out
@@ -126,7 +126,7 @@ class KoalaHomoPlus(KoalaHomo):
         T = self.policy.temperature
         if self.device_ensemble > 0 and self._dev[0]:
             caps = capped_counts(self.policy, self._dev[1])
-            if self.ensemble_fusion == "class_aware" and all(h is not None for h in self._dev[2]):
+            if self.ensemble_fusion == "class_aware":  # every accepted result carries its histogram (check_result)
                 ens = np.asarray(fuse_logits(self._dev[0], "class_aware", T, num_samples=caps,
                                              label_histograms=capped_histograms(self._dev[2], self._dev[1], caps)),
                                  np.float64)  # fmt: skip

@@ -138,6 +138,18 @@ def part_path(method: str, alpha: float | None, seed: int, train_size: int | Non
     return PARTS_DIR / sub / f"{method.replace('+', '_')}_s{seed}.json"
 
 
+def run_config(method: str, alpha: float | None, seed: int, train_size: int | None = None, out: Path | None = None):
+    """The SimConfig of one (method, alpha, seed[, device images]): FULL + the method + BASE_POLICY.
+    bench/parity.py --full builds the deployed run's policy and data layout from the same config."""
+    from server_app.sim import load_config
+
+    cfg = load_config(None, **{**FULL, "alpha": alpha, "train_size": train_size, "methods": [METHODS[method]],
+                               "out": str(out) if out else None}, policy={**BASE_POLICY, "seed": seed})  # fmt: skip
+    if alpha is None:
+        cfg.alpha = None
+    return cfg
+
+
 def run_one(method: str, alpha: float | None, seed: int, progress: bool = True,
             train_size: int | None = None) -> dict[str, Any]:
     """One (method, alpha, seed[, device images]), written to its part file (skipped if that exists)."""
@@ -147,13 +159,9 @@ def run_one(method: str, alpha: float | None, seed: int, progress: bool = True,
         return json.loads(out.read_text())
     from server_app.data.datasets import load_dataset
     from server_app.data.partition import make_federated_split
-    from server_app.sim import load_config
     from server_app.sim.runner import _jsonable, run_method
 
-    cfg = load_config(None, **{**FULL, "alpha": alpha, "train_size": train_size, "methods": [METHODS[method]],
-                               "out": str(out.parent)}, policy={**BASE_POLICY, "seed": seed})  # fmt: skip
-    if alpha is None:
-        cfg.alpha = None
+    cfg = run_config(method, alpha, seed, train_size, out=out.parent)
     ds = load_dataset(cfg.dataset, cfg.data_dir, seed=cfg.seed)
     split = make_federated_split(ds.y_train, cfg.devices, cfg.proxy_size, cfg.seed, cfg.alpha, cfg.min_samples, cfg.train_size)
     t0 = time.time()

@@ -95,19 +95,17 @@ def run_full(method: str, alpha: float, seed: int, out: Path | None = None, prog
     from bench import koala_full as kf
     from bench.common import table
     from server_app.demo.launcher import DemoConfig, DemoRun
-    from server_app.sim import load_config
 
     out = (out or Path(__file__).resolve().parent / "results") / "parity_fmnist_full"
     started = time.time()
     sim_doc = kf.run_one(method, alpha, seed, progress=progress)  # the part file, or run it now
-    cfg = load_config(None, **{**kf.FULL, "alpha": alpha, "methods": [kf.METHODS[method]]},
-                      policy={**kf.BASE_POLICY, "seed": seed})  # fmt: skip
+    cfg = kf.run_config(method, alpha, seed)
     spec = cfg.method_specs()[0]  # devices get archs round-robin in both paths (fleet_data, sim.runner)
     policy = spec.policy(cfg.policy, cfg.homo_arch, cfg.hetero_archs).with_overrides(deadline_s=3600.0)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="koala-parity-full-") as tmp:
         demo = DemoRun(DemoConfig(run_dir=str(Path(tmp) / "run"), dataset=cfg.dataset, devices=cfg.devices,
-                                  alpha=alpha, proxy_size=cfg.proxy_size, train_size=cfg.train_size, test_size=None,
+                                  alpha=cfg.alpha, proxy_size=cfg.proxy_size, train_size=cfg.train_size, test_size=None,
                                   policy=policy, torch_threads=cfg.torch_threads))  # fmt: skip
         try:
             demo.start()
