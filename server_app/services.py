@@ -380,10 +380,26 @@ class ServerServices:
             wait_devices_s=o.wait_devices_s, strategy_name=pol.strategy,
             before_round=lambda: self.presence.sync_revoked(set(self.store.revoked_devices())),
             config={"policy": pol.model_dump(mode="json"), "proxy_sha256": proxy_digest, "proxy_size": len(proxy_x)},
+            on_model=self._model_exporter(pol, shape, num_classes, proxy_x, proxy_digest, len(y_test)).publish,
         )  # fmt: skip
         from server_app.api.routes.rounds import restore_schedule_policy
 
         restore_schedule_policy(self.registry, self.orchestrator)  # a PUT /rounds/schedule survives restarts
+
+    def _model_exporter(self, pol: KoalaPolicy, shape: tuple[int, ...], num_classes: int, proxy_x: np.ndarray,
+                        proxy_digest: str, test_size: int) -> Any:
+        """Writes the portable export of every model version (server_app/models/export.py, docs/models.md)."""
+        from device_firmware_py.config import file_sha256
+        from server_app.models.card import ExportContext, read_dataset_info
+        from server_app.models.export import ModelExporter
+
+        o = self.options
+        info = read_dataset_info(o.proxy_path)
+        data = {"proxy_sha256": proxy_digest, "proxy_size": len(proxy_x), "test_sha256": file_sha256(o.test_path),
+                "test_size": test_size}  # fmt: skip
+        ctx = ExportContext.from_policy(pol, shape, num_classes, dataset=info.get("dataset"), data=data,
+                                        calibration_x=proxy_x[:256])  # fmt: skip
+        return ModelExporter(Path(o.data_dir) / "models", ctx)
 
     # ------------------------------------------------------------------- stop
     def stop(self) -> None:

@@ -184,6 +184,25 @@ def _small_manifest(arch: str, input_shape: tuple[int, int, int]) -> Any:
     return load_manifest(artifact_path(arch, input_shape).with_suffix(".json"))
 
 
+def _safetensors_blob(large: dict[str, Any], version: int) -> bytes:
+    from safetensors.torch import save
+
+    return save(large, metadata={"format": "pt", "koala_model_version": str(version)})
+
+
+def _exported(edir: Path, version: int, state: dict[str, Any]) -> bool:
+    """True when `edir` already holds this exact large model (same safetensors bytes): a data
+    directory reused with a fresh registry must not keep serving an older run's version N."""
+    try:
+        want = read_card(edir)["files"][LARGE_FILES["safetensors"]]["sha256"]
+    except (CardError, KeyError, TypeError):
+        return False
+    if state.get("large") is None:
+        return False
+    large = {k: v.detach().to("cpu").contiguous() for k, v in state["large"].items()}
+    return hashlib.sha256(_safetensors_blob(large, version)).hexdigest() == want
+
+
 def write_export(
     models_dir: str | Path,
     version: int,
@@ -196,7 +215,6 @@ def write_export(
     """Write the portable export of one version from a strategy state (`Strategy.state_dict()` or a
     loaded checkpoint: `large` = torch state dict, `small` = {arch: [numpy weights]}). Returns its dir."""
     from safetensors.numpy import save as save_np
-    from safetensors.torch import save as save_pt
 
     from device_firmware_py.runtime.quantize import patch_inference_model
 
@@ -208,7 +226,7 @@ def write_export(
     large = {k: v.detach().to("cpu").contiguous() for k, v in state["large"].items()}
     model.load_state_dict(large, strict=True)
     files: dict[str, dict[str, Any]] = {}
-    blob = save_pt(large, metadata={"format": "pt", "koala_model_version": str(version)})
+    blob = _safetensors_blob(large, version)
     atomic_write(out / LARGE_FILES["safetensors"], blob)
     files[LARGE_FILES["safetensors"]] = _sha(blob)
 
@@ -394,6 +412,11 @@ class ModelExporter:
         self._thread: threading.Thread | None = None
 
     def publish(self, version: int, round_id: int | None, metrics: dict[str, Any], state: dict[str, Any]) -> Path | None:
+        """Export `version` unless it is already (a version's weights never change: a restarted
+        server calls this for the version it restored, and only a missing export is written)."""
+        done = export_dir(self.models_dir, version)
+        if _exported(done, version, state):
+            return done
         try:
             out = write_export(self.models_dir, version, state, self.ctx, round_id=round_id, metrics=metrics)
         except Exception:

@@ -83,6 +83,7 @@ class RoundOrchestrator:
         config: dict[str, Any] | None = None,
         on_report: Callable[[RoundReport], None] | None = None,
         before_round: Callable[[], None] | None = None,
+        on_model: Callable[[int, int | None, dict[str, Any], dict[str, Any]], Any] | None = None,
     ):
         self.strategy = strategy
         self.fleet = fleet
@@ -99,6 +100,9 @@ class RoundOrchestrator:
         self.on_report = on_report
         # called before each round picks its devices (services: revocations made by other processes)
         self._before_round = before_round
+        # called after each published model version as on_model(version, round_id, metrics, strategy
+        # state): the portable export users download (server_app.models.export.ModelExporter.publish)
+        self._on_model = on_model
         self.model_version = 0
         self.reports: list[RoundReport] = []
         self.consecutive_failures = 0  # failed rounds in a row: the schedule backs off
@@ -145,9 +149,11 @@ class RoundOrchestrator:
         if latest is None:  # version 0 = the initial model: what a round-0 retry must restart from
             version = int(getattr(self.strategy, "version", 0))
             self.store.add_model("large", LARGE_ARCH, self.checkpoint.save(self.strategy, version), version, None, {})
+            self._model_published(version, None, {})
         else:
             self.model_version = self.checkpoint.load(self.strategy, latest[1])
             log.info("strategy restored version=%d path=%s", self.model_version, latest[1])
+            self._model_published(self.model_version, latest[2], {})  # exports one missing (written once)
         last = self.store.last_round()
         if last is None:
             return 0
@@ -321,6 +327,7 @@ class RoundOrchestrator:
         flat = _scalars(m)
         self.store.add_model("large", LARGE_ARCH, path, version, n, {k: flat[k] for k in flat if "acc" in k})
         self.model_version = version
+        self._model_published(version, n, flat)
         self.store.record_metrics(n, flat)
         self.store.transition(n, "completed", metrics=flat)
         self._announce(n, "completed", metrics=flat)
@@ -334,6 +341,15 @@ class RoundOrchestrator:
                  flat.get("large_test_acc"), flat.get("accepted"), flat["t_round_wall_s"])
         if self.on_report is not None:
             self.on_report(report)
+
+    def _model_published(self, version: int, round_id: int | None, metrics: dict[str, Any]) -> None:
+        """The on_model hook; best effort: an export failure must not fail a round that completed."""
+        if self._on_model is None:
+            return
+        try:
+            self._on_model(version, round_id, {k: v for k, v in metrics.items() if "acc" in k}, self.strategy.state_dict())
+        except Exception:
+            log.exception("on_model hook failed version=%d", version)
 
     def _fail(self, n: int, error: str) -> None:
         self.consecutive_failures += 1
