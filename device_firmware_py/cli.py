@@ -22,6 +22,8 @@ class CommandError(Exception):
 COMMANDS: dict[str, str] = {
     "run": "device_firmware_py.agent.command",
     "info": "device_firmware_py.runtime.command",
+    "predict": "device_firmware_py.serving.predict_command",
+    "feed": "device_firmware_py.serving.feed_command",
 }
 
 

@@ -27,7 +27,7 @@ class ConfigError(ValueError):
 @dataclass
 class DeviceConfig:
     device_id: str
-    data_path: str  # .npz with x [N,H,W,C] float32 and y [N] int (memory-mapped via a cache in state_dir)
+    data_path: str  # .npz with x [N,H,W,C] float32 and y [N] int (memory-mapped via a cache in state_dir); data_source=file
     proxy_path: str  # .npz with x [P,H,W,C] float32, or .npy of x: the unlabeled proxy inputs (same as the server's)
     state_dir: str  # model weights, round state, int8 model: survives restarts
     arch: str = "cnn_small"
@@ -58,9 +58,32 @@ class DeviceConfig:
     calibration_samples: int = 128
     log_level: str = "INFO"
     log_format: str = "text"  # text | json (one object per line, for journald/log shippers)
+    # ---- data born on the device (docs/device-serving.md) -------------------------------------
+    # "file": train on `data_path` (a .npz `koala data prepare` cut: demos, simulation);
+    # "store": train on the bounded on-device sample store the device's application fills through
+    # the local endpoint / the spool directory (`data_path` may then be left out or "").
+    data_source: str = "file"
+    store_max_samples: int = 2000  # the store keeps the newest N samples...
+    store_max_per_class: int = 1000  # ...and at most this many of one class (0: no per-class cap)
+    spool_dir: str = ""  # "": no spool; else .npz files (x, y) dropped here are taken into the store
+    spool_poll_s: float = 2.0  # how often the agent looks into spool_dir
+    spool_keep: int = 100  # files kept in spool_dir/accepted and spool_dir/rejected (oldest deleted)
+    # ---- inference for applications on the device -------------------------------------------------
+    serve: bool = True  # serve the current model on a local endpoint (HTTP on a Unix socket / loopback)
+    serve_socket: str = ""  # Unix socket path; "": <state_dir>/agent.sock; "off": no socket
+    serve_port: int = 0  # > 0: also listen on 127.0.0.1:<port> (any local user can reach it then)
+    serve_max_request_bytes: int = 4 << 20  # larger bodies are refused (413) before they are read
+    serve_max_concurrent: int = 4  # requests handled at once; more wait, past 5 s they get 503
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ derived
+    @property
+    def socket_path(self) -> str:
+        """The Unix socket the agent serves on ("" when none): `serve_socket`, or the state dir's."""
+        if not self.serve or self.serve_socket == "off":
+            return ""
+        return self.serve_socket or str(Path(self.state_dir) / "agent.sock")
+
     @property
     def host(self) -> str:
         return parse_broker_url(self.broker_url).host
@@ -101,6 +124,8 @@ class DeviceConfig:
         unknown = set(values) - set(kinds)
         if unknown:
             raise ConfigError(f"unknown device config keys: {sorted(unknown)}")
+        if values.get("data_source") == "store":  # trains on what the application feeds it: no data file
+            values.setdefault("data_path", "")
         missing = [n for n, f in kinds.items() if f.default is MISSING and f.default_factory is MISSING and n not in values]
         if missing:
             raise ConfigError(f"missing device config keys: {missing}")
@@ -128,10 +153,26 @@ class DeviceConfig:
             raise ConfigError("num_threads and keepalive_s must be >= 1")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"log_format must be text or json, got {self.log_format!r}")
+        if self.data_source not in ("file", "store"):
+            raise ConfigError(f"data_source must be file or store, got {self.data_source!r}")
+        if self.data_source == "file" and not self.data_path:
+            raise ConfigError("data_path is required with data_source = file (or set data_source = store)")
+        if self.store_max_samples < 1 or self.store_max_per_class < 0:
+            raise ConfigError("store_max_samples must be >= 1 and store_max_per_class >= 0")
+        if self.spool_poll_s <= 0 or self.spool_keep < 0:
+            raise ConfigError("spool_poll_s must be > 0 and spool_keep >= 0")
+        if not 0 <= self.serve_port <= 65535:
+            raise ConfigError(f"serve_port must be 0 (off) or a port, got {self.serve_port}")
+        if self.serve_max_request_bytes < 1024 or self.serve_max_concurrent < 1:
+            raise ConfigError("serve_max_request_bytes must be >= 1024 and serve_max_concurrent >= 1")
+        sock = self.socket_path
+        if len(os.fsencode(sock)) > 107:  # sun_path holds 108 bytes with its NUL
+            raise ConfigError(f"serve_socket path is {len(os.fsencode(sock))} bytes, a Unix socket path must be <= 107: "
+                              "set serve_socket to a shorter path (e.g. /run/koala/agent.sock)")
 
     def check_files(self) -> None:
         """Data files exist and the proxy file is the one the server uses (sha256)."""
-        for p in (self.data_path, self.proxy_path):
+        for p in (self.data_path, self.proxy_path) if self.data_source == "file" else (self.proxy_path,):
             if not Path(p).is_file():
                 raise ConfigError(f"file not found: {p}")
         if self.proxy_sha256:

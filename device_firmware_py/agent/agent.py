@@ -7,10 +7,16 @@ What it does (design §2, steps 2-4):
     teacher logits -> local training -> proxy logits [+ weights]), publishes progress (QoS 0) and
     the result (QoS 1), then re-quantizes its int8 inference model and serves inference with it;
   * keeps model + round state on disk (atomic writes): a restarted agent re-publishes a
-    finished result while its round is still collecting, or redoes an unfinished assignment.
+    finished result while its round is still collecting, or redoes an unfinished assignment;
+  * serves its current model to applications on the device (device_firmware_py.serving: a local
+    HTTP endpoint on a Unix socket; the model is swapped atomically after each round) and, with
+    `data_source = store`, trains on the labeled samples those applications hand in (a bounded
+    on-device store: a snapshot of it at each round's start; raw samples never leave the device).
 
 Threading: the paho network thread only enqueues events; all work runs on the agent's own thread,
-so a 20 s training step never starves keepalives and no state needs a lock.
+so a 20 s training step never starves keepalives and no state needs a lock. The endpoint's threads
+touch only the Predictor (an atomic reference) and the SampleStore (its own lock), and tell the
+agent thread about new samples through the same event queue.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from device_firmware_py.contract import messages as cm
 from device_firmware_py.contract.errors import ContractError
 from device_firmware_py.datafiles import load_small, open_array
 from device_firmware_py.mqtt import MqttClient, Will
+from device_firmware_py.serving.predictor import Predictor
 from device_firmware_py.task import execute_assignment, label_histogram
 
 log = logging.getLogger("koala.agent")
@@ -65,8 +72,13 @@ class DeviceAgent:
         self._client: Any = None
         self._round: RoundState | None = None
         self._published_result_for: int | None = None  # round whose result this process has sent
-        self.int8: Any = None  # TFLiteLogits of the served int8 model
+        self.predictor = Predictor(num_threads=cfg.num_threads)  # the served model (atomic swaps)
         self.int8_info: dict[str, Any] = {}
+        self.store: Any = None  # SampleStore when data_source = store
+        self.api: Any = None  # LocalApi while serving
+        self._status_dirty = False  # the store changed: re-announce num_samples / histogram
+        self._last_status = 0.0
+        self._next_spool = 0.0
         self.model: Any = None
         self.last_verdict: dict[str, Any] | None = None  # the server's last ResultVerdict for us
 
@@ -85,16 +97,27 @@ class DeviceAgent:
             cmalloc.fix_mmap_threshold()
         # Inputs stay on disk, memory-mapped: training reads a batch's rows, not a copy of the set.
         cache = self.state.cache_dir
-        self.x = open_array(cfg.data_path, "x", cache, float32=True)
-        self.y = load_small(cfg.data_path, "y").astype(np.int64)
         self.proxy_x = open_array(cfg.proxy_path, "x", cache, float32=True)
+        if cfg.data_source == "file":
+            self.x = open_array(cfg.data_path, "x", cache, float32=True)
+            self.y = load_small(cfg.data_path, "y").astype(np.int64)
+            like = self.x
+        else:  # the store decides the data; the proxy inputs have the model's input shape
+            like = self.proxy_x
         self.proxy_digest = cfg.proxy_sha256 or file_sha256(cfg.proxy_path)
         self.test: tuple[np.ndarray, np.ndarray] | None = None
         if cfg.test_path:
             self.test = (open_array(cfg.test_path, "x", cache, float32=True), load_small(cfg.test_path, "y").astype(np.int64))
-        shape = tuple(int(s) for s in (self.x.shape[1:] if self.x.ndim == 4 else (*self.x.shape[1:], 1)))
+        shape = tuple(int(s) for s in (like.shape[1:] if like.ndim == 4 else (*like.shape[1:], 1)))
         self.model = SmallModel(f"{cfg.arch}_{format_input(shape)}", num_threads=cfg.num_threads, low_memory=cfg.low_memory,
                                 cache_dir=cache, delegates=cfg.xnnpack)  # fmt: skip
+        if cfg.data_source == "store":
+            from device_firmware_py.serving.sample_store import SampleStore
+
+            self.store = SampleStore(self.state.dir / "samples", self.model.input_shape, self.model.num_classes,
+                                     max_samples=cfg.store_max_samples, max_per_class=cfg.store_max_per_class)  # fmt: skip
+            snap = self.store.snapshot()
+            self.x, self.y = snap.x, snap.y
         if self.state.model_path.is_file():
             try:
                 self.model.load_state(self.state.model_path)
@@ -105,9 +128,29 @@ class DeviceAgent:
         self._round = self.state.load_round()
         if self.state.int8_path.is_file():
             self._serve_int8(self.state.int8_path.read_bytes())
+        elif cfg.serve:  # no int8 model yet: serve the float model of the current weights meanwhile
+            self._serve_float()
         self.state.write_modules({"phase": "setup"})
-        log.info("agent ready %s", _kv(device=cfg.device_id, model=self.model.manifest.name, samples=len(self.y),
-                                       round=self._round and self._round.round_id))
+        log.info("agent ready %s", _kv(device=cfg.device_id, model=self.model.manifest.name, samples=self._num_samples(),
+                                       data_source=cfg.data_source, round=self._round and self._round.round_id))
+
+    def start_serving(self) -> None:
+        """The local endpoint for applications (cfg.serve): predictions, and samples into the store."""
+        cfg = self.cfg
+        if not cfg.serve or self.api is not None or not (cfg.socket_path or cfg.serve_port):
+            return
+        from device_firmware_py.serving.local_api import LocalApi
+
+        self.api = LocalApi(self.predictor, self.store, socket_path=cfg.socket_path, port=cfg.serve_port,
+                            max_request_bytes=cfg.serve_max_request_bytes, max_concurrent=cfg.serve_max_concurrent,
+                            on_samples=lambda res: self.events.put(("samples", res)),
+                            max_batch=cfg.store_max_samples).start()  # fmt: skip
+
+    def _num_samples(self) -> int:
+        return len(self.store) if self.store is not None else int(len(self.y))
+
+    def _histogram(self) -> list[int]:
+        return self.store.histogram() if self.store is not None else label_histogram(self.y, self.model.num_classes)
 
     # ---------------------------------------------------------------- network
     def _status(self, state: str = "online") -> bytes:
@@ -129,7 +172,7 @@ class DeviceAgent:
         msg = cm.DeviceStatus(
             device_id=self.cfg.device_id, state=state, arch=self.cfg.arch,
             input_shape=list(self.model.input_shape), runtime_version=self.runtime_version,
-            num_samples=int(len(self.y)), label_histogram=label_histogram(self.y, self.model.num_classes),
+            num_samples=self._num_samples(), label_histogram=self._histogram(),
             capabilities=caps,
         )  # fmt: skip
         return codec.encode_control(msg)
@@ -158,6 +201,7 @@ class DeviceAgent:
     # ------------------------------------------------------------------ loop
     def run(self) -> None:
         self.setup()
+        self.start_serving()  # before the broker: applications get predictions even while it is away
         self.connect()
         rs = self._round
         if rs is not None and rs.phase == PHASE_ASSIGNED:
@@ -167,6 +211,7 @@ class DeviceAgent:
                 self.events.put(("assign", (topics.device_assign(self.cfg.device_id), frame)))
         try:
             while not self._stop.is_set():
+                self._housekeeping()
                 try:
                     kind, data = self.events.get(timeout=0.5)
                 except queue.Empty:
@@ -178,10 +223,35 @@ class DeviceAgent:
         finally:
             self._shutdown()
 
+    def _housekeeping(self) -> None:
+        """Between events: take spooled sample files in, re-announce a changed sample count (at most
+        once a second: the server picks participants from the retained status, and a device that
+        starts empty must be seen once it holds data)."""
+        now = time.monotonic()
+        if self.store is not None and self.cfg.spool_dir and now >= self._next_spool:
+            from device_firmware_py.serving.spool import scan_spool
+
+            self._next_spool = now + self.cfg.spool_poll_s
+            try:
+                if any(r["ok"] for r in scan_spool(self.cfg.spool_dir, self.store, self.cfg.spool_keep)):
+                    self._status_dirty = True
+            except OSError as exc:
+                log.warning("spool scan failed %s", _kv(error=exc))
+        if self._status_dirty and self._client is not None and now - self._last_status >= 1.0:
+            self._publish_status()
+
+    def _publish_status(self) -> None:
+        self._status_dirty = False
+        self._last_status = time.monotonic()
+        self._client.publish(topics.device_status(self.cfg.device_id), self._status(), qos=1, retain=True)
+
     def stop(self) -> None:
         self._stop.set()
 
     def _shutdown(self) -> None:
+        if self.api is not None:
+            self.api.stop()
+            self.api = None
         if self._client is not None:
             try:  # a clean exit says offline itself; the Last Will covers crashes
                 self._client.publish(topics.device_status(self.cfg.device_id), self._status("offline"), qos=1, retain=True,
@@ -194,7 +264,7 @@ class DeviceAgent:
 
     def _handle(self, kind: str, data: Any) -> None:
         if kind == "connected":
-            self._client.publish(topics.device_status(self.cfg.device_id), self._status(), qos=1, retain=True)
+            self._publish_status()
             self._published_result_for = None  # an unacknowledged result is re-sent once per connection
         elif kind == "assign":
             self._on_assign(*data)
@@ -202,6 +272,8 @@ class DeviceAgent:
             self._on_round(*data)
         elif kind == "verdict":
             self._on_verdict(*data)
+        elif kind == "samples":  # the application added samples: the server should see the new count
+            self._status_dirty = True
 
     # -------------------------------------------------------------- handlers
     def _on_round(self, topic: str, payload: bytes) -> None:
@@ -294,11 +366,19 @@ class DeviceAgent:
         log.info("assignment %s", _kv(round=a.round_id, task=a.plan.task, teacher=a.teacher_logits is not None,
                                       weights=a.weights is not None,
                                       proxy_rows="all" if a.proxy_indices is None else len(a.proxy_indices)))
+        if self.store is not None:  # this round trains on what the store holds now; later adds wait
+            snap = self.store.snapshot()
+            self.x, self.y = snap.x, snap.y
+            if len(snap) == 0:  # nothing to train on, and a result must count >= 1 sample: no result
+                log.warning("assignment skipped %s", _kv(round=a.round_id, reason="no_samples_in_store"))
+                self._progress(a.round_id, "skipped_no_samples", 0, 0)
+                self._publish_status()
+                return
         self._progress(a.round_id, "start", 0, 3)
-        if self.cfg.low_memory and self.int8 is not None:  # the served int8 interpreter waits out the round
+        if self.cfg.low_memory and not self.cfg.serve and self.int8 is not None:  # the int8 model waits out the round
             from device_firmware_py.runtime import cmalloc
 
-            self.int8 = None
+            self.predictor.clear()
             cmalloc.trim()
         t0 = time.perf_counter()
         try:
@@ -324,14 +404,16 @@ class DeviceAgent:
                                             local_acc=result.metrics.get("local_acc")))
         if self.cfg.quantize:
             self._progress(a.round_id, "quantize", 2, 3)
-            self._requantize()
+            self._requantize(a.round_id, msg.model_version)
+        elif self.cfg.serve:  # no quantizer: serve the float model of the new weights
+            self._serve_float(a.round_id, msg.model_version)
         self._restore_int8()
         self._progress(a.round_id, "done", 3, 3)
-        self._client.publish(topics.device_status(self.cfg.device_id), self._status(), qos=1, retain=True)
+        self._publish_status()
         self.state.write_modules({"phase": "round", "round_id": a.round_id})
 
     # ------------------------------------------------------------ inference
-    def _requantize(self) -> None:
+    def _requantize(self, round_id: int | None = None, model_version: int | None = None) -> None:
         """Re-quantize the int8 inference model from the trained weights, then serve with it."""
         t0 = time.perf_counter()
         child: dict[str, Any] = {}
@@ -355,25 +437,44 @@ class DeviceAgent:
             log.error("int8 re-quantization failed %s", _kv(error=repr(exc)))
             return
         self.state.save_int8(blob)
-        self._serve_int8(blob)
+        self._serve_int8(blob, round_id, model_version)
         self.int8_info["t_quantize_s"] = round(time.perf_counter() - t0, 3)
         if child.get("child_peak_rss_mib") is not None:
             self.int8_info["child_peak_rss_mib"] = round(float(child["child_peak_rss_mib"]), 1)
 
+    @property
+    def int8(self) -> Any:
+        """The served int8 model (`model(x) -> logits`), None while none is served."""
+        m = self.predictor.current
+        return m if m is not None and m.info.kind == "int8" else None
+
     def _restore_int8(self) -> None:
         """Serve the saved int8 model again if none is served (low_memory drops it during a round)."""
-        if self.int8 is None and self.state.int8_path.is_file():
+        if self.predictor.current is None and self.state.int8_path.is_file():
             self._serve_int8(self.state.int8_path.read_bytes())
 
-    def _serve_int8(self, blob: bytes) -> None:
-        from device_firmware_py.runtime.quantize import TFLiteLogits
-
-        self.int8 = TFLiteLogits(blob, num_threads=self.cfg.num_threads, batch=64)
+    def _serve_int8(self, blob: bytes, round_id: int | None = None, model_version: int | None = None) -> None:
+        """Load `blob` completely, then swap it in for the applications (serving.Predictor)."""
+        rs = self._round
+        if round_id is None and rs is not None and rs.phase == PHASE_DONE:  # restored at start: the last round's
+            round_id, model_version = rs.round_id, rs.model_version
+        served = self.predictor.load(blob, kind="int8", round_id=round_id, model_version=model_version)
         x, y = self.test if self.test is not None else (self.x[:512], self.y[:512])
-        acc = float(np.mean(self.int8(x).argmax(1) == y)) if len(y) else 0.0
-        self.int8_info = {"bytes": len(blob), "test_acc" if self.test is not None else "local_acc": round(acc, 4)}
+        acc = float(np.mean(served(x).argmax(1) == y)) if len(y) else 0.0
+        self.int8_info = {"bytes": len(blob), "serial": served.info.serial,
+                          "test_acc" if self.test is not None else "local_acc": round(acc, 4)}  # fmt: skip
+
+    def _serve_float(self, round_id: int | None = None, model_version: int | None = None) -> None:
+        """Serve the float inference model of the current weights (numpy patch, no quantizer): what a
+        device answers before its first int8 model, or with quantize = false."""
+        try:
+            blob = self.model.float_inference_model()
+            self.predictor.load(blob, kind="float", round_id=round_id, model_version=model_version)
+        except (ValueError, OSError, RuntimeError) as exc:  # serving is a service, never the agent's death
+            log.error("float model not served %s", _kv(error=repr(exc)))
 
     def infer(self, x: np.ndarray) -> np.ndarray:
-        """Class predictions from the int8 model the device serves (float model until one exists)."""
-        logits = self.int8(x) if self.int8 is not None else self.model.logits(x)
+        """Class predictions from the model the device serves (the training model until one exists)."""
+        m = self.predictor.current
+        logits = m(x) if m is not None else self.model.logits(x)
         return logits.argmax(1)
