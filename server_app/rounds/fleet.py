@@ -1,6 +1,6 @@
 """MqttFleet: the engine's `Fleet` protocol over MQTT, so `run_rounds` drives real devices.
 
-`devices()` = the devices currently online (presence from retained status + Last Will).
+`devices()` = the devices currently online (presence from retained status + Last Will) that hold data.
 `run_round(assignments, quorum, timeout_s)`:
   1. open a `Collection` for the round (what each participant's result must look like, derived
      from its assignment; deadline) and record the assignments in the registry;
@@ -113,7 +113,12 @@ class MqttFleet:
 
     # ----------------------------------------------------------- Fleet API
     def devices(self) -> list[DeviceInfo]:
-        devs = sorted(self._online(), key=lambda d: d.device_id)
+        """Online devices that can take part: a device whose status reports an empty data set
+        (num_samples 0 with a label histogram: data born on the device, none yet) is left out, since
+        it has nothing to train on and a result must count >= 1 sample (check_result); it is picked
+        once its status says it holds data. A status without counts is taken as before."""
+        devs = sorted((d for d in self._online() if d.num_samples > 0 or d.label_histogram is None),
+                      key=lambda d: d.device_id)  # fmt: skip
         return devs[: self.max_devices] if self.max_devices else devs
 
     @property
