@@ -158,12 +158,15 @@ class ModelVersionOut(_Orm):
     kind: str = Field(examples=["large"], description="large | small")
     arch: str = Field(examples=["vgg_large"])
     version: int
-    sha256: str
+    sha256: str = Field(description="of the stored file (for a large model: its training checkpoint)")
     bytes: int
     round_id: int | None = None
     metrics: dict[str, Any] = Field(default_factory=dict)
     created: dt.datetime | None = None
-    download: str = Field(description="URL of the artifact", examples=["/api/v1/models/large/vgg_large/3/download"])
+    download: str = Field(description="URL of the model: a large model's portable safetensors export "
+                          "(docs/models.md), a small model's stored file", examples=["/api/v1/models/large/large/3/download"])
+    formats: dict[str, str] = Field(default_factory=dict, description="large models with a portable export: "
+                                    "download URL per format (safetensors, pt, torchscript, onnx, card, checkpoint)")
 
 
 # ---- metrics history ----------------------------------------------------------------------------------

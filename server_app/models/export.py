@@ -457,3 +457,32 @@ class ModelExporter:
             if time.monotonic() >= t_end:
                 return False
             t.join(min(0.5, max(0.01, t_end - time.monotonic())))
+
+
+# ------------------------------------------------------------------------- what the API and CLI serve
+def large_file(checkpoint: str | Path, fmt: str) -> tuple[Path, str | None]:
+    """The file to serve for a format of a registered large-model version's portable export, and the
+    sha256 recorded in its card when there is one (safetensors: a file changed on disk afterwards is
+    then detected by the client). FileNotFoundError / ExportError / CardError say why not."""
+    try:
+        edir = export_dir_of_checkpoint(checkpoint)
+    except ExportError as exc:
+        raise FileNotFoundError(f"no portable export: {exc}") from None
+    if not (edir / CARD_NAME).is_file():
+        raise FileNotFoundError(f"no portable export at {edir} (servers write one after every model version; for an "
+                                "older one run `koala models export --data-dir DIR VERSION` on the server)")  # fmt: skip
+    path = ensure_format(edir, fmt)
+    recorded = read_card(edir).get("files", {}).get(path.name, {}).get("sha256")
+    return path, recorded
+
+
+def small_models(edir: str | Path) -> list[dict[str, Any]]:
+    """The global small models of one export: [{arch, artifact, input_shape, num_classes, formats}]."""
+    card = read_card(edir)
+    out = []
+    for arch, info in sorted(card.get("small", {}).items()):
+        out.append({"arch": arch, "version": card["version"], "round": card.get("round"), "artifact": info["artifact"],
+                    "input_shape": info["input_shape"], "num_classes": info["num_classes"],
+                    "param_count": info.get("param_count"),
+                    "built": [f for f in SMALL_FORMATS if (Path(edir) / "small" / f"{arch}.{f}.tflite").is_file()]})  # fmt: skip
+    return out

@@ -202,12 +202,15 @@ def test_models_list_and_download_with_sha256(seeded, local):
     items = local.get("/api/v1/models", params={"kind": "large"}).json()["items"]
     v1 = next(m for m in items if m["version"] == 1)
     assert v1["sha256"] == info["model_sha256"] and "path" not in v1
-    r = local.get(v1["download"])
+    r = local.get(v1["download"], params={"format": "checkpoint"})  # the stored file itself
     assert r.status_code == 200 and r.content == info["model_bytes"]
     assert r.headers["x-content-sha256"] == hashlib.sha256(r.content).hexdigest()
     assert r.headers["digest"].startswith("sha-256=")
+    # the default is the portable export (test_model_export.py), which this seeded file has none of
+    assert "no portable export" in assert_problem(local.get(v1["download"]), 404)["detail"]
+    assert_problem(local.get(v1["download"], params={"format": "pickle"}), 422)
     assert_problem(local.get("/api/v1/models/large/vgg_large/7/download"), 404)
-    body = assert_problem(local.get("/api/v1/models/large/vgg_large/2/download"), 404)
+    body = assert_problem(local.get("/api/v1/models/large/vgg_large/2/download", params={"format": "checkpoint"}), 404)
     assert "file is missing" in body["detail"]
     assert_problem(local.get("/api/v1/models/huge/vgg_large/1/download"), 422)
     assert_problem(local.get("/api/v1/models", params={"kind": "medium"}), 422)
