@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "monitor": "server_app.commands.monitor",
     "rounds": "server_app.commands.rounds",
     "devices": "server_app.commands.devices",
+    "models": "server_app.commands.models",
     "bench": "server_app.commands.bench",
     "data": "server_app.commands.data",
     "zoo": "server_app.commands.zoo",
