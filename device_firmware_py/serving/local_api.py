@@ -41,6 +41,7 @@ from device_firmware_py.serving.sample_store import SampleError, SampleStore
 log = logging.getLogger("koala.device.serve")
 NPY, NPZ, JSON = "application/x-npy", "application/x-npz", "application/json"
 BUSY_WAIT_S = 5.0
+DRAIN_BYTES = 64 << 20  # an oversized body up to this size is read and dropped, larger: connection closed
 
 
 class ApiError(Exception):
@@ -302,7 +303,14 @@ def _handler_for(api: LocalApi) -> type[BaseHTTPRequestHandler]:
                 self.close_connection = True
                 raise ApiError(400, f"bad Content-Length {raw!r}") from None
             if n < 0 or n > api.max_request_bytes:
-                self.close_connection = True  # the body is not read: the connection cannot be reused
+                # Read and drop a body of up to DRAIN_BYTES in small chunks (memory stays bounded) so
+                # the client, still sending, gets the 413 instead of a broken pipe; past that, hang up.
+                if 0 <= n <= DRAIN_BYTES:
+                    left = n
+                    while left > 0 and (chunk := self.rfile.read(min(left, 1 << 16))):
+                        left -= len(chunk)
+                else:
+                    self.close_connection = True
                 raise ApiError(413, f"request body of {n} bytes is over the limit of {api.max_request_bytes} "
                                     "(serve_max_request_bytes): send fewer rows per request")  # fmt: skip
             return self.rfile.read(n)
