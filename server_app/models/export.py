@@ -190,17 +190,21 @@ def _safetensors_blob(large: dict[str, Any], version: int) -> bytes:
     return save(large, metadata={"format": "pt", "koala_model_version": str(version)})
 
 
-def _exported(edir: Path, version: int, state: dict[str, Any]) -> bool:
-    """True when `edir` already holds this exact large model (same safetensors bytes): a data
-    directory reused with a fresh registry must not keep serving an older run's version N."""
+def _exported(edir: Path, state: dict[str, Any]) -> bool:
+    """True when `edir` already holds this exact large model (equal tensors; not equal bytes: the
+    safetensors header's metadata order is not stable): a data directory reused with a fresh
+    registry must not keep serving an older run's version N."""
+    import torch
+    from safetensors.torch import load_file
+
+    if state.get("large") is None or not (edir / CARD_NAME).is_file():
+        return False
     try:
-        want = read_card(edir)["files"][LARGE_FILES["safetensors"]]["sha256"]
-    except (CardError, KeyError, TypeError):
+        have = load_file(str(edir / LARGE_FILES["safetensors"]))
+    except (OSError, ValueError, RuntimeError):
         return False
-    if state.get("large") is None:
-        return False
-    large = {k: v.detach().to("cpu").contiguous() for k, v in state["large"].items()}
-    return hashlib.sha256(_safetensors_blob(large, version)).hexdigest() == want
+    want = state["large"]
+    return have.keys() == want.keys() and all(torch.equal(have[k], want[k].detach().cpu()) for k in have)
 
 
 def write_export(
@@ -310,10 +314,13 @@ def _write_torchscript(model: Any, card: dict[str, Any], path: Path) -> None:
     import torch
 
     with torch.no_grad(), warnings.catch_warnings():
+        # the trace-time layout test; and torch 2.13 marks TorchScript deprecated (still supported,
+        # and still the one torch format that loads without the model's Python source)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
         traced = torch.jit.trace(model, _example_input(card), check_trace=False)
-    buf = io.BytesIO()
-    torch.jit.save(traced, buf)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
     atomic_write(path, buf.getvalue())
 
 
@@ -415,7 +422,7 @@ class ModelExporter:
         """Export `version` unless it is already (a version's weights never change: a restarted
         server calls this for the version it restored, and only a missing export is written)."""
         done = export_dir(self.models_dir, version)
-        if _exported(done, version, state):
+        if _exported(done, state):
             return done
         try:
             out = write_export(self.models_dir, version, state, self.ctx, round_id=round_id, metrics=metrics)

@@ -67,7 +67,7 @@ def _version_out(request: Request, mv: ModelVersion) -> ModelVersionOut:
     data["download"] = url.path
     data["metrics"] = dict(mv.metrics or {})
     if mv.kind == "large" and _has_export(mv.path):
-        data["formats"] = {f: f"{url.path}?format={f}" for f in mx.LARGE_FORMATS}
+        data["formats"] = {f: f"{url.path}?format={f}" for f in (*mx.LARGE_FORMATS, "checkpoint")}
     return ModelVersionOut.model_validate(data)
 
 
