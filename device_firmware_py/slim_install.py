@@ -47,6 +47,7 @@ PRUNE: tuple[tuple[str, str], ...] = (
 WARM_IMPORTS = (
     "device_firmware_py.cli",
     "device_firmware_py.agent.agent",
+    "device_firmware_py.serving.local_api",
     "device_firmware_py.runtime.small_model",
     "device_firmware_py.runtime.quantize",
     "ai_edge_litert.interpreter",

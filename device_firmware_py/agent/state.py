@@ -9,6 +9,8 @@ Layout of `state_dir`:
   model_int8.tflite   the int8 inference model the device serves with
   modules.json        modules loaded by this process (proves no torch/tensorflow on the device)
   cache/              .npy copies of the .npz data members, memory-mapped by the agent (datafiles)
+  samples/            samples.npz: the on-device sample store (data_source = store; serving.sample_store)
+  agent.sock          the local endpoint for applications (serving.local_api; unless serve_socket says otherwise)
 
 Every file is written tmp + fsync + os.replace: a crash leaves the old or the new file, never half.
 """
