@@ -227,7 +227,7 @@ def _export_checkpoint(mx: Any, models_dir: Path, version: int, ckpt: Path, conf
     data = {"proxy_sha256": file_sha256(paths.proxy), "proxy_size": len(proxy_x), "test_sha256": file_sha256(paths.test),
             "test_size": len(y_test)}  # fmt: skip
     ctx = ExportContext.from_policy(settings.policy, shape, num_classes, dataset=read_dataset_info(paths.proxy).get("dataset"),
-                                    data=data, calibration_x=proxy_x[: mx.CALIBRATION_ROWS])  # fmt: skip
+                                    data=data, calibration_x=proxy_x[: mx.CALIBRATION_ROWS], proxy_x=proxy_x)  # fmt: skip
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     return mx.write_export(models_dir, version, state, ctx, round_id=None, metrics={})
 

@@ -74,6 +74,9 @@ class ExportContext:
     dataset: str | None = None
     data: dict[str, Any] = field(default_factory=dict)  # proxy_sha256, test_sha256, proxy_size, ...
     calibration_x: Any = None  # proxy rows for int8 calibration of the small models (numpy) or None
+    # the proxy set (numpy): where the strategy keeps no global small model (devices upload logits,
+    # the default), the export distils the large model into each architecture on it (export.py)
+    proxy_x: Any = None
 
     @classmethod
     def from_policy(cls, policy: Any, input_shape: tuple[int, ...], num_classes: int, **kw: Any) -> ExportContext:
@@ -152,7 +155,7 @@ def build_card(
     from server_app.models.large import param_count
 
     state = model.state_dict()
-    entry = {"version": version, "round": round_id, **{k: v for k, v in metrics.items() if "acc" in k}}
+    entry = {"version": version, "round": round_id, **{k: v for k, v in metrics.items() if "_acc" in k}}
     hist = [h for h in history if h.get("version") != version] + [entry]
     hist.sort(key=lambda h: h.get("version", 0))
     h, w, c = ctx.input_shape

@@ -235,7 +235,10 @@ def write_export(
     files[LARGE_FILES["safetensors"]] = _sha(blob)
 
     small: dict[str, dict[str, Any]] = {}
-    for arch, weights in sorted((state.get("small") or {}).items()):
+    weights_of = {a: (ws, {"source": "global", "how": "the strategy's global small model (FedAvg of the devices' "
+                           "weights)"}) for a, ws in (state.get("small") or {}).items()}  # fmt: skip
+    weights_of.update(_server_students(models_dir, version, model, ctx, skip=set(weights_of)))
+    for arch, (weights, source) in sorted(weights_of.items()):
         try:
             man = _small_manifest(arch, ctx.input_shape)
         except FileNotFoundError as exc:
@@ -246,7 +249,7 @@ def write_export(
         flt = patch_inference_model(man.raw, man.inference_path.read_bytes(), ws)
         atomic_write(out / "small" / f"{arch}.safetensors", st)
         atomic_write(out / "small" / f"{arch}.float.tflite", flt)
-        small[arch] = {"artifact": man.name, "artifact_sha256": man.sha256, "input_shape": list(man.input_shape),
+        small[arch] = {**source, "artifact": man.name, "artifact_sha256": man.sha256, "input_shape": list(man.input_shape),
                        "input_layout": "NHWC", "num_classes": man.num_classes, "param_count": man.param_count,
                        "weights": man.weight_names,
                        "files": {f"small/{arch}.safetensors": _sha(st), f"small/{arch}.float.tflite": _sha(flt)}}  # fmt: skip
@@ -263,6 +266,68 @@ def write_export(
                       history=_previous_history(models_dir, version), files=files, small=small)  # fmt: skip
     atomic_write(out / CARD_NAME, (json.dumps(card, indent=1, default=str) + "\n").encode())
     return out
+
+
+def _server_students(
+    models_dir: Path, version: int, model: Any, ctx: ExportContext, skip: set[str]
+) -> dict[str, tuple[list[np.ndarray], dict[str, Any]]]:
+    """Small models for the policy's architectures the strategy keeps no global model of.
+
+    Why: with the default `teacher = device_logits` devices upload logits, not weights, so no global
+    small model exists, yet a new device (or a user) wants the small model that follows the current
+    large one. The server makes it as a device does its forward KD: the LiteRT training artifact,
+    distilled from the large model's logits on the proxy set, `max(1, fkd_epochs)` passes per
+    version, continuing from the previous version's student (same artifact) -- about a second per
+    architecture for 1,000 proxy rows, so it runs with the synchronous part of the export."""
+    if ctx.proxy_x is None:
+        return {}
+    from device_firmware_py.runtime.manifest import format_input
+    from device_firmware_py.runtime.small_model import SmallModel
+    from server_app.models.large import predict_logits
+
+    pol = ctx.policy
+    archs = [a for a in pol.get("archs", []) if a not in skip]
+    if not archs:
+        return {}
+    proxy = np.asarray(ctx.proxy_x, np.float32)
+    teacher = predict_logits(model, proxy)
+    epochs, temp, lr = max(1, int(pol.get("fkd_epochs", 1))), float(pol.get("temperature", 1.0)), float(pol.get("fkd_lr", 1e-3))
+    out: dict[str, tuple[list[np.ndarray], dict[str, Any]]] = {}
+    for arch in archs:
+        try:
+            sm = SmallModel(f"{arch}_{format_input(ctx.input_shape)}", num_threads=1)
+        except (FileNotFoundError, ValueError) as exc:
+            log.warning("small model %s not distilled: %s", arch, exc)
+            continue
+        start = _previous_student(models_dir, version, arch, sm.manifest.sha256)
+        if start is not None:
+            sm.set_weights(start[1])
+        sm.distill(proxy, teacher, temperature=temp, epochs=epochs, lr=lr, seed=version)
+        how = (f"the large model distilled into the {arch} artifact on the proxy set on the server ({epochs} pass(es) "
+               f"per version at T={temp:g}, lr={lr:g}), continuing from "
+               f"{'version ' + str(start[0]) if start else 'the artifact initialisation'}; devices upload logits, so "
+               "no averaged small model exists")  # fmt: skip
+        out[arch] = (sm.get_weights(), {"source": "server_kd", "how": how, "kd": {"epochs": epochs, "temperature": temp,
+                     "lr": lr, "proxy_rows": len(proxy), "from_version": start[0] if start else None}})  # fmt: skip
+    return out
+
+
+def _previous_student(models_dir: Path, version: int, arch: str, artifact_sha: str) -> tuple[int, list[np.ndarray]] | None:
+    """(version, weights) of the newest earlier server-distilled `arch` student of the same artifact."""
+    from safetensors.numpy import load_file
+
+    for row in reversed(list_versions(models_dir)):
+        if row["version"] >= version or not row.get("export"):
+            continue
+        try:
+            info = read_card(row["export"]).get("small", {}).get(arch)
+            if not info or info.get("source") != "server_kd" or info.get("artifact_sha256") != artifact_sha:
+                continue
+            named = load_file(str(Path(row["export"]) / "small" / f"{arch}.safetensors"))
+            return int(row["version"]), [named[n] for n in info["weights"]]
+        except (CardError, OSError, KeyError, ValueError):
+            continue
+    return None
 
 
 def ensure_format(edir: str | Path, fmt: str) -> Path:

@@ -194,6 +194,27 @@ def test_exporter_writes_each_version_once_and_builds_the_rest_in_background(tmp
     assert ex.publish(4, 3, {}, {"small": {}}) is None
 
 
+def test_without_global_small_weights_the_server_distils_a_student(tmp_path, data, state):
+    """Devices upload logits (teacher = device_logits, the default): the export's small model is the
+    large model distilled into the artifact on the proxy set, continued version after version."""
+    from device_firmware_py.runtime.quantize import TFLiteLogits
+
+    ctx = context(data)
+    ctx.proxy_x = data.x_train[-1000:]
+    ckpt = {"large": state["large"], "small": {}}
+    ex = mx.ModelExporter(tmp_path, ctx, prebuild=False)
+    e1, e2 = ex.publish(1, 0, {}, ckpt), ex.publish(2, 1, {}, ckpt)
+    s1, s2 = read_card(e1)["small"]["cnn_small"], read_card(e2)["small"]["cnn_small"]
+    assert s1["source"] == "server_kd" and s1["kd"]["from_version"] is None and s2["kd"]["from_version"] == 1
+    x = data.x_test[:N_EQ]
+    with torch.no_grad():
+        large = state["_model"](torch.from_numpy(x)).numpy()
+    agree = [compare(large, TFLiteLogits(mx.ensure_small(e, "cnn_small", "float"), num_threads=1)(x))["argmax_agreement"]
+             for e in (e1, e2)]  # fmt: skip
+    print(f"server-distilled cnn_small agrees with the large model on {agree} of {N_EQ} test images (v1, v2)")
+    assert agree[1] >= 0.5 and agree[1] >= agree[0] - 0.05
+
+
 # ------------------------------------------------------------------------------------------ the API
 @pytest.fixture(scope="module")
 def api(tmp_path_factory, models_dir):
