@@ -158,6 +158,10 @@ class MqttClient:
         self._on_connect_cb = on_connect
         self.connected = threading.Event()
         self.connect_count = 0  # how many successful (re)connects: tests and metrics
+        # monotonic times of the last delivery and the last connect: a watchdog tells a link that is
+        # connected but delivers nothing (server_app.intake_watchdog) from a quiet one
+        self.last_delivery_at = 0.0
+        self.connected_at = 0.0
         self.last_error: str | None = None
         self.connect_failures = 0  # failed connect attempts since the last successful connect
         self._reconnect_min_s, self._reconnect_max_s = reconnect_min_s, reconnect_max_s
@@ -227,6 +231,21 @@ class MqttClient:
         finally:
             self.client.loop_stop()
             self.connected.clear()
+
+    def force_reconnect(self) -> bool:
+        """Drop the connection as a network fault would (no DISCONNECT, so paho's loop reconnects
+        with its backoff and re-subscribes): the cure for a link that is connected but stuck.
+        False when there was no socket to drop."""
+        sock = self.client.socket()
+        if sock is None:
+            return False
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            return False
+        log.warning("mqtt connection to %s:%d dropped on purpose (client=%s): reconnecting", self.host, self.port,
+                    self.client_id)  # fmt: skip
+        return True
 
     def __enter__(self) -> MqttClient:
         self.start()
@@ -301,6 +320,7 @@ class MqttClient:
             self._conn_gen += 1
         self.connect_count += 1
         self.connect_failures = 0
+        self.connected_at = time.monotonic()
         self.connected.set()
         log.info(
             "mqtt connected %s:%d client=%s session_present=%s subs=%d",
@@ -346,6 +366,7 @@ class MqttClient:
             done.set()
 
     def _on_message(self, _c: Any, _ud: Any, msg: Any) -> None:
+        self.last_delivery_at = time.monotonic()
         with self._lock:
             subs = list(self._subs.items())
             gen = self._conn_gen

@@ -175,6 +175,20 @@ class ApiSettings(_Section):
         return self
 
 
+class IngestSettings(_Section):
+    """Per-device message budgets (server_app.ingest_budget; published in asyncapi.yaml) and the
+    intake watchdog (server_app.intake_watchdog). Over-budget messages are dropped before decoding."""
+
+    results_per_round: int = Field(8, ge=1, le=1000)
+    progress_per_s: float = Field(5.0, gt=0)
+    progress_burst: int = Field(50, ge=1)
+    status_per_s: float = Field(0.5, gt=0)
+    status_burst: int = Field(10, ge=1)
+    event_window_s: float = Field(60.0, gt=0)
+    watchdog_interval_s: float = Field(5.0, gt=0)
+    watchdog_stall_s: float = Field(30.0, gt=0)
+
+
 class Settings(BaseSettings):
     """The server's whole configuration (see module docstring for precedence)."""
 
@@ -187,6 +201,7 @@ class Settings(BaseSettings):
     paths: PathSettings = Field(default_factory=PathSettings)
     policy: KoalaPolicy = Field(default_factory=KoalaPolicy)  # the ONE policy (server_app.policy), also koala sim's
     api: ApiSettings = Field(default_factory=ApiSettings)
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = "text"  # json: one object per line for log shippers
     # torch device of the large model (reverse KD, evaluation): cpu | cuda | cuda:N | auto (cuda when

@@ -158,6 +158,7 @@ class Ingestor:
         max_bytes: int = codec.DEFAULT_MAX_FRAME_BYTES,
         max_results_per_round: int = MAX_RESULTS_PER_ROUND,
         refresh_collection: Callable[[], None] | None = None,
+        status_sink: Callable[[cm.DeviceStatus], None] | None = None,
     ):
         self.store = store
         self.presence = presence
@@ -166,6 +167,9 @@ class Ingestor:
         # batch holds a result of another round than the view's, it is refreshed first
         self._refresh_collection = refresh_collection
         self.max_bytes = max_bytes
+        # where device statuses go to the registry: a StatusWriter (coalesced, off the MQTT thread)
+        # in the server; None writes each one at once (unit tests, tools)
+        self.status_sink = status_sink
         self.counts: Counter[str] = Counter()
         self._lock = threading.Lock()  # one batch decision at a time (idempotency check + write)
         self._attempts_lock = threading.Lock()
@@ -383,10 +387,13 @@ class Ingestor:
         assert isinstance(msg, cm.DeviceStatus)
         self.presence.update(msg)
         record("device_online", self.presence.online_count())
-        try:
-            self.store.device_status(msg)
-        except Exception:
-            log.exception("could not record device status device=%s", msg.device_id)
+        if self.status_sink is not None:
+            self.status_sink(msg)
+        else:
+            try:
+                self.store.device_status(msg)
+            except Exception:
+                log.exception("could not record device status device=%s", msg.device_id)
         log.info("device status device=%s state=%s arch=%s samples=%s", msg.device_id, msg.state, msg.arch, msg.num_samples)
         return Outcome("accepted", None, None, msg.device_id)
 

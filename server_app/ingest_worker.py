@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from server_app.ingest_budget import DeviceBudget, topic_device
 from server_app.metrics_hook import record
 from server_app.registry.errors import RegistryUnavailable
 
@@ -97,6 +98,20 @@ class IngestWorker:
     def backlog(self) -> int:
         return self._q.qsize()
 
+    @property
+    def alive(self) -> bool:
+        """The worker thread runs (False before start() and after stop())."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def revive(self) -> bool:
+        """Start a new worker thread on the same queue if the old one died (a bug that escaped
+        `_process`); what was queued is ingested by the new one. True if one was started."""
+        if self.alive or self._stop.is_set():
+            return False
+        log.error("ingest worker thread had died with %d results queued: started a new one", self.backlog)
+        self.start()
+        return True
+
     def start(self) -> IngestWorker:
         self._thread = threading.Thread(target=self._run, name="koala-ingest", daemon=True)
         self._thread.start()
@@ -164,9 +179,22 @@ class IngestWorker:
 
 
 def subscribe_results(link: Any, topic_filter: str, ingestor: Any, *, max_batch: int = MAX_BATCH,
-                      on_outcomes: Callable[[list[Any]], None] | None = None) -> IngestWorker:
+                      on_outcomes: Callable[[list[Any]], None] | None = None,
+                      budget: DeviceBudget | None = None) -> IngestWorker:
     """Start a worker for `ingestor` and subscribe `topic_filter` (QoS 1) on `link`, an
-    `MqttClient(manual_ack=True)`: the one way results are wired (server, benchmarks, tests)."""
+    `MqttClient(manual_ack=True)`: the one way results are wired (server, benchmarks, tests).
+    With a `budget`, a result over its device's budget is acknowledged and dropped right here, on
+    the network thread, before it is queued, decoded or written (server_app.ingest_budget)."""
     worker = IngestWorker(ingestor.ingest_batch, max_batch=max_batch, on_outcomes=on_outcomes).start()
-    link.subscribe(topic_filter, 1, worker.submit, deferred_ack=True)
+    if budget is None:
+        link.subscribe(topic_filter, 1, worker.submit, deferred_ack=True)
+        return worker
+
+    def gated(topic: str, payload: bytes, ack: Callable[[], None]) -> None:
+        if budget.allow("result", topic_device(topic)):
+            worker.submit(topic, payload, ack)
+        else:
+            ack()
+
+    link.subscribe(topic_filter, 1, gated, deferred_ack=True)
     return worker

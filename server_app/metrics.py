@@ -122,6 +122,11 @@ INGEST_BACKPRESSURE = Counter(
     "koala_ingest_backpressure", "Times the MQTT handler waited for the ingest worker (its queue of results reached "
     "max_backlog): the broker delivered faster than results are ingested.", registry=REGISTRY)  # fmt: skip
 
+INTAKE_STALLED = Gauge(
+    "koala_intake_stalled", "1 while the intake watchdog finds the broker delivering nothing to this server "
+    "(server_app.intake_watchdog); it reconnects and the gauge returns to 0 when a probe arrives.",
+    registry=REGISTRY)  # fmt: skip
+
 # Names as exposed on /metrics (counters get _total, histograms _bucket/_sum/_count).
 METRIC_NAMES: frozenset[str] = frozenset(
     {
@@ -146,10 +151,12 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "koala_bytes_down_total",
         "koala_results_from_registry_total",
         "koala_ingest_backpressure_total",
+        "koala_intake_stalled",
     }
 )
 # Exported only by servers that ingest (ServerServices with an Ingestor), see render().
-INGEST_METRIC_NAMES: frozenset[str] = frozenset({"koala_ingest_outcomes_total"})
+INGEST_METRIC_NAMES: frozenset[str] = frozenset({"koala_ingest_outcomes_total", "koala_ingest_dropped_by_kind_total",
+                                                 "koala_intake_stalls_total", "koala_intake_recoveries_total"})
 
 # Pre-create the label sets so dashboards show 0 instead of "no data" before the first event.
 for _reason in sorted(REASONS):
@@ -220,6 +227,10 @@ def bytes_up(nbytes: int) -> None:
 
 def results_from_registry(n: int) -> None:
     RESULTS_FROM_REGISTRY.inc(_nonneg(n))
+
+
+def intake_stalled(flag: bool) -> None:
+    INTAKE_STALLED.set(1 if flag else 0)
 
 
 def ingest_backpressure() -> None:
@@ -336,12 +347,44 @@ class _IngestOutcomes:
         yield fam
 
 
-def render(ingest_counts: Mapping[str, int] | None = None) -> bytes:
+class _IntakeGuards:
+    """Per scrape, like _IngestOutcomes: messages the per-device budget dropped before decoding
+    (``koala_ingest_dropped_total{kind, device}``: a label set exists only for a device that went over
+    its budget) and the intake watchdog's stalls and recoveries."""
+
+    def __init__(self, dropped: Mapping[tuple[str, str], int], stalls: int, recoveries: int) -> None:
+        self.dropped, self.stalls, self.recoveries = dict(dropped), stalls, recoveries
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        from prometheus_client.core import CounterMetricFamily
+
+        fam = CounterMetricFamily("koala_ingest_dropped", "Device messages dropped over the device's budget, "
+                                  "before decoding (server_app.ingest_budget).", labels=["kind", "device"])  # fmt: skip
+        kinds = {"result": 0.0, "progress": 0.0, "status": 0.0}
+        for (kind, dev), n in sorted(self.dropped.items()):
+            k = _LABEL_RE.sub("_", str(kind))[:16]
+            fam.add_metric([k, str(dev)[:128]], _nonneg(n))
+            kinds[k] = kinds.get(k, 0.0) + _nonneg(n)
+        yield fam
+        by_kind = CounterMetricFamily("koala_ingest_dropped_by_kind", "The same, summed over devices (always "
+                                      "exported, 0 before any drop).", labels=["kind"])  # fmt: skip
+        for k, n in sorted(kinds.items()):
+            by_kind.add_metric([k], n)
+        yield by_kind
+        yield CounterMetricFamily("koala_intake_stalls", "Intake stalls the watchdog detected and cured by reconnecting.",
+                                  value=_nonneg(self.stalls))  # fmt: skip
+        yield CounterMetricFamily("koala_intake_recoveries", "Stalls after which the broker delivered again.",
+                                  value=_nonneg(self.recoveries))  # fmt: skip
+
+
+def render(ingest_counts: Mapping[str, int] | None = None, dropped: Mapping[tuple[str, str], int] | None = None,
+           stalls: int = 0, recoveries: int = 0) -> bytes:  # fmt: skip
     """The text exposition of every metric (what /metrics returns), plus the scraped server's
-    ingestion outcomes when it has an Ingestor."""
+    ingestion outcomes, budget drops and watchdog counts when it has an Ingestor."""
     text = generate_latest(REGISTRY)
     if ingest_counts is not None:
         extra = CollectorRegistry(auto_describe=False)
         extra.register(_IngestOutcomes(ingest_counts))  # type: ignore[arg-type]
+        extra.register(_IntakeGuards(dropped or {}, stalls, recoveries))  # type: ignore[arg-type]
         text += generate_latest(extra)
     return text

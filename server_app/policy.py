@@ -42,7 +42,8 @@ BUILTIN_STRATEGIES = ("koala_homo", "koala_hetero", "fedavg_small", "fedavg_larg
 _STRATEGY_REF = re.compile(r"[a-z][a-z0-9_]{0,63}|[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 # Fields every strategy uses (round machinery), whatever it is.
-ROUND_FIELDS = frozenset({"strategy", "archs", "rounds", "participants", "min_devices", "quorum_fraction",
+ROUND_FIELDS = frozenset({"strategy", "archs", "rounds", "participants", "min_devices",
+                          "min_devices_timeout_s", "quorum_fraction",
                           "deadline_s", "deadline_factor", "deadline_min_s", "seed", "large", "plugin_options"})  # fmt: skip
 
 
@@ -121,7 +122,12 @@ class KoalaPolicy(BaseModel):
     participants: float | None = Field(
         None, gt=0.0, description="devices per round: a count (>= 1) or a fraction (< 1) of the online fleet; "
                                   "None: all. Sampled with the seed, least-recently-used first (fair)")
-    min_devices: int = Field(2, ge=1, description="online devices needed before a round starts")
+    min_devices: int = Field(2, ge=1, description="online devices needed before a round starts; rounds wait for "
+                                                  "them (see min_devices_timeout_s)")
+    min_devices_timeout_s: float | None = Field(
+        None, gt=0.0, description="after waiting this many seconds, start a round with fewer than min_devices online "
+                                  "(at least 1). None (the default, and what production should keep): wait for "
+                                  "min_devices however long it takes")
     quorum_fraction: float = Field(0.5, gt=0.0, le=1.0, description="accepted results needed to close a round")
     deadline_s: float = Field(120.0, gt=0.0, description="seconds a round waits for results (with deadline_factor: "
                                                          "the most it waits, extensions included)")

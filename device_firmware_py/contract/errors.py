@@ -30,6 +30,7 @@ REASONS: frozenset[str] = frozenset(
         "late",  # result after the round deadline
         "duplicate",  # second distinct submission for the same (round, device)
         "rate_limited",  # more result messages for one (round, device) than the server takes
+        "over_budget",  # a device sent more of one message kind than its budget; dropped before decoding
         "stale_version",  # result answers another model version than the one assigned
         "plan_mismatch",  # result carries tensors the plan did not ask for, or lacks one it did
         "bad_histogram",  # label histogram of the wrong length, negative, or not summing to num_samples

@@ -207,8 +207,9 @@ class DemoRun:
             proxy_path=self.layout.proxy_path, test_path=self.layout.test_path,
             proxy_labels_path=self.layout.proxy_labels_path, broker_host=host, broker_port=port,
             shared_subscriptions=None if self.broker is None else self.broker.features.shared_subscriptions,
-            policy=c.policy.with_overrides(min_devices=c.devices),  # the demo starts rounds once every agent is up
-            wait_devices_s=60.0, torch_threads=c.torch_threads, start_orchestrator=False,
+            # the demo starts rounds once every agent is up (or, if one never comes, after a minute)
+            policy=c.policy.with_overrides(min_devices=c.devices, min_devices_timeout_s=60.0),
+            torch_threads=c.torch_threads, start_orchestrator=False,
             role="orchestrator" if c.ingest_workers else "all",
         )  # fmt: skip
         if c.ingest_workers and not (self.broker is not None and self.broker.features.shared_subscriptions):

@@ -231,6 +231,25 @@ class RegistryStore:
     def device_status(self, status: cm.DeviceStatus) -> None:
         self.reg.run(crud.upsert_device_status_msg, status)
 
+    def device_statuses(self, statuses: list[cm.DeviceStatus]) -> None:
+        """Several devices' newest status in one transaction (server_app.status_writer)."""
+
+        def fn(s: Any) -> None:
+            for st in statuses:
+                crud.upsert_device_status_msg(s, st)
+
+        self.reg.run(fn)
+
+    def over_budget_events(self, rows: list[tuple[str, dict[str, int]]], window_s: float) -> None:
+        """One `over_budget` event per flooding device and window (server_app.ingest_budget)."""
+
+        def fn(s: Any) -> None:
+            for dev, dropped in rows:
+                crud.record_event(s, "rejected", level="warning", device_id=dev,
+                                  detail={"reason": "over_budget", "dropped": dropped, "window_s": window_s})  # fmt: skip
+
+        self.reg.run(fn)
+
     # -- models
     def add_model(self, kind: str, arch: str, path: Path, version: int, round_id: int | None, metrics: dict[str, Any]) -> None:
         data = path.read_bytes()

@@ -101,8 +101,8 @@ def test_arm64_device_completes_a_round_against_an_x86_server(tmp_path) -> None:
            "PLAIN_PORT": str(free_port()), "HTTP_PORT": str(free_port()), "PYTHONUNBUFFERED": "1"}  # fmt: skip
     out = run_script_in_group(["bash", "-c", SCRIPT], env, 3000, "arm64 round", lambda: _logs(ws))
     assert set(re.findall(r"^(\d+)\s+completed\s", out, re.M)) == {"0", "1"}, out[-3000:]
-    # both arm64 devices' results were accepted (round 0 may start with the first device online:
-    # the server waits wait_devices_s for min_devices, and flashing under emulation takes minutes)
+    # both arm64 devices' results were accepted (rounds wait for min_devices: flashing under
+    # emulation takes minutes)
     with sqlite3.connect(ws / "registry.db") as db:
         accepted = {d for (d,) in db.execute("select device_id from assignments where status = 'accepted'")}
     assert accepted == set(DEVICES), accepted

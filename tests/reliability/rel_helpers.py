@@ -49,7 +49,7 @@ def server_options(db_url: str, data_dir: Path, files: dict[str, str], port: int
     policy = {**POLICY, **{k: kw.pop(k) for k in list(kw) if k in KoalaPolicy.model_fields}}
     base: dict[str, Any] = dict(
         db_url=db_url, data_dir=str(data_dir), broker_port=port, shared_subscriptions=True, policy=policy,
-        wait_devices_s=30.0, eval_samples=100, torch_threads=1, **files,
+        eval_samples=100, torch_threads=1, **files,
     )  # fmt: skip
     base.update(kw)
     return ServerOptions(**base)

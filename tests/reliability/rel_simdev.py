@@ -77,8 +77,11 @@ class SimFleet:
 
     def __init__(self, host: str, port: int, device_ids: list[str], *, behaviour: Behaviour | None = None,
                  arch: str = "cnn_small", input_shape: tuple[int, int, int] = (8, 8, 1), keepalive: int = 30,
-                 logits_shape: tuple[int, int] = (200, 10)):
+                 logits_shape: tuple[int, int] = (200, 10), passwords: dict[str, str] | None = None,
+                 ca_file: str | None = None):
         self.host, self.port = host, port
+        # a hardened broker: each device logs in with its own account (and its bound client id) over TLS
+        self.passwords, self.ca_file = passwords, ca_file
         self.ids = list(device_ids)
         self.behaviour: Behaviour = behaviour or (lambda d, r: "answer")
         self.arch, self.input_shape, self.keepalive = arch, input_shape, keepalive
@@ -123,8 +126,13 @@ class SimFleet:
 
     def start(self, timeout_s: float = 60.0) -> SimFleet:
         for dev in self.ids:
-            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"sim-{dev}", clean_session=True,
+            cid = f"koala-dev-{dev}" if self.passwords else f"sim-{dev}"
+            c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, clean_session=True,
                             protocol=mqtt.MQTTv311, userdata=dev)  # fmt: skip
+            if self.passwords:
+                c.username_pw_set(dev, self.passwords[dev])
+            if self.ca_file:
+                c.tls_set(ca_certs=self.ca_file)
             c.max_inflight_messages_set(20)
             offline = codec.encode_control(cm.DeviceStatus(device_id=dev, state="offline"))
             c.will_set(topics.device_status(dev), offline, qos=1, retain=True)

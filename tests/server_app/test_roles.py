@@ -42,7 +42,7 @@ def test_role_ingest_subscribes_results_only_and_follows_the_registry(tmp_path, 
     s = ServerServices(_options(tmp_path, role="ingest", worker_id="w1", broker_port=mosquitto_broker.port))
     s.start()
     try:
-        assert s.readiness() == {"database": True, "mqtt": True, "round_view": True}
+        assert s.readiness() == {"database": True, "mqtt": True, "intake": True, "round_view": True}
         assert s.orchestrator is None and s.leader is None  # no rounds, no leader lock
         assert s.link.client_id == "koala-server-ingest-w1" and not s.link.clean_session  # persistent session
         assert s.results_filter == "$share/koala-server/koala/v1/devices/+/up/result"

@@ -26,4 +26,8 @@ def prometheus_metrics(request: Request) -> Response:
         except RegistryUnavailable:
             pass  # serve the process-side metrics anyway; the DB gauges keep their last values
     counts = getattr(getattr(services, "ingestor", None), "counts", None)
-    return Response(metrics.render(counts), media_type=metrics.CONTENT_TYPE_LATEST)
+    budget = getattr(services, "budget", None)
+    dog = getattr(services, "intake_watchdog", None)
+    text = metrics.render(counts, dropped=budget.dropped_snapshot() if budget is not None else None,
+                          stalls=getattr(dog, "stalls", 0), recoveries=getattr(dog, "recoveries", 0))  # fmt: skip
+    return Response(text, media_type=metrics.CONTENT_TYPE_LATEST)
