@@ -40,6 +40,7 @@ from device_firmware_py.contract import codec, topics
 from device_firmware_py.contract import messages as cm
 from device_firmware_py.contract.errors import ContractError
 from device_firmware_py.mqtt import MqttClient, Will
+from server_app.ingest_budget import Budgets, DeviceBudget, topic_device
 from server_app.policy import KoalaPolicy
 
 log = logging.getLogger("koala.services")
@@ -72,7 +73,6 @@ class ServerOptions:
     shared_subscriptions: bool | None = None  # None: probe the broker
     share_group: str = SHARE_GROUP
     policy: KoalaPolicy = field(default_factory=KoalaPolicy)  # THE policy (also koala sim's); a dict is validated
-    wait_devices_s: float = 60.0
     eval_samples: int | None = None
     torch_threads: int = 2
     device: str = "cpu"  # torch device of the large model (reverse KD, evaluation): cpu | cuda | cuda:N | auto
@@ -84,10 +84,17 @@ class ServerOptions:
     # an ingestion worker's stable name: a persistent MQTT session under a fixed client id, so a
     # worker restarted by its supervisor gets back the results it held unacknowledged (docs/scale-out.md)
     worker_id: str | None = None
+    # per-device message budgets, enforced on the network thread before decoding (ingest_budget)
+    budgets: Budgets = field(default_factory=Budgets)
+    # the intake watchdog (intake_watchdog): probe every interval, stalled after this much silence
+    watchdog_interval_s: float = 5.0
+    watchdog_stall_s: float = 30.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, KoalaPolicy):
             self.policy = KoalaPolicy.model_validate(self.policy)
+        if isinstance(self.budgets, dict):
+            self.budgets = Budgets(**self.budgets)
         if self.role not in ROLES:
             raise ValueError(f"role {self.role!r} not one of {', '.join(ROLES)}")
         if self.worker_id is not None and self.role != "ingest":
@@ -124,6 +131,12 @@ class ServerServices:
         self.leader: Any = None
         self.watchdog: Any = None
         self.follower: Any = None  # role ingest: the open round, read from the registry
+        # a second MQTT connection for device status and progress (orchestrating roles): its own
+        # broker queue, so a telemetry flood cannot fill the queue that results wait in
+        self.telemetry: MqttClient | None = None
+        self.budget: DeviceBudget | None = None
+        self.status_writer: Any = None
+        self.intake_watchdog: Any = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
 
@@ -142,6 +155,8 @@ class ServerServices:
             client_id=b.client_id, shared_subscriptions=True if b.shared_group else None,
             share_group=b.shared_group or SHARE_GROUP, policy=settings.policy, device=settings.device,
             role=settings.role, worker_id=settings.worker_id,
+            budgets=Budgets(**{k: getattr(settings.ingest, k) for k in Budgets.__dataclass_fields__}),
+            watchdog_interval_s=settings.ingest.watchdog_interval_s, watchdog_stall_s=settings.ingest.watchdog_stall_s,
         )  # fmt: skip
         return cls(opts, settings)
 
@@ -197,6 +212,7 @@ class ServerServices:
         self.store = RegistryStore(self.registry, o.data_dir)
         self.presence = Presence()
         self.presence.sync_revoked(set(self.store.revoked_devices()))  # revoked before this start: never online
+        self.budget = DeviceBudget(o.budgets, epoch=self._open_round)
         if o.role == "ingest":
             from server_app.rounds.follower import RoundFollower
 
@@ -204,7 +220,11 @@ class ServerServices:
             self.ingestor = Ingestor(self.store, self.presence, self.follower.collection,
                                      refresh_collection=self.follower.refresh)  # fmt: skip
         else:
+            from server_app.status_writer import StatusWriter
+
             self.ingestor = Ingestor(self.store, self.presence, lambda: self.fleet.collection if self.fleet else None)
+            self.status_writer = StatusWriter(self.store, self.budget, apply_deferred=self.ingestor.on_status).start()
+            self.ingestor.status_sink = self.status_writer.put
         self.link = self._mqtt_link()
         if o.role == "ingest":
             # Handler first, connect second: a persistent session's unacknowledged results are
@@ -214,7 +234,7 @@ class ServerServices:
             self.shared = o.shared_subscriptions is not False
             self.results_filter = self._results_topic()
             self.ingest_worker = subscribe_results(self.link, self.results_filter, self.ingestor,
-                                                   on_outcomes=self._send_verdicts)  # fmt: skip
+                                                   on_outcomes=self._send_verdicts, budget=self.budget)  # fmt: skip
         if not self.link.start(wait_s=BROKER_WAIT_S):
             raise CommandError(
                 f"MQTT broker {o.broker_host}:{o.broker_port} not reachable within {BROKER_WAIT_S:.0f} s: "
@@ -227,11 +247,16 @@ class ServerServices:
             log.warning("shared subscriptions off: every ingestion worker receives every result (correct — the "
                         "registry takes each once — but each worker does all the work)")
         if o.leads:  # presence (retained status) and progress: the orchestrator's, never shared
-            self.link.subscribe(topics.filter_device_status(), 1, self.ingestor.on_status)
-            self.link.subscribe(topics.filter_progress(), 0, self.ingestor.on_progress)
+            self._start_telemetry()
         if o.role == "all":
-            self.ingest_worker = subscribe_results(self.link, results, self.ingestor, on_outcomes=self._send_verdicts)
+            self.ingest_worker = subscribe_results(self.link, results, self.ingestor, on_outcomes=self._send_verdicts,
+                                                   budget=self.budget)  # fmt: skip
             self.results_filter = results
+        if o.ingests:
+            from server_app.intake_watchdog import IntakeWatchdog
+
+            self.intake_watchdog = IntakeWatchdog(self.link, worker=lambda: self.ingest_worker,
+                                                  interval_s=o.watchdog_interval_s, stall_s=o.watchdog_stall_s).start()
         log.info("role %s: registry %s at revision %s; results=%s shared=%s", o.role, _redact(o.db_url), rev,
                  results if o.ingests else "(not ingested here)", self.shared)  # fmt: skip
         if o.role == "orchestrator":
@@ -244,6 +269,42 @@ class ServerServices:
         self.started = True
         if o.start_orchestrator:
             self.orchestrator.start()
+
+    def _open_round(self) -> int | None:
+        """The round being collected (None between rounds): the budget renews result allowances on it."""
+        if self.ingestor is None:
+            return None
+        col = self.ingestor._collection()
+        return None if col is None else int(col.round_id)
+
+    def _start_telemetry(self) -> None:
+        """Status and progress on a connection of their own, each message gated by the device's
+        budget before it is decoded; an over-budget status is deferred (the newest one is applied
+        when the device's budget refills), over-budget progress is dropped."""
+        o = self.options
+        assert self.ingestor is not None and self.budget is not None
+        budget, ingestor = self.budget, self.ingestor
+
+        def on_status(topic: str, payload: bytes) -> None:
+            dev = topic_device(topic)
+            if budget.allow("status", dev):
+                ingestor.on_status(topic, payload)
+            elif dev is not None:
+                budget.defer_status(dev, topic, payload)
+
+        def on_progress(topic: str, payload: bytes) -> None:
+            if budget.allow("progress", topic_device(topic)):
+                ingestor.on_progress(topic, payload)
+
+        base = o.client_id or "koala-server"
+        self.telemetry = MqttClient(f"{base}-telemetry-{os.getpid()}-{secrets.token_hex(3)}", o.broker_host,
+                                    o.broker_port, username=o.broker_username, password=o.broker_password,
+                                    tls=o.broker_tls, ca_file=o.broker_ca_file, clean_session=True)  # fmt: skip
+        self.telemetry.subscribe(topics.filter_device_status(), 1, on_status)
+        self.telemetry.subscribe(topics.filter_progress(), 0, on_progress)
+        if not self.telemetry.start(wait_s=BROKER_WAIT_S):
+            raise CommandError(f"MQTT broker {o.broker_host}:{o.broker_port}: second (telemetry) connection refused: "
+                               f"{self.telemetry.last_error or 'no answer'}")  # fmt: skip
 
     def _results_topic(self) -> str:
         """The results filter: the share group's when the broker shares (self.shared), else plain."""
@@ -377,7 +438,7 @@ class ServerServices:
         self.orchestrator = RoundOrchestrator(
             strategy, self.fleet, self.store, self.link.publish, rounds=pol.rounds, round_timeout_s=pol.deadline_s,
             models_dir=Path(o.data_dir) / "models", evaluate=evaluate, min_devices=pol.min_devices,
-            wait_devices_s=o.wait_devices_s, strategy_name=pol.strategy,
+            wait_devices_s=pol.min_devices_timeout_s, strategy_name=pol.strategy,
             before_round=lambda: self.presence.sync_revoked(set(self.store.revoked_devices())),
             config={"policy": pol.model_dump(mode="json"), "proxy_sha256": proxy_digest, "proxy_size": len(proxy_x)},
             on_model=self._model_exporter(pol, shape, num_classes, proxy_x, proxy_digest, len(y_test)).publish,
@@ -409,9 +470,18 @@ class ServerServices:
             # that is still collecting, so a clean shutdown loses nothing
             if self.link is not None and self.results_filter is not None:
                 self.link.unsubscribe(self.results_filter, wait_s=2.0)
+            if self.intake_watchdog is not None:
+                self.intake_watchdog.stop()
+                self.intake_watchdog = None
             if self.ingest_worker is not None:
                 self.ingest_worker.stop(timeout_s=10.0)
                 self.ingest_worker = None
+            if self.telemetry is not None:
+                self.telemetry.stop()
+                self.telemetry = None
+            if self.status_writer is not None:
+                self.status_writer.stop()
+                self.status_writer = None
             if self.orchestrator is not None:
                 self.orchestrator.stop()
             if self.follower is not None:
@@ -439,6 +509,11 @@ class ServerServices:
         checks = {"database": bool(self.registry is not None and self.registry.ping())}
         if o.role != "api":
             checks["mqtt"] = bool(self.link is not None and self.link.connected.is_set())
+            if o.leads:
+                checks["mqtt"] = checks["mqtt"] and bool(self.telemetry is not None and self.telemetry.connected.is_set())
+        if o.ingests:  # connected is not enough: the broker must deliver (intake_watchdog)
+            dog, worker = self.intake_watchdog, self.ingest_worker
+            checks["intake"] = bool(dog is not None and not dog.stalled and worker is not None and worker.alive)
         if o.leads:
             checks["orchestrator"] = bool(orch is not None and (orch.alive or orch.state == "finished"))
             checks["leader"] = bool(self.leader is None or self.leader.held)

@@ -61,7 +61,7 @@ class RoundOrchestrator:
     """Runs KOALA rounds in a background thread.
 
     Policy (`schedule_policy()`): `auto` runs rounds back to back until `rounds` have run, each once
-    `min_devices` are online (or any device after `wait_devices_s`). The API's RoundControl calls
+    `min_devices` are online (with the policy's `min_devices_timeout_s`: any device after that long; default: wait). The API's RoundControl calls
     (`start_round`, `stop_round`, `set_schedule_policy`) adjust it at run time. `stop()` (server
     shutdown) interrupts a round without deciding it, so a restarted server resumes it.
     """
@@ -78,7 +78,7 @@ class RoundOrchestrator:
         models_dir: str | Path,
         evaluate: Callable[[int], dict[str, Any]] | None = None,
         min_devices: int = 1,
-        wait_devices_s: float = 60.0,
+        wait_devices_s: float | None = None,
         strategy_name: str | None = None,
         config: dict[str, Any] | None = None,
         on_report: Callable[[RoundReport], None] | None = None,
@@ -228,12 +228,19 @@ class RoundOrchestrator:
             except Exception:  # advisory: the registry being down is handled by the round itself
                 log.warning("before-round hook failed", exc_info=True)
         self.state = "waiting_devices"
-        t_end = time.monotonic() + self.wait_devices_s
+        t_end = None if self.wait_devices_s is None else time.monotonic() + self.wait_devices_s
+        logged = False
         while not self._stop.is_set():
             n = len(self.fleet.devices())
-            if n >= self.policy["min_devices"] or (n > 0 and time.monotonic() > t_end):
+            if n >= self.policy["min_devices"] or (n > 0 and t_end is not None and time.monotonic() > t_end):
+                if n < self.policy["min_devices"]:
+                    log.warning("starting round with %d of min_devices=%d online (policy min_devices_timeout_s=%s)",
+                                n, self.policy["min_devices"], self.wait_devices_s)  # fmt: skip
                 self.state = "running"
                 return True
+            if not logged and n > 0:
+                logged = True
+                log.info("waiting for devices: %d of min_devices=%d online", n, self.policy["min_devices"])
             self._stop.wait(0.2)
         return False
 
