@@ -38,7 +38,7 @@ class DeviceConfig:
     password: str = ""
     password_file: str = ""  # read the password from a file (provisioning bundles)
     ca_file: str = ""  # TLS CA for mqtts://
-    client_id: str = ""  # default: "koala-dev-{device_id}"
+    client_id: str = ""  # default: contract.topics.device_client_id ("koala-dev-{device_id}"); a hardened broker accepts only that
     keepalive_s: int = 15
     num_threads: int = 1
     quantize: bool = True  # re-quantize the int8 inference model after each round
@@ -98,7 +98,9 @@ class DeviceConfig:
 
     @property
     def mqtt_client_id(self) -> str:
-        return self.client_id or f"koala-dev-{self.device_id}"
+        from device_firmware_py.contract.topics import device_client_id
+
+        return self.client_id or device_client_id(self.device_id)
 
     def secret(self) -> str:
         if self.password_file:

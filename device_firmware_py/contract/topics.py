@@ -72,6 +72,13 @@ def _t(kind: str, **kw: object) -> str:
 # ---- topic builders (one per SPECS entry) ----------------------------------------------------------
 
 
+def device_client_id(device_id: str) -> str:
+    """The MQTT client id a device must connect with. A hardened broker binds each device account to
+    it (dynamic-security `clientid`): a device cannot take over another device's session by
+    connecting with that device's id, and cannot use any other id itself."""
+    return f"koala-dev-{validate_device_id(device_id)}"
+
+
 def device_status(device_id: str) -> str:
     """Retained online/offline + capabilities; the offline message is the device's Last Will."""
     return _t("device_status", device_id=validate_device_id(device_id))

@@ -122,7 +122,7 @@ def render_dynsec(devices: Iterable[tuple[str, str]], services: Iterable[tuple[s
     for device_id, pw_hash in sorted(devices):
         role = device_role_name(device_id)
         clients.append({"username": device_id, "textname": "device", "roles": [{"rolename": role}],
-                        "groups": [], **_hash_fields(pw_hash)})
+                        "clientid": topics.device_client_id(device_id), "groups": [], **_hash_fields(pw_hash)})
         roles.append({"rolename": role, "acls": device_acls(device_id)})
     doc = {
         "defaultACLAccess": {
@@ -252,6 +252,9 @@ class BrokerControl:
     def disable_client(self, username: str) -> None:
         self.run([{"command": "disableClient", "username": username}])
 
+    def enable_client(self, username: str) -> None:
+        self.run([{"command": "enableClient", "username": username}])
+
     def upsert_device(self, device_id: str, secret: str) -> None:
         """Create the device with its role (idempotent), or set a new password (kicks old sessions)."""
         check_device_id(device_id)
@@ -263,11 +266,12 @@ class BrokerControl:
                 raise
         try:
             self.run([{"command": "createClient", "username": device_id, "password": secret,
-                       "roles": [{"rolename": role}]}])
+                       "clientid": topics.device_client_id(device_id), "roles": [{"rolename": role}]}])
         except ControlError as exc:
             if "already exists" not in str(exc).lower():
                 raise
             self.run([{"command": "setClientPassword", "username": device_id, "password": secret},
+                      {"command": "setClientId", "username": device_id, "clientid": topics.device_client_id(device_id)},
                       {"command": "enableClient", "username": device_id}])
 
     def list_clients(self) -> list[str]:

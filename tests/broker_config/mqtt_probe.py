@@ -31,6 +31,9 @@ class Probe:
     ca_file: str | None = None
     protocol: int = mqtt.MQTTv311
     will: tuple[str, bytes] | None = None
+    # None: a device account's bound id (`koala-dev-<username>`, which the broker requires of it);
+    # a random one for service accounts and anonymous probes
+    client_id: str | None = None
     client: mqtt.Client = field(init=False)
     messages: queue.Queue = field(default_factory=queue.Queue, init=False)
     _connected: threading.Event = field(default_factory=threading.Event, init=False)
@@ -40,9 +43,11 @@ class Probe:
     disconnected: threading.Event = field(default_factory=threading.Event, init=False)
 
     def connect(self) -> Probe:
-        c = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=f"probe-{uuid.uuid4().hex[:8]}", protocol=self.protocol
-        )
+        cid = self.client_id
+        if cid is None:
+            device = self.username is not None and not self.username.startswith("koala-")
+            cid = f"koala-dev-{self.username}" if device else f"probe-{uuid.uuid4().hex[:8]}"
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=self.protocol)
         if self.username is not None:
             c.username_pw_set(self.username, self.password)
         if self.ca_file:

@@ -39,6 +39,25 @@ def test_wrong_password_and_unknown_user_are_refused(fleet) -> None:
         Probe(fleet.broker.tls_port, "intruder", "x", ca_file=fleet.ca).connect()
 
 
+def test_client_id_take_over_is_refused(fleet) -> None:
+    """A device logged in with its own account but another device's client id (`koala-dev-<id>`, easy
+    to guess) used to disconnect that device; the broker binds each account to its own id, so the
+    attempt is refused and the victim stays connected. Any other id is refused too."""
+    victim = device(fleet, "dev-a")
+    try:
+        with pytest.raises(Refused):
+            Probe(fleet.broker.tls_port, "dev-b", fleet.secrets["dev-b"], ca_file=fleet.ca,
+                  client_id="koala-dev-dev-a").connect()  # fmt: skip
+        with pytest.raises(Refused):
+            Probe(fleet.broker.tls_port, "dev-b", fleet.secrets["dev-b"], ca_file=fleet.ca, client_id="anything").connect()
+        assert not victim.disconnected.is_set()
+        device(fleet, "dev-b").close()  # its own bound id works
+        victim.client.publish(f"{P}/devices/dev-a/up/progress", b"{}", qos=1).wait_for_publish(5)
+        assert not victim.disconnected.is_set()
+    finally:
+        victim.close()
+
+
 def test_plain_mqtt_to_the_tls_port_fails(fleet) -> None:
     with pytest.raises(Refused):
         Probe(fleet.broker.tls_port, "dev-a", fleet.secrets["dev-a"]).connect()
