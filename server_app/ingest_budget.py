@@ -43,6 +43,11 @@ class Budgets:
     status_per_s: float = 0.5
     status_burst: int = 10
     event_window_s: float = 60.0
+    # a device that has this many messages dropped within one event window is flooding: the server
+    # asks the broker to shut it out for `quarantine_s` (server_app.quarantine), so the flood stops
+    # at the broker instead of filling the server's queue (0: never)
+    quarantine_after: int = 200
+    quarantine_s: float = 60.0
 
 
 class _Bucket:
@@ -58,8 +63,12 @@ class DeviceBudget:
     allowance is renewed when it changes."""
 
     def __init__(self, budgets: Budgets | None = None, epoch: Callable[[], int | None] = lambda: None,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+                 clock: Callable[[], float] = time.monotonic, on_flood: Callable[[str], None] | None = None) -> None:  # fmt: skip
         self.b = budgets or Budgets()
+        # called once (on the network thread: must not block) when a device's drops in the current
+        # window reach `quarantine_after`; armed again by `rearm` or when the window's event is taken
+        self.on_flood = on_flood
+        self._strikes: Counter[str] = Counter()
         self._epoch = epoch
         self._clock = clock
         self._lock = threading.Lock()
@@ -74,12 +83,19 @@ class DeviceBudget:
     def allow(self, kind: str, device_id: str | None) -> bool:
         """True: handle the message; False: over budget (counted; drop it without decoding)."""
         dev = device_id or "?"
+        flood = False
         with self._lock:
             ok = self._allow_result(dev) if kind == "result" else self._take_token(kind, dev)
             if not ok:
                 self.dropped[(kind, dev)] += 1
                 self._window[(kind, dev)] += 1
-            return ok
+                if len(self._strikes) > MAX_TRACKED:
+                    self._strikes.clear()
+                self._strikes[dev] += 1
+                flood = self._strikes[dev] == self.b.quarantine_after
+        if not ok and flood and self.on_flood is not None:
+            self.on_flood(dev)
+        return ok
 
     def defer_status(self, device_id: str, topic: str, payload: bytes) -> None:
         """Keep the newest over-budget status of a device; applied later by `take_deferred`."""
@@ -138,7 +154,14 @@ class DeviceBudget:
                 self._last_event[dev] = now
                 for kind in kinds:
                     del self._window[(kind, dev)]
+                if self._strikes[dev] < self.b.quarantine_after:  # a flooder stays struck until rearm()
+                    del self._strikes[dev]
         return sorted(due.items())
+
+    def rearm(self, device_id: str) -> None:
+        """Count the device's drops from zero again (its quarantine ended)."""
+        with self._lock:
+            self._strikes.pop(device_id, None)
 
     def dropped_snapshot(self) -> dict[tuple[str, str], int]:
         """(kind, device) -> messages dropped since start (a copy: safe to read from any thread)."""

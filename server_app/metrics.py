@@ -127,6 +127,10 @@ INTAKE_STALLED = Gauge(
     "(server_app.intake_watchdog); it reconnects and the gauge returns to 0 when a probe arrives.",
     registry=REGISTRY)  # fmt: skip
 
+DEVICES_QUARANTINED = Counter(
+    "koala_devices_quarantined", "Flooding devices whose account the server disabled at the broker for a while "
+    "(server_app.quarantine).", registry=REGISTRY)  # fmt: skip
+
 # Names as exposed on /metrics (counters get _total, histograms _bucket/_sum/_count).
 METRIC_NAMES: frozenset[str] = frozenset(
     {
@@ -152,6 +156,7 @@ METRIC_NAMES: frozenset[str] = frozenset(
         "koala_results_from_registry_total",
         "koala_ingest_backpressure_total",
         "koala_intake_stalled",
+        "koala_devices_quarantined_total",
     }
 )
 # Exported only by servers that ingest (ServerServices with an Ingestor), see render().
@@ -227,6 +232,10 @@ def bytes_up(nbytes: int) -> None:
 
 def results_from_registry(n: int) -> None:
     RESULTS_FROM_REGISTRY.inc(_nonneg(n))
+
+
+def device_quarantined() -> None:
+    DEVICES_QUARANTINED.inc()
 
 
 def intake_stalled(flag: bool) -> None:

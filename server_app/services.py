@@ -69,6 +69,9 @@ class ServerOptions:
     broker_password: str | None = None
     broker_tls: bool = False
     broker_ca_file: str | None = None
+    # `koala provision broker-files --out` directory (its koala-admin secret): lets the server shut a
+    # flooding device out at the broker (server_app.quarantine); None: server-side budgets only
+    broker_provision_dir: str | None = None
     client_id: str = ""
     shared_subscriptions: bool | None = None  # None: probe the broker
     share_group: str = SHARE_GROUP
@@ -137,6 +140,7 @@ class ServerServices:
         self.budget: DeviceBudget | None = None
         self.status_writer: Any = None
         self.intake_watchdog: Any = None
+        self.quarantine: Any = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
 
@@ -152,6 +156,7 @@ class ServerServices:
             test_path=str(p.test), proxy_labels_path=str(p.proxy_labels), broker_host=addr.host,
             broker_port=addr.port, broker_username=b.username,
             broker_password=_secret(b.password), broker_tls=b.tls, broker_ca_file=b.tls_ca,
+            broker_provision_dir=str(b.provision_dir) if b.provision_dir else None,
             client_id=b.client_id, shared_subscriptions=True if b.shared_group else None,
             share_group=b.shared_group or SHARE_GROUP, policy=settings.policy, device=settings.device,
             role=settings.role, worker_id=settings.worker_id,
@@ -213,6 +218,7 @@ class ServerServices:
         self.presence = Presence()
         self.presence.sync_revoked(set(self.store.revoked_devices()))  # revoked before this start: never online
         self.budget = DeviceBudget(o.budgets, epoch=self._open_round)
+        self._start_quarantine()
         if o.role == "ingest":
             from server_app.rounds.follower import RoundFollower
 
@@ -269,6 +275,27 @@ class ServerServices:
         self.started = True
         if o.start_orchestrator:
             self.orchestrator.start()
+
+    def _start_quarantine(self) -> None:
+        """Shut flooding devices out at the broker when the admin account is at hand."""
+        o = self.options
+        assert self.budget is not None and self.store is not None
+        if not o.budgets.quarantine_after:
+            return
+        if not o.broker_provision_dir:
+            log.info("broker-side quarantine off (no broker.provision_dir): a flooding device is only dropped "
+                     "here, and its flood still passes through the broker's queue for this server")  # fmt: skip
+            return
+        from server_app.provisioning.accounts import read_secret
+        from server_app.provisioning.dynsec import BrokerControl, ControlEndpoint
+        from server_app.provisioning.identity import ADMIN_ACCOUNT
+        from server_app.quarantine import Quarantine
+
+        endpoint = ControlEndpoint(o.broker_host, o.broker_port, o.broker_tls, o.broker_ca_file)
+        control = BrokerControl(endpoint, ADMIN_ACCOUNT, read_secret(Path(o.broker_provision_dir), ADMIN_ACCOUNT))
+        self.quarantine = Quarantine(control, Path(o.data_dir) / "quarantine.json", quarantine_s=o.budgets.quarantine_s,
+                                     rearm=self.budget.rearm, event=self.store.event).start()  # fmt: skip
+        self.budget.on_flood = self.quarantine.flood
 
     def _open_round(self) -> int | None:
         """The round being collected (None between rounds): the budget renews result allowances on it."""
@@ -482,6 +509,9 @@ class ServerServices:
             if self.status_writer is not None:
                 self.status_writer.stop()
                 self.status_writer = None
+            if self.quarantine is not None:
+                self.quarantine.stop()
+                self.quarantine = None
             if self.orchestrator is not None:
                 self.orchestrator.stop()
             if self.follower is not None:
