@@ -195,8 +195,8 @@ def _forward_note(model: Any) -> str:
     from server_app.models.large import LargeCNN
 
     if isinstance(model, LargeCNN):
-        return ("x [N,H,W,C] -> permute to [N,C,H,W] -> every `features.*` layer in order -> flatten (C,H,W order) -> every "
-                "`classifier.*` layer in order -> logits [N,K]")
+        return ("x [N,H,W,C] -> permute to [N,C,H,W] -> every `features.*` layer in order -> every `classifier.*` "
+                "layer in order (its Flatten flattens in C,H,W order) -> logits [N,K]")
     return ("a user factory's module: `layers` lists its leaf modules in registration order, which need "
             "not be the forward order; ONNX / TorchScript carry the graph itself")
 
