@@ -34,9 +34,10 @@ def configure(p: argparse.ArgumentParser) -> None:
     who.add_argument("--devices", help="device ids, comma-separated (pi-01,pi-02) or a count (20 -> dev000..)")
     prep.add_argument("--alpha", type=float, default=0.5, help="Dirichlet label skew (<=0: IID)")
     prep.add_argument("--proxy-size", type=int, default=1000, help="proxy images taken out of the training set")
-    prep.add_argument("--labeled-proxy", type=int, default=0,
+    prep.add_argument("--labeled-proxy", type=int, default=None,
                       help="also write proxy_labels.npz: the labels of this many proxy rows, which the server uses "
-                           "to judge devices (policy canary_filter) and never sends (0: none)")
+                           "to judge devices (policy canary_filter) and never sends (default: 10%% of the proxy, "
+                           "at least 30; 0: none, and round 0 is then judged by update norms alone)")
     prep.add_argument("--train-size", type=int, default=None, help="use only this many training images in total")
     prep.add_argument("--test-size", type=int, default=None, help="server test images (default: the whole test set)")
     prep.add_argument("--seed", type=int, default=0)
@@ -57,7 +58,7 @@ def _device_ids(args: argparse.Namespace) -> list[str]:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from server_app.data.prepare import prepare_data
+    from server_app.data.prepare import default_labeled_proxy, prepare_data
     from server_app.provisioning.identity import InvalidDeviceId
     from server_app.provisioning.manifest import ManifestError
 
@@ -66,7 +67,8 @@ def _prepare(args: argparse.Namespace) -> int:
         data, _order, _ds = prepare_data(
             args.out, dataset=args.dataset, device_ids=ids, alpha=args.alpha if args.alpha > 0 else None,
             proxy_size=args.proxy_size, seed=args.seed, train_size=args.train_size, test_size=args.test_size,
-            data_dir=args.data_dir, labeled_proxy=args.labeled_proxy,
+            data_dir=args.data_dir,
+            labeled_proxy=default_labeled_proxy(args.proxy_size) if args.labeled_proxy is None else args.labeled_proxy,
         )  # fmt: skip
     except (FileNotFoundError, ManifestError, InvalidDeviceId, ValueError) as exc:
         print(f"koala data prepare: {str(exc).splitlines()[0]}", file=sys.stderr)

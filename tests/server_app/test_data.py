@@ -144,3 +144,26 @@ def test_koala_data_prepare_bad_input_is_one_line(tmp_path, capsys, argv, needle
     assert koala(["data", "prepare", *argv, "--out", str(tmp_path / "d")]) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_koala_data_prepare_labels_a_few_proxy_rows_by_default(tmp_path):
+    """The production path sets up the canary filter's labeled proxy rows unless told not to
+    (issue 28: without them round 0 had no judge): 10 % of the proxy, at least 30, server only;
+    `--labeled-proxy 0` writes none (and removes an earlier file)."""
+    import json
+
+    from server_app.cli import main as koala
+    from server_app.data.prepare import default_labeled_proxy
+
+    assert [default_labeled_proxy(n) for n in (20, 200, 1000, 5000)] == [20, 30, 100, 500]
+    out = tmp_path / "data"
+    argv = ["data", "prepare", "--dataset", "digits", "--devices", "3", "--proxy-size", "200", "--out", str(out)]
+    assert koala(argv) == 0
+    with np.load(out / "proxy_labels.npz") as z:
+        y = z["y"]
+    with np.load(out / "proxy.npz") as z:
+        assert len(y) == len(z["x"]) == 200 and list(z.keys()) == ["x"]  # labels never in the devices' file
+    assert int((y >= 0).sum()) == 30 and set(y[y >= 0].tolist()) <= set(range(10))
+    assert json.loads((out / "data.json").read_text())["proxy_labeled"] == 30
+    assert koala([*argv, "--labeled-proxy", "0"]) == 0
+    assert not (out / "proxy_labels.npz").exists()
