@@ -498,8 +498,130 @@ def _weights_equal(a: list[np.ndarray] | None, b: list[np.ndarray] | None, atol:
     return len(a) == len(b) and all(_tensors_equal(x, y, atol) for x, y in zip(a, b, strict=True))
 
 
+# ---- the edge-cloud cascade (opt-in per device; docs/device-serving.md "Cascade") ------------------
+PREDICT_DTYPES = ("float32", "float16")  # wire dtype of a PredictRequest's inputs (little-endian)
+PREDICT_STATUSES = ("ok", "refused", "unavailable")
+MAX_PREDICT_ROWS = 64  # inputs per request
+MAX_PREDICT_VALUES = 131_072  # values per request (512 KiB as float32: the base64 text stays < MAX_CONTROL_BYTES)
+_PREDICT_ITEMSIZE = {"float32": 4, "float16": 2}
+
+
+@dataclass(eq=False)
+class PredictRequest(Message):
+    """Device -> server, only from a device whose owner turned the cascade on: inputs an application
+    asked the device to predict and the device's own model was unsure of, for the server's large
+    model. Never training samples. `data` is base64 of the values (`dtype`, little-endian, row-major,
+    `shape` = [N, H, W, C] scaled as in training); the answer comes on the device's down/predict."""
+
+    TYPE: ClassVar[str] = "predict_request"
+    device_id: str
+    request_id: str
+    shape: list[int] = field(default_factory=list)
+    dtype: str = "float16"
+    data: str = ""
+    ts: float = field(default_factory=time.time)
+
+    def validate(self) -> None:
+        import base64
+        import binascii
+
+        validate_device_id(self.device_id)
+        check_name("request_id", self.request_id)
+        check_choice("dtype", self.dtype, PREDICT_DTYPES)
+        shape = check_int_list("shape", self.shape, 4, 1, 65_536, optional=False)
+        if len(shape) < 2:  # type: ignore[arg-type]
+            raise ContractError("bad_shape", "shape must be [N, H, W, C] (or [N, H, W], [N, D])")
+        self.shape = shape  # type: ignore[assignment]
+        if shape[0] > MAX_PREDICT_ROWS:  # type: ignore[index]
+            raise ContractError("oversize", f"shape: more than {MAX_PREDICT_ROWS} inputs in one request")
+        n = math.prod(shape)  # type: ignore[arg-type]
+        if n > MAX_PREDICT_VALUES:
+            raise ContractError("oversize", f"shape: {n} values > {MAX_PREDICT_VALUES}")
+        nbytes = n * _PREDICT_ITEMSIZE[self.dtype]
+        if not isinstance(self.data, str):
+            raise _bad("data", f"expected base64 str, got {type(self.data).__name__}")
+        if len(self.data) != 4 * ((nbytes + 2) // 3):
+            raise ContractError("bad_shape", f"data: {len(self.data)} base64 characters for {nbytes} bytes of {shape} x {self.dtype}")
+        try:
+            raw = base64.b64decode(self.data, validate=True)
+        except (binascii.Error, ValueError):
+            raise _bad("data", "not base64") from None
+        x = np.frombuffer(raw, dtype="<f4" if self.dtype == "float32" else "<f2").reshape(shape).astype(np.float32)
+        if not np.isfinite(x).all():
+            raise ContractError("nan_or_inf", "data holds NaN or Inf")
+        self._x = x
+        self.ts = check_float("ts", self.ts, 0.0)  # type: ignore[assignment]
+
+    @classmethod
+    def from_array(cls, device_id: str, request_id: str, x: np.ndarray, dtype: str = "float16") -> PredictRequest:
+        import base64
+
+        check_choice("dtype", dtype, PREDICT_DTYPES)
+        a = np.asarray(x, np.float32)
+        with np.errstate(over="ignore"):
+            wire = a.astype("<f4" if dtype == "float32" else "<f2")
+        return cls(device_id=device_id, request_id=request_id, shape=list(a.shape), dtype=dtype,
+                   data=base64.b64encode(wire.tobytes()).decode("ascii"))  # fmt: skip
+
+    def array(self) -> np.ndarray:
+        """The inputs as float32 [N, ...] (decoded and checked on construction)."""
+        return self._x
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PredictRequest) and self.scalar_fields() == other.scalar_fields()
+
+
+@dataclass(eq=False)
+class PredictAnswer(Message):
+    """Server -> device: the large model's answer to one PredictRequest (`status` ok), or why there is
+    none (`refused`: the request does not fit the model; `unavailable`: no large model yet). A request
+    over the device's predict budget is dropped unanswered: the device falls back to its own answer."""
+
+    TYPE: ClassVar[str] = "predict_answer"
+    device_id: str
+    request_id: str
+    status: str = "ok"
+    classes: list[int] | None = None
+    probabilities: list[list[float]] | None = None  # [N, K] softmax of the large model's logits
+    model_version: int | None = None  # the large-model version that answered
+    reason: str | None = None
+    ts: float = field(default_factory=time.time)
+
+    def validate(self) -> None:
+        validate_device_id(self.device_id)
+        check_name("request_id", self.request_id)
+        check_choice("status", self.status, PREDICT_STATUSES)
+        self.classes = check_int_list("classes", self.classes, MAX_PREDICT_ROWS, 0, MAX_CLASSES - 1)
+        self.model_version = check_int("model_version", self.model_version, optional=True)
+        self.reason = check_text("reason", self.reason)
+        p = self.probabilities
+        if p is not None:
+            if isinstance(p, np.ndarray):
+                p = p.tolist()
+            if not isinstance(p, (list, tuple)) or len(p) > MAX_PREDICT_ROWS:
+                raise _bad("probabilities", f"expected a list of at most {MAX_PREDICT_ROWS} rows")
+            rows = []
+            for i, row in enumerate(p):
+                if not isinstance(row, (list, tuple)) or not 1 <= len(row) <= MAX_CLASSES:
+                    raise _bad(f"probabilities[{i}]", f"expected a list of 1..{MAX_CLASSES} numbers")
+                rows.append([check_float(f"probabilities[{i}]", v, 0.0, 1.0) for v in row])
+            if len({len(r) for r in rows}) > 1:
+                raise ContractError("bad_shape", "probabilities: rows of different lengths")
+            self.probabilities = rows  # type: ignore[assignment]
+        if self.status == "ok":
+            if self.classes is None or self.probabilities is None or len(self.classes) != len(self.probabilities):
+                raise _bad("classes", "an ok answer needs classes and probabilities, one row per input")
+            if self.probabilities and any(c >= len(self.probabilities[0]) for c in self.classes):
+                raise _bad("classes", "class index beyond the probabilities' columns")
+        self.ts = check_float("ts", self.ts, 0.0)  # type: ignore[assignment]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PredictAnswer) and self.scalar_fields() == other.scalar_fields()
+
+
 CONTROL_MESSAGES: dict[str, type[Message]] = {
-    c.TYPE: c for c in (DeviceStatus, Progress, RoundStatus, ServerStatus, ResultVerdict)
+    c.TYPE: c for c in (DeviceStatus, Progress, RoundStatus, ServerStatus, ResultVerdict, PredictRequest,
+                        PredictAnswer)
 }
 FRAME_MESSAGES: dict[str, type[Message]] = {c.TYPE: c for c in (Assignment, Result)}
 ALL_MESSAGES: dict[str, type[Message]] = {**CONTROL_MESSAGES, **FRAME_MESSAGES}

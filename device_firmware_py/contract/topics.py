@@ -48,6 +48,9 @@ SPECS: dict[str, TopicSpec] = {
         TopicSpec("round_status", "rounds/{round_id}/status", "server->all", 1, True, "RoundStatus"),
         TopicSpec("round_current", "rounds/current", "server->all", 1, True, "RoundStatus"),
         TopicSpec("server_status", "server/status", "server->all", 1, True, "ServerStatus"),
+        # the edge-cloud cascade (opt-in per device): inputs the device's model is unsure of, and the answers
+        TopicSpec("predict_request", "devices/{device_id}/up/predict", "device->server", 1, False, "PredictRequest"),
+        TopicSpec("predict_answer", "devices/{device_id}/down/predict", "server->device", 1, False, "PredictAnswer"),
     )
 }
 
@@ -119,6 +122,16 @@ def server_status() -> str:
     return _t("server_status")
 
 
+def device_predict_request(device_id: str) -> str:
+    """Device -> server: inputs for the large model (cascade; sent only by a device configured for it)."""
+    return _t("predict_request", device_id=validate_device_id(device_id))
+
+
+def device_predict_answer(device_id: str) -> str:
+    """Server -> device: the large model's answer to a predict request."""
+    return _t("predict_answer", device_id=validate_device_id(device_id))
+
+
 BUILDERS = {
     "device_status": device_status,
     "assign": device_assign,
@@ -128,6 +141,8 @@ BUILDERS = {
     "round_status": round_status,
     "round_current": rounds_current,
     "server_status": server_status,
+    "predict_request": device_predict_request,
+    "predict_answer": device_predict_answer,
 }
 
 # ---- subscription filters ----------------------------------------------------------------------
@@ -143,6 +158,10 @@ def filter_results() -> str:
 
 def filter_progress() -> str:
     return f"{PREFIX}/devices/+/up/progress"
+
+
+def filter_predict_requests() -> str:
+    return f"{PREFIX}/devices/+/up/predict"
 
 
 def filter_device_up() -> str:
@@ -186,7 +205,8 @@ def shared(group: str | None, topic_filter: str) -> str:
 
 
 def acl_device_publish(device_id: str) -> list[str]:
-    return [device_status(device_id), device_result(device_id), device_progress(device_id)]
+    return [device_status(device_id), device_result(device_id), device_progress(device_id),
+            device_predict_request(device_id)]
 
 
 def acl_device_read(device_id: str) -> list[str]:
@@ -241,7 +261,7 @@ def parse_topic(topic: object) -> ParsedTopic:
     if len(rest) >= 3 and rest[0] == "devices":
         tail = "/".join(rest[2:])
         kind = {"status": "device_status", "down/assign": "assign", "down/verdict": "verdict", "up/result": "result",
-                "up/progress": "progress"}.get(tail)
+                "up/progress": "progress", "up/predict": "predict_request", "down/predict": "predict_answer"}.get(tail)
         if kind is None:
             raise ContractError("bad_topic", f"unknown device topic {topic!r}")
         return ParsedTopic(kind, device_id=validate_device_id(rest[1]))
