@@ -184,6 +184,8 @@ class IngestSettings(_Section):
     progress_burst: int = Field(50, ge=1)
     status_per_s: float = Field(0.5, gt=0)
     status_burst: int = Field(10, ge=1)
+    predict_per_s: float = Field(5.0, gt=0)  # cascade predict requests per device (devices/<id>/up/predict)
+    predict_burst: int = Field(20, ge=1)
     event_window_s: float = Field(60.0, gt=0)
     quarantine_after: int = Field(200, ge=0)  # drops in one window that shut a device out at the broker (0: never)
     quarantine_s: float = Field(60.0, gt=0)

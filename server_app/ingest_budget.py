@@ -10,6 +10,8 @@ device gets a budget per message kind and what is over it costs a dict lookup an
   result    `results_per_round` messages per device between two round openings, whatever round id
             they claim (a fresh id per message no longer buys a fresh allowance);
   progress  a token bucket: `progress_per_s` sustained, `progress_burst` at once;
+  predict   a token bucket: `predict_per_s`, `predict_burst` (the cascade's requests; over it dropped
+            unanswered: the device answers with its own model);
   status    a token bucket: `status_per_s`, `status_burst`. Status is retained state, so an
             over-budget status is not lost but *deferred*: the newest one per device is kept and
             applied when the bucket refills (a device's Last Will always takes effect).
@@ -27,7 +29,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
-KINDS = ("result", "progress", "status")
+KINDS = ("result", "progress", "status", "predict")
 MAX_TRACKED = 100_000  # devices tracked per table before it is reset (a flood of made-up ids, dev broker)
 
 
@@ -42,6 +44,9 @@ class Budgets:
     progress_burst: int = 50
     status_per_s: float = 0.5
     status_burst: int = 10
+    # cascade predict requests (devices/<id>/up/predict, opt-in per device): a token bucket like progress
+    predict_per_s: float = 5.0
+    predict_burst: int = 20
     event_window_s: float = 60.0
     # a device that has this many messages dropped within one event window is flooding: the server
     # asks the broker to shut it out for `quarantine_s` (server_app.quarantine), so the flood stops
@@ -115,8 +120,9 @@ class DeviceBudget:
         return n < self.b.results_per_round
 
     def _take_token(self, kind: str, dev: str) -> bool:
-        rate, burst = (self.b.progress_per_s, self.b.progress_burst) if kind == "progress" else (
-            self.b.status_per_s, self.b.status_burst)  # fmt: skip
+        rate, burst = {"progress": (self.b.progress_per_s, self.b.progress_burst),
+                       "predict": (self.b.predict_per_s, self.b.predict_burst)}.get(kind, (
+            self.b.status_per_s, self.b.status_burst))  # fmt: skip
         now = self._clock()
         bucket = self._buckets.get((kind, dev))
         if bucket is None:

@@ -47,7 +47,7 @@ def test_progress_and_status_token_buckets_refill_with_time() -> None:
     assert sum(b.allow("status", "d") for _ in range(10)) == 2
     clock.t += 2.0
     assert sum(b.allow("status", "d") for _ in range(10)) == 1
-    assert b.dropped_total() == {"result": 0, "progress": 185, "status": 17}
+    assert b.dropped_total() == {"result": 0, "progress": 185, "status": 17, "predict": 0}
 
 
 def test_over_budget_events_at_most_one_per_device_and_window() -> None:
