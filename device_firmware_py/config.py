@@ -74,6 +74,13 @@ class DeviceConfig:
     serve_port: int = 0  # > 0: also listen on 127.0.0.1:<port> (any local user can reach it then)
     serve_max_request_bytes: int = 4 << 20  # larger bodies are refused (413) before they are read
     serve_max_concurrent: int = 4  # requests handled at once; more wait, past 5 s they get 503
+    # ---- edge-cloud cascade (docs/device-serving.md "Cascade"): OFF by default because it SENDS INPUTS
+    # TO THE SERVER. On: a predict input whose top softmax probability under the device's model is below
+    # cascade_threshold goes to the server's large model over the device's MQTT topics (up/predict);
+    # the device answers with the server's class, or its own after cascade_timeout_s. Never training samples.
+    cascade: bool = False
+    cascade_threshold: float = 0.7
+    cascade_timeout_s: float = 2.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     # ------------------------------------------------------------------ derived
@@ -167,6 +174,8 @@ class DeviceConfig:
             raise ConfigError(f"serve_port must be 0 (off) or a port, got {self.serve_port}")
         if self.serve_max_request_bytes < 1024 or self.serve_max_concurrent < 1:
             raise ConfigError("serve_max_request_bytes must be >= 1024 and serve_max_concurrent >= 1")
+        if not 0.0 <= self.cascade_threshold <= 1.0 or self.cascade_timeout_s <= 0:
+            raise ConfigError("cascade_threshold must be in [0, 1] and cascade_timeout_s > 0")
         sock = self.socket_path
         if len(os.fsencode(sock)) > 107:  # sun_path holds 108 bytes with its NUL
             raise ConfigError(f"serve_socket path is {len(os.fsencode(sock))} bytes, a Unix socket path must be <= 107: "

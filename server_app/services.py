@@ -141,6 +141,10 @@ class ServerServices:
         self.status_writer: Any = None
         self.intake_watchdog: Any = None
         self.quarantine: Any = None
+        # the large model for POST /api/v1/predict and the devices' cascade requests (a third MQTT
+        # connection, server_app/predict_service.py: predictions never queue in front of results)
+        self.predictor: Any = None
+        self.predict_service: Any = None
         self._stopping = threading.Event()
         self._lock = threading.Lock()
 
@@ -204,6 +208,9 @@ class ServerServices:
                 f"  check database.url (env KOALA_DATABASE__URL, flag --database-url) and that the database "
                 f"server is up and reachable") from exc  # fmt: skip
         log.debug("registry migrated url=%s revision=%s", _redact(o.db_url), rev)
+        from server_app.models.predictor import LargePredictor, latest_export_in_registry
+
+        self.predictor = LargePredictor(latest_export_in_registry(self.registry))  # loads on first use
         if o.role == "api":  # the REST API reads the registry; it needs no broker
             self.started = True
             log.info("role api: registry %s at revision %s", _redact(o.db_url), rev)
@@ -254,6 +261,7 @@ class ServerServices:
                         "registry takes each once — but each worker does all the work)")
         if o.leads:  # presence (retained status) and progress: the orchestrator's, never shared
             self._start_telemetry()
+            self._start_predict()
         if o.role == "all":
             self.ingest_worker = subscribe_results(self.link, results, self.ingestor, on_outcomes=self._send_verdicts,
                                                    budget=self.budget)  # fmt: skip
@@ -332,6 +340,19 @@ class ServerServices:
         if not self.telemetry.start(wait_s=BROKER_WAIT_S):
             raise CommandError(f"MQTT broker {o.broker_host}:{o.broker_port}: second (telemetry) connection refused: "
                                f"{self.telemetry.last_error or 'no answer'}")  # fmt: skip
+
+    def _start_predict(self) -> None:
+        """The cascade's predict requests on a connection of their own, budgeted per device."""
+        from server_app.predict_service import PredictService
+
+        o = self.options
+        try:
+            self.predict_service = PredictService(self.predictor, self.budget, host=o.broker_host, port=o.broker_port,
+                                                  username=o.broker_username, password=o.broker_password,
+                                                  tls=o.broker_tls, ca_file=o.broker_ca_file,
+                                                  client_id=o.client_id or "koala-server").start(BROKER_WAIT_S)  # fmt: skip
+        except RuntimeError as exc:
+            raise CommandError(f"MQTT broker {o.broker_host}:{o.broker_port}: third (predict) connection refused: {exc}") from None
 
     def _results_topic(self) -> str:
         """The results filter: the share group's when the broker shares (self.shared), else plain."""
@@ -468,11 +489,22 @@ class ServerServices:
             wait_devices_s=pol.min_devices_timeout_s, strategy_name=pol.strategy,
             before_round=lambda: self.presence.sync_revoked(set(self.store.revoked_devices())),
             config={"policy": pol.model_dump(mode="json"), "proxy_sha256": proxy_digest, "proxy_size": len(proxy_x)},
-            on_model=self._model_exporter(pol, shape, num_classes, proxy_x, proxy_digest, len(y_test)).publish,
+            on_model=self._on_model(self._model_exporter(pol, shape, num_classes, proxy_x, proxy_digest, len(y_test))),
         )  # fmt: skip
         from server_app.api.routes.rounds import restore_schedule_policy
 
         restore_schedule_policy(self.registry, self.orchestrator)  # a PUT /rounds/schedule survives restarts
+
+    def _on_model(self, exporter: Any) -> Any:
+        """Export each published version, then let the predictor serve it."""
+
+        def hook(version: int, round_id: int | None, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+            exporter.publish(version, round_id, metrics, state)
+            if self.predictor is not None:
+                self.predictor.notify()
+
+        hook.exporter = exporter  # type: ignore[attr-defined]
+        return hook
 
     def _model_exporter(self, pol: KoalaPolicy, shape: tuple[int, ...], num_classes: int, proxy_x: np.ndarray,
                         proxy_digest: str, test_size: int) -> Any:
@@ -506,6 +538,9 @@ class ServerServices:
             if self.telemetry is not None:
                 self.telemetry.stop()
                 self.telemetry = None
+            if self.predict_service is not None:
+                self.predict_service.stop()
+                self.predict_service = None
             if self.status_writer is not None:
                 self.status_writer.stop()
                 self.status_writer = None

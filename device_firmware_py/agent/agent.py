@@ -76,6 +76,7 @@ class DeviceAgent:
         self.int8_info: dict[str, Any] = {}
         self.store: Any = None  # SampleStore when data_source = store
         self.api: Any = None  # LocalApi while serving
+        self.cascade: Any = None  # serving.cascade.Cascade when cfg.cascade (opt-in: it sends inputs to the server)
         self._status_dirty = False  # the store changed: re-announce num_samples / histogram
         self._last_status = 0.0
         self._next_spool = 0.0
@@ -141,10 +142,18 @@ class DeviceAgent:
             return
         from device_firmware_py.serving.local_api import LocalApi
 
+        if cfg.cascade:
+            from device_firmware_py.serving.cascade import Cascade
+
+            self.cascade = Cascade(cfg.device_id, lambda t, p: self._client is not None and self._client.publish(t, p, qos=1),
+                                   lambda: self._client is not None and self._client.connected.is_set(),
+                                   threshold=cfg.cascade_threshold, timeout_s=cfg.cascade_timeout_s)  # fmt: skip
+            log.warning("cascade on: inputs the device's model is unsure of (confidence < %s) are sent to the server",
+                        cfg.cascade_threshold)  # fmt: skip
         self.api = LocalApi(self.predictor, self.store, socket_path=cfg.socket_path, port=cfg.serve_port,
                             max_request_bytes=cfg.serve_max_request_bytes, max_concurrent=cfg.serve_max_concurrent,
                             on_samples=lambda res: self.events.put(("samples", res)),
-                            max_batch=cfg.store_max_samples).start()  # fmt: skip
+                            max_batch=cfg.store_max_samples, cascade=self.cascade).start()  # fmt: skip
 
     def _num_samples(self) -> int:
         return len(self.store) if self.store is not None else int(len(self.y))
@@ -196,6 +205,8 @@ class DeviceAgent:
         self._client.subscribe(topics.device_assign(cfg.device_id), 1, lambda t, p: self.events.put(("assign", (t, p))))
         self._client.subscribe(topics.rounds_current(), 1, lambda t, p: self.events.put(("round", (t, p))))
         self._client.subscribe(topics.device_verdict(cfg.device_id), 1, lambda t, p: self.events.put(("verdict", (t, p))))
+        if self.cascade is not None:  # answers are taken on the network thread: the agent thread may be training
+            self._client.subscribe(topics.device_predict_answer(cfg.device_id), 1, self.cascade.on_answer)
         self._client.start()
 
     # ------------------------------------------------------------------ loop

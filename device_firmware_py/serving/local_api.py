@@ -9,7 +9,8 @@ Routes (docs/device-serving.md):
   GET  /v1/healthz   {"ok", "model": bool, "num_samples"}
   GET  /v1/model     the served model's info (kind int8|float, serial, round_id, bytes, sha256, ...)
   POST /v1/predict   body: .npy (Content-Type application/x-npy) or JSON {"x": [...]};
-                     -> {"classes": [...], "model": {...}} (+ "logits" with ?logits=1)
+                     -> {"classes": [...], "model": {...}} (+ "logits" with ?logits=1; with the
+                     cascade on also "source" per row: "device" | "server", "confidence")
   POST /v1/samples   body: .npz with x and y (application/x-npz) or JSON {"x": [...], "y": [...]};
                      -> {"accepted", "evicted", "num_samples", "label_histogram"}
   GET  /v1/samples   the store's counts and label histogram (never the samples themselves)
@@ -68,12 +69,13 @@ class LocalApi:
     def __init__(self, predictor: Predictor, store: SampleStore | None = None, *, socket_path: str = "", port: int = 0,
                  max_request_bytes: int = 4 << 20, max_concurrent: int = 4,
                  on_samples: Callable[[dict[str, Any]], None] | None = None,
-                 max_batch: int | None = None):  # fmt: skip
+                 max_batch: int | None = None, cascade: Any = None):  # fmt: skip
         self.predictor, self.store = predictor, store
         self.socket_path, self.port = socket_path, port
         self.max_request_bytes = max_request_bytes
         self.on_samples = on_samples
         self.max_batch = max_batch
+        self.cascade = cascade  # serving.cascade.Cascade when the device owner turned the cascade on, else None
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self._servers: list[socketserver.BaseServer] = []
         self._threads: list[threading.Thread] = []
@@ -129,7 +131,10 @@ class LocalApi:
             raise ApiError(405, f"{method} {route} is not allowed; use {' or '.join(routes[route])}")
         if route == "/v1/healthz":
             m = self.predictor.current
-            return 200, {"ok": True, "model": m is not None, "num_samples": len(self.store) if self.store is not None else None}
+            out = {"ok": True, "model": m is not None, "num_samples": len(self.store) if self.store is not None else None}
+            if self.cascade is not None:
+                out["cascade"] = self.cascade.info()
+            return 200, out
         if route == "/v1/model":
             m = self.predictor.current
             return 200, {"model": None if m is None else m.info.as_dict()}
@@ -143,6 +148,15 @@ class LocalApi:
                 raise ApiError(400, str(exc)) from None
             out: dict[str, Any] = {"classes": classes.tolist(), "model": {"kind": info.kind, "serial": info.serial,
                                                                           "round_id": info.round_id}}  # fmt: skip
+            if self.cascade is not None:  # opt-in: unsure rows go to the server's large model
+                xb = np.asarray(x, np.float32).reshape(len(logits), *info.input_shape)
+                c = self.cascade.apply(xb, logits)
+                out.update(classes=c.classes.tolist(), source=c.source,
+                           confidence=[round(float(v), 4) for v in c.confidence])  # fmt: skip
+                if c.server_model_version is not None:
+                    out["server_model_version"] = c.server_model_version
+                if c.fallback is not None:
+                    out["cascade_fallback"] = c.fallback
             if query.get("logits", ["0"])[0] not in ("0", "false", ""):
                 out["logits"] = logits.tolist()
             return 200, out

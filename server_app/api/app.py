@@ -33,7 +33,7 @@ def _api_routers() -> list[APIRouter]:
     import importlib
 
     routers: list[APIRouter] = []
-    for name in ("devices", "rounds", "models", "metrics_history", "events", "live"):
+    for name in ("devices", "rounds", "models", "predict", "metrics_history", "events", "live"):
         try:
             module: Any = importlib.import_module(f"server_app.api.routes.{name}")
         except ModuleNotFoundError as exc:

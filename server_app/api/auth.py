@@ -112,3 +112,16 @@ def require_write(request: Request) -> None:
             detail="mutations are disabled: the server has no API token configured (set KOALA_API__BEARER_TOKEN or api.bearer_token)",
         )
     _check_token(cfg, request)
+
+
+def require_token(request: Request) -> None:
+    """Dependency of routes that always need the token, also from loopback (POST /predict: inputs are
+    data and a forward pass costs the server CPU)."""
+    cfg = auth_config(request)
+    if cfg.token is None:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail="this route needs a bearer token, but the server has none configured (set KOALA_API__BEARER_TOKEN "
+            "or api.bearer_token)",
+        )
+    _check_token(cfg, request)
