@@ -111,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
               f"{(max(agents) if agents else 0) / 1024:.0f} MiB (max of {len(agents)})")  # fmt: skip
         print(f"results {demo.results_path}" + (f"   plot {png}" if png else ""))
         print(f"dashboard {base}/dashboard/#token={demo.api_token}   API {base}/docs")
+        print()
+        print(demo.models_guide())
         if args.keep_serving:
             print("--keep-serving: Ctrl-C to stop")
             while True:

@@ -417,6 +417,48 @@ class DemoRun:
         plt.close(fig)
         return path
 
+    def models_guide(self) -> str:
+        """Where each trained model is and how to use it (printed at the end of `koala demo`)."""
+        from server_app.models import export as mx
+
+        md = self.run_dir / "server" / "models"
+        base = f"http://127.0.0.1:{self.http_port}"
+        tok = self.run_dir / "api_token"
+        rows = [r for r in (mx.list_versions(md) if md.is_dir() else []) if r.get("export")]
+        lines = ["Your models (docs/models.md, docs/device-serving.md):"]
+        if rows:
+            last = rows[-1]
+            lines += [f"  large model v{last['version']} (round {last.get('round')}): {last['export']}",
+                      "    model.safetensors + model.json (card); model.pt, model.torchscript.pt, model.onnx are built on demand",
+                      f"    koala models ls --api {base} --token-file {tok}",
+                      f"    koala models export latest --format all --out my_model/ --api {base} --token-file {tok}",
+                      f"    koala models small --format float int8 --out my_model/ --api {base} --token-file {tok}",
+                      f"    koala models export latest --data-dir {self.run_dir / 'server'} --format onnx --out my_model/"
+                      "   (no server needed)",
+                      f"    curl -s -H \"Authorization: Bearer $(cat {tok})\" -H 'Content-Type: application/x-npy' "
+                      f"--data-binary @images.npy {base}/api/v1/predict"]  # fmt: skip
+        else:
+            lines.append(f"  large model: none exported yet (its versions appear in {md / 'export'} after each round)")
+        lines.append("  small models, one per device (int8 LiteRT, re-quantized after each round; each agent serves its own on "
+                     "its endpoint while it runs: --keep-serving keeps them up):")
+        for d in getattr(self.layout, "devices", []) if self.layout is not None else []:
+            try:
+                state = Path(json.loads(Path(d["config_path"]).read_text())["state_dir"])
+            except (OSError, ValueError, KeyError):
+                continue
+            int8 = state / "model_int8.tflite"
+            lines.append(f"    {d['device_id']} ({d['arch']}): {int8 if int8.is_file() else '(no int8 model yet)'}   "
+                         f"endpoint unix:{state / 'agent.sock'}")  # fmt: skip
+        if getattr(self.layout, "devices", None):
+            cfg0 = self.layout.devices[0]["config_path"]
+            lines += [f"    koala-device predict --config {cfg0} images.npy     (asks the running agent; "
+                      "--model FILE.tflite runs a file without one)",
+                      "    curl --unix-socket <endpoint> -H 'Content-Type: application/x-npy' --data-binary @images.npy "
+                      "http://localhost/v1/predict",
+                      "  edge-cloud cascade (opt-in per device, sends unsure inputs to the server): set cascade = true "
+                      "in a device config (docs/device-serving.md)"]  # fmt: skip
+        return "\n".join(lines)
+
     # ------------------------------------------------------------------ stop
     def stop(self) -> None:
         _terminate(self.agents.values(), 15)

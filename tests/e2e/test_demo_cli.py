@@ -69,6 +69,11 @@ def test_demo_runs_to_the_result_table(tmp_path):
     assert "| round" in out or "round" in out.lower()
     assert "peak RSS" in out and "dashboard http://127.0.0.1:" in out and "/dashboard/#token=" in out, out[-2000:]
     assert out.startswith(f"run dir {run_dir}"), out[:300]
+    # the demo ends by saying where each model is and how to use it (issue 30 part 6)
+    guide = out[out.index("Your models"):]
+    assert f"{run_dir / 'server' / 'models' / 'export' / 'v00002'}" in guide, guide
+    assert "koala models ls --api http://127.0.0.1:" in guide and "--token-file" in guide and "/api/v1/predict" in guide
+    assert guide.count("model_int8.tflite") >= 2 and "koala-device predict --config" in guide, guide
     rounds = json.loads((run_dir / "results.json").read_text())["rounds"]
     accs = [r["large_test_acc"] for r in rounds]
     assert len(accs) == 2 and accs[-1] > 0.3, accs  # digits defaults learn: chance is 0.1
