@@ -89,7 +89,17 @@ class DeviceConfig:
         """The Unix socket the agent serves on ("" when none): `serve_socket`, or the state dir's."""
         if not self.serve or self.serve_socket == "off":
             return ""
-        return self.serve_socket or str(Path(self.state_dir) / "agent.sock")
+        if self.serve_socket:
+            return self.serve_socket
+        default = Path(self.state_dir).absolute() / "agent.sock"
+        if len(os.fsencode(str(default))) <= 107:
+            return str(default)
+        # a deep state dir would make the default longer than a Unix socket path may be: a short
+        # per-user path instead (docs/device-serving.md), stable for this state dir
+        import tempfile
+
+        tag = hashlib.sha256(os.fsencode(str(default))).hexdigest()[:12]
+        return str(Path(tempfile.gettempdir()) / f"koala-{os.getuid()}" / f"{self.device_id[:32]}-{tag}.sock")
 
     @property
     def host(self) -> str:

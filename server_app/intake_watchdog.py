@@ -8,7 +8,8 @@ a topic the link itself subscribes to (QoS 1, through the same broker queue as t
 intake counts as *stalled* when, for `stall_s`, neither a probe nor any other message came back
 while the link was connected: a busy link (a long legitimate backlog delaying the probe) keeps
 delivering results and is not stalled. Then it:
-  1. reports it (`stalled`: /readyz degraded, `koala_intake_stalled` 1, an error in the log);
+  1. reports it (`stalled`: `koala_intake_stalled` 1, an error in the log; /readyz is degraded
+     already from the moment a probe is two intervals overdue, `healthy`);
   2. drops the connection as a network fault would (`MqttClient.force_reconnect`): paho reconnects,
      re-subscribes, and the broker starts a fresh session with an empty window;
   3. restarts the ingest worker's thread if it died.
@@ -77,6 +78,12 @@ class IntakeWatchdog:
                 self.check()
             except Exception:  # the watchdog must outlive anything it watches
                 log.exception("intake watchdog check failed")
+
+    @property
+    def healthy(self) -> bool:
+        """What /readyz reports: no stall, and no probe overdue by more than two intervals (a link
+        going silent shows as degraded from then on, before the watchdog acts at `stall_s`)."""
+        return not self.stalled and self.silent_s() < 3 * self.interval_s
 
     def silent_s(self) -> float:
         """Seconds since the link last delivered anything (a probe, a result, a status)."""

@@ -578,7 +578,7 @@ class ServerServices:
                 checks["mqtt"] = checks["mqtt"] and bool(self.telemetry is not None and self.telemetry.connected.is_set())
         if o.ingests:  # connected is not enough: the broker must deliver (intake_watchdog)
             dog, worker = self.intake_watchdog, self.ingest_worker
-            checks["intake"] = bool(dog is not None and not dog.stalled and worker is not None and worker.alive)
+            checks["intake"] = bool(dog is not None and dog.healthy and worker is not None and worker.alive)
         if o.leads:
             checks["orchestrator"] = bool(orch is not None and (orch.alive or orch.state == "finished"))
             checks["leader"] = bool(self.leader is None or self.leader.held)

@@ -87,7 +87,7 @@ class LocalApi:
         handler = _handler_for(self)
         if self.socket_path:
             path = Path(self.socket_path)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)  # a new directory: this user's only
             if path.exists() or path.is_symlink():
                 _remove_stale_socket(path)
             srv: socketserver.BaseServer = _UnixHTTPServer(str(path), handler)

@@ -172,10 +172,14 @@ def test_watchdog_reports_a_silent_link_reconnects_and_sees_it_recover() -> None
     dog = IntakeWatchdog(link, interval_s=5, stall_s=30, clock=clock)
     link.subscribe(dog.topic, 1, dog._on_probe)
     dog.last_probe_at = link.connected_at = clock()
-    clock.t += 10
+    clock.t += 5
+    dog.check()
+    assert dog.healthy
+    clock.t += 11
     dog.check()
     assert not dog.stalled and link.reconnects == 0
-    clock.t += 25  # 35 s without a probe or any delivery
+    assert not dog.healthy  # two probes overdue: /readyz says degraded before the watchdog acts
+    clock.t += 19  # 35 s without a probe or any delivery
     dog.check()
     assert dog.stalled and link.reconnects == 1 and dog.stalls == 1
     dog._on_probe(dog.topic, b"probe")  # the new connection delivers
