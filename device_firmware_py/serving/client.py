@@ -120,7 +120,8 @@ class DeviceClient:
         return self.request("GET", "/v1/model")["model"]
 
     def predict_full(self, x: Any, logits: bool = True) -> dict[str, Any]:
-        """The whole answer: {"classes", "logits" (if asked), "model": {kind, serial, round_id}}."""
+        """The whole answer: {"classes", "logits" (if asked), "model": {kind, serial, round_id}}; with the
+        agent's cascade on also "source" per row ("device" | "server") and "confidence"."""
         return self.request("POST", "/v1/predict" + ("?logits=1" if logits else ""), _npy(x), "application/x-npy")
 
     def predict(self, x: Any) -> np.ndarray:
