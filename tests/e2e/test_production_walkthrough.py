@@ -49,7 +49,8 @@ def test_readme_block_is_the_whole_path() -> None:
     """Every step the issue names is in the block the e2e test runs (not in prose around it)."""
     script = walkthrough_script()
     for step in ("koala data prepare", "koala provision fleet", "mosquitto -c broker/mosquitto.conf",
-                 "koala serve --config server.toml", "flash.sh", "koala-device run", "koala rounds ls"):  # fmt: skip
+                 "koala serve --config server.toml", "flash.sh", "koala-device run", "koala rounds ls",
+                 "koala models export", "koala models small"):  # fmt: skip
         assert step in script, step
     commands = [ln for ln in script.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     assert len(commands) < 40
@@ -83,6 +84,11 @@ def test_readme_production_walkthrough(tmp_path, pg_database_url) -> None:
     assert "completed" in states.values(), states
     assert registered == set(DEVICES)
     assert len(accepted) >= 2 and set(accepted) <= set(DEVICES), accepted
+    # step 8: the trained models are out, in the formats asked for
+    models = home / "models"
+    assert {"model.safetensors", "model.json", "model.onnx", "cnn_small.int8.tflite"} <= {p.name for p in models.iterdir()}, \
+        sorted(p.name for p in models.iterdir())
+    assert json.loads((models / "model.json").read_text())["input"]["shape"] == [28, 28, 1]
     # what the steps left behind: the generated settings hold no secret; devices hold no server code
     settings = (home / "server.toml").read_text()
     secret = (home / "broker" / "secrets" / "koala-server.password").read_text().strip()
