@@ -20,7 +20,17 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Any
 
-from fastapi import HTTPException, Request, status
+from fastapi import HTTPException, Request, Security, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+# Declares the scheme in the OpenAPI document (components.securitySchemes + each guarded route's
+# `security`), so /docs shows an Authorize button. auto_error=False: the checks below decide.
+bearer_scheme = HTTPBearer(
+    scheme_name="bearer", auto_error=False,
+    description="The server's API token (KOALA_API__BEARER_TOKEN / api.bearer_token; a demo saves it as "
+    "<run dir>/api_token). Reads from the server's own machine need none when open_reads_localhost is set.",
+)  # fmt: skip
+Bearer = HTTPAuthorizationCredentials | None
 
 
 @dataclass(frozen=True)
@@ -89,7 +99,7 @@ def _check_token(cfg: AuthConfig, request: Request) -> None:
         raise _unauthorized("invalid bearer token", "invalid_token")
 
 
-def require_read(request: Request) -> None:
+def require_read(request: Request, _bearer_doc: Bearer = Security(bearer_scheme)) -> None:
     """Dependency of every read endpoint."""
     cfg = auth_config(request)
     if cfg.open_reads_localhost and is_loopback(request.client.host if request.client else None):
@@ -103,7 +113,7 @@ def require_read(request: Request) -> None:
     _check_token(cfg, request)
 
 
-def require_write(request: Request) -> None:
+def require_write(request: Request, _bearer_doc: Bearer = Security(bearer_scheme)) -> None:
     """Dependency of every mutating endpoint."""
     cfg = auth_config(request)
     if cfg.token is None:
@@ -114,7 +124,7 @@ def require_write(request: Request) -> None:
     _check_token(cfg, request)
 
 
-def require_token(request: Request) -> None:
+def require_token(request: Request, _bearer_doc: Bearer = Security(bearer_scheme)) -> None:
     """Dependency of routes that always need the token, also from loopback (POST /predict: inputs are
     data and a forward pass costs the server CPU)."""
     cfg = auth_config(request)

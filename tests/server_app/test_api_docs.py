@@ -41,3 +41,16 @@ def test_vendored_assets_fetch_nothing_remote():
     for name in ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js"):
         text = (ASSETS / name).read_text(encoding="utf-8", errors="replace")
         assert "https://cdn." not in text and "fonts.googleapis" not in text, name
+
+
+def test_openapi_declares_the_bearer_scheme():
+    """Issue 29: /docs had no Authorize button. The OpenAPI document declares the HTTP bearer scheme
+    and every guarded route (reads, mutations, predict) names it in its `security`."""
+    doc = TestClient(create_app()).get("/openapi.json").json()
+    schemes = doc["components"]["securitySchemes"]
+    assert schemes["bearer"]["type"] == "http" and schemes["bearer"]["scheme"] == "bearer"
+    ops = {(m.upper(), path): op for path, item in doc["paths"].items() for m, op in item.items()}
+    for key in (("POST", "/api/v1/rounds/start"), ("POST", "/api/v1/rounds/stop"), ("GET", "/api/v1/rounds"),
+                ("POST", "/api/v1/devices/{device_id}/revoke"), ("POST", "/api/v1/predict")):
+        assert {"bearer": []} in ops[key].get("security", []), key
+    assert "security" not in ops[("GET", "/healthz")]
