@@ -1,4 +1,4 @@
-"""bench/koala_full.py (issue 15's full-scale driver) and its candidate plugin, on digits: the
+"""research/koala_full.py (issue 15's full-scale driver) and its candidate plugin, on digits: the
 plugin with its options off is exactly koala_homo; with the device ensemble on it teaches other
 soft labels at the same uplink; merge turns per-(method, seed) part files into the table shape."""
 
@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-PLUS = "bench.koala_candidates:KoalaHomoPlus"
+PLUS = "research.koala_candidates:KoalaHomoPlus"
 
 
 def _run(methods: list) -> dict:
@@ -51,7 +51,7 @@ def test_plus_without_options_is_koala_homo_and_ensemble_changes_teacher_not_upl
 def test_consistent_view_rkd_trains_on_augmented_views() -> None:
     import numpy as np
 
-    from bench.koala_candidates import augment
+    from research.koala_candidates import augment
 
     x = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4, 1)
     flipped_or_not = augment(x, 0, np.random.default_rng(1))  # shift 0: only the flip
@@ -80,7 +80,7 @@ def test_plus_rejects_unknown_options() -> None:
 
 
 def test_merge_builds_rows_with_gaps_and_reductions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bench.koala_full as kf
+    import research.koala_full as kf
 
     monkeypatch.setattr(kf, "RESULTS", tmp_path)
     monkeypatch.setattr(kf, "PARTS_DIR", tmp_path / "parts")
@@ -122,7 +122,7 @@ def test_merge_builds_rows_with_gaps_and_reductions(tmp_path: Path, monkeypatch:
 def test_teacher_ema_blends_rows_seen_before_and_takes_new_rows_as_they_are() -> None:
     import numpy as np
 
-    from bench.koala_candidates import TeacherEma
+    from research.koala_candidates import TeacherEma
 
     ema = TeacherEma(4, 0.5)
     a = ema.apply(np.array([[1.0, 0.0], [0.0, 1.0]]), np.array([0, 1]))
@@ -138,11 +138,11 @@ def test_teacher_ema_blends_rows_seen_before_and_takes_new_rows_as_they_are() ->
 def test_full_scale_parity_runs_a_koala_full_method_through_the_deployed_path(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`python -m bench.parity --full METHOD`: the method's simulated part file (run first when
+    """`python -m research.parity_full METHOD`: the method's simulated part file (run first when
     missing) and the same policy, data layout and torch threads through DemoRun (Mosquitto, agent
     processes), written side by side. Shrunk to digits here; the two paths must agree per round."""
-    import bench.koala_full as kf
-    from bench.parity import run_full
+    import research.koala_full as kf
+    from research.parity_full import run_full
 
     monkeypatch.setattr(kf, "RESULTS", tmp_path)
     monkeypatch.setattr(kf, "PARTS_DIR", tmp_path / "parts")

@@ -2,11 +2,11 @@
 proxy, every method on the same partition / proxy / initial large model.
 
 2 shared CPU cores: methods run in parts (separate processes, 1 torch thread each), then
-`--merge` writes bench/results/koala_fmnist.json (+ _curves.json) and koala_fmnist.png.
+`--merge` writes research/results/koala_fmnist.json (+ _curves.json) and koala_fmnist.png.
 
-  nice -n 10 .venv/bin/python bench/koala_experiment.py --part main &
-  nice -n 10 .venv/bin/python bench/koala_experiment.py --part hetero &
-  .venv/bin/python bench/koala_experiment.py --merge
+  nice -n 10 .venv/bin/python research/koala_experiment.py --part main &
+  nice -n 10 .venv/bin/python research/koala_experiment.py --part hetero &
+  .venv/bin/python research/koala_experiment.py --merge
 """
 
 from __future__ import annotations

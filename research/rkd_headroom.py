@@ -17,7 +17,7 @@ Levers (each a row):
 - the teacher's labels fixed (computed once, as the deployed server does) or queried per batch.
 
 Runs on CUDA when present (the device tool's H200), else on the CPU (`--quick` there).
-`python -m bench.rkd_headroom [--quick] [--device cuda]` -> bench/results/rkd_headroom.json.
+`python -m research.rkd_headroom [--quick] [--device cuda]` -> research/results/rkd_headroom.json.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-OUT = ROOT / "bench" / "results" / "rkd_headroom.json"
+OUT = ROOT / "research" / "results" / "rkd_headroom.json"
 # (proxy images, epochs, mixup, teacher queried per batch): "full" on a GPU; "cpu" the levers that
 # matter at a CPU's budget (2 shared cores here: ~15 min); "quick" a smoke run
 GRIDS: dict[str, list[tuple[int, int, bool, bool]]] = {
@@ -175,7 +175,7 @@ def run(quick: bool, device: str, out: Path, seeds: tuple[int, ...], data_dir: s
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.rkd_headroom", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m research.rkd_headroom", description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="tiny grid (CPU smoke)")
     ap.add_argument("--device", default="auto", help="cpu | cuda | auto")
     ap.add_argument("--seeds", default="0", help="comma list of teacher/student seeds")

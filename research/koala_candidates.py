@@ -1,6 +1,6 @@
 """Gap-closing candidates for issue 15, as a `module:attr` strategy plugin (docs/extending.md), so
 they can be measured without touching the engine or the policy: policy
-`strategy = "bench.koala_candidates:KoalaHomoPlus"`, `teacher = "avg_model"`, and
+`strategy = "research.koala_candidates:KoalaHomoPlus"`, `teacher = "avg_model"`, and
 `plugin_options`:
 
 - `device_ensemble` (float w >= 0, default 0 = off): FedDF-style ensemble teacher (Lin et al.
@@ -29,7 +29,7 @@ they can be measured without touching the engine or the policy: policy
 
 With all options at 0 the strategy is exactly `koala_homo` (avg_model teacher).
 
-`KoalaHeteroPlus` (`strategy = "bench.koala_candidates:KoalaHeteroPlus"`) is `koala_hetero` with
+`KoalaHeteroPlus` (`strategy = "research.koala_candidates:KoalaHeteroPlus"`) is `koala_hetero` with
 `teacher_ema` only: at strong label skew the fused device logits change a lot from round to round
 and the large model, refit to each round's consensus, swings with them (full scale, alpha 0.1,
 seed 1: 0.734 -> 0.632 -> 0.734 -> 0.787 over rounds 2-5); the temporal ensemble smooths the

@@ -1,11 +1,11 @@
-"""bench/rkd_headroom.py: the distillation probe runs both ways (fixed teacher labels, server-side
+"""research/rkd_headroom.py: the distillation probe runs both ways (fixed teacher labels, server-side
 mixup labelled by the teacher) and reports what its table needs; the grids are well formed."""
 
 from __future__ import annotations
 
 import torch
 
-from bench import rkd_headroom as rh
+from research import rkd_headroom as rh
 
 
 def test_distil_fixed_and_mixup_report_accuracy_curve_and_agreement():
@@ -28,9 +28,9 @@ def test_grids_name_proxy_epochs_and_levers():
 
 
 def test_recipes_run_every_lever_and_score_the_weight_average():
-    """bench/rkd_recipes.py: each lever (schedule, temperature, batch, EMA) runs the loop's
+    """research/rkd_recipes.py: each lever (schedule, temperature, batch, EMA) runs the loop's
     round structure and returns an accuracy; the EMA row scores its averaged weights too."""
-    from bench import rkd_recipes as rr
+    from research import rkd_recipes as rr
 
     torch.manual_seed(0)
     px, tl = torch.rand(48, 28, 28, 1), torch.randn(48, 10)

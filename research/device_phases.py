@@ -9,9 +9,9 @@ data files are written by a child process so their arrays do not count here. No 
 the numbers include this script's own imports (compare with the "numpy" line, not with
 device_class's separate baseline process).
 
-    python -m bench.device_phases mobilenet_tiny --proxy 1000
-    python -m bench.device_phases mobilenet_tiny --set low_memory=false --set release_before_quantize=false
-    python -m bench.device_phases mobilenet_tiny --set xnnpack=false --rounds 2 --smaps
+    python -m research.device_phases mobilenet_tiny --proxy 1000
+    python -m research.device_phases mobilenet_tiny --set low_memory=false --set release_before_quantize=false
+    python -m research.device_phases mobilenet_tiny --set xnnpack=false --rounds 2 --smaps
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def _value(text: str) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.device_phases", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m research.device_phases", description=__doc__.splitlines()[0])
     p.add_argument("arch", choices=["mlp_tiny", "cnn_small", "mobilenet_tiny"])
     p.add_argument("--proxy", type=int, default=1000)
     p.add_argument("--private", type=int, default=600)

@@ -4,8 +4,8 @@ training images over 20 devices, Dirichlet alpha, 10 rounds, width-16 large mode
 (large model and small models alike, so "above its own teacher" compares like with like).
 
 One process per (method, alpha, seed), each written to its own file under
-bench/results/koala_fmnist_full_parts/, so partial runs accumulate across sessions: a finished
-(method, alpha, seed) is never rerun. `--merge` builds bench/results/koala_fmnist_full.json
+research/results/koala_fmnist_full_parts/, so partial runs accumulate across sessions: a finished
+(method, alpha, seed) is never rerun. `--merge` builds research/results/koala_fmnist_full.json
 (`config` + `rows`: per method and alpha the final large-model accuracy per seed, mean, stdev,
 gap to FedAvg-large, teacher accuracy, and the storage / FLOPs / uplink reductions vs FedAvg-large
 computed as `server_app.sim.runner.add_reductions` does) and koala_fmnist_full.png / _curves.json
@@ -14,9 +14,9 @@ own curve stays in its part file).
 
 2 shared CPU cores, 1 torch thread per process, at most 2 at once:
 
-  nice -n 19 .venv/bin/python bench/koala_full.py --alpha 0.5 --seeds 0,1,2 --methods fedavg_large &
-  nice -n 19 .venv/bin/python bench/koala_full.py --alpha 0.5 --seeds 0,1,2 --methods koala_homo &
-  .venv/bin/python bench/koala_full.py --merge
+  nice -n 19 .venv/bin/python research/koala_full.py --alpha 0.5 --seeds 0,1,2 --methods fedavg_large &
+  nice -n 19 .venv/bin/python research/koala_full.py --alpha 0.5 --seeds 0,1,2 --methods koala_homo &
+  .venv/bin/python research/koala_full.py --merge
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # `python bench/koala_full.py`: the plugin strategies import as bench.*
+if str(ROOT) not in sys.path:  # `python research/koala_full.py`: the plugin strategies import as research.*
     sys.path.insert(0, str(ROOT))
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -56,7 +56,7 @@ BASE_POLICY: dict[str, Any] = {"temperature": 1.0, "lr": 1e-3, "local_epochs": 1
 KOALA_LEAD = {"local_epochs": 5, "fkd_epochs": 1, "rkd_epochs": 4, "proxy_per_round": None}
 
 HETERO_MICRO = ["mlp_tiny", "cnn_small", "mobilenet_micro"]
-_PLUS = {"strategy": "bench.koala_candidates:KoalaHomoPlus", "teacher": "avg_model"}
+_PLUS = {"strategy": "research.koala_candidates:KoalaHomoPlus", "teacher": "avg_model"}
 METHODS: dict[str, dict[str, Any]] = {
     "fedavg_large": {"name": "fedavg_large", "preset": "fedavg_large"},
     "fedavg_small+local5": {"name": "fedavg_small+local5", "preset": "fedavg_small", "policy": {"local_epochs": 5}},
@@ -79,11 +79,11 @@ METHODS: dict[str, dict[str, Any]] = {
                                       "archs": "policy",
                                       "policy": {**KOALA_LEAD, "fusion": "class_aware", "archs": HETERO_MICRO,
                                                  "logits_dtype": "int8", "post_fkd_epochs": 1}},
-    # a temporal ensemble of the fused soft labels (bench/koala_candidates.py): the alpha 0.1 curves swing
+    # a temporal ensemble of the fused soft labels (research/koala_candidates.py): the alpha 0.1 curves swing
     "koala_hetero+micro+int8+ema0.5": {"name": "koala_hetero+micro+int8+ema0.5", "archs": "policy",
                                        "policy": {**KOALA_LEAD, "fusion": "class_aware", "archs": HETERO_MICRO,
                                                   "logits_dtype": "int8", "teacher": "device_logits",
-                                                  "strategy": "bench.koala_candidates:KoalaHeteroPlus",
+                                                  "strategy": "research.koala_candidates:KoalaHeteroPlus",
                                                   "plugin_options": {"teacher_ema": 0.5}}},
     "koala_homo+post1": {"name": "koala_homo+post1", "preset": "koala_homo",
                          "policy": {**KOALA_LEAD, "post_fkd_epochs": 1}},
@@ -98,7 +98,7 @@ METHODS: dict[str, dict[str, Any]] = {
                                      "policy": {**KOALA_LEAD, "teacher": "avg_model", "fusion": "class_aware"}},
     "koala_hetero+avg": {"name": "koala_hetero+avg", "preset": "koala_hetero",
                          "policy": {**KOALA_LEAD, "teacher": "avg_model"}},
-    # same server compute, twice the reverse-KD steps: the best recipe of bench/rkd_recipes.py in
+    # same server compute, twice the reverse-KD steps: the best recipe of research/rkd_recipes.py in
     # isolation (+0.7 pt), not in this loop (README Results)
     "koala_homo+b128": {"name": "koala_homo+b128", "preset": "koala_homo", "policy": {**KOALA_LEAD, "rkd_batch": 128}},
     "koala_hetero+class_aware+b128": {"name": "koala_hetero+class_aware+b128", "preset": "koala_hetero",
@@ -111,7 +111,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "koala_homo+T3": {"name": "koala_homo+T3", "preset": "koala_homo", "policy": {**KOALA_LEAD, "temperature": 3.0}},
     # FedDF-style: every device's proxy logits is a teacher, sample-weighted mean (devices keep their own models)
     "koala_homo_logits": {"name": "koala_homo_logits", "preset": "koala_homo_logits", "policy": dict(KOALA_LEAD)},
-    # bench/koala_candidates.py (plugin): averaged-model teacher + the ensemble of the uploaded device
+    # research/koala_candidates.py (plugin): averaged-model teacher + the ensemble of the uploaded device
     # models, scored server-side (uplink unchanged); or a temporal ensemble of the teachers over rounds
     "koala_homo+ens1": {"name": "koala_homo+ens1", "policy": {**KOALA_LEAD, **_PLUS, "plugin_options": {"device_ensemble": 1.0}}},
     # the same ensemble fused class-aware (each device model votes on the classes it holds): the
@@ -140,7 +140,7 @@ def part_path(method: str, alpha: float | None, seed: int, train_size: int | Non
 
 def run_config(method: str, alpha: float | None, seed: int, train_size: int | None = None, out: Path | None = None):
     """The SimConfig of one (method, alpha, seed[, device images]): FULL + the method + BASE_POLICY.
-    bench/parity.py --full builds the deployed run's policy and data layout from the same config."""
+    research/parity_full.py builds the deployed run's policy and data layout from the same config."""
     from server_app.sim import load_config
 
     cfg = load_config(None, **{**FULL, "alpha": alpha, "train_size": train_size, "methods": [METHODS[method]],
@@ -291,7 +291,7 @@ SIZE_METHODS = ("fedavg_large", "koala_homo")
 
 
 def merge_sizes() -> dict[str, Any]:
-    """bench/results/koala_fmnist_size_curve.json: KOALA homo minus FedAvg-large (final large-model
+    """research/results/koala_fmnist_size_curve.json: KOALA homo minus FedAvg-large (final large-model
     accuracy, same alpha and seed) against the device images of the run: the size/ parts plus the
     full-scale parts (55,000). Prints the table."""
     rows = []

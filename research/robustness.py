@@ -10,7 +10,7 @@ Attacks (replace the first `f` devices' logits): "one_hot" (class 3 at 1e30), "r
 and the attacker claims 10^6 samples (so "weighted" hands it the vote; "weighted_capped" is
 "weighted" on counts capped at 2x their median, robust.cap_sample_counts).
 
-    python -m bench.robustness [--quick]     -> bench/results/robustness[.quick].json
+    python -m research.robustness [--quick]     -> research/results/robustness[.quick].json
 """
 
 from __future__ import annotations
@@ -81,10 +81,10 @@ def measure(
 
 
 def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
-    from bench.common import DEFAULT_OUT, table, write_result
+    from bench.common import table, write_result
 
     started, load0 = time.time(), os.getloadavg()
-    out = out or DEFAULT_OUT
+    out = out or Path(__file__).resolve().parent / "results"
     seeds = [0] if quick else [0, 1, 2]
     epochs, kd_epochs = (20, 20) if quick else (30, 30)
     scenarios = [(None, 0, "none"), (0.3, 0, "none"), (None, 1, "one_hot"), (0.3, 1, "one_hot"), (0.3, 1, "random"),

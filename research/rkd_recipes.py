@@ -2,7 +2,7 @@
 large model's gap to its own teacher at a FIXED server compute budget?
 
 Why: in the full-scale homo runs the large model ends 0.5-1.4 pt below the averaged cnn_small it
-learns from while agreeing with it on ~98 % of the proxy. bench/rkd_headroom.py showed that more
+learns from while agreeing with it on ~98 % of the proxy. research/rkd_headroom.py showed that more
 proxy images close the gap, but the proxy is fixed at 5,000; this screen asks whether the 5,000 are
 used well. Set-up as rkd_headroom (a cnn_small teacher trained centrally to ~0.87 on 30,000 images,
 a fresh width-16 LargeCNN student, 5,000 unlabeled proxy images), distilled the way the deployed
@@ -14,7 +14,7 @@ One change per row against `const` (today's recipe: lr 1e-3 constant, batch 256,
 - `lr2e-3`: a higher constant rate; `b128`, `b64`: smaller batches (2x / 4x the steps, same FLOPs);
 - `b128_T3`; `e8`: 8 epochs a round (2x the compute).
 
-`python -m bench.rkd_recipes [--only b128,const]` -> bench/results/rkd_recipes.json (~2 min a
+`python -m research.rkd_recipes [--only b128,const]` -> research/results/rkd_recipes.json (~2 min a
 row on one CPU core).
 """
 
@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-OUT = ROOT / "bench" / "results" / "rkd_recipes.json"
+OUT = ROOT / "research" / "results" / "rkd_recipes.json"
 RECIPES: dict[str, dict[str, Any]] = {
     "const": {}, "cos": {"sched": "cos"}, "T3": {"T": 3.0}, "cos_T3": {"sched": "cos", "T": 3.0},
     "const_ema": {"ema": 0.995}, "cos_lr3e-3": {"sched": "cos", "lr": 3e-3}, "lr2e-3": {"lr": 2e-3},
@@ -48,7 +48,7 @@ def distil(px: torch.Tensor, teacher_logits: torch.Tensor, xt: torch.Tensor, yt:
            epochs: int = 4, T: float = 1.0, sched: str = "const", ema: float | None = None, lr: float = 1e-3,
            batch: int = 256) -> dict[str, Any]:  # fmt: skip
     """A fresh width-16 student, `rounds` x `epochs` of KD with Adam re-created each round."""
-    from bench.rkd_headroom import _acc
+    from research.rkd_headroom import _acc
     from server_app.models.large import LargeCNN
 
     torch.manual_seed(0)
@@ -90,7 +90,7 @@ def distil(px: torch.Tensor, teacher_logits: torch.Tensor, xt: torch.Tensor, yt:
 
 
 def run(only: list[str] | None, out: Path, data_dir: str | None = None) -> dict[str, Any]:
-    from bench.rkd_headroom import _teacher
+    from research.rkd_headroom import _teacher
     from server_app.data.datasets import load_dataset
 
     torch.set_num_threads(1)
@@ -122,7 +122,7 @@ def run(only: list[str] | None, out: Path, data_dir: str | None = None) -> dict[
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m bench.rkd_recipes", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m research.rkd_recipes", description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help=f"comma list of: {', '.join(RECIPES)}")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--data-dir", default=None, help="Fashion-MNIST IDX files (default: the Debian package's)")
