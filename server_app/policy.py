@@ -9,8 +9,8 @@ every path reads the same pydantic model, through the same strategy builder
 file (`[policy]` section) and `KOALA_POLICY__*` env vars, the simulator from its config file's
 `policy` section (plus per-method overrides), the demo from flags.
 
-**Defaults are the best measured setting** (README "Results"; `bench/koala_experiment.py` and
-`bench/koala_full.py`, Fashion-MNIST, 20 devices): homogeneous KOALA with 5 local epochs, 1
+**Defaults are the best measured setting** (README "Results"; `research/koala_experiment.py` and
+`research/koala_full.py`, Fashion-MNIST, 20 devices): homogeneous KOALA with 5 local epochs, 1
 forward-KD epoch, 4 reverse-KD epochs, every proxy image every round (at full scale, 55,000 device
 images: 1,000 of 5,000 per round trailed FedAvg-large by 4-12 pt, all 5,000 by 0.5 at α 0.5 and led
 it at α 0.1); heterogeneous fleets fuse device logits class-aware (each device votes on a class in
