@@ -20,11 +20,23 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = REPO / "bench" / "results"
+# A source checkout, or bench installed from the wheel (REPO is then site-packages): results go to
+# ./koala-bench-results there, and the few steps that install the project from its source say so.
+CHECKOUT = (REPO / "pyproject.toml").is_file() and (REPO / "bench" / "__init__.py").is_file()
+DEFAULT_OUT = REPO / "bench" / "results" if CHECKOUT else Path.cwd() / "koala-bench-results"
+CHECKOUT_HINT = "git clone the koala-edge repository && scripts/setup.sh, then run it from the checkout"
+
+
+def require_checkout(what: str) -> None:
+    """Raise a one-line error when `what` needs the source tree and bench runs from an installed wheel."""
+    if not CHECKOUT:
+        raise RuntimeError(f"{what} needs a source checkout (it installs the project from its source tree): {CHECKOUT_HINT}")
 PG_ADMIN_URL = os.environ.get("KOALA_BENCH_PG_ADMIN", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
 def git_sha() -> str | None:
+    if not CHECKOUT:  # installed: REPO is site-packages (maybe inside some other repository's venv)
+        return None
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
         sha = out.stdout.strip()
@@ -149,7 +161,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def python_child(module: str, *args: str, **popen: Any) -> subprocess.Popen[str]:
-    """`python -m bench.<module> ...` with the repo on the path (bench is not an installed package)."""
+    """`python -m bench.<module> ...` with the repo (or the installed bench's site-packages) on the path."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, env=env, text=True, **popen)
 

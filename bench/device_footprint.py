@@ -133,8 +133,10 @@ def fresh_venv_size() -> dict[str, Any]:
     """`pip install .[device]` into a fresh venv; installed size minus the empty venv's."""
     import venv
 
-    from bench.common import REPO
+    from bench.common import CHECKOUT, CHECKOUT_HINT, REPO
 
+    if not CHECKOUT:
+        return {"error": f"skipped: `pip install .[device]` needs a source checkout ({CHECKOUT_HINT})"}
     with tempfile.TemporaryDirectory(prefix="koala-bench-devvenv-") as tmp:
         env_dir = Path(tmp) / "venv"
         venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)

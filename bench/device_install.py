@@ -97,7 +97,9 @@ def baseline_install(tmp: Path) -> dict[str, Any]:
 
 
 def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
-    from bench.common import DEFAULT_OUT
+    from bench.common import DEFAULT_OUT, require_checkout
+
+    require_checkout("koala bench device_install (its baseline is `pip install .[device]`)")
 
     started, load = time.time(), os.getloadavg()
     proxy_size = 1000

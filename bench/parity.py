@@ -29,13 +29,13 @@ NAME = "parity_fmnist"
 
 
 def run(quick: bool = False, out: Path | None = None) -> dict[str, Any]:
-    from bench.common import table, write_result
+    from bench.common import DEFAULT_OUT, table, write_result
     from server_app.demo.launcher import DemoConfig, DemoRun
     from server_app.policy import KoalaPolicy
     from server_app.sim.config import load_config
     from server_app.sim.runner import run_experiment
 
-    out = out or Path(__file__).resolve().parent / "results"
+    out = out or DEFAULT_OUT
     started, load_start = time.time(), os.getloadavg()
     devices, rounds = (5, 3) if quick else (20, 10)
     data = {"dataset": "fashion-mnist", "devices": devices, "alpha": 0.5, "proxy_size": 5000, "train_size": 6000}

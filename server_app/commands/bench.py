@@ -1,7 +1,10 @@
 """`koala bench NAME|all [--quick] [--out DIR]`: run the benchmarks in bench/ and write JSON results.
 
-The benchmarks live in the repository's `bench/` folder (a development tool, not shipped in the
-wheel), so this command needs a source checkout; it puts the checkout on sys.path itself.
+The product's benchmarks are the `bench` package, shipped in the wheel: from a source checkout
+this command puts the checkout first on sys.path (its bench/, results in bench/results); from an
+installed wheel it runs the installed bench (results in ./koala-bench-results). The experiments in
+research/ are not run here. bench is loaded by name at run time, like a plug-in: no module of
+server_app imports it (tests/test_layers.py).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ _REPO = Path(__file__).resolve().parents[2]
 def configure(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=[*NAMES, "all"], help="benchmark to run, or all")
     p.add_argument("--quick", action="store_true", help="small sizes (smoke run, ~1 minute for all); writes NAME.quick.json")
-    p.add_argument("--out", default=None, help="results directory (default: bench/results of the checkout)")
+    p.add_argument("--out", default=None,
+                   help="results directory (default: bench/results in a source checkout, ./koala-bench-results when installed)")
     p.add_argument("--device", default="cpu",
                    help="torch device for the large model (reverse_kd): cpu, cuda, cuda:N, auto; cuda writes reverse_kd_cuda.json")
     p.add_argument("--profiles-only", action="store_true",
@@ -31,18 +35,22 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if not (_REPO / "bench" / "__init__.py").exists():
-        print("koala bench needs a source checkout (bench/ is not installed with the package)", file=sys.stderr)
-        return 2
-    if str(_REPO) not in sys.path:
-        sys.path.insert(0, str(_REPO))
+    if (_REPO / "pyproject.toml").exists() and str(_REPO) not in sys.path:
+        sys.path.insert(0, str(_REPO))  # a source checkout: its bench/, whatever is installed
     import importlib
+
+    try:
+        common = importlib.import_module("bench.common")
+    except ImportError as exc:
+        print(f"koala bench: the bench package is not installed ({exc}); install koala-edge[server] "
+              "or run it from a source checkout (git clone ... && scripts/setup.sh)", file=sys.stderr)  # fmt: skip
+        return 2
 
     from server_app.commands import stop_on_signals
 
     stop_on_signals()  # Ctrl-C / SIGTERM: the benchmarks' finally blocks stop their private brokers
 
-    out = Path(args.out) if args.out else _REPO / "bench" / "results"
+    out = Path(args.out) if args.out else common.DEFAULT_OUT
     names = NAMES if args.name == "all" else (args.name,)
     failed = []
     for name in names:
