@@ -220,6 +220,9 @@ def run(quick: bool = False, archs: tuple[str, ...] | None = None, out_path: Pat
 
     doc = json.loads(out_path.read_text()) if out_path.is_file() else {}  # read-modify-write: only our key
     doc[NAME] = section
+    doc["swap_failures"] = {"failures": section["swap_failures"], "requests": sum(r["swap_requests"] for r in rows.values()),
+                            "swaps": sum(r["swaps"] for r in rows.values()),
+                            "source": "device_predict.archs (bench/device_predict.py)"}  # fmt: skip
     atomic_write(out_path, (json.dumps(doc, indent=1, default=str) + "\n").encode())
     print(f"wrote {out_path} [{NAME}]")
     return section
