@@ -197,9 +197,14 @@ class Monitor:
         self.connected = threading.Event()
         self.error: str | None = None
         self.address = f"{a.host}:{a.port}"
+        self.url = f"{'mqtts' if a.tls or ca_file else 'mqtt'}://{self.address}"
+        self.client_id = client_id or f"koala-monitor-{secrets.token_hex(4)}"
+        self.refused: list[str] = []  # filters the broker did not grant (ACL)
+        self.subscribed = threading.Event()
+        self._on_joined: Callable[[], None] | None = None
         c = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
-            client_id=client_id or f"koala-monitor-{secrets.token_hex(4)}",
+            client_id=self.client_id,
             clean_session=True,
             protocol=mqtt.MQTTv311,
         )
@@ -209,6 +214,8 @@ class Monitor:
         if a.tls or ca_file:
             c.tls_set(ca_certs=ca_file, cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
         c.on_connect = self._on_connect
+        c.on_connect_fail = self._on_connect_fail
+        c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
         c.reconnect_delay_set(0.2, 5)
         self._client = c
@@ -223,6 +230,19 @@ class Monitor:
         client.subscribe(self.filters)
         self.connected.set()
 
+    def _on_connect_fail(self, _client: Any, _ud: Any) -> None:
+        self.error = self.error or "no MQTT connection (nothing listening, or TLS / network failure)"
+
+    def _on_subscribe(self, _client: Any, _ud: Any, _mid: Any, reason_codes: Any, _props: Any = None) -> None:
+        # the SUBACK comes before any message of these subscriptions (retained ones included)
+        with self._lock:
+            for (f, _q), rc in zip(self.filters, reason_codes or [], strict=False):
+                if getattr(rc, "is_failure", False) and f not in self.refused:
+                    self.refused.append(f)
+            if self._on_joined is not None and not self.subscribed.is_set():
+                self._on_joined()
+            self.subscribed.set()
+
     def _on_message(self, _c: Any, _ud: Any, msg: Any) -> None:
         with self._lock:
             if self.done.is_set():
@@ -235,19 +255,44 @@ class Monitor:
                 if self.count is not None and self.seen >= self.count:
                     self.done.set()
 
-    def run(self, timeout_s: float | None = None) -> int:
-        """Block until `count` messages, `timeout_s`, `stop()` or Ctrl-C; returns messages seen."""
+    def run(
+        self,
+        timeout_s: float | None = None,
+        *,
+        connect_timeout_s: float | None = None,
+        on_joined: Callable[[], None] | None = None,
+        quiet_s: float | None = None,
+        on_quiet: Callable[[], None] | None = None,
+    ) -> int:
+        """Block until `count` messages, `timeout_s`, `stop()` or Ctrl-C; returns messages seen.
+
+        `connect_timeout_s`: ConnectionError when not connected by then (else: wait, retrying).
+        `on_joined()` once subscribed; `on_quiet()` once when `quiet_s` pass with no message at all
+        (a KOALA broker delivers the server's retained status at once: silence means a wrong broker)."""
+        t0 = time.monotonic()
+        t_end = None if timeout_s is None else t0 + timeout_s
+        self._on_joined = on_joined
         self._client.connect_async(self._host, self._port, keepalive=30)
         self._client.loop_start()
         try:
-            self.done.wait(timeout_s)
+            limit = min(x for x in (connect_timeout_s, timeout_s, float("inf")) if x is not None)
+            while not self.connected.wait(0.05):
+                if self.done.is_set() or time.monotonic() - t0 > limit:
+                    break
+            if self.connected.is_set():
+                if quiet_s is not None and on_quiet is not None:
+                    wait = quiet_s if t_end is None else min(quiet_s, max(0.0, t_end - time.monotonic()))
+                    if not self.done.wait(wait) and self.seen == 0:
+                        on_quiet()
+                self.done.wait(None if t_end is None else max(0.0, t_end - time.monotonic()))
         finally:
             self._client.disconnect()
             self._client.loop_stop()
+        if not self.connected.is_set():
+            why = f": {self.error}" if self.error else ""
+            raise ConnectionError(f"could not connect to the broker at {self.url}{why}")
         if self.error:
             raise ConnectionError(self.error)
-        if not self.connected.is_set():
-            raise ConnectionError(f"could not connect to the broker at {self.address}")
         return self.seen
 
     def stop(self) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import HTTPException, Request, Security, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -30,7 +30,7 @@ bearer_scheme = HTTPBearer(
     description="The server's API token (KOALA_API__BEARER_TOKEN / api.bearer_token; a demo saves it as "
     "<run dir>/api_token). Reads from the server's own machine need none when open_reads_localhost is set.",
 )  # fmt: skip
-Bearer = HTTPAuthorizationCredentials | None
+BearerDoc = Annotated[HTTPAuthorizationCredentials | None, Security(bearer_scheme)]
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def _check_token(cfg: AuthConfig, request: Request) -> None:
         raise _unauthorized("invalid bearer token", "invalid_token")
 
 
-def require_read(request: Request, _bearer_doc: Bearer = Security(bearer_scheme)) -> None:
+def require_read(request: Request, _bearer_doc: BearerDoc = None) -> None:
     """Dependency of every read endpoint."""
     cfg = auth_config(request)
     if cfg.open_reads_localhost and is_loopback(request.client.host if request.client else None):
@@ -113,7 +113,7 @@ def require_read(request: Request, _bearer_doc: Bearer = Security(bearer_scheme)
     _check_token(cfg, request)
 
 
-def require_write(request: Request, _bearer_doc: Bearer = Security(bearer_scheme)) -> None:
+def require_write(request: Request, _bearer_doc: BearerDoc = None) -> None:
     """Dependency of every mutating endpoint."""
     cfg = auth_config(request)
     if cfg.token is None:
@@ -124,7 +124,7 @@ def require_write(request: Request, _bearer_doc: Bearer = Security(bearer_scheme
     _check_token(cfg, request)
 
 
-def require_token(request: Request, _bearer_doc: Bearer = Security(bearer_scheme)) -> None:
+def require_token(request: Request, _bearer_doc: BearerDoc = None) -> None:
     """Dependency of routes that always need the token, also from loopback (POST /predict: inputs are
     data and a forward pass costs the server CPU)."""
     cfg = auth_config(request)

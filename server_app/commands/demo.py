@@ -16,6 +16,8 @@ HELP = "run a whole KOALA deployment locally: embedded broker, server, N device 
 # Data layout per data set where the flags leave it unset. Digits has 1,797 images in all: a
 # 300-image proxy set (the training policy is the same KoalaPolicy everywhere: --policy FILE).
 PROXY_SIZE = {"digits": 300, None: 1000}
+# policy fields set by a flag of another name (an error names the flag the user typed)
+DEMO_FLAGS = {"deadline_s": "--round-timeout"}
 
 
 def configure(p: argparse.ArgumentParser) -> None:
@@ -65,8 +67,9 @@ def run(args: argparse.Namespace) -> int:
     from server_app.data.datasets import DATASETS
     from server_app.demo.launcher import DemoRun, format_table
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    logging.getLogger("koala.demo").setLevel(logging.INFO)
+    if args.devices < 1:  # before anything starts (a broker, a run dir)
+        print(f"koala demo: --devices {args.devices}: must be >= 1 (device agent processes to start)", file=sys.stderr)
+        return 2
     from server_app.policy import PolicyError
 
     try:
@@ -81,6 +84,12 @@ def run(args: argparse.Namespace) -> int:
                            "  give one of them (--resume DIR is the run dir)")  # fmt: skip
     if args.torch_threads < 1:
         raise CommandError(f"--torch-threads {args.torch_threads}: needs at least 1")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    # the terminal shows warnings and the demo's own lines; <run dir>/server.log gets the server's INFO too
+    for h in logging.getLogger().handlers:
+        h.addFilter(lambda r: r.levelno >= logging.WARNING or r.name.startswith("koala.demo"))
+    logging.getLogger().setLevel(logging.INFO)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     cfg = demo_config(args, policy)
     demo = DemoRun(cfg)
     demo.check_run_dir()
@@ -88,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"KOALA demo: {cfg.devices} device processes, {policy.rounds} rounds of {policy.strategy} on {cfg.dataset} "
           f"(policy: {', '.join(f'{k}={getattr(policy, k)}' for k in sorted(policy.explicit())) or 'defaults'})")
     try:
-        stop_on_signals()  # Ctrl-C / SIGTERM stop the broker, server and agents it started
+        stop_on_signals("koala demo")  # Ctrl-C / SIGTERM stop the broker, server and agents it started
         try:
             demo.start()
         except FileNotFoundError as exc:  # a data set that is not installed
@@ -99,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
               + (f"   resuming after round {demo.resumed_from_round - 1}" if demo.resumed_from_round else ""))
         print(f"dashboard {base}/dashboard/#token={demo.api_token}\n"
               f"  reads from this machine need no token; start/stop rounds and other changes need "
-              f"Authorization: Bearer {demo.api_token}  (saved in {demo.run_dir / 'api_token'})")  # fmt: skip
+              f"Authorization: Bearer {demo.api_token}  (saved in {demo.run_dir / 'api_token'})\n"
+              f"other shells: koala rounds ls --run-dir {demo.run_dir}   koala monitor --run-dir {demo.run_dir}"
+              f"   (both read {demo.run_dir / 'run.json'})   server log {demo.server_log}", flush=True)  # fmt: skip
         ok = demo.wait()
         res = demo.results()
         print()
@@ -109,14 +120,20 @@ def run(args: argparse.Namespace) -> int:
         agents = [v for k, v in rss.items() if k != "server" and v]
         print(f"\npeak RSS: server {rss.get('server', 0) / 1024:.0f} MiB, device agent "
               f"{(max(agents) if agents else 0) / 1024:.0f} MiB (max of {len(agents)})")  # fmt: skip
-        print(f"results {demo.results_path}" + (f"   plot {png}" if png else ""))
-        print(f"dashboard {base}/dashboard/#token={demo.api_token}   API {base}/docs")
+        print(f"results {demo.results_path}" + (f"   plot {png}" if png else "") + f"   server log {demo.server_log}")
         print()
-        print(demo.models_guide())
+        print(demo.models_guide(live=args.keep_serving))
+        print()
         if args.keep_serving:
-            print("--keep-serving: Ctrl-C to stop")
+            print(f"dashboard {base}/dashboard/#token={demo.api_token}   API {base}/docs\n"
+                  f"  koala rounds ls --run-dir {demo.run_dir}   koala monitor --run-dir {demo.run_dir}\n"
+                  "--keep-serving: server, broker and agents stay up until Ctrl-C", flush=True)  # fmt: skip
             while True:
                 time.sleep(3600)
+        demo.stop()  # before saying so
+        print(f"the demo has stopped (server, broker, agents): {base} no longer answers. Everything is in "
+              f"{demo.run_dir}: results.json, server.log, logs/, server/models (koala models ls --data-dir "
+              f"{demo.run_dir / 'server'}); `koala demo --keep-serving` keeps a demo up until Ctrl-C")  # fmt: skip
         return 0 if ok else 1
     except KeyboardInterrupt:
         return 130
@@ -162,4 +179,6 @@ def demo_policy(args: argparse.Namespace):
     try:
         return KoalaPolicy.model_validate(data)
     except ValidationError as exc:
-        raise ValueError("invalid policy: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())) from None
+        from server_app.commands import describe_validation
+
+        raise ValueError(describe_validation(exc, args, flags=DEMO_FLAGS, source=source or "")) from None

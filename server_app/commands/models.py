@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
-from server_app.commands.admin_client import DEFAULT_API, add_api_options, emit, request
+from server_app.commands.admin_client import add_api_options, api_base, emit, request
 
 HELP = "list the large-model versions, show a model card, export the large model (safetensors, TorchScript, ONNX) " \
        "or the global small models (float/int8 .tflite), over the API or from a server's data directory"  # fmt: skip
@@ -297,13 +296,13 @@ def _download(args: argparse.Namespace, path: str, dest: Path) -> Path:
     from device_firmware_py.cli import CommandError
     from server_app.commands.admin_client import _token
 
-    base = (args.api or os.environ.get("KOALA_API_URL") or DEFAULT_API).rstrip("/")
+    base = api_base(args)
     token = _token(args)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     try:
         r = httpx.get(f"{base}/api/v1{path}", headers=headers, timeout=300)
     except httpx.HTTPError as exc:
-        raise CommandError(f"cannot reach the KOALA API at {base}: {exc}\n  start `koala serve` or pass --api URL") from None
+        raise CommandError(f"cannot reach the KOALA API at {base}: {exc}\n  start `koala serve`, or pass --api URL (a demo's: --run-dir DIR)") from None
     if r.status_code >= 400:
         try:
             detail = r.json().get("detail") or r.json().get("title")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 HELP = "run the KOALA server: REST API, SQL registry, MQTT ingestion and the round orchestrator"
@@ -59,6 +60,14 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if settings.log_level != "DEBUG":  # alembic's INFO lines (plugins, "Context impl") are noise here
         logging.getLogger("alembic").setLevel(logging.WARNING)
+    from server_app.commands import announce_stop
+
+    class _Server(uvicorn.Server):  # says "stopping (Ctrl-C again to force)..." on the first Ctrl-C / SIGTERM
+        def handle_exit(self, sig: int, frame: object) -> None:
+            if not self.should_exit:
+                announce_stop("koala serve")
+            super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
     host = args.host or settings.api.host
     port = args.port or settings.api.port
     _check_listen(host, port)
@@ -74,11 +83,14 @@ def run(args: argparse.Namespace) -> int:
                                               settings.broker.url, services.options.db_url.split("@")[-1])  # fmt: skip
         # Bounded graceful shutdown: open dashboard SSE streams must not hold a Ctrl-C for long.
         # log_config=None: uvicorn's access/error loggers go through our root handler (same format)
-        uvicorn.run(app, host=host, port=port, log_level=settings.log_level.lower(), timeout_graceful_shutdown=5,
-                    log_config=None)
+        config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(),
+                                timeout_graceful_shutdown=5, log_config=None)
+        server = _Server(config)
+        with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run
+            server.run()
     finally:
         services.stop()
-    return 0
+    return 0 if server.started else 3  # uvicorn.run's STARTUP_FAILURE
 
 
 def _check_listen(host: str, port: int) -> None:

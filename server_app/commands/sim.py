@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 HELP = "simulate KOALA / FedAvg baselines on a real data set with LiteRT devices in-process"
 
@@ -41,6 +42,10 @@ def configure(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from device_firmware_py.cli import CommandError
+    from server_app.commands import describe_validation, stop_on_signals
     from server_app.sim.config import PRESETS, load_config
     from server_app.sim.runner import run_experiment
 
@@ -76,7 +81,14 @@ def run(args: argparse.Namespace) -> int:
         from server_app.policy import read_policy_file
 
         over["policy"] = {**read_policy_file(args.policy), **over.get("policy", {})}
-    cfg = load_config(args.config, **over)
+    try:
+        cfg = load_config(args.config, **over)
+    except ValidationError as exc:
+        print(f"koala sim: {describe_validation(exc, args, source=args.policy or args.config or '')}", file=sys.stderr)
+        return 2
+    except ValueError as exc:  # unknown keys / methods in the experiment file
+        raise CommandError(str(exc)) from None
+    stop_on_signals("koala sim")
     if args.alpha is not None and args.alpha <= 0:
         cfg.alpha = None
     res = run_experiment(cfg, progress=not args.no_progress)

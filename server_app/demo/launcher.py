@@ -133,6 +133,8 @@ class DemoRun:
                           or secrets.token_urlsafe(18))  # fmt: skip
         self.resumed_from_round = 0  # rounds the registry held at start (resume)
         self.results_path = self.run_dir / "results.json"
+        self.server_log = self.run_dir / "server.log"  # the in-process server's log (INFO), appended to on resume
+        self._log_handler: logging.Handler | None = None
 
     # ----------------------------------------------------------------- start
     def start(self) -> DemoRun:
@@ -142,11 +144,26 @@ class DemoRun:
         token_file = self.run_dir / "api_token"
         token_file.write_text(self.api_token + "\n")
         token_file.chmod(0o600)
+        self._attach_server_log()
         self._start_broker()
         self._write_fleet()
         self._start_server()
+        from server_app.demo.run_file import write_run_file
+
+        write_run_file(self.run_dir, api_url=f"http://127.0.0.1:{self.http_port}", broker_url=self.broker_url,
+                       token_file=str(token_file), db_url=self.services.options.db_url, server_log=str(self.server_log),
+                       dashboard=f"http://127.0.0.1:{self.http_port}/dashboard/")  # fmt: skip
         self._start_agents()
         return self
+
+    def _attach_server_log(self) -> None:
+        """Every record of this process (the server runs in it) at INFO and above -> <run dir>/server.log.
+        What reaches the terminal is the caller's business (`koala demo` shows warnings only)."""
+        h = logging.FileHandler(self.server_log, encoding="utf-8")
+        h.setLevel(logging.INFO)
+        h.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        logging.getLogger().addHandler(h)
+        self._log_handler = h
 
     def check_run_dir(self) -> None:
         """CommandError unless the run dir is new (or, with resume, holds an earlier run)."""
@@ -417,26 +434,32 @@ class DemoRun:
         plt.close(fig)
         return path
 
-    def models_guide(self) -> str:
-        """Where each trained model is and how to use it (printed at the end of `koala demo`)."""
+    def models_guide(self, live: bool = False) -> str:
+        """Where each trained model is and how to use it (printed at the end of `koala demo`). `live`:
+        the server keeps running (--keep-serving), so the API commands work; else only offline ones."""
         from server_app.models import export as mx
 
         md = self.run_dir / "server" / "models"
         base = f"http://127.0.0.1:{self.http_port}"
         tok = self.run_dir / "api_token"
+        data = f"--data-dir {self.run_dir / 'server'}"
         rows = [r for r in (mx.list_versions(md) if md.is_dir() else []) if r.get("export")]
         lines = ["Your models (docs/models.md, docs/device-serving.md):"]
         if rows:
             last = rows[-1]
             lines += [f"  large model v{last['version']} (round {last.get('round')}): {last['export']}",
-                      "    model.safetensors + model.json (card); model.pt, model.torchscript.pt, model.onnx are built on demand",
-                      f"    koala models ls --api {base} --token-file {tok}",
-                      f"    koala models export latest --format all --out my_model/ --api {base} --token-file {tok}",
-                      f"    koala models small --format float int8 --out my_model/ --api {base} --token-file {tok}",
-                      f"    koala models export latest --data-dir {self.run_dir / 'server'} --format onnx --out my_model/"
-                      "   (no server needed)",
-                      f"    curl -s -H \"Authorization: Bearer $(cat {tok})\" -H 'Content-Type: application/x-npy' "
-                      f"--data-binary @images.npy {base}/api/v1/predict"]  # fmt: skip
+                      "    model.safetensors + model.json (card); model.pt, model.torchscript.pt, model.onnx are built on demand"]
+            if live:
+                lines += [f"    koala models ls --run-dir {self.run_dir}",
+                          f"    koala models export latest --format all --out my_model/ --run-dir {self.run_dir}",
+                          f"    koala models small --format float int8 --out my_model/ --run-dir {self.run_dir}",
+                          f"    curl -s -H \"Authorization: Bearer $(cat {tok})\" -H 'Content-Type: application/x-npy' "
+                          f"--data-binary @images.npy {base}/api/v1/predict"]  # fmt: skip
+            else:  # the server stops with the demo: the commands that read its data directory
+                lines += [f"    koala models ls {data}",
+                          f"    koala models export latest {data} --format all --out my_model/",
+                          f"    koala models small {data} --format float int8 --out my_model/",
+                          "    (no server needed; with --keep-serving the demo's API also answers /api/v1/predict)"]  # fmt: skip
         else:
             lines.append(f"  large model: none exported yet (its versions appear in {md / 'export'} after each round)")
         lines.append("  small models, one per device (int8 LiteRT, re-quantized after each round; each agent serves its own on "
@@ -472,6 +495,13 @@ class DemoRun:
         if self.broker is not None:
             self.broker.stop()
             self.broker = None
+        from server_app.demo.run_file import mark_stopped
+
+        mark_stopped(self.run_dir)
+        if self._log_handler is not None:
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
+            self._log_handler = None
 
     def __enter__(self) -> DemoRun:
         return self.start()

@@ -72,8 +72,15 @@ def test_demo_runs_to_the_result_table(tmp_path):
     # the demo ends by saying where each model is and how to use it (issue 30 part 6)
     guide = out[out.index("Your models"):]
     assert f"{run_dir / 'server' / 'models' / 'export' / 'v00002'}" in guide, guide
-    assert "koala models ls --api http://127.0.0.1:" in guide and "--token-file" in guide and "/api/v1/predict" in guide
+    # the server stops with the demo: the guide names the offline commands, and the last line says it
+    # stopped instead of linking to it; run.json says so too, and the server's log is kept (issue 29)
+    assert f"koala models ls --data-dir {run_dir / 'server'}" in guide and "--api" not in guide, guide
     assert guide.count("model_int8.tflite") >= 2 and "koala-device predict --config" in guide, guide
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("the demo has stopped") and "no longer answers" in last and "/dashboard" not in last, last
+    assert json.loads((run_dir / "run.json").read_text())["state"] == "stopped"
+    assert f"other shells: koala rounds ls --run-dir {run_dir}" in out
+    assert "koala.orchestrator" in (run_dir / "server.log").read_text()
     rounds = json.loads((run_dir / "results.json").read_text())["rounds"]
     accs = [r["large_test_acc"] for r in rounds]
     assert len(accs) == 2 and accs[-1] > 0.3, accs  # digits defaults learn: chance is 0.1
@@ -101,9 +108,15 @@ def test_sigterm_stops_the_whole_process_tree(tmp_path):
             pytest.fail(f"demo ended before starting, rc={p.wait()}")
         time.sleep(2)
         assert len(_processes_using(str(run_dir))) >= 3, "expected the demo's agents to be running"
+        run = json.loads((run_dir / "run.json").read_text())  # what `--run-dir` gives the other CLIs
+        assert run["state"] == "running" and run["pid"] == p.pid and run["api_url"].startswith("http://127.0.0.1:")
+        assert run["broker_url"].startswith("mqtt://127.0.0.1:") and run["token_file"] == str(run_dir / "api_token")
         p.send_signal(signal.SIGTERM)
-        rc = p.wait(timeout=90)
+        rest, _ = p.communicate(timeout=90)
+        rc = p.returncode
         assert rc != 0  # interrupted, not a finished run
+        assert "koala demo: stopping (Ctrl-C again to force)..." in rest, rest[-2000:]
+        assert json.loads((run_dir / "run.json").read_text())["state"] == "stopped"
         left = _wait_gone(str(run_dir), 30)
         assert not left, f"orphans after SIGTERM: {left}"
     finally:

@@ -119,3 +119,29 @@ def test_rounds_wait(api, capsys):
     assert rc == 1 and "no 1 round(s) failed within 1 s" in err and len(err.strip().splitlines()) == 1
     rc, _, err = _koala(capsys, "rounds", "wait", "--api", "http://127.0.0.1:1", "--token-file", token, "--timeout", "1")
     assert rc == 1 and "cannot reach" in err and len(err.strip().splitlines()) == 1
+
+
+def test_run_dir_gives_the_demos_api_and_token(api, capsys, tmp_path, monkeypatch):
+    """Issue 29: after `koala demo`, `koala rounds ls` needed --api (the port had to be guessed). The
+    demo writes run.json; --run-dir DIR reads the API URL and the token file from it, and with no
+    --api at all the newest live demo under ./demo_runs is used (said on stderr). A stopped demo's
+    run dir is one line saying so and how to read its results offline."""
+    from server_app.demo.run_file import mark_stopped, write_run_file
+
+    url, token, _ = api
+    run = tmp_path / "demo_runs" / "20250101-000000"
+    run.mkdir(parents=True)
+    write_run_file(run, api_url=url, broker_url="mqtt://127.0.0.1:1", token_file=token)  # this pid: alive
+    rc, out, _ = _koala(capsys, "rounds", "ls", "--run-dir", str(run))
+    assert rc == 0 and out.splitlines()[0].split()[:2] == ["id", "state"]
+    rc, out, _ = _koala(capsys, "devices", "ls", "--run-dir", str(run))
+    assert rc == 0 and "dev" in out
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("KOALA_API_URL", raising=False)
+    rc, out, err = _koala(capsys, "rounds", "ls")  # no --api, no --run-dir: the live demo
+    assert rc == 0 and f"using the demo running in demo_runs/{run.name}" in err and url in err
+    mark_stopped(run)
+    rc, out, err = _koala(capsys, "rounds", "ls", "--run-dir", str(run))
+    assert rc == 1 and "has stopped" in err and f"--data-dir {run}/server" in err
+    rc, _, err = _koala(capsys, "rounds", "ls", "--run-dir", str(tmp_path))
+    assert rc == 1 and "no run.json in" in err

@@ -34,3 +34,44 @@ def test_torch_threads_below_one_is_refused(tmp_path, capsys) -> None:
     a = _args("--run-dir", str(tmp_path / "r"), "--torch-threads", "0")
     with pytest.raises(CommandError, match="torch-threads"):
         demo.run(a)
+
+
+def test_bad_counts_name_the_flag_before_anything_starts(tmp_path, capsys, monkeypatch) -> None:
+    """Issue 29: `koala demo --devices 0` said "ValueError ... unexpected" after starting a broker, and
+    `koala sim --rounds -1` a validation error that named no field. Both now name the flag, exit 2
+    and start nothing (no run dir is created)."""
+    from server_app.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--devices", "0"]) == 2
+    assert "koala demo: --devices 0: must be >= 1" in capsys.readouterr().err
+    assert main(["demo", "--rounds", "-1", "--dataset", "digits"]) == 2
+    assert "koala demo: --rounds -1: must be >= 1" in capsys.readouterr().err
+    assert main(["demo", "--round-timeout", "0", "--dataset", "digits"]) == 2
+    assert "--round-timeout 0.0: must be > 0" in capsys.readouterr().err
+    assert main(["sim", "--rounds", "-1", "--dataset", "digits"]) == 2
+    assert "koala sim: --rounds -1: must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "demo_runs").exists() and not any(tmp_path.iterdir())
+
+
+def test_ctrl_c_says_it_is_stopping() -> None:
+    """Issue 29: Ctrl-C was silent for the 15-40 s a demo takes to stop its agents, server and broker.
+    stop_on_signals (demo, sim, monitor, bench; serve through uvicorn's handler) says so at once; a
+    second Ctrl-C forces the exit."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = ("import time\nfrom server_app.commands import stop_on_signals\nstop_on_signals('koala demo')\n"
+            "print('ready', flush=True)\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n"
+            "    print('cleaning up', flush=True)\n    time.sleep(60)\n")  # fmt: skip
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None and p.stdout.readline() == "ready\n"
+    p.send_signal(signal.SIGINT)
+    assert p.stdout.readline() == "cleaning up\n"
+    time.sleep(0.2)
+    p.send_signal(signal.SIGINT)  # again: forced
+    out, err = p.communicate(timeout=20)
+    assert p.returncode == 130
+    assert "koala demo: stopping (Ctrl-C again to force)..." in err and "forced stop" in err, err

@@ -158,7 +158,9 @@ def test_monitor_text_lines_with_topic_filter(mosquitto_broker):
         if mon.poll() is None:
             mon.kill()
     assert mon.returncode == 0, err
-    assert "# koala monitor" in err and topics.filter_rounds() in err
+    # issue 29: it says which broker it joined (and as whom), and Ctrl-C says it is stopping
+    assert f"# joined mqtt://127.0.0.1:{port} as koala-monitor-" in err and topics.filter_rounds() in err
+    assert "stopping (Ctrl-C again to force)..." in err
     assert not any("progress" in ln or "55 distill" in ln for ln in lines)
     ours = [ln[12:] for ln in lines if "round         55 " in ln]
     assert ours == [
@@ -177,3 +179,45 @@ def test_monitor_reports_an_unreachable_broker():
     mon = _monitor(f"mqtt://127.0.0.1:{port}", "--timeout", "1.5")
     out, err = mon.communicate(timeout=30)
     assert mon.returncode == 1 and "could not connect" in err and out == ""
+
+
+def test_monitor_warns_on_a_broker_without_koala_traffic(tmp_path):
+    """Issue 29: `koala monitor` on an unrelated broker printed nothing and exited 0. It now says which
+    broker it joined and warns when no KOALA message arrives (a KOALA server keeps a retained status)."""
+    from server_app.transport.broker import MosquittoBroker, find_mosquitto_binary
+
+    if find_mosquitto_binary() is None:
+        pytest.skip("mosquitto binary not installed")
+    b = MosquittoBroker(workdir=tmp_path / "quiet").start()  # a broker no KOALA server ever used
+    try:
+        mon = _monitor(b.url, "--quiet-warn", "1", "--timeout", "3")
+        out, err = mon.communicate(timeout=30)
+    finally:
+        b.stop()
+    assert mon.returncode == 0 and out == "", err
+    assert f"# joined mqtt://127.0.0.1:{b.port} as koala-monitor-" in err, err
+    assert f"no KOALA traffic seen on mqtt://127.0.0.1:{b.port} in 1 s: is this the right broker?" in err, err
+    assert "--run-dir" in err
+
+
+def test_monitor_run_dir_joins_the_demos_broker(mosquitto_broker, tmp_path):
+    """--run-dir DIR: the broker of the demo in DIR (its run.json); a stopped demo is refused."""
+    from server_app.demo.run_file import mark_stopped, write_run_file
+
+    _wait_subscribed(mosquitto_broker.port)
+    write_run_file(tmp_path, api_url="http://127.0.0.1:1", broker_url=mosquitto_broker.url, token_file="x")
+    mon = subprocess.Popen([sys.executable, "-m", "server_app.cli", "monitor", "--run-dir", str(tmp_path), "--count", "1",
+                            "--timeout", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    out, err = mon.communicate(timeout=60)
+    assert mon.returncode == 0 and f"joined mqtt://127.0.0.1:{mosquitto_broker.port}" in err and out.strip(), err
+    mark_stopped(tmp_path)
+    mon = subprocess.run([sys.executable, "-m", "server_app.cli", "monitor", "--run-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert mon.returncode == 1 and "has stopped" in mon.stderr, mon.stderr
+
+
+def test_monitor_refused_credentials_exit_nonzero(tmp_path):
+    """A connection the broker refuses, or a CA file that is not there, is one line and a non-zero exit."""
+    mon = _monitor("mqtts://127.0.0.1:8883", "--ca-file", str(tmp_path / "nope.crt"))
+    _, err = mon.communicate(timeout=30)
+    assert mon.returncode == 2 and f"CA file {tmp_path / 'nope.crt'} not found" in err, err
