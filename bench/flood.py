@@ -341,26 +341,85 @@ def measure(work: Path, *, quarantine: bool, seconds: float, devices: int = 5) -
     return rows
 
 
+def drop_cost(work: Path, seconds: float) -> dict[str, Any]:
+    """What an over-budget message costs the server and the broker, with nothing else running:
+    no round starts (min_devices above the fleet), no quarantine, one kind of flood at a time."""
+    env = {"KOALA_POLICY__MIN_DEVICES": "100", "KOALA_INGEST__QUARANTINE_AFTER": "0"}
+    stack = Stack(work, devices=2, server_env=env).start()
+    out: dict[str, Any] = {}
+    try:
+        time.sleep(5)
+        attacker = Attacker(stack)
+        for kind in KINDS:
+            d0 = stack.metric("koala_ingest_dropped_by_kind_total")
+            cpu0 = {k: _cpu_s(stack.procs[k].pid) for k in ("server", "broker")}
+            sent = attacker.flood(kind, seconds)
+            time.sleep(3)  # the broker hands over what it still holds
+            cpu = {k: _cpu_s(stack.procs[k].pid) - cpu0[k] for k in cpu0}
+            d1 = stack.metric("koala_ingest_dropped_by_kind_total")
+            dropped = int(sum(d1.values()) - sum(d0.values()))
+            out[kind] = {"sent": sent, "dropped": dropped, "server_cpu_s": round(cpu["server"], 2),
+                         "cpu_us_per_dropped": round(cpu["server"] / max(dropped, 1) * 1e6, 1),
+                         "broker_cpu_us_per_msg": round(cpu["broker"] / max(sent, 1) * 1e6, 1)}  # fmt: skip
+            print(kind, json.dumps(out[kind]), flush=True)
+        attacker.close()
+    finally:
+        stack.stop()
+    return out
+
+
+def ingest_cost(work: Path, m: int = 1000) -> dict[str, Any]:
+    """Server CPU per accepted 100 kB result (5,000 x 10 float16 logits): `Ingestor.ingest_batch`
+    in batches as the worker calls it, with its stages timed alone (bench.ingestion.stage_breakdown)."""
+    from bench.ingestion import stage_breakdown
+    from server_app.transport.broker import MosquittoBroker
+
+    work.mkdir(parents=True, exist_ok=True)
+    broker = MosquittoBroker(persistence=False).start()
+    try:
+        r = stage_breakdown(f"sqlite:///{work}/ingest.db", broker.port, m, 5000, 10, "float16")
+    finally:
+        broker.stop()
+    scale = 100_000 / r["payload_bytes"]
+    return {"messages": m, "payload_bytes": r["payload_bytes"],
+            "cpu_ms_per_result_100k": round(r["cpu_ms_per_msg"] * scale, 3),
+            "wall_ms_per_result": round(r["ms_per_msg_total"], 3), "wall_ms_decode_validate": round(r["ms_decode_validate"], 3),
+            "wall_ms_segment_write_fsync": round(r["ms_segment_write_fsync"], 3),
+            "wall_ms_registry_rest": round(r["ms_registry_rest"], 3)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="5 s floods instead of 20 s")
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT / "flood.json")
     ap.add_argument("--work", type=Path, default=REPO / "runs" / "bench_flood")
+    ap.add_argument("--only", choices=("floods", "cost"), help="re-measure only the floods, or only the per-message costs")
     a = ap.parse_args(argv)
     seconds = 5.0 if a.quick else 20.0
     import shutil
 
-    rows: list[dict[str, Any]] = []
-    for q in (False, True):
-        w = a.work / ("quarantine" if q else "budget")
-        shutil.rmtree(w, ignore_errors=True)
-        rows += measure(w, quarantine=q, seconds=seconds)
-    doc: dict[str, Any] = {"name": "flood", "date": time.strftime("%Y-%m-%d"), "git_sha": git_sha(),
-                           "machine": machine(), "params": {"flood_s": seconds, "devices": 5, "dataset": "digits"},
-                           "floods": rows}  # fmt: skip
-    if a.out.exists():  # keep what other parts of this file hold (the ingest CPU figures)
-        old = json.loads(a.out.read_text())
-        doc = {**{k: v for k, v in old.items() if k not in doc}, **doc}
+    doc: dict[str, Any] = json.loads(a.out.read_text()) if a.out.exists() else {}
+    doc.update({"name": "flood", "date": time.strftime("%Y-%m-%d"), "git_sha": git_sha(), "machine": machine(),
+                "params": {"flood_s": seconds, "devices": 5, "dataset": "digits"}})  # fmt: skip
+    if a.only != "cost":
+        rows: list[dict[str, Any]] = []
+        for q in (False, True):
+            w = a.work / ("quarantine" if q else "budget")
+            shutil.rmtree(w, ignore_errors=True)
+            rows += measure(w, quarantine=q, seconds=seconds)
+        doc["floods"] = rows
+    if a.only != "floods":
+        shutil.rmtree(a.work / "cost", ignore_errors=True)
+        cost = drop_cost(a.work / "cost", seconds)
+        ingest = ingest_cost(a.work / "ingest")
+        sent = sum(c["sent"] for c in cost.values())
+        doc.update({
+            "drop_cost": cost, "ingest": ingest, "cpu_ms_per_result_100k": ingest["cpu_ms_per_result_100k"],
+            "cpu_us_per_dropped": round(sum(c["server_cpu_s"] for c in cost.values())
+                                        / max(1, sum(c["dropped"] for c in cost.values())) * 1e6, 1),
+            "broker_cpu_us_per_msg": round(sum(c["broker_cpu_us_per_msg"] * c["sent"] for c in cost.values())
+                                           / max(1, sent), 1),
+        })  # fmt: skip
     a.out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {a.out}")
     return 0
