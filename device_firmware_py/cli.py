@@ -21,6 +21,7 @@ class CommandError(Exception):
 # name -> module exposing HELP, configure(parser), run(args) -> int
 COMMANDS: dict[str, str] = {
     "run": "device_firmware_py.agent.command",
+    "check": "device_firmware_py.agent.check",
     "info": "device_firmware_py.runtime.command",
     "predict": "device_firmware_py.serving.predict_command",
     "feed": "device_firmware_py.serving.feed_command",

@@ -152,6 +152,7 @@ class DeviceConfig:
             if name in values and isinstance(values[name], str) and f.type != "str":
                 values[name] = _coerce(name, f.type, values[name])
         cfg = cls(**values)
+        cfg.source = str(path) if path is not None else "KOALA_DEVICE_* env"  # named by file errors
         cfg.validate()
         return cfg
 
@@ -192,10 +193,15 @@ class DeviceConfig:
                               "set serve_socket to a shorter path (e.g. /run/koala/agent.sock)")
 
     def check_files(self) -> None:
-        """Data files exist and the proxy file is the one the server uses (sha256)."""
-        for p in (self.data_path, self.proxy_path) if self.data_source == "file" else (self.proxy_path,):
-            if not Path(p).is_file():
-                raise ConfigError(f"file not found: {p}")
+        """The files the config names exist (CA, password file, data, proxy; each error names its key
+        and the config file) and the proxy file is the one the server uses (sha256)."""
+        where = getattr(self, "source", "") or "the device config"
+        keys = ["ca_file", "password_file"] + (["data_path"] if self.data_source == "file" else []) + ["proxy_path"]
+        for key in keys:
+            p = getattr(self, key)
+            if (p or key in ("data_path", "proxy_path")) and not Path(p).is_file():
+                what = {"ca_file": "CA file", "password_file": "password file"}.get(key, "file")
+                raise ConfigError(f"{what} {p} not found ({key} in {where})")
         if self.proxy_sha256:
             got = file_sha256(self.proxy_path)
             if got != self.proxy_sha256:

@@ -114,3 +114,17 @@ def test_koala_device_info_in_device_install(device_venv):
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads(res.stdout)
     assert [a["name"] for a in info["artifacts"]] == ["cnn_small_28x28x1"]
+
+
+def test_koala_device_check_in_device_install(device_venv, tmp_path):
+    """`koala-device check` (issue 29) is part of the device install and needs nothing of the server:
+    a config whose CA file is missing is one FAIL line naming it, exit 1."""
+    exe = Path(device_venv).parent / "koala-device"
+    cfg = tmp_path / "device.json"
+    cfg.write_text(json.dumps({"device_id": "pi-01", "data_path": str(tmp_path / "d.npz"), "proxy_path": str(tmp_path / "p.npy"),
+                               "state_dir": str(tmp_path / "s"), "broker_url": "mqtts://127.0.0.1:1",
+                               "ca_file": str(tmp_path / "ca.crt")}))  # fmt: skip
+    res = subprocess.run([str(exe), "check", "--config", str(cfg)], capture_output=True, text=True, timeout=120, cwd="/")
+    assert res.returncode == 1, res.stdout + res.stderr[-3000:]
+    assert f"FAIL  ca_file     CA file {tmp_path / 'ca.crt'} not found (ca_file in {cfg})" in res.stdout, res.stdout
+    assert "Traceback" not in res.stderr
