@@ -4,4 +4,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh dev,export
 .venv/bin/ruff check .
+# the docs site, reference pages generated from openapi/asyncapi (scripts/mkdocs_hooks.py); any warning fails
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$(mktemp -d)"
 exec .venv/bin/python -m pytest "$@"
