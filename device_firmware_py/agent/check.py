@@ -261,6 +261,11 @@ def _mqtt(cfg: Any, r: Report, timeout: float) -> None:
             return
         r.ok("server", f"online (version {st.get('version', '?')})")
     finally:
+        if subscribed.is_set():  # the agent's persistent session keeps its own topics only
+            unsubscribed = threading.Event()
+            c.on_unsubscribe = lambda *_a: unsubscribed.set()
+            c.unsubscribe(topics.server_status())
+            unsubscribed.wait(timeout)
         c.disconnect()
         c.loop_stop()
         time.sleep(0.05)
