@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     bad = _files(cfg, r)
     if not args.force and _agent_running(cfg):
         r.fail("agent", f"the agent is running (its endpoint {cfg.socket_path} answers): a check would take its "
-               "MQTT session over", "stop it first (systemctl stop koala-agent), or pass --force")  # fmt: skip
+               "MQTT session over", "stop it first (systemctl stop koala-device), or pass --force")  # fmt: skip
         return 1
     if bad & {"ca_file", "password"}:
         for s in later:
