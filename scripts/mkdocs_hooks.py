@@ -3,6 +3,7 @@ time, so the site can never disagree with the code.
 
 * `reference/rest-api.md` from the FastAPI app's OpenAPI document (`create_app().openapi()`), and
   that document itself as `reference/openapi.json`;
+* the result plots the pages show, copied into `docs/img/`;
 * `reference/mqtt-contract.md` from `device_firmware_py/contract/asyncapi.yaml` (channels,
   operations, messages and their payload schemas), and the YAML itself.
 
@@ -13,6 +14,7 @@ directory is generated (gitignored), never edited by hand. Offline: nothing is f
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,24 @@ def on_pre_build(config: Any) -> None:  # noqa: ARG001 - the MkDocs hook signatu
     doc = yaml.safe_load(ASYNCAPI.read_text())
     (OUT / "asyncapi.yaml").write_text(ASYNCAPI.read_text())
     (OUT / "mqtt-contract.md").write_text(render_asyncapi(doc))
+    copy_plots()
+
+
+def copy_plots() -> None:
+    """The result plots the pages show live with their result files (bench/results, research/results):
+    copied into docs/img/ (generated, gitignored) so the site carries them."""
+    import shutil
+
+    img = ROOT / "docs" / "img"
+    img.mkdir(exist_ok=True)
+    wanted = set()
+    for page in (ROOT / "docs").glob("*.md"):
+        wanted |= {m.split("/")[-1] for m in re.findall(r"\]\(img/([^)]+\.png)\)", page.read_text())}
+    for name in wanted:
+        for src in (ROOT / "bench" / "results" / name, ROOT / "research" / "results" / name):
+            if src.is_file():
+                shutil.copy2(src, img / name)
+                break
 
 
 def _openapi() -> dict[str, Any]:
