@@ -13,6 +13,7 @@ Device-safe: stdlib + paho only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import ssl
@@ -110,10 +111,8 @@ def _no_delay(_c: Any, _ud: Any, sock: Any) -> None:
     """TCP_NODELAY on our side of the connection (Mosquitto sets it on its side; paho does not):
     with Nagle's algorithm a small publish waits for the ACK of the previous one, and a request /
     answer over the broker took 88 ms instead of 3.8 ms (bench/cascade.py, loopback)."""
-    try:
+    with contextlib.suppress(OSError, AttributeError):  # not a TCP socket (a unix socket, a websocket wrapper)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError):  # not a TCP socket (a unix socket, a websocket wrapper)
-        pass
 
 
 def _strip_share(f: str) -> str:
