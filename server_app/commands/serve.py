@@ -60,12 +60,12 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if settings.log_level != "DEBUG":  # alembic's INFO lines (plugins, "Context impl") are noise here
         logging.getLogger("alembic").setLevel(logging.WARNING)
-    from server_app.commands import announce_stop
+    from server_app.commands import STOPPING
 
     class _Server(uvicorn.Server):  # says "stopping (Ctrl-C again to force)..." on the first Ctrl-C / SIGTERM
         def handle_exit(self, sig: int, frame: object) -> None:
-            if not self.should_exit:
-                announce_stop("koala serve")
+            if not self.should_exit:  # a log record: with log_format json every line stays one JSON object
+                logging.getLogger("koala.serve").info(STOPPING)
             super().handle_exit(sig, frame)  # type: ignore[arg-type]
 
     host = args.host or settings.api.host

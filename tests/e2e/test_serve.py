@@ -73,3 +73,4 @@ def test_koala_serve_from_env(tmp_path, mosquitto_broker):
     serving = next(d for d in docs if d["logger"] == "koala.serve")
     assert serving["api"] == f"http://127.0.0.1:{port}"
     assert any(d["logger"].startswith("uvicorn") for d in docs)
+    assert any(d["logger"] == "koala.serve" and d["msg"] == "stopping (Ctrl-C again to force)..." for d in docs)  # issue 29
