@@ -132,7 +132,11 @@ def run_one(
                          **spec.get("policy", {}), **ATTACK_POLICY[attack])  # fmt: skip
     devices = spec["devices"]
     malicious = [f"dev{i:03d}" for i in range(n_mal)] if kind != "clean" else []
-    labeled = default_labeled_proxy(spec["proxy_size"])
+    labeled = (
+        default_labeled_proxy(spec["proxy_size"])
+        if spec.get("labeled_proxy") is None
+        else spec["labeled_proxy"]
+    )
     cfg = DemoConfig(run_dir=str(workdir / f"{attack}-{kind}-{n_mal}of{devices}-s{seed}"), dataset=spec["dataset"],
                      devices=devices, alpha=0.5, proxy_size=spec["proxy_size"], train_size=spec["train_size"],
                      test_size=spec["test_size"], labeled_proxy=labeled, policy=policy, torch_threads=2)  # fmt: skip
@@ -195,15 +199,33 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "malicious_dropped_by_round": {r["round"]: [d for d in (r["dropped"] or []) if d in a["malicious_ids"]]
                                            for r in a["rounds"]},
             "honest_dropped": sum(len(r["honest_dropped"]) for x in mine for r in x["rounds"]),
-            "teacher": a["policy"]["teacher"],
+            "teacher": a["policy"]["teacher"] or "avg_model (default)",
         })  # fmt: skip
     return rows
 
 
-def run(quick: bool = False, out: Path | None = None, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+def run(
+    quick: bool = False,
+    out: Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    labeled_proxy: int | None = None,
+    attacks: list[str] | None = None,
+    malicious: list[int] | None = None,
+    name: str = NAME,
+) -> dict[str, Any]:
+    """labeled_proxy: None = what `koala data prepare` writes by default; 0 reproduces the path
+    before it did (no canary rows). attacks / malicious: a subset of the table; name: the result file."""
     from bench.common import DEFAULT_OUT, table, write_result
 
-    spec = QUICK if quick else FULL
+    spec = dict(QUICK if quick else FULL)
+    spec.update(
+        {
+            k: v
+            for k, v in (("labeled_proxy", labeled_proxy), ("attacks", attacks), ("malicious", malicious))
+            if v is not None
+        }
+    )
     out = out or DEFAULT_OUT
     started, load0 = time.time(), os.getloadavg()
     runs: list[dict[str, Any]] = []
@@ -227,7 +249,7 @@ def run(quick: bool = False, out: Path | None = None, seed: int = 0, progress: b
     params = {k: v for k, v in spec.items()}
     params.update({"alpha": 0.5, "seed": seed, "deadline_s": DEADLINE_S, "attack_policy": ATTACK_POLICY,
                    "labeled_proxy": runs[0]["labeled_proxy"] if runs else None, "torch_threads": 2})  # fmt: skip
-    return write_result(NAME, out, quick=quick, params=params, raw={"runs": runs},
+    return write_result(name, out, quick=quick, params=params, raw={"runs": runs},
                         ratios={f"{s['devices']}/{s['malicious']}/{s['attack']}/delta_vs_honest_only_pt":
                                 s["delta_vs_honest_only_pt"] for s in rows},
                         notes=["deployed: private Mosquitto, SQLite registry, the real server, one OS process per device "
@@ -246,8 +268,24 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="digits, 3 devices, 1 attacker, 2 rounds")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--no-canary",
+        action="store_true",
+        help="the path before `koala data prepare` labeled proxy rows: 0 labeled rows, sign-flipped "
+        "weights, 2 of 5 -> attacks_deployed_no_canary.json",
+    )
     a = ap.parse_args(argv)
-    doc = run(quick=a.quick, seed=a.seed)
+    if a.no_canary:
+        doc = run(
+            quick=a.quick,
+            seed=a.seed,
+            labeled_proxy=0,
+            attacks=["sign_flip"],
+            malicious=[1] if a.quick else [2],
+            name=f"{NAME}_no_canary",
+        )
+    else:
+        doc = run(quick=a.quick, seed=a.seed)
     print(f"-> {doc['path']}")
     return 0
 
