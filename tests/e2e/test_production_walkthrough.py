@@ -50,7 +50,8 @@ def test_readme_block_is_the_whole_path() -> None:
     script = walkthrough_script()
     for step in ("koala data prepare", "koala provision fleet", "mosquitto -c broker/mosquitto.conf",
                  "koala serve --config server.toml", "flash.sh", "koala-device run", "koala rounds ls",
-                 "koala models export", "koala models small"):  # fmt: skip
+                 "koala models export", "koala models small",
+                 "koala-device check", "koala monitor --broker \"mqtts://", "--password-file broker/secrets/koala-monitor"):  # fmt: skip
         assert step in script, step
     commands = [ln for ln in script.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     assert len(commands) < 40
