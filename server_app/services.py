@@ -491,7 +491,7 @@ class ServerServices:
             config={"policy": pol.model_dump(mode="json"), "proxy_sha256": proxy_digest, "proxy_size": len(proxy_x)},
             on_model=self._on_model(self._model_exporter(pol, shape, num_classes, proxy_x, proxy_digest, len(y_test))),
         )  # fmt: skip
-        from server_app.api.routes.rounds import restore_schedule_policy
+        from server_app.rounds.orchestrator import restore_schedule_policy
 
         restore_schedule_policy(self.registry, self.orchestrator)  # a PUT /rounds/schedule survives restarts
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Protocol
+from typing import Protocol
 
 from fastapi import APIRouter, FastAPI
 
@@ -29,19 +29,11 @@ class Services(Protocol):
 
 
 def _api_routers() -> list[APIRouter]:
-    """Routers mounted under /api/v1; a module that is not built yet is simply absent."""
-    import importlib
+    """Routers mounted under /api/v1. Every one must import: a missing or broken route module is a
+    broken install and fails the app's construction loudly (it used to be skipped silently)."""
+    from server_app.api.routes import devices, events, live, metrics_history, models, predict, rounds
 
-    routers: list[APIRouter] = []
-    for name in ("devices", "rounds", "models", "predict", "metrics_history", "events", "live"):
-        try:
-            module: Any = importlib.import_module(f"server_app.api.routes.{name}")
-        except ModuleNotFoundError as exc:
-            if exc.name == f"server_app.api.routes.{name}":
-                continue
-            raise
-        routers.append(module.router)
-    return routers
+    return [m.router for m in (devices, rounds, models, predict, metrics_history, events, live)]
 
 
 def create_app(services: Services | None = None) -> FastAPI:

@@ -32,6 +32,7 @@ from server_app.engine.rounds import run_rounds
 from server_app.engine.strategy import Strategy
 from server_app.engine.types import RoundReport
 from server_app.metrics_hook import record
+from server_app.registry import crud
 from server_app.registry.errors import RegistryUnavailable
 from server_app.rounds.fleet import MqttFleet, QuorumNotMet, RoundAborted
 from server_app.rounds.store import RegistryStore, StrategyCheckpoint
@@ -383,3 +384,15 @@ class RoundOrchestrator:
             self._publish(topics.rounds_current(), payload, 1, True)
         except Exception:  # announcing is best effort; the DB row is the truth
             log.exception("could not announce round=%d state=%s", n, state)
+
+
+def restore_schedule_policy(registry: Any, orch: Any) -> dict[str, Any] | None:
+    """At server start: re-apply the schedule policy last PUT through the API (None when there is none).
+    Called by ServerServices once its orchestrator exists; an unknown key from an older server is
+    dropped, not fatal."""
+    with registry.session() as s:
+        saved = crud.get_setting(s, crud.SCHEDULE_POLICY)
+    if not saved or orch is None:
+        return None
+    known = set(orch.schedule_policy())
+    return orch.set_schedule_policy({k: v for k, v in saved.items() if k in known})

@@ -220,14 +220,6 @@ class RegistryStore:
 
         return self.reg.run(fn)
 
-    def accept(self, round_id: int, device_id: str, payload: bytes, digest: str, metrics: dict[str, Any]) -> bool:
-        from server_app.ingest import AcceptOp
-
-        return bool(self.commit([AcceptOp(round_id, device_id, payload, digest, metrics)]))
-
-    def mark(self, round_id: int, device_id: str, status: str, reason: str | None, nbytes: int, digest: str | None) -> None:
-        self.reg.run(_mark, round_id, device_id, status, reason, nbytes, digest)
-
     def device_status(self, status: cm.DeviceStatus) -> None:
         self.reg.run(crud.upsert_device_status_msg, status)
 

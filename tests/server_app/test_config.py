@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from server_app.config import ConfigError, Settings, load_settings
+from server_app.config import ConfigError, load_settings
 
 
 @pytest.fixture(autouse=True)
@@ -132,11 +132,3 @@ def test_bad_files(tmp_path):
     (tmp_path / "broken.toml").write_text("[broker\n")
     with pytest.raises(ConfigError, match="broken.toml"):
         load_settings(tmp_path / "broken.toml")
-
-
-def test_client_from_settings_uses_secret():
-    from server_app.transport.mqtt_client import client_from_settings
-
-    s = Settings(broker={"url": "mqtt://127.0.0.1:1", "username": "u", "password": "p"})
-    c = client_from_settings(s.broker)
-    assert (c.host, c.port, c.client_id) == ("127.0.0.1", 1, "koala-server")

@@ -8,8 +8,8 @@ from fastapi.testclient import TestClient
 
 from server_app.api.app import create_app
 from server_app.api.auth import AuthConfig
-from server_app.api.routes.rounds import restore_schedule_policy
 from server_app.registry import Registry, crud
+from server_app.rounds.orchestrator import restore_schedule_policy
 
 TOKEN = "t0ken-" + "z" * 26
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

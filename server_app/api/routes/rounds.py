@@ -107,17 +107,6 @@ def put_schedule(
     return out
 
 
-def restore_schedule_policy(registry: Any, orch: Any) -> dict[str, Any] | None:
-    """At server start: re-apply the policy last PUT (None when there is none). Called by ServerServices
-    once its orchestrator exists; an unknown key from an older server is dropped, not fatal."""
-    with registry.session() as s:
-        saved = crud.get_setting(s, crud.SCHEDULE_POLICY)
-    if not saved or orch is None:
-        return None
-    known = set(orch.schedule_policy())
-    return orch.set_schedule_policy({k: v for k, v in saved.items() if k in known})
-
-
 @router.post(
     "/start",
     summary="Start a round now",
