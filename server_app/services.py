@@ -271,8 +271,10 @@ class ServerServices:
 
             self.intake_watchdog = IntakeWatchdog(self.link, worker=lambda: self.ingest_worker,
                                                   interval_s=o.watchdog_interval_s, stall_s=o.watchdog_stall_s).start()
-        log.info("role %s: registry %s at revision %s; results=%s shared=%s", o.role, _redact(o.db_url), rev,
-                 results if o.ingests else "(not ingested here)", self.shared)  # fmt: skip
+        log.info("role %s: registry %s at revision %s; results=%s shared=%s quarantine=%s", o.role, _redact(o.db_url),
+                 rev, results if o.ingests else "(not ingested here)", self.shared,
+                 "on" if self.quarantine is not None else "off (no broker.provision_dir: a flooding device is dropped "
+                 "here only, its flood still passes through the broker's queue for this server)")  # fmt: skip
         if o.role == "orchestrator":
             log.warning("role orchestrator accepts no results itself: run at least one `koala serve --role ingest` "
                         "on the same registry, broker and data directory (%s)", o.data_dir)
@@ -290,9 +292,7 @@ class ServerServices:
         assert self.budget is not None and self.store is not None
         if not o.budgets.quarantine_after:
             return
-        if not o.broker_provision_dir:
-            log.info("broker-side quarantine off (no broker.provision_dir): a flooding device is only dropped "
-                     "here, and its flood still passes through the broker's queue for this server")  # fmt: skip
+        if not o.broker_provision_dir:  # said once the broker is reached (the role's start line)
             return
         from server_app.provisioning.accounts import read_secret
         from server_app.provisioning.dynsec import BrokerControl, ControlEndpoint

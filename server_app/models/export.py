@@ -295,7 +295,9 @@ def _server_students(
     out: dict[str, tuple[list[np.ndarray], dict[str, Any]]] = {}
     for arch in archs:
         try:
-            sm = SmallModel(f"{arch}_{format_input(ctx.input_shape)}", num_threads=1)
+            # builtin kernels: XNNPACK would print its one native INFO line to the server's stderr,
+            # breaking `log_format = json`'s one-object-per-line (and speed does not matter here)
+            sm = SmallModel(f"{arch}_{format_input(ctx.input_shape)}", num_threads=1, delegates=False)
         except (FileNotFoundError, ValueError) as exc:
             log.warning("small model %s not distilled: %s", arch, exc)
             continue

@@ -59,7 +59,7 @@ def test_koala_serve_from_env(tmp_path, mosquitto_broker):
                 pass
             time.sleep(0.3)
         assert ready is not None, (tmp_path / "serve.log").read_text()[-3000:]
-        assert ready["checks"] == {"database": True, "mqtt": True, "orchestrator": True, "leader": True}
+        assert ready["checks"] == {"database": True, "mqtt": True, "intake": True, "orchestrator": True, "leader": True}
         assert _retained_server_status(mosquitto_broker.port)["state"] == "online"
         assert (tmp_path / "serve.db").is_file()
     finally:
