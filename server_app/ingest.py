@@ -132,7 +132,7 @@ class Presence:
     def online(self) -> list[DeviceInfo]:
         with self._lock:
             return [
-                DeviceInfo(s.device_id, s.arch, s.num_samples or 0, s.label_histogram)
+                DeviceInfo(s.device_id, s.arch or "", s.num_samples or 0, s.label_histogram)  # _counts: arch set
                 for s in self._status.values()
                 if self._counts(s)
             ]

@@ -56,7 +56,7 @@ def _frame_summary(payload: bytes) -> dict[str, Any]:
         for t in header.get("tensors", [])
         if isinstance(t, dict)
     ]
-    meta = header.get("meta") if isinstance(header.get("meta"), dict) else {}
+    meta = m if isinstance(m := header.get("meta"), dict) else {}
     rec: dict[str, Any] = {
         "frame": kind,
         "device_id": header.get("device_id"),
@@ -217,7 +217,7 @@ class Monitor:
         c.on_connect_fail = self._on_connect_fail
         c.on_subscribe = self._on_subscribe
         c.on_message = self._on_message
-        c.reconnect_delay_set(0.2, 5)
+        c.reconnect_delay_set(0.2, 5)  # type: ignore[arg-type]  # paho's stub says int; a float delay works
         self._client = c
         self._host, self._port = a.host, a.port
         self._lock = threading.Lock()

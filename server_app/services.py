@@ -187,7 +187,7 @@ class ServerServices:
         from server_app.ingest import Ingestor, Presence
         from server_app.ingest_worker import subscribe_results
         from server_app.registry import Registry, RegistryUnavailable
-        from server_app.rounds.orchestrator import RegistryStore
+        from server_app.rounds.store import RegistryStore
 
         o = self.options
         for what, path, setting in (("proxy set", o.proxy_path, "paths.proxy_path"), ("test set", o.test_path, "paths.test_path")):
@@ -474,6 +474,7 @@ class ServerServices:
         def evaluate(round_id: int) -> dict[str, Any]:
             return {"large_test_acc": accuracy(strategy.large_model, x_test[sub], y_test[sub])}
 
+        assert self.link is not None  # connected by _start before the round loop is built
         self.fleet = MqttFleet(
             self.link.publish, self.presence.online, self.store,
             num_classes=num_classes, proxy_size=len(proxy_x), proxy_digest=proxy_digest,

@@ -181,4 +181,4 @@ def demo_policy(args: argparse.Namespace):
     except ValidationError as exc:
         from server_app.commands import describe_validation
 
-        raise ValueError(describe_validation(exc, args, flags=DEMO_FLAGS, source=source or "")) from None
+        raise ValueError(describe_validation(exc, args, flags=DEMO_FLAGS, source=str(source or ""))) from None

@@ -128,11 +128,20 @@ def _report(args: argparse.Namespace, version: int, written: list[Path]) -> None
 
 # ------------------------------------------------------------------------------------------- sources
 class _Source:
-    def versions(self) -> list[dict[str, Any]]: ...
-    def version(self, v: str) -> int: ...
-    def card(self, version: int) -> dict[str, Any]: ...
-    def export(self, version: int, fmts: list[str], out: Path) -> list[Path]: ...
-    def small(self, version: int, archs: list[str], fmts: list[str], out: Path) -> list[Path]: ...
+    def versions(self) -> list[dict[str, Any]]:
+        raise NotImplementedError
+
+    def version(self, v: str) -> int:
+        raise NotImplementedError
+
+    def card(self, version: int) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def export(self, version: int, fmts: list[str], out: Path) -> list[Path]:
+        raise NotImplementedError
+
+    def small(self, version: int, archs: list[str], fmts: list[str], out: Path) -> list[Path]:
+        raise NotImplementedError
 
 
 class _Local(_Source):
