@@ -152,7 +152,7 @@ class DeviceConfig:
             if name in values and isinstance(values[name], str) and f.type != "str":
                 values[name] = _coerce(name, f.type, values[name])
         cfg = cls(**values)
-        cfg.source = str(path) if path is not None else "KOALA_DEVICE_* env"  # named by file errors
+        cfg.source = str(path) if path is not None else "KOALA_DEVICE_* env"  # type: ignore[attr-defined]  # named by file errors
         cfg.validate()
         return cfg
 

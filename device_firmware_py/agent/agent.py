@@ -291,6 +291,7 @@ class DeviceAgent:
         if not payload:
             return
         _, msg = codec.decode_for_topic(topic, payload)
+        assert isinstance(msg, cm.RoundStatus)  # decode_for_topic checked the topic's message type
         rs = self._round
         if rs is not None and rs.phase == PHASE_DONE and msg.round_id == rs.round_id and msg.state == "collecting":
             self._republish_result("round still collecting")
@@ -302,6 +303,7 @@ class DeviceAgent:
         whole result again until the round closed, and past the server's per-round message limit
         an accepted result drew `rate_limited` rejections."""
         _, v = codec.decode_for_topic(topic, payload)
+        assert isinstance(v, cm.ResultVerdict)  # decode_for_topic checked the topic's message type
         self.last_verdict = {"round": v.round_id, "status": v.status, "reason": v.reason}
         if v.status in ("rejected", "late"):
             log.warning("result refused by the server %s", _kv(round=v.round_id, status=v.status, reason=v.reason))
@@ -330,6 +332,7 @@ class DeviceAgent:
 
     def _on_assign(self, topic: str, frame: bytes) -> None:
         _, msg = codec.decode_for_topic(topic, frame)
+        assert isinstance(msg, cm.Assignment)  # decode_for_topic checked the topic's message type
         rs = self._round
         if rs is not None and msg.round_id == rs.round_id and rs.phase == PHASE_DONE:
             self._published_result_for = None
