@@ -27,13 +27,13 @@ import hashlib
 import json
 import math
 import struct
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
 from .errors import ContractError
 from .messages import CONTROL_MESSAGES, FRAME_MESSAGES, Assignment, Message, Result
-from .topics import parse_topic
+from .topics import ParsedTopic, parse_topic
 
 MAGIC = b"KOAL"
 FRAME_VERSION = 2  # 2: typed training plan + proxy_indices tensor (1: free-form `hyper` dict)
@@ -301,6 +301,12 @@ def read_frame_header(payload: bytes, max_bytes: int = DEFAULT_MAX_FRAME_BYTES) 
     return kind, header, body
 
 
+@overload
+def decode_frame(payload: bytes, expected: type[Assignment], *, max_bytes: int = ...) -> Assignment: ...
+@overload
+def decode_frame(payload: bytes, expected: type[Result], *, max_bytes: int = ...) -> Result: ...
+@overload
+def decode_frame(payload: bytes, expected: type[Message] | None = None, *, max_bytes: int = ...) -> Assignment | Result: ...
 def decode_frame(
     payload: bytes, expected: type[Message] | None = None, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES
 ) -> Assignment | Result:
@@ -370,7 +376,7 @@ def decode(payload: bytes, expected: type[Message] | None = None, *, max_bytes: 
 
 def decode_for_topic(
     topic: str, payload: bytes, *, max_bytes: int = DEFAULT_MAX_FRAME_BYTES
-) -> tuple[Any, Message]:
+) -> tuple[ParsedTopic, Message]:
     """Decode a delivered message and check it belongs on its topic.
 
     The device id in the topic is what the broker's ACL authenticated; a payload claiming another

@@ -49,5 +49,5 @@ class ContractError(ValueError):
         self.detail = detail
         super().__init__(f"{reason}: {detail}" if detail else reason)
 
-    def __reduce__(self):  # keep picklable across processes with the two-argument constructor
+    def __reduce__(self) -> tuple[type[ContractError], tuple[str, str]]:  # keep picklable across processes with the two-argument constructor
         return (type(self), (self.reason, self.detail))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, SupportsFloat, SupportsInt, cast
 
 from .errors import ContractError
 
@@ -30,15 +30,16 @@ MAX_EPOCHS = 1000
 def _int(name: str, v: object, lo: int, hi: int) -> int:
     if isinstance(v, bool) or not isinstance(v, int) and not (hasattr(v, "dtype") and v.dtype.kind in "iu"):
         raise ContractError("bad_field", f"plan.{name}: expected int, got {type(v).__name__}")
-    if not lo <= int(v) <= hi:  # type: ignore[arg-type]
+    iv = int(cast(SupportsInt, v))  # an int or a numpy integer (checked above)
+    if not lo <= iv <= hi:
         raise ContractError("bad_field", f"plan.{name}: {v} not in [{lo}, {hi}]")
-    return int(v)  # type: ignore[arg-type]
+    return iv
 
 
 def _float(name: str, v: object, lo: float, hi: float, *, lo_open: bool = True) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) and not hasattr(v, "__float__"):
         raise ContractError("bad_field", f"plan.{name}: expected number, got {type(v).__name__}")
-    f = float(v)  # type: ignore[arg-type]
+    f = float(cast(SupportsFloat, v))  # a number or anything with __float__ (checked above)
     if not math.isfinite(f):
         raise ContractError("nan_or_inf", f"plan.{name} is {f}")
     if f < lo or (lo_open and f == lo) or f > hi:

@@ -7,11 +7,12 @@ one subgraph per signature (+ the variable initializer); proving "builtin ops on
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 try:
     from ai_edge_litert import schema_py_generated as schema
 except ImportError:  # pragma: no cover - old tflite-runtime installs ship no schema module
-    schema = None  # type: ignore[assignment]
+    schema = None
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ def _builtin_names() -> dict[int, str]:
     return {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
 
 
-def _model(buf: bytes):
+def _model(buf: bytes) -> Any:  # schema.Model: LiteRT ships no type information
     if schema is None:
         raise RuntimeError("ai_edge_litert.schema_py_generated is needed to inspect .tflite files")
     return schema.Model.GetRootAs(buf, 0)

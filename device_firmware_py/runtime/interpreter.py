@@ -12,13 +12,13 @@ try:
 
     RUNTIME = "ai-edge-litert"
 except ImportError:  # pragma: no cover - fallback for devices with the legacy wheel
-    from tflite_runtime.interpreter import Interpreter as _Interpreter  # type: ignore[no-redef]
-    from tflite_runtime.interpreter import OpResolverType, SignatureRunner  # type: ignore[no-redef]
+    from tflite_runtime.interpreter import Interpreter as _Interpreter
+    from tflite_runtime.interpreter import OpResolverType, SignatureRunner
 
     RUNTIME = "tflite-runtime"
 
 
-class _ScalarSafeRunner(SignatureRunner):
+class _ScalarSafeRunner(SignatureRunner):  # type: ignore[misc]  # LiteRT ships no type information
     """SignatureRunner.__call__ without resizing 0-d inputs (`lr`, `temperature`).
 
     The upstream runner resizes every input to `value.shape` before each invoke. The aarch64
@@ -44,7 +44,7 @@ class _ScalarSafeRunner(SignatureRunner):
         return {name: wrapper.GetTensor(index, subgraph) for name, index in self._outputs}
 
 
-class _KoalaInterpreter(_Interpreter):
+class _KoalaInterpreter(_Interpreter):  # type: ignore[misc]  # LiteRT ships no type information
     """The runtime's Interpreter with signature runners that work on aarch64 (see _ScalarSafeRunner)."""
 
     def get_signature_runner(self, signature_key: str | None = None) -> SignatureRunner:

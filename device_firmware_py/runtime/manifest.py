@@ -23,11 +23,11 @@ class ArtifactManifest:
 
     @property
     def name(self) -> str:
-        return self.raw["name"]
+        return str(self.raw["name"])
 
     @property
     def arch(self) -> str:
-        return self.raw["arch"]
+        return str(self.raw["arch"])
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -56,15 +56,15 @@ class ArtifactManifest:
 
     @property
     def sha256(self) -> str:
-        return self.raw["sha256"]
+        return str(self.raw["sha256"])
 
     @property
     def tflite_path(self) -> Path:
-        return self.path.parent / self.raw["tflite_file"]
+        return self.path.parent / str(self.raw["tflite_file"])
 
     @property
     def inference_path(self) -> Path:
-        return self.path.parent / self.raw["inference"]["file"]
+        return self.path.parent / str(self.raw["inference"]["file"])
 
     def summary(self) -> dict[str, Any]:
         """The resource numbers reported per device (paper terms: storage, FLOPs)."""
@@ -87,7 +87,7 @@ def load_manifest(path: str | Path) -> ArtifactManifest:
     return ArtifactManifest(p.resolve(), json.loads(p.read_text()))
 
 
-def format_input(input_shape: tuple[int, int, int] | str) -> str:
+def format_input(input_shape: tuple[int, ...] | str) -> str:
     if isinstance(input_shape, str):
         return input_shape.lower()
     return "x".join(str(int(d)) for d in input_shape)

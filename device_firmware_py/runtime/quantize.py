@@ -124,7 +124,7 @@ def quantize_int8_isolated(
         )  # fmt: skip
         if proc.returncode != 0 or not out_path.is_file():
             raise RuntimeError(f"int8 quantizer child failed rc={proc.returncode}: {proc.stderr[-800:]}")
-        report = next((json.loads(ln) for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), {})
+        report: dict[str, Any] = next((json.loads(ln) for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), {})
         return out_path.read_bytes(), report
     finally:
         for p in (float_path, calib_path, out_path):

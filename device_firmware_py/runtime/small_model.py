@@ -308,8 +308,9 @@ class SmallModel:
     def save_state(self, path: str | Path) -> None:
         """Weights + artifact sha256 as .npz, written atomically (tmp file + os.replace)."""
         arrays = {n: w for n, w in zip(self.manifest.weight_names, self.get_weights(), strict=True)}
+        # numpy's stub maps **arrays onto savez's `allow_pickle: bool` keyword, hence the ignore
         atomic_write(path, lambda f: np.savez(f, __sha256__=np.array(self.manifest.sha256),
-                                              __arch__=np.array(self.manifest.name), **arrays))  # fmt: skip
+                                              __arch__=np.array(self.manifest.name), **arrays))  # type: ignore[arg-type]  # fmt: skip
 
     def load_state(self, path: str | Path, strict: bool = True) -> None:
         """Restore weights saved by `save_state`. strict: the artifact sha256 must match too."""

@@ -46,7 +46,7 @@ def with_state_signatures(buf: bytes) -> tuple[bytes, dict[str, tuple[int, ...]]
 
     schema = _schema()
     model = schema.ModelT.InitFromPackedBuf(buf, 0)
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    names: dict[int, str] = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
     keys = {sd.signatureKey.decode() for sd in model.signatureDefs or []}
     if GET_STATE in keys or SET_STATE in keys:
         raise ValueError("model already has get_state/set_state signatures")

@@ -59,5 +59,5 @@ def reverse_distill(
             opt.step()
             losses.append(loss.detach())
     large.eval()
-    losses = [float(v) for v in losses]  # one device sync at the end, not one per batch
-    return float(np.mean(losses)) if losses else float("nan")
+    values = [float(v) for v in losses]  # one device sync at the end, not one per batch
+    return float(np.mean(values)) if values else float("nan")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -13,6 +13,9 @@ from device_firmware_py.contract import codec
 from device_firmware_py.task import execute_assignment, label_histogram
 from server_app.engine.strategy import DeviceSimulator
 from server_app.engine.types import Assignment, DeviceInfo, Result, hold_logits
+
+if TYPE_CHECKING:  # LiteRT loads only when a simulated device trains
+    from device_firmware_py.runtime.small_model import SmallModel
 
 
 class Fleet(Protocol):
@@ -32,7 +35,7 @@ class SimDevice:
     x: np.ndarray
     y: np.ndarray
     num_classes: int
-    model: object | None = None
+    model: SmallModel | None = None
 
 
 class InMemoryFleet:
@@ -50,9 +53,9 @@ class InMemoryFleet:
         self,
         devices: list[SimDevice],
         proxy_x: np.ndarray | None,
-        model_factory: Callable[[str, tuple[int, ...]], object] | None = None,
+        model_factory: Callable[[str, tuple[int, ...]], SmallModel] | None = None,
         simulators: dict[str, DeviceSimulator] | None = None,
-        progress: Callable[[int], None] | None = None,
+        progress: Callable[[int], object] | None = None,
         wire: bool = True,
     ):
         self.wire = wire
@@ -68,7 +71,7 @@ class InMemoryFleet:
             for d in self._devices.values()
         ]
 
-    def model(self, device_id: str) -> object:
+    def model(self, device_id: str) -> SmallModel:
         d = self._devices[device_id]
         if d.model is None:
             d.model = self._factory(d.arch, tuple(d.x.shape[1:]))
@@ -85,7 +88,7 @@ class InMemoryFleet:
                 out.append(self.simulators[a.task](a, d.x, d.y))
             else:
                 if self.wire:
-                    a = codec.decode_frame(encoder.encode(a), Assignment)  # type: ignore[assignment]
+                    a = codec.decode_frame(encoder.encode(a), Assignment)
                 r = execute_assignment(self.model(a.device_id), d.x, d.y, self.proxy_x, a)
                 if self.wire:
                     r = hold_logits(codec.decode_frame(codec.encode_frame(r, logits_dtype=a.plan.logits_dtype), Result))
@@ -99,7 +102,7 @@ class InMemoryFleet:
         return {i: float(d.model.evaluate(x, y)) for i, d in self._devices.items() if d.model is not None}
 
 
-def _litert_factory(arch: str, input_shape: tuple[int, ...]) -> object:
+def _litert_factory(arch: str, input_shape: tuple[int, ...]) -> SmallModel:
     from device_firmware_py.runtime.manifest import format_input
     from device_firmware_py.runtime.small_model import SmallModel
 

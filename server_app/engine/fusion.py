@@ -39,6 +39,7 @@ logits are not clipped to a fixed ±k·T (that would rewrite honest confident ro
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -66,8 +67,8 @@ def fuse_logits(
     logits: np.ndarray | Sequence[np.ndarray],
     rule: str = "mean",
     temperature: float = 1.0,
-    num_samples: Sequence[int] | None = None,
-    label_histograms: Sequence[Sequence[int]] | None = None,
+    num_samples: Sequence[float] | np.ndarray | None = None,
+    label_histograms: Sequence[Sequence[float] | None] | None = None,
     groups: Sequence[str] | None = None,
     inner: str = "weighted",
     trim: float = 0.2,
@@ -103,16 +104,16 @@ def fuse_logits(
         w = a**2 if np.any(a > 0) else np.ones(D)
         return _fuse_linear(logits, "weighted", temperature, w, None, None, inner)  # sum_d w_d p_d / sum_d w_d
     assert out is not None
-    out = out / out.sum(axis=-1, keepdims=True)
-    return out.astype(np.float32)
+    fused: np.ndarray = out / out.sum(axis=-1, keepdims=True)
+    return fused.astype(np.float32)
 
 
 def _fuse_linear(
     logits: np.ndarray | Sequence[np.ndarray],
     rule: str,
     temperature: float,
-    num_samples: Sequence[int] | None,
-    label_histograms: Sequence[Sequence[int]] | None,
+    num_samples: Sequence[float] | np.ndarray | None,
+    label_histograms: Sequence[Sequence[float] | None] | None,
     groups: Sequence[str] | None,
     inner: str,
 ) -> np.ndarray:
@@ -139,7 +140,7 @@ def _fuse_linear(
         raise ValueError(f"unknown fusion rule {rule!r}; known: {RULES}")
     acc: np.ndarray | None = None  # sum of weighted probabilities [P, C]
     wsum: np.ndarray | float = 0.0  # sum of weights (entropy: per row [P, 1])
-    by_group: dict[str, list] = {}  # group -> [sum n_d p_d, sum n_d]
+    by_group: dict[str, list[Any]] = {}  # group -> [sum n_d p_d, sum n_d]
     shape: tuple[int, ...] = ()
     for d, x in enumerate(logits):
         z = sanitize_logits(np.asarray(x))
@@ -174,7 +175,8 @@ def _fuse_linear(
     elif rule == "class_aware":
         out = acc
     else:
+        assert acc is not None  # D >= 1 teachers were folded in
         out = acc / wsum
     out = np.asarray(out, np.float64)
-    out = out / out.sum(axis=-1, keepdims=True)
-    return out.astype(np.float32)
+    fused: np.ndarray = out / out.sum(axis=-1, keepdims=True)
+    return fused.astype(np.float32)

@@ -63,7 +63,8 @@ def _softmax(z: np.ndarray, T: float = 1.0) -> np.ndarray:
     z = np.asarray(z, np.float64) / T
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    p: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return p
 
 
 def _kd(logits: np.ndarray, q: np.ndarray, T: float) -> float:

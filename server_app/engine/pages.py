@@ -19,7 +19,7 @@ import numpy as np
 
 def _mapping(a: np.ndarray) -> tuple[mmap.mmap, int] | None:
     """(the mmap under `a`, the address where that mapping starts), if `a` views a read-only one."""
-    base = a
+    base: np.ndarray | None = a
     while isinstance(base, np.ndarray):
         if isinstance(base.base, mmap.mmap):  # the root array of the mapping (views carry no address)
             if getattr(base, "mode", None) != "r":  # copy-on-write pages may hold writes: keep them

@@ -17,7 +17,8 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = np.asarray(logits, np.float64) / float(temperature)
     z = z - z.max(axis=-1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+    p: np.ndarray = e / e.sum(axis=-1, keepdims=True)
+    return p
 
 
 _BIG = float(np.finfo(np.float32).max)
@@ -44,7 +45,7 @@ def sanitized_softmax_inplace(p: np.ndarray, temperature: float = 1.0) -> np.nda
 BLOCK_BYTES = 64 << 20  # working set of a block of proxy rows over every device (float64 probabilities)
 
 
-def probability_blocks(logits: Sequence[np.ndarray], temperature: float = 1.0,
+def probability_blocks(logits: np.ndarray | Sequence[np.ndarray], temperature: float = 1.0,
                        budget: int = BLOCK_BYTES) -> Iterator[tuple[int, np.ndarray]]:  # fmt: skip
     """(first row, probabilities [D, rows, C] float64) for consecutive blocks of proxy rows, every
     device's `softmax(sanitize_logits(.), temperature)` of those rows.

@@ -47,7 +47,8 @@ def trim_count(num: int, trim: float) -> int:
 
 def coordinate_median(x: np.ndarray) -> np.ndarray:
     """Median over axis 0 (devices), float64. Even D: the mean of the two middle values."""
-    return np.median(np.asarray(x, np.float64), axis=0)
+    med: np.ndarray = np.median(np.asarray(x, np.float64), axis=0)
+    return med
 
 
 def coordinate_trimmed_mean(x: np.ndarray, trim: float = 0.2) -> np.ndarray:
@@ -57,11 +58,13 @@ def coordinate_trimmed_mean(x: np.ndarray, trim: float = 0.2) -> np.ndarray:
     d = a.shape[0]
     k = trim_count(d, trim)
     if k == 0:
-        return a.mean(axis=0)
+        mean: np.ndarray = a.mean(axis=0)
+        return mean
     if d - 2 * k <= 1:
-        return np.median(a, axis=0)
+        return coordinate_median(a)
     s = np.sort(a, axis=0)
-    return s[k : d - k].mean(axis=0)
+    trimmed: np.ndarray = s[k : d - k].mean(axis=0)
+    return trimmed
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -92,13 +95,15 @@ def _row_norms(u: np.ndarray) -> np.ndarray:
     |value| first): a device sending 1e300 must get a finite, comparable norm."""
     scale = np.max(np.abs(u), axis=1) if u.size else np.zeros(len(u))
     safe = np.where(scale > 0, scale, 1.0)
-    return np.linalg.norm(u / safe[:, None], axis=1) * scale
+    norms: np.ndarray = np.linalg.norm(u / safe[:, None], axis=1) * scale
+    return norms
 
 
 def _finite_f32(v: np.ndarray) -> np.ndarray:
     """float64 result -> float32 that cannot overflow to inf (clamped to the float32 range)."""
     big = float(np.finfo(np.float32).max)
-    return np.clip(v, -big, big).astype(np.float32)
+    clipped: np.ndarray = np.clip(v, -big, big)
+    return clipped.astype(np.float32)
 
 
 def cap_sample_counts(num_samples: Sequence[float], factor: float = 2.0) -> np.ndarray:
@@ -176,7 +181,8 @@ def _pairwise_sq(v: np.ndarray) -> np.ndarray:
     for i in range(d):
         diff = w[i + 1 :] - w[i]
         out[i, i + 1 :] = np.einsum("ij,ij->i", diff, diff)
-    return out + out.T
+    sq: np.ndarray = out + out.T
+    return sq
 
 
 def krum_select(
@@ -201,7 +207,7 @@ def krum_select(
 # ------------------------------------------------------------------------------ the entry point
 def aggregate_weights(
     weight_sets: Sequence[Sequence[np.ndarray]],
-    num_samples: Sequence[int] | None,
+    num_samples: Sequence[float] | None,
     rule: str = "fedavg",
     *,
     reference: Sequence[np.ndarray] | None = None,
@@ -257,6 +263,7 @@ def aggregate_weights(
     if rule == "cosine":
         if reference is None:
             raise ValueError("the cosine rule needs the reference (current global) weights")
+        assert ref is not None  # cref, or the flattened reference
         u = v - ref[None, :]
         direction = coordinate_median(u)
         unorm = np.linalg.norm(u, axis=1)
@@ -393,7 +400,7 @@ AGREEMENT_BLOCK_BYTES = BLOCK_BYTES  # the agreement filter's working set (proba
 
 
 def _read_known(z: np.ndarray, known: np.ndarray) -> np.ndarray:
-    rows = np.asarray(z)[known]
+    rows: np.ndarray = np.asarray(z)[known]
     release_pages(z)
     return rows
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,7 @@ class TensorFile:
             os.unlink(self.path)
 
 
-def spilled(arrays, path: str | Path | None) -> list[np.ndarray]:
+def spilled(arrays: Iterable[np.ndarray], path: str | Path | None) -> list[np.ndarray]:
     """`arrays` (an iterable, consumed one at a time) as views of a TensorFile at `path`; with
     path None, as a list in memory (the simulation, tests)."""
     if path is None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import threading
 from collections import defaultdict, deque
 from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -67,7 +68,7 @@ class DeadlinePlanner:
         return {a: self.estimate(a) for a in sorted(archs)}
 
 
-def alive(progress: dict | None, round_id: int, now: float, grace_s: float = PROGRESS_GRACE_S) -> bool:
+def alive(progress: dict[str, Any] | None, round_id: int, now: float, grace_s: float = PROGRESS_GRACE_S) -> bool:
     """Whether a device's last progress report (presence.progress entry) shows it working on this round."""
     if not progress or progress.get("round_id") != round_id:
         return False

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from server_app.metrics_hook import record
 from server_app.rounds.collection import Collection, Expectation
 from server_app.rounds.deadlines import DeadlinePlanner, alive
 from server_app.rounds.spill import ResultSpill
+
+if TYPE_CHECKING:
+    from server_app.submission_log import SegmentIndex
 
 log = logging.getLogger("koala.fleet")
 EXTEND_AHEAD_S = 0.5  # how long before its deadline a round checks whether to extend it
@@ -51,14 +54,21 @@ class RoundAborted(RuntimeError):
     """The server is stopping: the round ends without a decision (resumed on restart)."""
 
 
+class Publish(Protocol):
+    """MqttClient.publish: queue a message; with wait_s, block until the broker acknowledged it."""
+
+    def __call__(self, topic: str, payload: bytes, qos: int, retain: bool, /, *,
+                 wait_s: float | None = None) -> object: ...  # fmt: skip
+
+
 class RoundStore(Protocol):
     """What the fleet writes to the registry (implemented in server_app.rounds.orchestrator)."""
 
     def assignments_sent(self, round_id: int, sent: dict[str, int], deadline: float) -> None: ...
     def accepted_results(self, round_id: int) -> dict[str, Result]: ...
     def close_collection(self, round_id: int, missing: list[str]) -> None: ...
-    def accepted_digests(self, round_id: int, known: int = -1) -> dict[str, str] | None: ...
-    def segment_index(self, round_id: int) -> Any: ...
+    def accepted_digests(self, round_id: int, known: int = -1) -> dict[str, str | None] | None: ...
+    def segment_index(self, round_id: int) -> SegmentIndex: ...
     def save_collection(self, col: Collection) -> None: ...
     def collection_closed(self, round_id: int) -> bool: ...
 
@@ -73,7 +83,7 @@ class MqttFleet:
 
     def __init__(
         self,
-        publish: Callable[[str, bytes, int, bool], Any],
+        publish: Publish,
         online: Callable[[], list[DeviceInfo]],
         store: RoundStore,
         *,
@@ -85,7 +95,7 @@ class MqttFleet:
         on_state: Callable[..., None] | None = None,
         max_devices: int | None = None,
         planner: DeadlinePlanner | None = None,
-        progress_of: Callable[[str], dict | None] | None = None,
+        progress_of: Callable[[str], dict[str, Any] | None] | None = None,
         publish_window: int | None = PUBLISH_WINDOW,
         spill_dir: str | Path | None = None,
     ):
@@ -203,7 +213,7 @@ class MqttFleet:
         self._on_state(col.round_id, "collecting", participants=sorted(col.participants), deadline=col.deadline)
         return True
 
-    def _sync(self, col: Collection, index: Any, final: bool = False) -> None:
+    def _sync(self, col: Collection, index: SegmentIndex, final: bool = False) -> None:
         """Fold in results other processes (`koala serve --role ingest`) accepted into this round:
         the registry's accepted rows not in the collection, read from the shared payload store.
         `final` (after close_collection): take them even though the collection is closed."""
@@ -214,7 +224,8 @@ class MqttFleet:
                 raise
             log.warning("could not read accepted rows round=%d (retrying)", col.round_id, exc_info=True)
             return
-        new = {d: dg for d, dg in (rows or {}).items() if d not in col.results}
+        # an accepted row always carries its digest (the claim sets it); the column itself is nullable
+        new = {d: dg for d, dg in (rows or {}).items() if d not in col.results and dg is not None}
         if not new:
             return
         found = index.load(new)

@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING
 
 from server_app.rounds.collection import Collection
+
+if TYPE_CHECKING:
+    from server_app.ingest import Presence
+    from server_app.rounds.store import RegistryStore
 
 log = logging.getLogger("koala.follower")
 POLL_S = 0.5
@@ -31,7 +35,7 @@ POLL_S = 0.5
 class RoundFollower:
     """`collection()` for the Ingestor; `refresh()` on demand; `start()` polls in a thread."""
 
-    def __init__(self, store: Any, presence: Any, poll_s: float = POLL_S):
+    def __init__(self, store: RegistryStore, presence: Presence, poll_s: float = POLL_S):
         self.store = store
         self.presence = presence
         self.poll_s = poll_s

@@ -34,7 +34,8 @@ from server_app.engine.types import RoundReport
 from server_app.metrics_hook import record
 from server_app.registry import crud
 from server_app.registry.errors import RegistryUnavailable
-from server_app.rounds.fleet import MqttFleet, QuorumNotMet, RoundAborted
+from server_app.registry.session import Registry
+from server_app.rounds.fleet import MqttFleet, Publish, QuorumNotMet, RoundAborted
 from server_app.rounds.store import RegistryStore, StrategyCheckpoint
 
 log = logging.getLogger("koala.orchestrator")
@@ -72,7 +73,7 @@ class RoundOrchestrator:
         strategy: Strategy,
         fleet: MqttFleet,
         store: RegistryStore,
-        publish: Callable[[str, bytes, int, bool], Any],
+        publish: Publish,
         *,
         rounds: int,
         round_timeout_s: float,
@@ -96,7 +97,7 @@ class RoundOrchestrator:
         self.checkpoint = StrategyCheckpoint(models_dir)
         self._evaluate = evaluate
         self.wait_devices_s = wait_devices_s
-        self.strategy_name = strategy_name or getattr(strategy, "name", "strategy")
+        self.strategy_name = strategy_name or str(getattr(strategy, "name", "strategy"))
         self.config = dict(config or {})
         self.on_report = on_report
         # called before each round picks its devices (services: revocations made by other processes)
@@ -326,7 +327,7 @@ class RoundOrchestrator:
         m = report.metrics
         m.update(self.fleet.last_stats)
         m["t_server_kd_s"] = m.get("t_aggregate_s", 0.0)
-        small = [d.get("test_acc") for d in report.device_metrics.values() if isinstance(d.get("test_acc"), float)]
+        small = [acc for d in report.device_metrics.values() if isinstance(acc := d.get("test_acc"), float)]
         if small:  # held-out accuracy of the devices' small models, measured on the devices
             m["small_test_acc_mean"] = float(np.mean(small))
         m["t_round_wall_s"] = time.perf_counter() - self._round_t0
@@ -386,7 +387,7 @@ class RoundOrchestrator:
             log.exception("could not announce round=%d state=%s", n, state)
 
 
-def restore_schedule_policy(registry: Any, orch: Any) -> dict[str, Any] | None:
+def restore_schedule_policy(registry: Registry, orch: RoundOrchestrator | None) -> dict[str, Any] | None:
     """At server start: re-apply the schedule policy last PUT through the API (None when there is none).
     Called by ServerServices once its orchestrator exists; an unknown key from an older server is
     dropped, not fatal."""

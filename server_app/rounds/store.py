@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from device_firmware_py.contract import messages as cm
 from device_firmware_py.fileio import atomic_write
@@ -25,6 +26,7 @@ from server_app.engine.types import Result
 from server_app.registry import crud
 from server_app.registry.errors import InvalidTransition
 from server_app.registry.models import Assignment
+from server_app.registry.session import Registry
 from server_app.rounds.collection import Collection
 
 log = logging.getLogger("koala.store")
@@ -43,7 +45,7 @@ class RegistryStore:
     server_app/submission_log.py), so a resumed round can rebuild its results.
     """
 
-    def __init__(self, registry: Any, data_dir: str | Path):
+    def __init__(self, registry: Registry, data_dir: str | Path):
         self.reg = registry
         self.data_dir = Path(data_dir)
 
@@ -51,7 +53,7 @@ class RegistryStore:
     def ensure_round(self, round_id: int, strategy: str, config: dict[str, Any], model_version: int) -> str:
         """Create round n (state created) unless it exists; returns its state."""
 
-        def fn(s: Any) -> str:
+        def fn(s: Session) -> str:
             r = s.get(crud.Round, round_id)
             if r is None:
                 r = crud.create_round(s, strategy=strategy, config=config, round_id=round_id, model_version=model_version)
@@ -77,7 +79,7 @@ class RegistryStore:
 
     # -- RoundStore (fleet)
     def assignments_sent(self, round_id: int, sent: dict[str, int], deadline: float) -> None:
-        def fn(s: Any) -> None:
+        def fn(s: Session) -> None:
             crud.create_assignments(s, round_id, sent)  # set-based: a few statements, not 3 per device
             r = crud.get_round(s, round_id)
             # collecting from here (before the first frame goes out), so the registry says so to
@@ -105,11 +107,11 @@ class RegistryStore:
         if n:
             log.info("dropped round=%d devices=%d", round_id, n)
 
-    def accepted_digests(self, round_id: int, known: int = -1) -> dict[str, str] | None:
+    def accepted_digests(self, round_id: int, known: int = -1) -> dict[str, str | None] | None:
         """{device: digest} of the round's accepted rows; None (one COUNT, no rows) when their
         number is still `known`: the orchestrator polls this while a round collects."""
 
-        def fn(s: Any) -> dict[str, str] | None:
+        def fn(s: Session) -> dict[str, str | None] | None:
             where = (Assignment.round_id == round_id, Assignment.status == "accepted")
             if known >= 0 and s.scalar(select(func.count()).select_from(Assignment).where(*where)) == known:
                 return None
@@ -150,7 +152,7 @@ class RegistryStore:
     def open_round(self) -> tuple[int, str, float | None] | None:
         """(id, state, deadline as unix time) of the newest round, for ingestion workers."""
 
-        def fn(s: Any) -> tuple[int, str, float | None] | None:
+        def fn(s: Session) -> tuple[int, str, float | None] | None:
             r = crud.current_round(s)
             if r is None:
                 return None
@@ -169,7 +171,7 @@ class RegistryStore:
 
     # -- IngestStore (ingest)
     def submission(self, round_id: int, device_id: str) -> tuple[str, str | None] | None:
-        def fn(s: Any) -> tuple[str, str | None] | None:
+        def fn(s: Session) -> tuple[str, str | None] | None:
             a = crud._assignment(s, round_id, device_id)
             return None if a is None else (a.status, a.digest)
 
@@ -182,7 +184,7 @@ class RegistryStore:
             return {}
         rounds, devices = {r for r, _ in keys}, {d for _, d in keys}
 
-        def fn(s: Any) -> dict[tuple[int, str], tuple[str, str | None]]:
+        def fn(s: Session) -> dict[tuple[int, str], tuple[str, str | None]]:
             q = select(Assignment.round_id, Assignment.device_id, Assignment.status, Assignment.digest).where(
                 Assignment.round_id.in_(rounds), Assignment.device_id.in_(devices))
             return {(r, d): (st, dg) for r, d, st, dg in s.execute(q) if (r, d) in keys}
@@ -205,7 +207,7 @@ class RegistryStore:
         for rnd, fs in frames.items():
             submission_log.write_segment(self.data_dir, rnd, fs)
 
-        def fn(s: Any) -> set[tuple[int, str]]:
+        def fn(s: Session) -> set[tuple[int, str]]:
             # marks and events first, then the accepts in one statement: a `rejected` mark never
             # touches an accepted row and an accept may claim a `rejected` one, so the order of a
             # device's messages within the batch does not change the result
@@ -226,7 +228,7 @@ class RegistryStore:
     def device_statuses(self, statuses: list[cm.DeviceStatus]) -> None:
         """Several devices' newest status in one transaction (server_app.status_writer)."""
 
-        def fn(s: Any) -> None:
+        def fn(s: Session) -> None:
             for st in statuses:
                 crud.upsert_device_status_msg(s, st)
 
@@ -235,7 +237,7 @@ class RegistryStore:
     def over_budget_events(self, rows: list[tuple[str, dict[str, int]]], window_s: float) -> None:
         """One `over_budget` event per flooding device and window (server_app.ingest_budget)."""
 
-        def fn(s: Any) -> None:
+        def fn(s: Session) -> None:
             for dev, dropped in rows:
                 crud.record_event(s, "rejected", level="warning", device_id=dev,
                                   detail={"reason": "over_budget", "dropped": dropped, "window_s": window_s})  # fmt: skip
@@ -260,7 +262,7 @@ class RegistryStore:
         self.reg.run(crud.record_metrics, metrics, round_id=round_id)
 
 
-def _mark(s: Any, round_id: int, device_id: str, status: str, reason: str | None, nbytes: int, digest: str | None) -> None:
+def _mark(s: Session, round_id: int, device_id: str, status: str, reason: str | None, nbytes: int, digest: str | None) -> None:
     if status == "late" and digest is not None:
         sub = crud.record_submission(s, round_id, device_id, digest=digest, bytes_up=nbytes, late=True)
         if sub.is_new or sub.assignment.status == "dropped":

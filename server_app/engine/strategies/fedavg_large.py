@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from server_app.engine.strategies.common import fedavg
+from server_app.engine.strategies.common import fedavg, weights_of
 from server_app.engine.strategy import DeviceSimulator, Strategy
 from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
 from server_app.models.large import get_weights, model_device, set_weights
@@ -41,8 +41,8 @@ def train_large_locally(
             opt.step()
             losses.append(loss.detach())
     model.eval()
-    losses = [float(v) for v in losses]  # one device sync at the end, not one per batch
-    return float(np.mean(losses)) if losses else float("nan")
+    values = [float(v) for v in losses]  # one device sync at the end, not one per batch
+    return float(np.mean(values)) if values else float("nan")
 
 
 class FedAvgLarge(Strategy):
@@ -65,6 +65,8 @@ class FedAvgLarge(Strategy):
         ]
 
     def _simulate(self, a: Assignment, x: np.ndarray, y: np.ndarray) -> Result:
+        if a.weights is None:  # configure_round always sends the large model's weights
+            raise ValueError(f"fedavg_large assignment for {a.device_id} carries no weights")
         set_weights(self._worker, a.weights)
         p = a.plan
         loss = train_large_locally(self._worker, x, y, p.local_epochs, p.lr, p.batch, p.seed)
@@ -76,6 +78,6 @@ class FedAvgLarge(Strategy):
         return {"fedavg_large": self._simulate}
 
     def aggregate(self, round_id: int, results: list[Result]) -> RoundReport:
-        set_weights(self.large_model, fedavg([r.weights for r in results], [r.num_samples for r in results]))
+        set_weights(self.large_model, fedavg([weights_of(r) for r in results], [r.num_samples for r in results]))
         self.version += 1
         return RoundReport(round_id, {}, len(results), {r.device_id: dict(r.metrics) for r in results})

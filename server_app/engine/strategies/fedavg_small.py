@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING
 
-from server_app.engine.strategies.common import average_weights, without_update_outliers
+import numpy as np
+
+from server_app.engine.strategies.common import average_weights, weights_of, without_update_outliers
 from server_app.engine.strategy import Strategy
 from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
 from server_app.policy import KoalaPolicy
+
+if TYPE_CHECKING:  # LiteRT loads only when a small model is built
+    from device_firmware_py.runtime.small_model import SmallModel
 
 
 class FedAvgSmall(Strategy):
@@ -17,15 +22,15 @@ class FedAvgSmall(Strategy):
 
     USES = frozenset({"local_epochs", "lr", "weight_rule", "clip_factor", "count_cap", "outlier_factor"})
 
-    def __init__(self, small_factory: Callable[[str], Any], policy: KoalaPolicy | None = None):
+    def __init__(self, small_factory: Callable[[str], SmallModel], policy: KoalaPolicy | None = None):
         super().__init__(policy)
         self.small_factory = small_factory
-        self._global: dict[str, list] = {}
+        self._global: dict[str, list[np.ndarray]] = {}
 
-    def global_small_weights(self) -> dict[str, list]:
+    def global_small_weights(self) -> dict[str, list[np.ndarray]]:
         return dict(self._global)
 
-    def set_global_small_weights(self, small: dict[str, list]) -> None:
+    def set_global_small_weights(self, small: dict[str, list[np.ndarray]]) -> None:
         self._global = {a: list(ws) for a, ws in small.items()}
 
     def configure_round(self, round_id: int, devices: list[DeviceInfo]) -> list[Assignment]:
@@ -42,7 +47,7 @@ class FedAvgSmall(Strategy):
             rs = [r for r in results if r.arch == arch and r.weights is not None]
             rs, _dropped = without_update_outliers(self.policy, rs, self._global.get(arch))
             if rs:
-                self._global[arch] = average_weights(self.policy, [r.weights for r in rs], [r.num_samples for r in rs],
+                self._global[arch] = average_weights(self.policy, [weights_of(r) for r in rs], [r.num_samples for r in rs],
                                                      reference=self._global.get(arch))  # fmt: skip
         self.version += 1
         return RoundReport(round_id, {}, len(results), {r.device_id: dict(r.metrics) for r in results})

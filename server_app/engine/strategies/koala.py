@@ -23,7 +23,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from torch import nn
@@ -37,6 +37,9 @@ from server_app.engine.strategies.common import (
     capped_counts,
     capped_histograms,
     fedavg,
+    histogram_of,
+    logits_of,
+    weights_of,
     without_update_outliers,
 )
 from server_app.engine.strategy import RoundRejected, Strategy
@@ -44,6 +47,9 @@ from server_app.engine.tensor_file import spilled
 from server_app.engine.types import Assignment, DeviceInfo, Result, RoundReport
 from server_app.models.large import get_weights, predict_logits, set_weights
 from server_app.policy import KoalaPolicy
+
+if TYPE_CHECKING:  # LiteRT loads only when a small model is built
+    from device_firmware_py.runtime.small_model import SmallModel
 
 _KOALA_FIELDS = frozenset({
     "local_epochs", "lr", "fkd_epochs", "fkd_lr", "post_fkd_epochs", "fkd_from_round", "temperature",
@@ -55,7 +61,7 @@ _KOALA_FIELDS = frozenset({
 class KoalaStrategy(Strategy):
     name = "koala"
 
-    def __init__(self, large: nn.Module, proxy_x: np.ndarray, small_factory: Callable[[str], Any],
+    def __init__(self, large: nn.Module, proxy_x: np.ndarray, small_factory: Callable[[str], SmallModel],
                  policy: KoalaPolicy | None = None, proxy_labels: np.ndarray | None = None):  # fmt: skip
         super().__init__(policy)
         self.large_model = large
@@ -67,7 +73,7 @@ class KoalaStrategy(Strategy):
         self.small_factory = small_factory  # arch -> SmallModel (server-side LiteRT, for avg_model teachers)
         self.teacher = self.policy.resolved_teacher()
         self._global: dict[str, list[np.ndarray]] = {}
-        self._server_small: dict[str, Any] = {}
+        self._server_small: dict[str, SmallModel] = {}
         self._idx: np.ndarray | None = None  # this round's proxy subset
         self._dropped: list[str] = []  # devices the agreement filter left out this round
         # where per-device arrays of a round's aggregation go (the deployed server: its data dir);
@@ -91,7 +97,7 @@ class KoalaStrategy(Strategy):
         return self.proxy_labels if self._idx is None else self.proxy_labels[self._idx]
 
     # ---------------------------------------------------------------- helpers
-    def _small(self, arch: str) -> Any:
+    def _small(self, arch: str) -> SmallModel:
         if arch not in self._server_small:
             self._server_small[arch] = self.small_factory(arch)
         return self._server_small[arch]
@@ -133,14 +139,17 @@ class KoalaStrategy(Strategy):
             ))  # fmt: skip
         return out
 
-    def _teachers(self, results: list[Result]) -> tuple[list[np.ndarray], list[int], list[list[int]], list[str]]:
+    def _teachers(self, results: list[Result]) -> tuple[list[np.ndarray], list[int], list[list[int] | None], list[str]]:
         """(logits, sample counts, label histograms, group) per teacher."""
         if self.teacher == "device_logits":
             with_logits = [r for r in results if r.proxy_logits is not None]
-            ok = self._agreeing(with_logits, [r.proxy_logits for r in with_logits])
-            return ([r.proxy_logits for r in ok], [r.num_samples for r in ok],
+            ok = self._agreeing(with_logits, [logits_of(r) for r in with_logits])
+            return ([logits_of(r) for r in ok], [r.num_samples for r in ok],
                     [r.label_histogram for r in ok], [r.arch for r in ok])  # fmt: skip
-        logits, ns, hists, groups = [], [], [], []
+        logits: list[np.ndarray] = []
+        ns: list[int] = []
+        hists: list[list[int] | None] = []
+        groups: list[str] = []
         for arch in sorted({r.arch for r in results}):
             rs = [r for r in results if r.arch == arch and r.weights is not None]
             if not rs:
@@ -154,18 +163,18 @@ class KoalaStrategy(Strategy):
                 # the deployment gave a spill dir (200 kB per device at 5,000 x 10: 2 GB at 10,000)
                 own = spilled((self._device_model_logits(m, r) for r in rs), self._spill_path(f"own-{arch}"))
                 rs = self._agreeing(rs, own)
-            self._global[arch] = average_weights(self.policy, [r.weights for r in rs], [r.num_samples for r in rs],
+            self._global[arch] = average_weights(self.policy, [weights_of(r) for r in rs], [r.num_samples for r in rs],
                                                  reference=self._global.get(arch))  # fmt: skip
             m = self._small(arch)
             m.set_weights(self._global[arch])
             logits.append(m.logits(self._px()))
             ns.append(sum(r.num_samples for r in rs))
-            hists.append(np.sum([r.label_histogram for r in rs], axis=0).tolist())
+            hists.append(np.sum([histogram_of(r) for r in rs], axis=0).tolist())
             groups.append(arch)
         return logits, ns, hists, groups
 
-    def _device_model_logits(self, m: Any, r: Result) -> np.ndarray:
-        m.set_weights(r.weights)
+    def _device_model_logits(self, m: SmallModel, r: Result) -> np.ndarray:
+        m.set_weights(weights_of(r))
         for w in r.weights or []:
             release_pages(w)
         return m.logits(self._px())
@@ -179,9 +188,9 @@ class KoalaStrategy(Strategy):
     def _agreeing(self, results: list[Result], logits: list[np.ndarray]) -> list[Result]:
         """The results whose models beat chance on the known proxy labels (policy `canary_filter`)
         and then agree with the ensemble (policy `agreement_filter`)."""
-        labels = self._round_labels()
-        if labels is not None:
-            keep, _acc = canary_filter(logits, labels, self.policy.canary_filter,
+        labels, factor = self._round_labels(), self.policy.canary_filter
+        if labels is not None and factor is not None:  # labels are None without a canary_filter
+            keep, _acc = canary_filter(logits, labels, factor,
                                        histograms=[r.label_histogram for r in results])
             self._dropped += [r.device_id for r, k in zip(results, keep, strict=True) if not k]
             results = [r for r, k in zip(results, keep, strict=True) if k]
@@ -192,7 +201,8 @@ class KoalaStrategy(Strategy):
         self._dropped += [r.device_id for r, k in zip(results, keep, strict=True) if not k]
         return [r for r, k in zip(results, keep, strict=True) if k]
 
-    def _fuse(self, logits, ns, hists, groups) -> np.ndarray:
+    def _fuse(self, logits: list[np.ndarray], ns: list[int], hists: list[list[int] | None],
+              groups: list[str]) -> np.ndarray:  # fmt: skip
         rule = self.policy.fusion
         if ":" in rule:  # a user's rule: same signature as fuse_logits minus `rule`
             from server_app.engine.strategies import load_ref
@@ -236,14 +246,18 @@ class KoalaStrategy(Strategy):
 
     def _aggregate(self, round_id: int, results: list[Result]) -> RoundReport:
         p = self.policy
-        self._dropped: list[str] = []
+        self._dropped = []
         logits, ns, hists, groups = self._teachers(results)
         metrics: dict[str, Any] = {"teachers": len(logits), "dropped_disagreeing": len(self._dropped)}
         if not logits:
             return RoundReport(round_id, metrics)
         anchor = [q.detach().clone() for q in self.large_model.parameters()] if p.anchor_lambda > 0 else None
-        kd = {"T": p.temperature, "epochs": p.rkd_epochs, "lr": p.rkd_lr, "batch": p.rkd_batch,
-              "anchor": anchor, "anchor_lambda": p.anchor_lambda, "seed": p.seed * 7919 + round_id}  # fmt: skip
+
+        def distill(student: nn.Module, q: np.ndarray) -> float:
+            return reverse_distill(student, self._px(), q, T=p.temperature, epochs=p.rkd_epochs, lr=p.rkd_lr,
+                                   batch=p.rkd_batch, anchor=anchor, anchor_lambda=p.anchor_lambda,
+                                   seed=p.seed * 7919 + round_id)  # fmt: skip
+
         if p.rkd == "per_group":
             base = copy.deepcopy(self.large_model)
             states, gn, losses = [], [], []
@@ -251,14 +265,14 @@ class KoalaStrategy(Strategy):
                 idx = [i for i, x in enumerate(groups) if x == g]
                 q = self._fuse([logits[i] for i in idx], [ns[i] for i in idx], [hists[i] for i in idx], [g] * len(idx))
                 student = copy.deepcopy(base)
-                losses.append(reverse_distill(student, self._px(), q, **kd))
+                losses.append(distill(student, q))
                 states.append(get_weights(student))
                 gn.append(sum(ns[i] for i in idx))
             set_weights(self.large_model, fedavg(states, gn))
             metrics["rkd_loss"] = float(np.mean(losses))
         else:
             q = self._fuse(logits, ns, hists, groups)
-            metrics["rkd_loss"] = reverse_distill(self.large_model, self._px(), q, **kd)
+            metrics["rkd_loss"] = distill(self.large_model, q)
             metrics["teacher_agreement"] = float(np.mean(q.argmax(1) == self.teacher_logits().argmax(1)))
         dm = {r.device_id: dict(r.metrics) for r in results}
         return RoundReport(round_id, metrics, len(results), dm)
