@@ -133,7 +133,7 @@ def read_rows(arr: np.ndarray, idx: np.ndarray | slice) -> np.ndarray:
 
     mm = arr if isinstance(arr, np.memmap) else arr.base if isinstance(arr.base, np.memmap) else None
     mapping = getattr(mm, "_mmap", None)
-    if mapping is None or not getattr(mm, "filename", None) or not arr.flags.c_contiguous or not hasattr(os, "preadv"):
+    if mm is None or mapping is None or not getattr(mm, "filename", None) or not arr.flags.c_contiguous or not hasattr(os, "preadv"):
         return np.asarray(arr[idx])
     # Where arr's first row lies in the file: numpy maps from the offset rounded down to the
     # allocation granularity; arr may be any contiguous view into the mapping (a slice, np.asarray).
@@ -150,7 +150,7 @@ def read_rows(arr: np.ndarray, idx: np.ndarray | slice) -> np.ndarray:
         while j < len(rows) and rows[j] == rows[j - 1] + 1:
             j += 1
         want = (j - k) * row_bytes
-        if os.preadv(fd, [memoryview(flat[k:j]).cast("B")], base + int(rows[k]) * row_bytes) != want:
+        if os.preadv(fd, [flat[k:j].data.cast("B")], base + int(rows[k]) * row_bytes) != want:
             return np.asarray(arr[idx])  # short read (file changed under us): the mapping's answer
         k = j
     return out

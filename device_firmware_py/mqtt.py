@@ -250,7 +250,7 @@ class MqttClient:
         if sock is None:
             return False
         try:
-            sock.shutdown(socket.SHUT_RDWR)
+            sock.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]  # paho's SocketLike omits it; sockets have it
         except OSError:
             return False
         log.warning("mqtt connection to %s:%d dropped on purpose (client=%s): reconnecting", self.host, self.port,

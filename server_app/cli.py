@@ -56,7 +56,7 @@ def _add_aliases(parser: argparse.ArgumentParser) -> None:
         for a, b in ALIASES:
             for have, add in ((a, b), (b, a)):
                 if have in action.option_strings and add not in parser._option_string_actions:
-                    action.option_strings.append(add)
+                    action.option_strings = [*action.option_strings, add]  # typeshed: a Sequence
                     parser._option_string_actions[add] = action
 
 

@@ -252,7 +252,9 @@ class Settings(BaseSettings):
     def database_url(self) -> str:
         return self.database.url
 
-    db_url = database_url
+    @property
+    def db_url(self) -> str:
+        return self.database_url
 
     @property
     def data_dir(self) -> str:

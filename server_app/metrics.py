@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from prometheus_client import (
@@ -50,6 +50,7 @@ from prometheus_client import (
     platform_collector,
     process_collector,
 )
+from prometheus_client.metrics_core import Metric
 
 from device_firmware_py.contract.errors import REASONS
 from device_firmware_py.contract.messages import DEVICE_STATES, ROUND_STATES
@@ -339,7 +340,7 @@ class _IngestOutcomes:
     def __init__(self, counts: Mapping[str, int]) -> None:
         self.counts = dict(counts)
 
-    def collect(self):  # type: ignore[no-untyped-def]
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily
 
         fam = CounterMetricFamily(

@@ -108,7 +108,7 @@ class Cascade:
             rid = secrets.token_hex(8)
             req = cm.PredictRequest.from_array(self.device_id, rid, chunk, self.dtype)
             data = codec.encode_control(req)
-            ev, box = threading.Event(), []
+            ev, box = threading.Event(), list[cm.PredictAnswer]()
             with self._lock:
                 self._pending[rid] = (ev, box)
                 self.stats["bytes_up"] += len(data)

@@ -131,7 +131,7 @@ class LocalApi:
             raise ApiError(405, f"{method} {route} is not allowed; use {' or '.join(routes[route])}")
         if route == "/v1/healthz":
             m = self.predictor.current
-            out = {"ok": True, "model": m is not None, "num_samples": len(self.store) if self.store is not None else None}
+            out: dict[str, Any] = {"ok": True, "model": m is not None, "num_samples": len(self.store) if self.store is not None else None}
             if self.cascade is not None:
                 out["cascade"] = self.cascade.info()
             return 200, out
@@ -146,7 +146,7 @@ class LocalApi:
                 raise ApiError(503, f"{exc}: retry after the agent has loaded its model") from None
             except SampleError as exc:
                 raise ApiError(400, str(exc)) from None
-            out: dict[str, Any] = {"classes": classes.tolist(), "model": {"kind": info.kind, "serial": info.serial,
+            out = {"classes": classes.tolist(), "model": {"kind": info.kind, "serial": info.serial,
                                                                           "round_id": info.round_id}}  # fmt: skip
             if self.cascade is not None:  # opt-in: unsure rows go to the server's large model
                 xb = np.asarray(x, np.float32).reshape(len(logits), *info.input_shape)

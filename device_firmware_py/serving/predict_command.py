@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     x, y = _read_input(args.input)
     if x.dtype.kind != "f":
         raise CommandError(f"{args.input}: x has dtype {x.dtype}; the model takes float inputs scaled as in training")
+    logits: np.ndarray | None  # None: the agent's API was not asked for logits
     if args.model:
         from device_firmware_py.serving.predictor import Predictor
         from device_firmware_py.serving.sample_store import SampleError

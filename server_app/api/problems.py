@@ -61,7 +61,7 @@ def install_problem_handlers(app: FastAPI) -> None:
         errors = _json_safe(list(exc.errors()))
         first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
         where = ".".join(str(p) for p in first["loc"])
-        return problem(422, f"{where}: {first['msg']}" if where else first["msg"], request=request, errors=errors)
+        return problem(422, f"{where}: {first['msg']}" if where else str(first["msg"]), request=request, errors=errors)
 
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound) -> JSONResponse:

@@ -74,7 +74,7 @@ def savez(path: Path, **arrays: np.ndarray) -> None:
     """np.savez to `path` (parents created), uncompressed so devices can memory-map it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, **arrays)  # type: ignore[arg-type]  # the stub maps **arrays onto allow_pickle: bool
 
 
 def prepare_data(

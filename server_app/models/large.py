@@ -18,7 +18,7 @@ from torch import nn
 class LargeCNN(nn.Module):
     def __init__(
         self,
-        input_shape: tuple[int, int, int],
+        input_shape: tuple[int, ...],
         num_classes: int = 10,
         width: int = 32,
         convs: tuple[int, ...] = (3, 3, 3),
@@ -52,8 +52,10 @@ class LargeCNN(nn.Module):
         for mod in self.modules():
             if isinstance(mod, nn.Conv2d | nn.Linear):
                 nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-                nn.init.zeros_(mod.bias)
+                if mod.bias is not None:  # every layer here has one
+                    nn.init.zeros_(mod.bias)
         last = self.classifier[-1]
+        assert isinstance(last, nn.Linear)
         nn.init.normal_(last.weight, std=0.01)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

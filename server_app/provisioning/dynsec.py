@@ -291,7 +291,7 @@ def server_control(settings: Any) -> tuple[BrokerControl, Path] | None:
     """
     broker = getattr(settings, "broker", None)
     raw = getattr(broker, "provision_dir", None)
-    if raw is None:
+    if raw is None or broker is None:
         return None
     from server_app.provisioning.accounts import read_secret
 

@@ -98,8 +98,9 @@ def _leaf(ca: CertPair, cn: str, usage: x509.ObjectIdentifier, sans: list[x509.G
         )
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),
-            critical=False,  # type: ignore[arg-type]
+            # the CA's key is one we made (EC/RSA); the stub's union also has X25519/X448 keys
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
+            critical=False,
         )
     )
     if sans:

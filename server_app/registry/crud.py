@@ -10,9 +10,9 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import CursorResult, Table, bindparam, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -276,13 +276,15 @@ def _insert_ignoring_existing(s: Session, model: type[Any], rows: list[dict[str,
         return
     dialect = s.get_bind().dialect.name
     if dialect == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+        from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+        s.execute(sqlite_insert(model).on_conflict_do_nothing(index_elements=[key]), rows)
     elif dialect == "postgresql":
-        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+        from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+        s.execute(pg_insert(model).on_conflict_do_nothing(index_elements=[key]), rows)
     else:  # no portable upsert: plain insert (the SELECT just before makes a clash unlikely)
         s.execute(insert(model), rows)
-        return
-    s.execute(dialect_insert(model).on_conflict_do_nothing(index_elements=[key]), rows)
 
 
 def create_assignments(s: Session, round_id: int, bytes_down: dict[str, int]) -> None:
@@ -366,16 +368,16 @@ def record_submission(
         "submitted_at": now,
         "metrics": dict(metrics) if metrics else None,
     }
-    claimed = s.execute(
+    claimed = cast("CursorResult[Any]", s.execute(  # an UPDATE's result is a CursorResult (rowcount)
         update(Assignment)
         .where(*_claimable(round_id, device_id))
         .values(**values)
         .execution_options(synchronize_session=False)
-    )
+    ))  # fmt: skip
     if claimed.rowcount == 1:
-        a = get_assignment(s, round_id, device_id)
-        s.refresh(a)
-        return Submission(a, "new")
+        mine = get_assignment(s, round_id, device_id)
+        s.refresh(mine)
+        return Submission(mine, "new")
     a = _assignment(s, round_id, device_id)
     if a is None:  # result from a device that was never assigned (e.g. assignment row lost)
         a = Assignment(round_id=round_id, device_id=device_id, bytes_down=0, **values)
@@ -406,7 +408,7 @@ def _claimable(round_id: int, device_id: str) -> tuple[Any, ...]:
 def _claim_statement() -> Any:
     c = Assignment.__table__.c
     return (
-        update(Assignment.__table__)
+        update(cast(Table, Assignment.__table__))
         .where(c.round_id == bindparam("k_round"), c.device_id == bindparam("k_device"),
                or_(c.status == "assigned", c.status == "rejected"), c.digest.is_(None))  # no IN: executemany
         .values(status="accepted", reason=None, digest=bindparam("k_digest"), bytes_up=bindparam("k_bytes"),
@@ -448,7 +450,7 @@ def claim_accepted(s: Session, rows: Sequence[tuple[int, str, str, int, dict[str
             nested.commit()
             return {(r, d) for r, d, *_ in rows}
         nested.rollback()
-    return {(p["k_round"], p["k_device"]) for p in params if conn.execute(_CLAIM, p).rowcount == 1}
+    return {(r, d) for (r, d, *_), p in zip(rows, params, strict=True) if conn.execute(_CLAIM, p).rowcount == 1}
 
 
 def decide_submission(s: Session, round_id: int, device_id: str, status: str, *, reason: str | None = None) -> Assignment:

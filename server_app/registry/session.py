@@ -81,7 +81,7 @@ def translate_errors() -> Iterator[None]:
         yield
     except exc.SQLAlchemyError as err:
         if is_unavailable(err):
-            raise RegistryUnavailable(f"database unavailable: {str(err.orig or err).strip().splitlines()[0]}") from err
+            raise RegistryUnavailable(f"database unavailable: {str(getattr(err, 'orig', None) or err).strip().splitlines()[0]}") from err
         raise
 
 

@@ -15,7 +15,7 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], path: str | Path, title
     fig, ax = plt.subplots(figsize=(10, 6))
     cmap = plt.get_cmap("tab20")
     for i, (name, rows) in enumerate(curves.items()):
-        style = {"color": cmap(i % 20), "linestyle": "-" if i < 10 else "-."}
+        style: dict[str, Any] = {"color": cmap(i % 20), "linestyle": "-" if i < 10 else "-."}
         xs = [r["round"] + 1 for r in rows]
         large = [r.get("large_test_acc") for r in rows]
         if any(v is not None for v in large):
@@ -23,7 +23,8 @@ def plot_curves(curves: dict[str, list[dict[str, Any]]], path: str | Path, title
         else:
             small = [r.get("small_test_acc_mean") for r in rows]
             style["linestyle"] = "--"
-            ax.plot(xs, small, marker="x", label=f"{name} (small, device mean)", **style)
+            ax.plot(xs, small, marker="x",  # type: ignore[arg-type]  # rows may hold None (the stub wants numbers)
+                    label=f"{name} (small, device mean)", **style)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy")
     ax.set_title(title)

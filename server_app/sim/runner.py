@@ -105,6 +105,9 @@ def run_method(cfg: SimConfig, spec: MethodSpec, ds, split, progress: bool = Tru
     last = curve[-1]
     large_res = resource_summary(large, shape)
     mans = [factory(a).manifest.raw for a in archs]
+    dev_bytes: float  # one device's model: the large model's ints, or a mean over the archs
+    dev_flops: float
+    dev_params: float
     if policy.strategy == "fedavg_large":
         dev_bytes, dev_flops, dev_params = large_res["float_bytes"], large_res["train_flops_per_sample"], large_res["param_count"]
     else:

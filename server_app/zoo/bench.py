@@ -70,6 +70,7 @@ def bench_one(arch: str, shape: tuple[int, int, int], data, steps: int, lr: floa
     q = m.quantize_int8(xtr[:calib], max_samples=calib)
     quant_s = time.perf_counter() - t0
     diff, agree, acc_f, acc_q = compare(f_logits, TFLiteLogits(q)(xte), yte)
+    assert acc_f is not None and acc_q is not None  # compare() scores accuracy when given labels
     s = m.manifest.summary()
     return {
         **s,

@@ -96,8 +96,8 @@ def _locate_patches(buf: bytes, weights: list[np.ndarray], p: ArchPlan) -> list[
         uniq = {h[0]: h for h in hits}
         if len(uniq) != 1:
             raise RuntimeError(f"{info.name} ({info.layer}) found {len(uniq)} times in the inference model")
-        off, perm = next(iter(uniq.values()))
-        patches.append({"name": info.name, "offset": off, "perm": perm, "nbytes": w.size * 4})
+        off, found = next(iter(uniq.values()))
+        patches.append({"name": info.name, "offset": off, "perm": found, "nbytes": w.size * 4})
     return patches
 
 
