@@ -402,7 +402,9 @@ def _write_onnx(model: Any, card: dict[str, Any], path: Path) -> None:
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # legacy-exporter deprecation + the trace-time layout test
-        torch.onnx.export(model, (_example_input(card),), buf,  # type: ignore[arg-type]  # a file object works dynamo=False, opset_version=ONNX_OPSET,
+        torch.onnx.export(model, (_example_input(card),),
+                          buf,  # type: ignore[arg-type]  # the stub says str | PathLike; a file object works
+                          dynamo=False, opset_version=ONNX_OPSET,
                           input_names=["x"], output_names=["logits"],
                           dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})  # fmt: skip
     proto = onnx.load_from_string(buf.getvalue())
