@@ -79,7 +79,8 @@ def _sans(hosts: list[str]) -> list[x509.GeneralName]:
     return out
 
 
-def _leaf(ca: CertPair, cn: str, usage: x509.ObjectIdentifier, sans: list[x509.GeneralName]) -> CertPair:
+def _leaf(ca: CertPair, cn: str, usage: x509.ObjectIdentifier | list[x509.ObjectIdentifier],
+          sans: list[x509.GeneralName]) -> CertPair:
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     key = ec.generate_private_key(ec.SECP256R1())
@@ -96,7 +97,7 @@ def _leaf(ca: CertPair, cn: str, usage: x509.ObjectIdentifier, sans: list[x509.G
         .add_extension(
             x509.KeyUsage(True, False, True, False, False, False, False, False, False), critical=True
         )
-        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usage if isinstance(usage, list) else [usage]), critical=False)
         .add_extension(
             # the CA's key is one we made (EC/RSA); the stub's union also has X25519/X448 keys
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()),  # type: ignore[arg-type]
@@ -113,6 +114,11 @@ def make_server_cert(ca: CertPair, hosts: list[str] | None = None) -> CertPair:
     """The broker's certificate; always valid for localhost and 127.0.0.1, plus `hosts`."""
     names = ["localhost", "127.0.0.1", *(hosts or [])]
     return _leaf(ca, names[-1] if hosts else "localhost", ExtendedKeyUsageOID.SERVER_AUTH, _sans(names))
+
+
+def make_route_cert(ca: CertPair, hosts: list[str]) -> CertPair:
+    """A cluster-route certificate (NATS): each node is TLS server and client to the others."""
+    return _leaf(ca, "koala-cluster-route", [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH], _sans(hosts))
 
 
 def make_client_cert(ca: CertPair, device_id: str) -> CertPair:

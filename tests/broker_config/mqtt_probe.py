@@ -34,6 +34,7 @@ class Probe:
     # None: a device account's bound id (`koala-dev-<username>`, which the broker requires of it);
     # a random one for service accounts and anonymous probes
     client_id: str | None = None
+    clean_session: bool = True  # MQTT 3.1.1 only: False resumes (or creates) a persistent session
     client: mqtt.Client = field(init=False)
     messages: queue.Queue = field(default_factory=queue.Queue, init=False)
     _connected: threading.Event = field(default_factory=threading.Event, init=False)
@@ -47,7 +48,9 @@ class Probe:
         if cid is None:
             device = self.username is not None and not self.username.startswith("koala-")
             cid = f"koala-dev-{self.username}" if device else f"probe-{uuid.uuid4().hex[:8]}"
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=self.protocol)
+        v311 = self.protocol != mqtt.MQTTv5
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=self.protocol,
+                        **({"clean_session": self.clean_session} if v311 else {}))
         if self.username is not None:
             c.username_pw_set(self.username, self.password)
         if self.ca_file:

@@ -1,0 +1,292 @@
+"""The clustered broker option (NATS Server 2.9, MQTT + JetStream): generated config, isolation.
+
+A real 3-node cluster on loopback started from the generated `nats-<i>.conf` files
+(server_app/provisioning/nats_cluster.py); devices connect over TLS to different nodes. The checks
+are those of test_hardened_broker.py / test_isolation.py against Mosquitto; where NATS behaves
+differently the test pins down what it does (client-id take-over, `$share`), as measured.
+Negative delivery uses a sentinel on the same path (mqtt_probe): NATS keeps one publisher's order.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from mqtt_probe import Probe, Refused
+
+from server_app.provisioning import nats_cluster as nc
+from server_app.provisioning.identity import MONITOR_ACCOUNT, SERVER_ACCOUNT
+from server_app.provisioning.passwords import new_secret
+
+P = "koala/v1"
+needs_nats = pytest.mark.skipif(nc.find_nats_server() is None, reason="nats-server not installed")
+
+ATTACKS = [
+    f"$share/x/{P}/devices/+/up/result",
+    f"$share/koala-server/{P}/devices/+/up/result",
+    f"$share/x/{P}/devices/dev-a/down/#",  # even its own downlink, as a share group
+    f"{P}/devices/+/up/result",
+    f"{P}/devices/dev-b/up/result",
+    f"{P}/devices/+/status",
+    f"{P}/devices/dev-b/status",
+    f"{P}/devices/dev-b/down/#",
+    f"{P}/devices/dev-b/down/assign",
+    f"{P}/devices/+/down/#",
+    f"{P}/devices/+/+/+",
+    f"{P}/#",
+    "koala/#",
+    "#",
+    "+/+/+/+/+",
+    "$SYS/#",
+    # NATS's own MQTT machinery: QoS 1 deliveries, stored messages, sessions, JetStream API
+    "$MQTT/sub/#",
+    "$MQTT/msgs/#",
+    "$MQTT/sess/#",
+    "$MQTT/#",
+    "$JS/API/#",
+]
+
+
+# ---- generation (no broker) ----------------------------------------------------------------------
+
+
+def test_mqtt_filters_map_to_nats_subjects() -> None:
+    assert nc.subjects("koala/v1/devices/d1/up/result") == ["koala.v1.devices.d1.up.result"]
+    assert nc.subjects("koala/v1/devices/+/status") == ["koala.v1.devices.*.status"]
+    assert nc.subjects("koala/v1/rounds/#") == ["koala.v1.rounds", "koala.v1.rounds.>"]  # '#' matches the parent
+    assert nc.subjects("#") == [">"]
+
+
+def test_device_grants_come_from_the_topic_contract() -> None:
+    from device_firmware_py.contract import topics
+
+    perms = nc.device_permissions("d1")
+    pub = perms["publish"]["allow"]
+    assert pub == [nc.subjects(t)[0] for t in topics.acl_device_publish("d1")]
+    assert all(".d1." in s for s in pub)  # only its own uplink
+    sub = perms["subscribe"]["allow"]
+    assert "koala.v1.devices.d1.down.>" in sub and nc.INTERNAL_SUB in sub
+    assert not any("*" in s or s.startswith(">") for s in sub)  # no wildcard over other devices
+
+
+def test_a_dotted_device_id_cannot_join_the_cluster(tmp_path) -> None:
+    with pytest.raises(nc.NatsIdError):
+        nc.device_permissions("pi.01")  # '.' would split the id into two subject tokens
+    conf = nc.NatsClusterConf.plan(3, tmp_path, tmp_path / "data")
+    files = nc.write_nats_files(tmp_path, [], conf, bcrypt_users=[("pi.01", nc.bcrypt_hash("s", 4)),
+                                                                  ("pi-02", nc.bcrypt_hash("s", 4))])  # fmt: skip
+    assert files.left_out == ["pi.01"]
+    text = files.confs[0].read_text()
+    assert '"pi-02"' in text and "pi.01" not in text
+
+
+def test_plan_for_hosts_and_for_one_machine(tmp_path) -> None:
+    lab = nc.NatsClusterConf.plan(3, tmp_path, tmp_path / "d", mqtt_port=8883)
+    assert [n.mqtt_port for n in lab.nodes] == [8883, 8884, 8885]
+    prod = nc.NatsClusterConf.plan(3, tmp_path, tmp_path / "d", hosts=["n1", "n2", "n3"])
+    assert {n.mqtt_port for n in prod.nodes} == {8883} and prod.stream_replicas == 3
+    text = nc.render_node(prod, prod.nodes[0], "")
+    assert '"nats-route://n2:6222", "nats-route://n3:6222"' in text and "n1:6222" not in text
+
+
+def test_secrets_store_keeps_the_bcrypt_of_the_current_secret_only(tmp_path) -> None:
+    from server_app.provisioning.passwords import mosquitto_hash
+
+    s1 = new_secret()
+    h1 = mosquitto_hash(s1)
+    nc.remember_secret(tmp_path, "d1", s1, h1)
+    users, missing = nc.device_users(tmp_path, [("d1", h1), ("d2", mosquitto_hash("x"))])
+    assert [u for u, _ in users] == ["d1"] and nc.bcrypt_verify(s1, users[0][1]) and missing == ["d2"]
+    users, missing = nc.device_users(tmp_path, [("d1", mosquitto_hash(new_secret()))])  # rotated elsewhere
+    assert users == [] and missing == ["d1"]
+    assert (tmp_path / "secrets" / nc.BCRYPT_FILE).stat().st_mode & 0o077 == 0
+
+
+# ---- a live 3-node cluster --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    if nc.find_nats_server() is None:
+        pytest.skip("nats-server not installed")
+    c = nc.PrivateNatsCluster(tmp_path_factory.mktemp("nats"), nodes=3)
+    c.write_files({d: new_secret() for d in ("dev-a", "dev-b", "dev-c")})
+    c.start()
+    yield c
+    c.stop()
+
+
+def device(c: nc.PrivateNatsCluster, name: str, node: int = 1, **kw) -> Probe:
+    return Probe(c.node(node).mqtt_port, name, c.secrets[name], ca_file=c.ca, **kw).connect()
+
+
+def service(c: nc.PrivateNatsCluster, account: str = SERVER_ACCOUNT, node: int = 2) -> Probe:
+    return Probe(c.node(node).mqtt_port, account, c.secrets[account], ca_file=c.ca).connect()
+
+
+def drain(p: Probe, timeout: float = 1.5) -> list[bytes]:
+    import queue
+
+    out = []
+    try:
+        while True:
+            out.append(p.next_message(timeout)[1])
+    except queue.Empty:
+        return out
+
+
+def test_cluster_forms_and_routes_qos1_across_nodes(cluster) -> None:
+    leaders = {cluster.meta_leader(i) for i in (1, 2, 3)}
+    assert len(leaders) == 1 and None not in leaders
+    assert cluster.mqtt_streams(3) >= {"$MQTT_sess", "$MQTT_msgs", "$MQTT_rmsgs"}
+    srv = service(cluster, node=3)
+    a = device(cluster, "dev-a", node=1)
+    try:
+        assert not srv.subscribe(f"{P}/devices/+/up/result")[0].is_failure
+        assert not a.subscribe(f"{P}/devices/dev-a/down/#")[0].is_failure
+        a.publish(f"{P}/devices/dev-a/up/result", b"r1")
+        assert srv.next_message() == (f"{P}/devices/dev-a/up/result", b"r1")
+        srv.publish(f"{P}/devices/dev-a/down/assign", b"a1")
+        assert a.next_message() == (f"{P}/devices/dev-a/down/assign", b"a1")
+    finally:
+        a.close()
+        srv.close()
+
+
+def test_who_may_connect(cluster, tmp_path) -> None:
+    from server_app.provisioning import tls
+
+    port = cluster.node(1).mqtt_port
+    with pytest.raises(Refused):
+        Probe(port, ca_file=cluster.ca).connect()  # anonymous
+    with pytest.raises(Refused):
+        Probe(port, "dev-a", "not-the-secret", ca_file=cluster.ca).connect()
+    with pytest.raises(Refused):
+        Probe(port, "dev-a", cluster.secrets["dev-b"], ca_file=cluster.ca).connect()
+    with pytest.raises(Refused):
+        Probe(port, "intruder", "x", ca_file=cluster.ca).connect()
+    with pytest.raises(Refused):
+        Probe(port, "dev-a", cluster.secrets["dev-a"]).connect()  # plain MQTT to the TLS listener
+    other = tmp_path / "other-ca.crt"
+    other.write_bytes(tls.make_ca("someone else").cert_pem)
+    with pytest.raises(Refused):
+        Probe(port, "dev-a", cluster.secrets["dev-a"], ca_file=str(other)).connect()
+
+
+def test_device_credentials_do_not_work_on_the_native_nats_port(cluster) -> None:
+    """Every user is MQTT-only: natively, a device could subscribe to `$MQTT.sub.>` (the QoS 1
+    deliveries of every session) which its MQTT grant needs but MQTT itself never lets it name."""
+    with socket.create_connection(("127.0.0.1", cluster.node(1).client_port), timeout=5) as s:
+        f = s.makefile("rwb")
+        assert f.readline().startswith(b"INFO ")
+        secret = cluster.secrets["dev-a"]
+        f.write(b'CONNECT {"user":"dev-a","pass":"%s","verbose":false,"pedantic":false}\r\nPING\r\n' % secret.encode())
+        f.flush()
+        reply = f.readline()
+    assert reply.startswith(b"-ERR") and b"Authorization Violation" in reply
+
+
+def test_device_subscriptions_outside_its_grant_are_refused(cluster) -> None:
+    a = device(cluster, "dev-a")
+    try:
+        refused = {t: a.subscribe(t)[0].is_failure for t in ATTACKS}
+        assert refused == dict.fromkeys(ATTACKS, True)
+        assert not a.disconnected.is_set()  # NATS answers SUBACK 0x80 and keeps the connection
+        assert not a.subscribe(f"{P}/devices/dev-a/down/#")[0].is_failure
+        assert not a.subscribe(f"{P}/rounds/#")[0].is_failure
+        assert not a.subscribe(f"{P}/server/status")[0].is_failure
+    finally:
+        a.close()
+
+
+def test_no_share_groups_for_anyone(cluster) -> None:
+    """NATS 2.9 has no MQTT `$share` (it would be a literal subject, nothing delivered); the
+    server's grant does not name it, so its start-up probe sees a refusal and runs one worker."""
+    srv = service(cluster)
+    mon = service(cluster, MONITOR_ACCOUNT)
+    try:
+        assert srv.subscribe(f"$share/koala-server/{P}/devices/+/up/result")[0].is_failure
+        assert srv.subscribe(f"$share/koala-probe-x/{P}/server/probe-x")[0].is_failure
+        assert mon.subscribe(f"$share/m/{P}/#")[0].is_failure
+    finally:
+        srv.close()
+        mon.close()
+
+
+def test_device_cannot_publish_on_another_devices_topics(cluster) -> None:
+    srv = service(cluster, node=2)
+    mon = service(cluster, MONITOR_ACCOUNT, node=3)
+    b = device(cluster, "dev-b", node=3)
+    a = device(cluster, "dev-a", node=1)
+    try:
+        assert not srv.subscribe(f"{P}/devices/+/up/#")[0].is_failure
+        assert not srv.subscribe(f"{P}/devices/+/status")[0].is_failure
+        assert not mon.subscribe(f"{P}/#")[0].is_failure
+        assert not b.subscribe(f"{P}/devices/dev-b/down/#")[0].is_failure
+        assert not b.subscribe(f"{P}/rounds/#")[0].is_failure
+        for topic in ("up/result", "up/progress", "status", "down/assign"):
+            a.publish(f"{P}/devices/dev-b/{topic}", b"forged")
+        for topic in (f"{P}/devices/dev-a/down/assign", f"{P}/rounds/1/status", f"{P}/server/status"):
+            a.publish(topic, b"forged")
+        a.publish(f"{P}/devices/dev-a/up/result", b"sentinel")
+        for sub in (srv, mon):
+            before = sub.until(f"{P}/devices/dev-a/up/result", b"sentinel")
+            assert [m for m in before if m[1] == b"forged"] == []
+        srv.publish(f"{P}/devices/dev-b/down/assign", b"sentinel-b")
+        assert all(m[1] != b"forged" for m in b.until(f"{P}/devices/dev-b/down/assign", b"sentinel-b"))
+    finally:
+        for c in (a, b, srv, mon):
+            c.close()
+
+
+def test_retained_and_rounds_reach_devices_but_monitor_cannot_publish(cluster) -> None:
+    srv = service(cluster, node=1)
+    mon = service(cluster, MONITOR_ACCOUNT, node=2)
+    try:
+        srv.publish(f"{P}/server/status", b"online", retain=True)
+        srv.publish(f"{P}/rounds/7/status", b"open", retain=True)
+        for topic in (f"{P}/devices/dev-c/down/assign", f"{P}/rounds/9/status", f"{P}/server/status"):
+            mon.publish(topic, b"from-monitor")
+        c = device(cluster, "dev-c", node=3)
+        try:
+            c.subscribe(f"{P}/server/status")
+            c.subscribe(f"{P}/rounds/#")
+            c.subscribe(f"{P}/devices/dev-c/down/#")
+            got = {c.next_message(), c.next_message()}
+            assert got == {(f"{P}/server/status", b"online"), (f"{P}/rounds/7/status", b"open")}
+            srv.publish(f"{P}/devices/dev-c/down/assign", b"sentinel")
+            assert all(m[1] != b"from-monitor" for m in c.until(f"{P}/devices/dev-c/down/assign", b"sentinel"))
+        finally:
+            c.close()
+    finally:
+        srv.close()
+        mon.close()
+
+
+def test_client_id_take_over_as_measured_on_nats(cluster) -> None:
+    """NATS 2.9 cannot bind an MQTT client id to a user (Mosquitto refuses the CONNECT). Measured:
+    dev-b may connect as `koala-dev-dev-a`, on any node, and the live dev-a is disconnected (MQTT
+    take-over). The session's subscriptions are re-checked against dev-b's permissions when it is
+    resumed (`Subscription Violation` in the log), so dev-b receives nothing of dev-a's, and a
+    persistent take-over leaves dev-a's queued messages for it; a clean-session take-over deletes
+    the session, and what was queued for dev-a is lost (a denial of service, not a leak)."""
+    srv = service(cluster, node=2)
+    try:
+        a = device(cluster, "dev-a", node=1, clean_session=False)
+        assert not a.subscribe(f"{P}/devices/dev-a/down/#")[0].is_failure
+        thief = device(cluster, "dev-b", node=3, client_id="koala-dev-dev-a", clean_session=False)
+        assert a.disconnected.wait(5)  # the victim is kicked, across nodes
+        a.close()
+        srv.publish(f"{P}/devices/dev-a/down/assign", b"for-a-1")
+        assert drain(thief) == []
+        thief.close()
+        a = device(cluster, "dev-a", node=2, clean_session=False)
+        assert drain(a) == [b"for-a-1"]
+        a.close()
+        srv.publish(f"{P}/devices/dev-a/down/assign", b"for-a-2")
+        device(cluster, "dev-b", node=1, client_id="koala-dev-dev-a", clean_session=True).close()
+        a = device(cluster, "dev-a", node=1, clean_session=False)
+        assert drain(a, 1.0) == []  # the clean take-over wiped dev-a's session
+        a.close()
+    finally:
+        srv.close()
