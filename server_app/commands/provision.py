@@ -22,6 +22,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 HELP = "provision devices: credentials, broker password/ACL/TLS files, flashable bundles"
 
@@ -217,7 +218,11 @@ def _bundle(args: argparse.Namespace) -> int:
         target=Target(args.platform, args.python_version),
     )
     tarball = build_bundle(spec, args.out)
-    set_credentials(args.db, args.device_id, mosquitto_hash(secret))  # only after the bundle exists
+    pw_hash = mosquitto_hash(secret)
+    set_credentials(args.db, args.device_id, pw_hash)  # only after the bundle exists
+    on_secret = getattr(args, "on_secret", None)  # `fleet` with a NATS cluster: keep its bcrypt too
+    if on_secret is not None:
+        on_secret(args.device_id, secret, pw_hash)
     _refresh(args, secret)
     print(f"[provision] bundle {tarball} (dir {tarball.parent / ('koala-bundle-' + args.device_id)})")
     return 0
@@ -356,12 +361,16 @@ def _fleet(args: argparse.Namespace) -> int:
             wheelhouse=wheelhouse,
             platform=b.platform,
             python_version=b.python_version,
+            on_secret=_nats_secret_keeper(broker_dir) if m.broker.kind == "nats" else None,
         )
         if _bundle(ns) != 0:
             return 1
         # Wheels are the same for every device: build them once, copy them for the others.
         wheelhouse = wheelhouse or out / f"koala-bundle-{d.id}" / "opt" / "koala" / "wheels"
         rows.append((d.id, d.arch, str(out / f"koala-bundle-{d.id}.tar.gz")))
+
+    if m.broker.kind == "nats":
+        _nats_files(m, broker_dir, db)
 
     order = {d.id: i for i, d in enumerate(m.devices)}
     rows.sort(key=lambda r: order[r[0]])
@@ -373,3 +382,28 @@ def _fleet(args: argparse.Namespace) -> int:
         print(f"{dev:<{w_id}}  {arch:<{w_arch}}  {where}")
     print(f"[provision] server settings: {settings} (koala serve --config {settings})")
     return 0
+
+
+def _nats_secret_keeper(broker_dir: Path) -> Any:
+    from server_app.provisioning.nats_cluster import remember_secret
+
+    return lambda device_id, secret, pw_hash: remember_secret(broker_dir, device_id, secret, pw_hash)
+
+
+def _nats_files(m: Any, broker_dir: Path, db: str) -> None:
+    """`broker: {kind: nats}`: nats-<i>.conf per node (after the bundles: their secrets' bcrypt)."""
+    from server_app.provisioning.nats_cluster import NatsClusterConf, device_urls, write_nats_files
+    from server_app.provisioning.registry_link import active_credentials
+
+    b = m.broker
+    out = broker_dir.resolve()
+    conf = NatsClusterConf.plan(b.nodes, out, out / "data", hosts=b.cluster_hosts, mqtt_port=b.tls_port,
+                                cluster_port=b.cluster_port, client_port=b.client_port, monitor_port=b.monitor_port,
+                                bind=b.tls_bind, max_connections=b.max_connections)  # fmt: skip
+    creds = [(c.device_id, c.pw_hash) for c in active_credentials(db)]
+    files = write_nats_files(out, creds, conf, b.tls_hosts)
+    print(f"[provision] NATS cluster: {', '.join(str(p) for p in files.confs)} "
+          f"({'changed' if files.changed else 'unchanged'}); nodes: {' '.join(device_urls(conf))}")  # fmt: skip
+    if files.left_out:
+        print(f"[provision] warning: not in the NATS cluster (no bcrypt of their current secret; "
+              f"--rotate issues one): {', '.join(files.left_out)}")  # fmt: skip

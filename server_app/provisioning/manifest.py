@@ -33,6 +33,14 @@ class DatabaseSpec(_Strict):
 
 class BrokerSpec(_Strict):
     url: str = Field(description="what devices dial, e.g. mqtts://broker.lan:8883")
+    # mosquitto: one node (dynamic-security); nats: an N-node NATS Server cluster with MQTT +
+    # JetStream (server_app/provisioning/nats_cluster.py, docs/broker-cluster.md)
+    kind: Literal["mosquitto", "nats"] = "mosquitto"
+    nodes: int = Field(1, ge=1, le=9)
+    cluster_hosts: list[str] = Field([], description="nats: one host per node (same ports on each); empty: all on 127.0.0.1, ports + i")
+    cluster_port: int = Field(6222, ge=1, le=65535)
+    client_port: int = Field(4222, ge=1, le=65535)
+    monitor_port: int = Field(8222, ge=1, le=65535)
     dir: Path = Path("broker")
     profile: Literal["local", "docker"] = "local"
     tls_hosts: list[str] = []
@@ -47,6 +55,15 @@ class BrokerSpec(_Strict):
         if not v.startswith(("mqtt://", "mqtts://")):
             raise ValueError("must start with mqtts:// (or mqtt://)")
         return v
+
+
+    @model_validator(mode="after")
+    def _cluster(self) -> BrokerSpec:
+        if self.kind == "mosquitto" and (self.nodes != 1 or self.cluster_hosts):
+            raise ValueError("nodes/cluster_hosts need kind: nats (Mosquitto runs one node)")
+        if self.cluster_hosts and len(self.cluster_hosts) != self.nodes:
+            raise ValueError(f"{self.nodes} nodes but {len(self.cluster_hosts)} cluster_hosts")
+        return self
 
 
 class BundlesSpec(_Strict):
@@ -101,6 +118,8 @@ class FleetManifest(_Strict):
         for d in self.devices:
             if d.id in seen:
                 raise ValueError(f"device {d.id!r} is listed twice")
+            if self.broker.kind == "nats" and "." in d.id:
+                raise ValueError(f"device {d.id!r}: a '.' cannot be used on the NATS cluster broker")
             seen.add(d.id)
         return self
 

@@ -416,8 +416,8 @@ class PrivateNatsCluster:
 
         ports = _free_ports(4 * self.nodes)
         self.conf = NatsClusterConf(
-            tuple(NatsNode(i + 1, "127.0.0.1", *ports[4 * i : 4 * i + 4], "127.0.0.1")  # type: ignore[arg-type]
-                  for i in range(self.nodes)),
+            tuple(NatsNode(i + 1, "127.0.0.1", ports[4 * i], ports[4 * i + 1], ports[4 * i + 2], ports[4 * i + 3],
+                           bind="127.0.0.1") for i in range(self.nodes)),
             self.dir, self.dir / "data", min(3, self.nodes), 1024, self.dir,
         )  # fmt: skip
         users = [(d, bcrypt_hash(s, 4)) for d, s in device_secrets.items()]

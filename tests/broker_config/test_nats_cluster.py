@@ -290,3 +290,67 @@ def test_client_id_take_over_as_measured_on_nats(cluster) -> None:
         a.close()
     finally:
         srv.close()
+
+
+# ---- `koala provision fleet` with `broker: {kind: nats}` -----------------------------------------
+
+
+def _fleet_manifest(tmp_path, broker: str, ids=("pi-01", "pi-02")):
+    wheels = tmp_path / "wheels"
+    wheels.mkdir(exist_ok=True)
+    (wheels / "requirements.lock").write_text("numpy==2.0.0\n")
+    (wheels / "koala_edge_device-0.1.0-py3-none-any.whl").write_bytes(b"stand-in")
+    db = f"sqlite:///{tmp_path / 'registry.db'}"
+    lines = ["name: nats-fleet", f"database: {{url: '{db}'}}", f"broker: {broker}",
+             "bundles: {out: bundles, wheelhouse: wheels}", "devices:",
+             *(f"  - {{id: '{i}', arch: cnn_small, data: /d.npz}}" for i in ids)]  # fmt: skip
+    path = tmp_path / "fleet.yml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_fleet_writes_one_config_per_node_with_the_bundles_secrets(tmp_path, capsys) -> None:
+    import json
+    import subprocess
+
+    from server_app.cli import main as koala
+
+    broker = "{url: 'mqtts://n1.lan:8883', kind: nats, nodes: 3, cluster_hosts: [n1.lan, n2.lan, n3.lan]}"
+    work = tmp_path / "work"
+    assert koala(["provision", "fleet", str(_fleet_manifest(tmp_path, broker)), "--out", str(work)]) == 0
+    out = capsys.readouterr().out
+    confs = [work / "broker" / f"nats-{i}.conf" for i in (1, 2, 3)]
+    assert all(p.is_file() for p in confs) and "warning" not in out, out
+    text = confs[1].read_text()
+    assert "server_name: nats-2" in text and '"nats-route://n1.lan:6222", "nats-route://n3.lan:6222"' in text
+    for dev in ("pi-01", "pi-02"):
+        secret = (work / "bundles" / f"koala-bundle-{dev}" / "etc/koala/device.secret").read_text().strip()
+        hashed = text.split(f'user: "{dev}"\n      password: "', 1)[1].split('"', 1)[0]
+        assert nc.bcrypt_verify(secret, hashed)  # the bundle's secret opens the cluster
+        assert secret not in text
+        cfg = json.loads((work / "bundles" / f"koala-bundle-{dev}" / "etc/koala/device.json").read_text())
+        assert cfg["broker_url"] == "mqtts://n1.lan:8883"
+    assert "n3.lan" in (work / "broker" / "certs" / "route.hosts").read_text()
+    if nc.find_nats_server():
+        for p in confs:  # nats-server parses what we wrote
+            r = subprocess.run([nc.find_nats_server(), "-c", str(p), "-t"], capture_output=True, text=True, timeout=20)
+            assert r.returncode == 0, r.stdout + r.stderr
+    before = {p: p.read_bytes() for p in confs}
+    assert koala(["provision", "fleet", str(_fleet_manifest(tmp_path, broker)), "--out", str(work)]) == 0
+    assert {p: p.read_bytes() for p in confs} == before  # idempotent: no bcrypt re-salted
+
+
+@pytest.mark.parametrize(
+    ("broker", "ids", "needle"),
+    [
+        ("{url: 'mqtts://h:8883', nodes: 3}", ("pi-01",), "need kind: nats"),
+        ("{url: 'mqtts://h:8883', kind: nats, nodes: 3, cluster_hosts: [a, b]}", ("pi-01",), "3 nodes but 2"),
+        ("{url: 'mqtts://h:8883', kind: nats, nodes: 3}", ("pi.01",), "cannot be used on the NATS"),
+    ],
+)
+def test_bad_cluster_manifest_is_one_line(tmp_path, capsys, broker, ids, needle) -> None:
+    from server_app.cli import main as koala
+
+    assert koala(["provision", "fleet", str(_fleet_manifest(tmp_path, broker, ids)), "--out", str(tmp_path / "w")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and needle in err, err
