@@ -33,7 +33,7 @@ def can_connect(port: int, user: str, secret: str, ca: str) -> bool:
         ok.append(not rc.is_failure)
         done.set()
 
-    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"t-{user}")
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"koala-dev-{user}")  # the id the broker binds to the account
     c.username_pw_set(user, secret)
     c.tls_set(ca_certs=ca, cert_reqs=ssl.CERT_REQUIRED)
     c.on_connect = on_connect
