@@ -19,7 +19,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -86,11 +86,16 @@ def connect_error_reason(exc: BaseException) -> str:
 
 class _PahoClient(mqtt.Client):
     """paho's client, telling us why a (re)connect attempt failed: paho's own loop swallows the
-    OSError and then logs only `Client is not connected. Socket: None` on every retry."""
+    OSError and then logs only `Client is not connected. Socket: None` on every retry.
+    And failover: paho retries one host; `pick_host` (MqttClient's) chooses the address of every
+    attempt, so a client given several broker nodes moves to the next one when its node is gone."""
 
     on_connect_error: Callable[[BaseException], None] | None = None
+    pick_host: Callable[[], tuple[str, int]] | None = None
 
     def reconnect(self) -> Any:
+        if self.pick_host is not None:
+            self._host, self._port = self.pick_host()
         try:
             return super().reconnect()
         except OSError as exc:
@@ -153,9 +158,14 @@ class MqttClient:
         reconnect_min_s: float = 0.2,
         reconnect_max_s: float = 10.0,
         manual_ack: bool = False,
+        hosts: Sequence[tuple[str, int]] | None = None,
     ) -> None:
         self.client_id = client_id
-        self.host, self.port = host, port
+        # several nodes of one clustered broker (docs/broker-cluster.md): the first is dialled
+        # first; after a lost connection or a failed attempt the next one, round robin
+        self.hosts = [(h, int(p)) for h, p in hosts] if hosts else [(host, port)]
+        self._host_i, self._dialled = 0, False
+        self.host, self.port = self.hosts[0]
         self.keepalive = keepalive
         self.clean_session = clean_session
         self.v5 = protocol in ("5", 5, mqtt.MQTTv5)
@@ -182,6 +192,8 @@ class MqttClient:
             c = _PahoClient(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session,
                             protocol=proto, manual_ack=manual_ack)  # fmt: skip
         c.on_connect_error = self._on_connect_error
+        if len(self.hosts) > 1:
+            c.pick_host = self._pick_host
         if username:
             c.username_pw_set(username, password)
         if tls or ca_file or cert_file:
@@ -210,6 +222,29 @@ class MqttClient:
         kwargs.setdefault("password", a.password)
         kwargs.setdefault("tls", a.tls)
         return cls(client_id, a.host, a.port, **kwargs)
+
+    @classmethod
+    def from_urls(cls, urls: Sequence[str], client_id: str, **kwargs: Any) -> MqttClient:
+        """Several nodes of one broker (`mqtts://n1:8883`, `mqtts://n2:8883`, ...): same scheme and
+        credentials on all (those of the first URL unless given); failover goes round robin."""
+        if not urls:
+            raise ValueError("no broker url")
+        addrs = [parse_broker_url(u) for u in urls]
+        if len({a.tls for a in addrs}) > 1:
+            raise ValueError("broker urls mix mqtt:// and mqtts://")
+        kwargs.setdefault("username", addrs[0].username)
+        kwargs.setdefault("password", addrs[0].password)
+        kwargs.setdefault("tls", addrs[0].tls)
+        return cls(client_id, addrs[0].host, addrs[0].port, hosts=[(a.host, a.port) for a in addrs], **kwargs)
+
+    def _pick_host(self) -> tuple[str, int]:
+        """The address of the next connect attempt: the first one first, then round robin (a new
+        attempt means the last connection was lost or the last attempt failed)."""
+        if self._dialled:
+            self._host_i = (self._host_i + 1) % len(self.hosts)
+        self._dialled = True
+        self.host, self.port = self.hosts[self._host_i]
+        return self.host, self.port
 
     # ---- lifecycle ------------------------------------------------------------------------------
     def start(self, wait_s: float | None = None) -> bool:
