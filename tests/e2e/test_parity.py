@@ -62,11 +62,12 @@ def test_sim_and_deployed_agree_per_round(policy_file: Path, tmp_path: Path) -> 
         assert demo.wait(timeout_s=400, progress=False), f"orchestrator {demo.services.orchestrator.state}"
         res = demo.results()
         strategy = demo.services.orchestrator.strategy
-        # the server's strategy runs the file's policy, every field unchanged (min_devices: the demo
-        # waits for its whole fleet before round 0, a round-machinery field)
+        # the server's strategy runs the file's policy, every field unchanged (min_devices and its
+        # timeout: the demo waits for its whole fleet before round 0, round-machinery fields)
         got = strategy.policy.model_dump()
         want = policy.model_dump()
-        got.pop("min_devices"), want.pop("min_devices")
+        for k in ("min_devices", "min_devices_timeout_s"):
+            got.pop(k), want.pop(k)
         assert got == want
         # every agent's last assignment carries the policy's plan and the round's proxy subset
         seen = 0

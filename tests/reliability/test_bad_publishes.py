@@ -105,9 +105,12 @@ def test_raw_bad_publishes_are_rejected_recorded_and_never_folded_in(broker, dig
     hold = {"on": True}
     fleet = SimFleet("127.0.0.1", broker.port, DEVS, behaviour=lambda d, r: "silent" if hold["on"] else "answer")
     fleet.start()
+    # this test spends 19 bad messages on good0's topic: above the per-device result budget (8 per
+    # round, dropped before decoding: tests/reliability/test_flood.py) and the ingestor's limit
     services = inproc_server(server_options(db_url, tmp_path / "server", digits_files, broker.port, rounds=1,
-                                            min_devices=3, deadline_s=300.0, quorum_fraction=1.0))  # fmt: skip
-    services.ingestor.max_results_per_round = 100  # this test spends 19 bad messages on good0's topic
+                                            min_devices=3, deadline_s=300.0, quorum_fraction=1.0,
+                                            budgets={"results_per_round": 100}))  # fmt: skip
+    services.ingestor.max_results_per_round = 100
     db = db_reader(db_url)
     raw = RawPublisher("127.0.0.1", broker.port)
     try:

@@ -22,20 +22,21 @@ from rel_simdev import (
 from test_bad_publishes import reframe
 
 from device_firmware_py.contract import topics
-from server_app.ingest import MAX_RESULTS_PER_ROUND
 
 FLOOD = 30
 
 
 def test_result_flood_from_one_device_is_rate_limited(broker, digits_files, tmp_path, inproc_server, db_reader):
-    """A device (its own topic, which an ACL allows) floods garbage: only the first
-    MAX_RESULTS_PER_ROUND messages reach validation/registry, one `rate_limited` event is recorded."""
+    """A device (its own topic, which an ACL allows) floods garbage: only its result budget of the
+    round (8 messages) reaches validation and the registry; the rest is dropped on the MQTT thread
+    before decoding, counted per device, and leaves one `over_budget` event (server_app.ingest_budget)."""
     db_url = f"sqlite:///{tmp_path / 'koala.db'}"
     fleet = SimFleet("127.0.0.1", broker.port, ["f0", "f1"], behaviour=lambda d, r: "silent").start()
     services = inproc_server(server_options(db_url, tmp_path / "server", digits_files, broker.port, rounds=1,
                                             min_devices=2, deadline_s=300.0))  # fmt: skip
     db = db_reader(db_url)
     raw = RawPublisher("127.0.0.1", broker.port, "rel-flood")
+    budget = services.options.budgets.results_per_round
     try:
         wait_for(lambda: ("f0", 0) in fleet.assigned, 120, "assignment")
         good = result_frame("f0", fleet.assigned[("f0", 0)])
@@ -44,15 +45,18 @@ def test_result_flood_from_one_device_is_rate_limited(broker, digits_files, tmp_
         nan_frame = reframe(good, body=bad.tobytes())
         for _ in range(FLOOD):
             raw.publish(topics.device_result("f0"), nan_frame)
-        wait_for(lambda: sum(services.ingestor.counts.values()) >= FLOOD, 60, "the flood to be ingested")
+        wait_for(lambda: services.budget.dropped[("result", "f0")] + sum(services.ingestor.counts.values()) >= FLOOD,
+                 60, "the flood to be handled")  # fmt: skip
+        wait_for(lambda: any(r["reason"] == "over_budget" for r in db.rejections()), 30, "the over-budget event")
     finally:
         raw.close()
         fleet.stop()
     reasons = [r["reason"] for r in db.rejections() if r["device_id"] == "f0"]
-    assert reasons == ["nan_or_inf"] * MAX_RESULTS_PER_ROUND + ["rate_limited"]
-    assert services.ingestor.counts["rejected:rate_limited"] == FLOOD - MAX_RESULTS_PER_ROUND
-    print(f"\nRELIABILITY flood: sent={FLOOD} validated={MAX_RESULTS_PER_ROUND} rate_limited="
-          f"{FLOOD - MAX_RESULTS_PER_ROUND} events={len(reasons)}")
+    assert reasons == ["nan_or_inf"] * budget + ["over_budget"]
+    assert services.budget.dropped[("result", "f0")] == FLOOD - budget
+    assert sum(services.ingestor.counts.values()) == budget  # decoded and validated: the budget only
+    print(f"\nRELIABILITY flood: sent={FLOOD} validated={budget} dropped_before_decoding={FLOOD - budget} "
+          f"events={len(reasons)}")
 
 
 class _Services:
