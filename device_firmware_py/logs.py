@@ -12,6 +12,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 FORMATS = ("text", "json")
@@ -72,3 +73,49 @@ def configure_logging(level: str = "INFO", fmt: str = "text", static: dict[str, 
         root.removeHandler(h)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+def json_native_stderr() -> Callable[[], None]:
+    """Keep a JSON log JSON when native code writes to the process's stderr directly.
+
+    Why: LiteRT prints `INFO: Created TensorFlow Lite XNNPACK delegate for CPU.` (and native
+    libraries other notices) straight to file descriptor 2, past Python's logging, and no setting
+    turns it off; in a `log_format = json` process that one line broke "one JSON object per line"
+    for log shippers. Here fd 2 becomes a pipe; a thread passes JSON lines through unchanged and
+    wraps any other line as {"logger": "native", ...}. Returns `restore()`, which puts fd 2 back and
+    drains the pipe (also registered with atexit, so lines written just before exit are kept)."""
+    import atexit
+    import os
+    import threading
+
+    sys.stderr.flush()
+    original = os.dup(2)
+    r, w = os.pipe()
+    os.dup2(w, 2)
+    os.close(w)
+    out = os.fdopen(original, "w", buffering=1, encoding="utf-8", errors="replace")
+
+    def pump() -> None:
+        with os.fdopen(r, "r", encoding="utf-8", errors="replace") as lines:
+            for line in lines:
+                text = line.rstrip("\n")
+                if text.lstrip().startswith("{"):
+                    out.write(text + "\n")
+                elif text.strip():
+                    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
+                    out.write(json.dumps({"ts": ts, "level": "INFO", "logger": "native", "msg": text.strip()}) + "\n")
+
+    thread = threading.Thread(target=pump, name="koala-native-stderr", daemon=True)
+    thread.start()
+    done = [False]
+
+    def restore() -> None:
+        if done[0]:
+            return
+        done[0] = True
+        sys.stderr.flush()
+        os.dup2(out.fileno(), 2)  # the pipe's last writer is gone: the pump reads to EOF and stops
+        thread.join(2.0)
+
+    atexit.register(restore)
+    return restore

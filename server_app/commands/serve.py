@@ -58,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(settings.redacted(), indent=1, default=str))
         return 0
     configure_logging(settings.log_level, settings.log_format)
+    if settings.log_format == "json":  # native libraries' own stderr lines become JSON objects too
+        from device_firmware_py.logs import json_native_stderr
+
+        json_native_stderr()
     if settings.log_level != "DEBUG":  # alembic's INFO lines (plugins, "Context impl") are noise here
         logging.getLogger("alembic").setLevel(logging.WARNING)
     from server_app.commands import STOPPING

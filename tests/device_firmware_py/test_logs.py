@@ -49,3 +49,25 @@ def test_text_is_the_default_and_names_the_device():
 def test_unknown_format_is_an_error():
     with pytest.raises(ValueError, match="log format"):
         configure_logging("INFO", "xml")
+
+
+def test_native_stderr_lines_become_json_objects() -> None:
+    """`koala serve` with log_format json: a line native code writes to fd 2 directly (LiteRT's
+    XNNPACK notice) comes out as a JSON object like every log record, none is lost at exit."""
+    import json
+    import subprocess
+    import sys
+
+    code = (
+        "import logging, os\n"
+        "from device_firmware_py.logs import configure_logging, json_native_stderr\n"
+        "configure_logging('INFO', 'json')\n"
+        "json_native_stderr()\n"
+        "logging.getLogger('koala.x').info('before')\n"
+        "os.write(2, b'INFO: Created TensorFlow Lite XNNPACK delegate for CPU.\\n')\n"
+        "logging.getLogger('koala.x').info('last words')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    docs = [json.loads(ln) for ln in out.stderr.splitlines() if ln.strip()]
+    assert [d["msg"] for d in docs] == ["before", "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.", "last words"]
+    assert docs[1]["logger"] == "native"
