@@ -98,10 +98,14 @@ class Stack:
             f"devices:\n{devs}\n")  # fmt: skip
         self._run("data", "prepare", "--dataset", "digits", "--manifest", "fleet.yml", "--proxy-size", "200", "--out", "data")
         self._run("provision", "fleet", "fleet.yml", "--out", ".")
-        self._start_broker()
-        self._start_server()
-        for d in self.ids[:-1]:
-            self._start_agent(d)
+        try:
+            self._start_broker()
+            self._start_server()
+            for d in self.ids[:-1]:
+                self._start_agent(d)
+        except BaseException:  # a failed start must not leave a broker or server behind
+            self.stop()
+            raise
         return self
 
     def _start_broker(self) -> None:
