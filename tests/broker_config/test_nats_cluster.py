@@ -13,6 +13,7 @@ import socket
 
 import pytest
 from mqtt_probe import Probe, Refused
+from test_isolation import ATTACKS as MOSQUITTO_ATTACKS
 
 from server_app.provisioning import nats_cluster as nc
 from server_app.provisioning.identity import MONITOR_ACCOUNT, SERVER_ACCOUNT
@@ -21,30 +22,9 @@ from server_app.provisioning.passwords import new_secret
 P = "koala/v1"
 needs_nats = pytest.mark.skipif(nc.find_nats_server() is None, reason="nats-server not installed")
 
-ATTACKS = [
-    f"$share/x/{P}/devices/+/up/result",
-    f"$share/koala-server/{P}/devices/+/up/result",
-    f"$share/x/{P}/devices/dev-a/down/#",  # even its own downlink, as a share group
-    f"{P}/devices/+/up/result",
-    f"{P}/devices/dev-b/up/result",
-    f"{P}/devices/+/status",
-    f"{P}/devices/dev-b/status",
-    f"{P}/devices/dev-b/down/#",
-    f"{P}/devices/dev-b/down/assign",
-    f"{P}/devices/+/down/#",
-    f"{P}/devices/+/+/+",
-    f"{P}/#",
-    "koala/#",
-    "#",
-    "+/+/+/+/+",
-    "$SYS/#",
-    # NATS's own MQTT machinery: QoS 1 deliveries, stored messages, sessions, JetStream API
-    "$MQTT/sub/#",
-    "$MQTT/msgs/#",
-    "$MQTT/sess/#",
-    "$MQTT/#",
-    "$JS/API/#",
-]
+# every subscription the Mosquitto isolation test refuses, plus NATS's own MQTT machinery (QoS 1
+# deliveries, stored messages, sessions, JetStream API)
+ATTACKS = [*MOSQUITTO_ATTACKS, "$MQTT/sub/#", "$MQTT/msgs/#", "$MQTT/sess/#", "$MQTT/#", "$JS/API/#"]
 
 
 # ---- generation (no broker) ----------------------------------------------------------------------
