@@ -11,7 +11,7 @@ import datetime as dt
 import hashlib
 import os
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,3 +83,32 @@ def seed(reg: Registry, model_dir: Path) -> dict[str, Any]:
         crud.record_rejection(s, reason="spoofed_device", device_id="dev-c", round_id=r1.id, bytes_up=10)
         crud.record_event(s, "round_started", round_id=r1.id)
         return {"model_sha256": mv.sha256, "model_bytes": blob}
+
+
+@contextmanager
+def served_app(app: Any, token_dir: Path) -> Iterator[tuple[str, Path]]:
+    """The app under a real uvicorn on a free loopback port (a thread), with TOKEN in a token file:
+    what the API-client CLIs (`koala rounds|devices|models --api URL --token-file F`) talk to."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from server_app.api.auth import AuthConfig
+    from server_app.transport.broker import free_port
+
+    app.state.auth = AuthConfig(token=TOKEN, open_reads_localhost=False)
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    t_end = time.monotonic() + 20
+    while not server.started and time.monotonic() < t_end:
+        time.sleep(0.05)
+    token_file = token_dir / "api_token"
+    token_file.write_text(TOKEN + "\n")
+    try:
+        yield f"http://127.0.0.1:{port}", token_file
+    finally:
+        server.should_exit = True
+        t.join(10)

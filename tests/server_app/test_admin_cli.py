@@ -3,12 +3,10 @@ REST API on a seeded registry; token from a file; failures are one line with a n
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any
 
 import pytest
-from api_fixtures import TOKEN, RegistryServices, seed
+from api_fixtures import RegistryServices, seed, served_app
 
 from server_app.registry import Registry
 
@@ -37,31 +35,15 @@ class _Orchestrator:
 
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
-    import uvicorn
-
     from server_app.api.app import create_app
-    from server_app.api.auth import AuthConfig
-    from server_app.transport.broker import free_port
 
     d = tmp_path_factory.mktemp("admin-cli")
     reg = Registry(f"sqlite:///{d / 'koala.db'}")
     reg.upgrade()
     seed(reg, d)
     orch = _Orchestrator()
-    app = create_app(RegistryServices(reg, orchestrator=orch))
-    app.state.auth = AuthConfig(token=TOKEN, open_reads_localhost=False)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    t_end = time.monotonic() + 20
-    while not server.started and time.monotonic() < t_end:
-        time.sleep(0.05)
-    token_file = d / "api_token"
-    token_file.write_text(TOKEN + "\n")
-    yield f"http://127.0.0.1:{port}", str(token_file), orch
-    server.should_exit = True
-    t.join(10)
+    with served_app(create_app(RegistryServices(reg, orchestrator=orch)), d) as (url, token_file):
+        yield url, str(token_file), orch
     reg.dispose()
 
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import threading
-import time
 
 import numpy as np
 import pytest
 import torch
-from api_fixtures import TOKEN, RegistryServices
+from api_fixtures import RegistryServices, served_app
 from export_fixtures import context, eval_data, register, server_models_dir, trained_state
 
 from server_app.cli import main
@@ -29,31 +27,15 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def api(data_dir, tmp_path_factory):
-    import uvicorn
-
     from server_app.api.app import create_app
-    from server_app.api.auth import AuthConfig
     from server_app.registry import Registry
-    from server_app.transport.broker import free_port
 
     d = tmp_path_factory.mktemp("models-cli-api")
     reg = Registry(f"sqlite:///{d / 'koala.db'}")
     reg.upgrade()
     register(reg, data_dir / "models", versions=(1, 2))
-    app = create_app(RegistryServices(reg))
-    app.state.auth = AuthConfig(token=TOKEN, open_reads_localhost=False)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
-    t_end = time.monotonic() + 20
-    while not server.started and time.monotonic() < t_end:
-        time.sleep(0.05)
-    token = d / "api_token"
-    token.write_text(TOKEN + "\n")
-    yield ["--api", f"http://127.0.0.1:{port}", "--token-file", str(token)]
-    server.should_exit = True
-    t.join(10)
+    with served_app(create_app(RegistryServices(reg)), d) as (url, token):
+        yield ["--api", url, "--token-file", str(token)]
     reg.dispose()
 
 
