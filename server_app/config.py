@@ -33,6 +33,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
+from server_app.ingest_budget import Budgets as _B
+from server_app.intake_watchdog import INTERVAL_S as WATCHDOG_INTERVAL_S
+from server_app.intake_watchdog import STALL_S as WATCHDOG_STALL_S
 from server_app.policy import KoalaPolicy
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
@@ -179,18 +182,23 @@ class IngestSettings(_Section):
     """Per-device message budgets (server_app.ingest_budget; published in asyncapi.yaml) and the
     intake watchdog (server_app.intake_watchdog). Over-budget messages are dropped before decoding."""
 
-    results_per_round: int = Field(8, ge=1, le=1000)
-    progress_per_s: float = Field(5.0, gt=0)
-    progress_burst: int = Field(50, ge=1)
-    status_per_s: float = Field(0.5, gt=0)
-    status_burst: int = Field(10, ge=1)
-    predict_per_s: float = Field(5.0, gt=0)  # cascade predict requests per device (devices/<id>/up/predict)
-    predict_burst: int = Field(20, ge=1)
-    event_window_s: float = Field(60.0, gt=0)
-    quarantine_after: int = Field(200, ge=0)  # drops in one window that shut a device out at the broker (0: never)
-    quarantine_s: float = Field(60.0, gt=0)
-    watchdog_interval_s: float = Field(5.0, gt=0)
-    watchdog_stall_s: float = Field(30.0, gt=0)
+    # defaults: the measured ones of Budgets and the watchdog, not copies of their numbers
+    results_per_round: int = Field(_B.results_per_round, ge=1, le=1000)
+    progress_per_s: float = Field(_B.progress_per_s, gt=0)
+    progress_burst: int = Field(_B.progress_burst, ge=1)
+    status_per_s: float = Field(_B.status_per_s, gt=0)
+    status_burst: int = Field(_B.status_burst, ge=1)
+    predict_per_s: float = Field(_B.predict_per_s, gt=0)  # cascade predict requests per device (devices/<id>/up/predict)
+    predict_burst: int = Field(_B.predict_burst, ge=1)
+    event_window_s: float = Field(_B.event_window_s, gt=0)
+    quarantine_after: int = Field(_B.quarantine_after, ge=0)  # drops in one window that shut a device out at the broker (0: never)
+    quarantine_s: float = Field(_B.quarantine_s, gt=0)
+    watchdog_interval_s: float = Field(WATCHDOG_INTERVAL_S, gt=0)
+    watchdog_stall_s: float = Field(WATCHDOG_STALL_S, gt=0)
+
+    def budgets(self) -> _B:
+        """The section's budget fields as server_app.ingest_budget.Budgets."""
+        return _B(**{k: getattr(self, k) for k in _B.__dataclass_fields__})
 
 
 class Settings(BaseSettings):

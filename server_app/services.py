@@ -41,6 +41,8 @@ from device_firmware_py.contract import messages as cm
 from device_firmware_py.contract.errors import ContractError
 from device_firmware_py.mqtt import MqttClient, Will
 from server_app.ingest_budget import Budgets, DeviceBudget, topic_device
+from server_app.intake_watchdog import INTERVAL_S as WATCHDOG_INTERVAL_S
+from server_app.intake_watchdog import STALL_S as WATCHDOG_STALL_S
 from server_app.policy import KoalaPolicy
 
 log = logging.getLogger("koala.services")
@@ -90,8 +92,8 @@ class ServerOptions:
     # per-device message budgets, enforced on the network thread before decoding (ingest_budget)
     budgets: Budgets = field(default_factory=Budgets)
     # the intake watchdog (intake_watchdog): probe every interval, stalled after this much silence
-    watchdog_interval_s: float = 5.0
-    watchdog_stall_s: float = 30.0
+    watchdog_interval_s: float = WATCHDOG_INTERVAL_S
+    watchdog_stall_s: float = WATCHDOG_STALL_S
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, KoalaPolicy):
@@ -164,7 +166,7 @@ class ServerServices:
             client_id=b.client_id, shared_subscriptions=True if b.shared_group else None,
             share_group=b.shared_group or SHARE_GROUP, policy=settings.policy, device=settings.device,
             role=settings.role, worker_id=settings.worker_id,
-            budgets=Budgets(**{k: getattr(settings.ingest, k) for k in Budgets.__dataclass_fields__}),
+            budgets=settings.ingest.budgets(),
             watchdog_interval_s=settings.ingest.watchdog_interval_s, watchdog_stall_s=settings.ingest.watchdog_stall_s,
         )  # fmt: skip
         return cls(opts, settings)
